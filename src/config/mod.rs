@@ -1,0 +1,925 @@
+//! Configuration (SPEC §2) in two stages: [`raw`] mirrors the TOML file and
+//! refuses unknown keys; [`load`] validates it into a [`Policy`] in which
+//! routes are compiled matchers, limits are typed rules with precomputed
+//! counter ids, and every error names `file:line:col`.
+
+mod raw;
+mod units;
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use crate::clock::{Nanos, SECOND};
+use crate::identity::{self, IdentitySettings, KeyRecord, KeyRegistry, KeySource, UnknownKey};
+use crate::limits::{Rule, Window};
+use crate::responses::{
+    HeaderSettings, HeaderTrio, ResetFormat, ResponseSet, Template, RESPONSE_NAMES,
+};
+use crate::routing::{PathPattern, RouteMatcher};
+use raw::*;
+pub use units::{display_size, parse_duration, parse_rate, parse_size, RawSize};
+
+/// A config problem, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{file}: {message}")]
+    Io {
+        /// The file.
+        file: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A syntax or semantic error at a position (1-based line and column).
+    #[error("{file}:{line}:{col}: {message}")]
+    At {
+        /// The file.
+        file: String,
+        /// Line, from 1.
+        line: usize,
+        /// Column in characters, from 1.
+        col: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Turns byte spans of one file into `file:line:col` errors.
+struct Source {
+    file: String,
+    text: String,
+}
+
+impl Source {
+    fn read(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Self { file, text })
+    }
+
+    fn at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let start = span.start.min(self.text.len());
+        let before = &self.text[..start];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let col = before[line_start..].chars().count() + 1;
+        ConfigError::At {
+            file: self.file.clone(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::from_str(&self.text).map_err(|e| {
+            let message = e.message().trim().to_owned();
+            self.at(e.span().unwrap_or(0..0), message)
+        })
+    }
+}
+
+/// Validated `[server]` settings.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Proxy listen address.
+    pub listen: SocketAddr,
+    /// What happens to requests no route matches.
+    pub unmatched: Unmatched,
+    /// Default body limit of every route, in bytes.
+    pub max_body: u64,
+    /// Time a client has to send its request headers.
+    pub header_timeout: Duration,
+    /// Append to (true) or replace (false) incoming `X-Forwarded-*`.
+    pub trust_forwarded: bool,
+}
+
+/// `[server] unmatched`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    /// Forward without identity or limits.
+    Forward,
+    /// 404 `not_found`.
+    Reject,
+}
+
+/// Validated `[upstream]` settings.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// `http`.
+    pub scheme: Scheme,
+    /// `host:port` of the upstream.
+    pub authority: Authority,
+    /// Path prefix prepended to every forwarded path (no trailing `/`; may be empty).
+    pub base_path: String,
+    /// Default exchange timeout (routes may override).
+    pub timeout: Duration,
+    /// Time allowed to open a connection.
+    pub connect_timeout: Duration,
+    /// Keep the client's `Host` (true) or send the upstream's (false).
+    pub preserve_host: bool,
+    /// Header carrying the caller's account upstream.
+    pub account_header: HeaderName,
+    /// Header carrying the caller's plan upstream.
+    pub plan_header: HeaderName,
+}
+
+/// Which subject a limit counts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Per {
+    /// Each API key its own counter.
+    Key,
+    /// Keys of one account share the counter.
+    Account,
+}
+
+/// One validated limit of a plan.
+#[derive(Debug, Clone)]
+pub struct LimitSpec {
+    /// Shown in `X-RateLimit-Type`.
+    pub name: Arc<str>,
+    /// The maths and numbers.
+    pub rule: Rule,
+    /// Who is counted.
+    pub per: Per,
+    /// Window as written (`30m`, `month`), or the rate for buckets (`10/s`).
+    pub window_text: Arc<str>,
+    /// Extra `{headers}-Limit/-Remaining/-Reset` trio.
+    pub headers: Option<HeaderTrio>,
+    /// Routes as written, for the `check` table.
+    pub routes_text: String,
+    /// Whether each route has its own counter.
+    pub per_route: bool,
+}
+
+impl LimitSpec {
+    /// The window in seconds (for `RateLimit-Policy`'s `w`): a bucket's is the
+    /// time to refill a full burst.
+    pub fn window_secs(&self, now: Nanos) -> u64 {
+        match self.rule {
+            Rule::Fixed { window, .. } => window.len_secs(now),
+            Rule::Rolling { window, .. } => window / SECOND,
+            Rule::Bucket { burst, interval } => (interval * burst as u64).div_ceil(SECOND),
+        }
+    }
+
+    fn summary(&self) -> String {
+        match self.rule {
+            Rule::Fixed { requests, .. } => {
+                format!("{} {}/{}", self.name, requests, self.window_text)
+            }
+            Rule::Rolling { requests, .. } => {
+                format!("{} {}/rolling {}", self.name, requests, self.window_text)
+            }
+            Rule::Bucket { burst, .. } => {
+                format!("{} bucket {} burst {}", self.name, self.window_text, burst)
+            }
+        }
+    }
+}
+
+/// A limit as applied to one route: which limit, and its counter id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppliedLimit {
+    /// Index into [`Plan::limits`].
+    pub limit: usize,
+    /// Stable id of the counter (SPEC §3 counter identity, hashed).
+    pub counter: u64,
+}
+
+/// A validated plan.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Plan name.
+    pub name: Arc<str>,
+    /// The name as a header value (sent upstream).
+    pub header_value: HeaderValue,
+    /// The plan's limits in file order.
+    pub limits: Vec<LimitSpec>,
+    /// For each route index: the limits covering it, in file order.
+    pub by_route: Vec<Vec<AppliedLimit>>,
+}
+
+/// A validated route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Route name.
+    pub name: Arc<str>,
+    /// What it matches.
+    pub matcher: RouteMatcher,
+    /// Body limit in bytes.
+    pub max_body: u64,
+    /// Exchange timeout.
+    pub timeout: Duration,
+    /// Whether a key is required.
+    pub auth: bool,
+    /// The path pattern as written.
+    pub path_text: String,
+    /// Refusal templates in force (route over global).
+    pub responses: Arc<ResponseSet>,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The config file it came from.
+    pub path: PathBuf,
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[upstream]`.
+    pub upstream: UpstreamSettings,
+    /// `[identity]` with the keys file.
+    pub identity: IdentitySettings,
+    /// `[headers]`.
+    pub headers: HeaderSettings,
+    /// Routes in file order.
+    pub routes: Vec<Route>,
+    /// Plans by name order.
+    pub plans: Vec<Plan>,
+    /// Global refusal templates (used for unmatched requests).
+    pub responses: Arc<ResponseSet>,
+}
+
+/// Loads and validates a config file (and its keys file).
+pub fn load(path: &Path) -> Result<Policy, ConfigError> {
+    let src = Source::read(path)?;
+    let raw: RawConfig = src.parse()?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    compile(&src, raw, base, path)
+}
+
+fn duration(
+    src: &Source,
+    raw: &Option<Spanned<String>>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(s) => parse_duration(s.get_ref()).map_err(|m| src.at(s.span(), m)),
+    }
+}
+
+fn size(src: &Source, raw: &Option<Spanned<RawSize>>, default: u64) -> Result<u64, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(s) => parse_size(s.get_ref()).map_err(|m| src.at(s.span(), m)),
+    }
+}
+
+fn header_name(
+    src: &Source,
+    raw: &Option<Spanned<String>>,
+    default: &'static str,
+) -> Result<HeaderName, ConfigError> {
+    match raw {
+        None => Ok(HeaderName::from_static(default)),
+        Some(s) => HeaderName::from_bytes(s.get_ref().as_bytes())
+            .map_err(|_| src.at(s.span(), format!("invalid header name {:?}", s.get_ref()))),
+    }
+}
+
+fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Policy, ConfigError> {
+    let server = compile_server(src, &raw.server)?;
+    let upstream = compile_upstream(src, &raw.upstream)?;
+    let headers = compile_headers(src, &raw.headers)?;
+    let _ = raw.store.backend;
+
+    let mut global = ResponseSet::default();
+    if let Some(r) = &raw.responses {
+        add_responses(src, r, &mut global)?;
+    }
+    let global = Arc::new(global);
+
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    let mut names = HashSet::new();
+    for r in &raw.routes {
+        let r = r.get_ref();
+        if !names.insert(r.name.get_ref().clone()) {
+            return Err(src.at(
+                r.name.span(),
+                format!("duplicate route name {:?}", r.name.get_ref()),
+            ));
+        }
+        routes.push(compile_route(src, r, &server, &upstream, &global)?);
+    }
+
+    let plan_names: Vec<&String> = raw.plans.keys().collect();
+    let mut plans = Vec::with_capacity(raw.plans.len());
+    for (name, plan) in &raw.plans {
+        plans.push(compile_plan(src, name, plan, &routes)?);
+    }
+    if plans.is_empty() {
+        // No [plans]: every key is on an implicit plan without limits.
+        plans.push(Plan {
+            name: "default".into(),
+            header_value: HeaderValue::from_static("default"),
+            limits: Vec::new(),
+            by_route: vec![Vec::new(); routes.len()],
+        });
+    }
+    if let Some(primary) = &headers.primary {
+        let known = plans
+            .iter()
+            .any(|p| p.limits.iter().any(|l| &*l.name == primary.as_str()));
+        if !known && !plans.is_empty() {
+            let span = raw
+                .headers
+                .primary
+                .as_ref()
+                .map(|s| s.span())
+                .unwrap_or(0..0);
+            return Err(src.at(
+                span,
+                format!("[headers] primary names {primary:?}, which no plan has as a limit"),
+            ));
+        }
+    }
+
+    let identity = compile_identity(src, &raw.identity, &plans, &plan_names, base)?;
+    Ok(Policy {
+        path: path.to_path_buf(),
+        server,
+        upstream,
+        identity,
+        headers,
+        routes,
+        plans,
+        responses: global,
+    })
+}
+
+fn compile_server(src: &Source, raw: &RawServer) -> Result<ServerSettings, ConfigError> {
+    let listen = match &raw.listen {
+        None => SocketAddr::from(([0, 0, 0, 0], 8080)),
+        Some(s) => s.get_ref().parse().map_err(|_| {
+            src.at(
+                s.span(),
+                format!(
+                    "invalid listen address {:?}: expected IP:PORT, e.g. \"0.0.0.0:8080\"",
+                    s.get_ref()
+                ),
+            )
+        })?,
+    };
+    Ok(ServerSettings {
+        listen,
+        unmatched: match raw.unmatched {
+            Some(RawUnmatched::Reject) => Unmatched::Reject,
+            _ => Unmatched::Forward,
+        },
+        max_body: size(src, &raw.max_body, 100_000_000)?,
+        header_timeout: duration(src, &raw.header_timeout, Duration::from_secs(10))?,
+        trust_forwarded: raw.trust_forwarded.unwrap_or(false),
+    })
+}
+
+fn compile_upstream(src: &Source, raw: &RawUpstream) -> Result<UpstreamSettings, ConfigError> {
+    let url = raw.url.get_ref();
+    let bad = |m: String| src.at(raw.url.span(), m);
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| bad(format!("invalid upstream url {url:?}")))?;
+    let scheme = uri.scheme().cloned().ok_or_else(|| {
+        bad(format!(
+            "upstream url {url:?} needs a scheme, e.g. \"http://127.0.0.1:9000\""
+        ))
+    })?;
+    if scheme != Scheme::HTTP {
+        return Err(bad(format!("upstream url {url:?}: only http:// is supported (turnstile runs beside the API it protects)")));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| bad(format!("upstream url {url:?} needs a host")))?;
+    if uri.query().is_some() {
+        return Err(bad(format!(
+            "upstream url {url:?} must not have a query string"
+        )));
+    }
+    Ok(UpstreamSettings {
+        scheme,
+        authority,
+        base_path: uri.path().trim_end_matches('/').to_owned(),
+        timeout: duration(src, &raw.timeout, Duration::from_secs(300))?,
+        connect_timeout: duration(src, &raw.connect_timeout, Duration::from_secs(5))?,
+        preserve_host: raw.preserve_host.unwrap_or(true),
+        account_header: header_name(src, &raw.account_header, "x-turnstile-account")?,
+        plan_header: header_name(src, &raw.plan_header, "x-turnstile-plan")?,
+    })
+}
+
+fn compile_headers(src: &Source, raw: &RawHeaders) -> Result<HeaderSettings, ConfigError> {
+    let (prefix, span) = match &raw.prefix {
+        Some(p) => (p.get_ref().as_str(), p.span()),
+        None => ("X-RateLimit", 0..0),
+    };
+    let main = HeaderTrio::new(prefix).map_err(|m| src.at(span.clone(), m))?;
+    let kind = HeaderName::from_bytes(format!("{prefix}-Type").as_bytes())
+        .map_err(|_| src.at(span, "invalid header prefix"))?;
+    Ok(HeaderSettings {
+        main,
+        kind,
+        reset: match raw.reset {
+            Some(RawReset::Seconds) => ResetFormat::Seconds,
+            _ => ResetFormat::Unix,
+        },
+        on_success: raw.on_success.unwrap_or(true),
+        ietf: raw.ietf.unwrap_or(false),
+        primary: raw.primary.as_ref().map(|p| p.get_ref().clone()),
+    })
+}
+
+fn add_responses(
+    src: &Source,
+    raw: &RawResponses,
+    set: &mut ResponseSet,
+) -> Result<(), ConfigError> {
+    for (name, r) in raw.get_ref() {
+        let span = r.span();
+        let r = r.get_ref();
+        let status = match &r.status {
+            None => None,
+            Some(s) => Some(
+                StatusCode::from_u16(*s.get_ref())
+                    .map_err(|_| src.at(s.span(), format!("invalid status {}", s.get_ref())))?,
+            ),
+        };
+        let content_type = match &r.content_type {
+            None => HeaderValue::from_static("application/json"),
+            Some(c) => HeaderValue::from_str(c.get_ref())
+                .map_err(|_| src.at(c.span(), "invalid content_type"))?,
+        };
+        let template = Template::new(status, content_type, r.body.as_deref());
+        if !set.set(name, Arc::new(template)) {
+            return Err(src.at(
+                span,
+                format!(
+                    "unknown response {name:?}: expected one of {}",
+                    RESPONSE_NAMES.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn compile_route(
+    src: &Source,
+    r: &RawRoute,
+    server: &ServerSettings,
+    upstream: &UpstreamSettings,
+    global: &Arc<ResponseSet>,
+) -> Result<Route, ConfigError> {
+    let method = match &r.method {
+        None => None,
+        Some(m) => Some(
+            Method::from_bytes(m.get_ref().to_ascii_uppercase().as_bytes())
+                .map_err(|_| src.at(m.span(), format!("invalid method {:?}", m.get_ref())))?,
+        ),
+    };
+    let path = PathPattern::parse(r.path.get_ref()).map_err(|m| src.at(r.path.span(), m))?;
+    let host = r
+        .host
+        .as_ref()
+        .map(|h| crate::routing::strip_port(h.get_ref()).to_ascii_lowercase());
+    let responses = match &r.responses {
+        None => global.clone(),
+        Some(own) => {
+            let mut set = (**global).clone();
+            add_responses(src, own, &mut set)?;
+            Arc::new(set)
+        }
+    };
+    Ok(Route {
+        name: r.name.get_ref().as_str().into(),
+        matcher: RouteMatcher { method, path, host },
+        max_body: size(src, &r.max_body, server.max_body)?,
+        timeout: duration(src, &r.timeout, upstream.timeout)?,
+        auth: r.auth.unwrap_or(true),
+        path_text: r.path.get_ref().clone(),
+        responses,
+    })
+}
+
+fn counter_id(parts: &[&str]) -> u64 {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    let d = h.finalize();
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+fn positive(src: &Source, v: &Spanned<i64>, what: &str) -> Result<u32, ConfigError> {
+    u32::try_from(*v.get_ref())
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            src.at(
+                v.span(),
+                format!("{what} must be a whole number from 1 to {}", u32::MAX),
+            )
+        })
+}
+
+fn compile_plan(
+    src: &Source,
+    name: &str,
+    raw: &Spanned<RawPlan>,
+    routes: &[Route],
+) -> Result<Plan, ConfigError> {
+    let mut limits = Vec::new();
+    let mut by_route: Vec<Vec<AppliedLimit>> = vec![Vec::new(); routes.len()];
+    for l in &raw.get_ref().limits {
+        let lspan = l.span();
+        let l = l.get_ref();
+        let lname = l.name.get_ref();
+        let kind = l.kind.unwrap_or(RawKind::Fixed);
+        let missing = |field: &str| {
+            src.at(
+                lspan.clone(),
+                format!("limit {lname:?} ({kind:?}) needs `{field}`")
+                    .replace("Fixed", "fixed")
+                    .replace("Rolling", "rolling")
+                    .replace("Bucket", "bucket"),
+            )
+        };
+        let forbid = |present: bool, field: &str| -> Result<(), ConfigError> {
+            if present {
+                Err(src.at(
+                    lspan.clone(),
+                    format!("limit {lname:?}: `{field}` does not apply to this kind of limit"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let (rule, window_text) = match kind {
+            RawKind::Fixed | RawKind::Rolling => {
+                forbid(l.rate.is_some(), "rate")?;
+                forbid(l.burst.is_some(), "burst")?;
+                let requests = positive(
+                    src,
+                    l.requests.as_ref().ok_or_else(|| missing("requests"))?,
+                    "requests",
+                )?;
+                let w = l.window.as_ref().ok_or_else(|| missing("window"))?;
+                let text = w.get_ref().trim();
+                let window = if text == "month" {
+                    if kind == RawKind::Rolling {
+                        return Err(src.at(
+                            w.span(),
+                            "a rolling window cannot be \"month\": use e.g. \"30d\"",
+                        ));
+                    }
+                    Window::Month
+                } else {
+                    let d = parse_duration(text).map_err(|m| src.at(w.span(), m))?;
+                    if d.subsec_nanos() != 0 || d.as_secs() == 0 {
+                        return Err(src.at(
+                            w.span(),
+                            format!(
+                                "window {text:?} must be a whole number of seconds, at least 1s"
+                            ),
+                        ));
+                    }
+                    Window::Span(d.as_secs() * SECOND)
+                };
+                let rule = match (kind, window) {
+                    (RawKind::Rolling, Window::Span(len)) => Rule::Rolling {
+                        requests,
+                        window: len,
+                    },
+                    _ => Rule::Fixed { requests, window },
+                };
+                (rule, text.to_owned())
+            }
+            RawKind::Bucket => {
+                forbid(l.requests.is_some(), "requests")?;
+                forbid(l.window.is_some(), "window")?;
+                let r = l.rate.as_ref().ok_or_else(|| missing("rate"))?;
+                let (count, period) = parse_rate(r.get_ref()).map_err(|m| src.at(r.span(), m))?;
+                let interval = (period.as_nanos() / count as u128) as u64;
+                if interval == 0 {
+                    return Err(src.at(r.span(), "rate is too high"));
+                }
+                let burst = match &l.burst {
+                    Some(b) => positive(src, b, "burst")?,
+                    None => 1,
+                };
+                (
+                    Rule::Bucket { burst, interval },
+                    r.get_ref().trim().to_owned(),
+                )
+            }
+        };
+        let (covered, routes_text): (Vec<usize>, String) = match &l.routes {
+            None => ((0..routes.len()).collect(), "*".into()),
+            Some(sel) => match sel.get_ref() {
+                RawRouteSet::One(s) if s == "*" => ((0..routes.len()).collect(), "*".into()),
+                RawRouteSet::One(s) => (vec![route_index(src, routes, s, sel.span())?], s.clone()),
+                RawRouteSet::Many(list) => {
+                    let mut idx = Vec::new();
+                    for s in list {
+                        idx.push(route_index(src, routes, s, sel.span())?);
+                    }
+                    let sorted: BTreeSet<&String> = list.iter().collect();
+                    (
+                        idx,
+                        sorted.into_iter().cloned().collect::<Vec<_>>().join(","),
+                    )
+                }
+            },
+        };
+        let headers = match &l.headers {
+            None => None,
+            Some(h) => Some(HeaderTrio::new(h.get_ref()).map_err(|m| src.at(h.span(), m))?),
+        };
+        let per_route = l.per_route.unwrap_or(false);
+        let kind_text = match kind {
+            RawKind::Fixed => "fixed",
+            RawKind::Rolling => "rolling",
+            RawKind::Bucket => "bucket",
+        };
+        let identity_window = if kind == RawKind::Bucket {
+            ""
+        } else {
+            window_text.as_str()
+        };
+        let index = limits.len();
+        for r in covered {
+            if !routes[r].auth {
+                continue;
+            }
+            if by_route[r]
+                .iter()
+                .any(|a| limits_name(&limits, a.limit) == lname.as_str())
+            {
+                return Err(src.at(
+                    l.name.span(),
+                    format!(
+                        "two limits named {lname:?} in plan {name:?} both cover route {:?}",
+                        &*routes[r].name
+                    ),
+                ));
+            }
+            let route_part = if per_route { &*routes[r].name } else { "" };
+            let counter = counter_id(&[
+                name,
+                lname,
+                &routes_text,
+                kind_text,
+                identity_window,
+                route_part,
+            ]);
+            by_route[r].push(AppliedLimit {
+                limit: index,
+                counter,
+            });
+        }
+        limits.push(LimitSpec {
+            name: lname.as_str().into(),
+            rule,
+            per: match l.per {
+                Some(RawPer::Account) => Per::Account,
+                _ => Per::Key,
+            },
+            window_text: window_text.into(),
+            headers,
+            routes_text,
+            per_route,
+        });
+    }
+    let header_value = HeaderValue::from_str(name).map_err(|_| {
+        src.at(
+            raw.span(),
+            format!("plan name {name:?} cannot be sent in a header"),
+        )
+    })?;
+    Ok(Plan {
+        name: name.into(),
+        header_value,
+        limits,
+        by_route,
+    })
+}
+
+fn limits_name(limits: &[LimitSpec], i: usize) -> &str {
+    limits.get(i).map_or("", |l| &l.name)
+}
+
+fn route_index(
+    src: &Source,
+    routes: &[Route],
+    name: &str,
+    span: Range<usize>,
+) -> Result<usize, ConfigError> {
+    routes
+        .iter()
+        .position(|r| &*r.name == name)
+        .ok_or_else(|| src.at(span, format!("unknown route {name:?}")))
+}
+
+fn plan_index(plans: &[Plan], name: &str) -> Option<usize> {
+    plans.iter().position(|p| &*p.name == name)
+}
+
+fn compile_identity(
+    src: &Source,
+    raw: &RawIdentity,
+    plans: &[Plan],
+    plan_names: &[&String],
+    base: &Path,
+) -> Result<IdentitySettings, ConfigError> {
+    let sources = match &raw.sources {
+        None => vec![
+            KeySource::Bearer,
+            KeySource::Header(HeaderName::from_static("x-api-key")),
+        ],
+        Some(list) => {
+            let mut out = Vec::new();
+            for s in list {
+                out.push(KeySource::parse(s.get_ref()).map_err(|m| src.at(s.span(), m))?);
+            }
+            if out.is_empty() {
+                return Err(src.at(0..0, "[identity] sources must name at least one source"));
+            }
+            out
+        }
+    };
+    let prefix = raw.prefix.as_ref().map(|p| p.get_ref().clone());
+    let unknown_key = match raw.unknown_key {
+        Some(RawUnknownKey::Default) => UnknownKey::Default,
+        _ => UnknownKey::Reject,
+    };
+    let default_plan = match &raw.default_plan {
+        Some(p) => Some(plan_index(plans, p.get_ref()).ok_or_else(|| {
+            src.at(
+                p.span(),
+                format!(
+                    "unknown plan {:?}: plans are {}",
+                    p.get_ref(),
+                    list(plan_names)
+                ),
+            )
+        })?),
+        None if plans.len() == 1 => Some(0),
+        None if plan_names.is_empty() => Some(0),
+        None => None,
+    };
+    let keys = match &raw.keys_file {
+        None => None,
+        Some(f) => Some(load_keys(
+            &base.join(f.get_ref()),
+            plans,
+            plan_names,
+            default_plan,
+            prefix.as_deref(),
+        )?),
+    };
+    let needs_default = keys.is_none() || unknown_key == UnknownKey::Default;
+    if needs_default && default_plan.is_none() && !plans.is_empty() {
+        return Err(src.at(0..0, format!("[identity] default_plan is required: keys without a keys-file entry need a plan (one of {})", list(plan_names))));
+    }
+    Ok(IdentitySettings {
+        sources,
+        prefix,
+        unknown_key,
+        default_plan,
+        keys,
+    })
+}
+
+fn list(names: &[&String]) -> String {
+    names
+        .iter()
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn load_keys(
+    path: &Path,
+    plans: &[Plan],
+    plan_names: &[&String],
+    default_plan: Option<usize>,
+    prefix: Option<&str>,
+) -> Result<KeyRegistry, ConfigError> {
+    let src = Source::read(path)?;
+    let raw: RawKeysFile = src.parse()?;
+    let mut reg = KeyRegistry::default();
+    for k in &raw.keys {
+        let span = k.span();
+        let k = k.get_ref();
+        let digest = match (&k.key, &k.sha256) {
+            (Some(key), None) => {
+                if let Some(p) = prefix {
+                    if !key.get_ref().starts_with(p) {
+                        return Err(src.at(key.span(), format!("key does not start with the identity prefix {p:?}, so it could never be used")));
+                    }
+                }
+                identity::digest(key.get_ref())
+            }
+            (None, Some(h)) => {
+                let mut d = [0u8; 32];
+                hex::decode_to_slice(h.get_ref().trim(), &mut d)
+                    .map_err(|_| src.at(h.span(), "sha256 must be 64 hex characters"))?;
+                d
+            }
+            _ => return Err(src.at(span, "each key needs exactly one of `key` or `sha256`")),
+        };
+        let plan = match &k.plan {
+            Some(p) => plan_index(plans, p.get_ref()).ok_or_else(|| {
+                src.at(
+                    p.span(),
+                    format!(
+                        "unknown plan {:?}: plans are {}",
+                        p.get_ref(),
+                        list(plan_names)
+                    ),
+                )
+            })?,
+            None => default_plan.ok_or_else(|| {
+                src.at(
+                    span.clone(),
+                    "key has no `plan` and there is no default_plan",
+                )
+            })?,
+        };
+        let record = KeyRecord {
+            account: k.account.as_deref().map(Arc::from),
+            plan,
+            revoked: k.revoked.unwrap_or(false),
+        };
+        if !reg.insert(digest, record) {
+            return Err(src.at(span, "duplicate key"));
+        }
+    }
+    Ok(reg)
+}
+
+impl Policy {
+    /// The routes × plans table printed by `turnstile check`.
+    pub fn table(&self) -> String {
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        let mut header = vec!["route".to_owned(), "match".to_owned()];
+        header.extend(self.plans.iter().map(|p| p.name.to_string()));
+        rows.push(header);
+        for (i, r) in self.routes.iter().enumerate() {
+            let m = &r.matcher;
+            let mut row = vec![
+                r.name.to_string(),
+                format!(
+                    "{} {}",
+                    m.method.as_ref().map_or("*", |m| m.as_str()),
+                    r.path_text
+                ),
+            ];
+            for p in &self.plans {
+                let cell = if !r.auth {
+                    "public".to_owned()
+                } else if p.by_route[i].is_empty() {
+                    "-".to_owned()
+                } else {
+                    p.by_route[i]
+                        .iter()
+                        .map(|a| p.limits[a.limit].summary())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                row.push(cell);
+            }
+            rows.push(row);
+        }
+        let widths: Vec<usize> = (0..rows[0].len())
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for row in rows {
+            let line: Vec<String> = row
+                .iter()
+                .enumerate()
+                .map(|(c, cell)| format!("{cell:<w$}", w = widths[c]))
+                .collect();
+            let _ = writeln!(out, "{}", line.join("  ").trim_end());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

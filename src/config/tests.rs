@@ -1,0 +1,179 @@
+use std::path::PathBuf;
+
+use super::*;
+
+const BASE: &str = r#"
+[upstream]
+url = "http://127.0.0.1:9000"
+
+[[routes]]
+name = "gen"
+method = "POST"
+path = "/v1/gen"
+
+[[routes]]
+name = "status"
+path = "/v1/status/{id}"
+"#;
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn load_text(text: &str) -> Result<Policy, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    load(&write(&dir, "t.toml", text))
+}
+
+/// The `line:col: message` part of an error.
+fn err_at(text: &str) -> (usize, usize, String) {
+    match load_text(text).unwrap_err() {
+        ConfigError::At {
+            line, col, message, ..
+        } => (line, col, message),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn minimal_config_has_the_documented_defaults() {
+    let p = load_text(BASE).unwrap();
+    assert_eq!(p.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(p.server.unmatched, Unmatched::Forward);
+    assert_eq!(p.server.max_body, 100_000_000);
+    assert_eq!(p.upstream.timeout, Duration::from_secs(300));
+    assert_eq!(p.upstream.connect_timeout, Duration::from_secs(5));
+    assert!(p.upstream.preserve_host);
+    assert_eq!(p.upstream.account_header, "x-turnstile-account");
+    assert_eq!(p.headers.main.limit, "x-ratelimit-limit");
+    assert!(p.headers.on_success && !p.headers.ietf);
+    assert_eq!(p.identity.sources.len(), 2);
+    // No plans: one implicit plan without limits.
+    assert_eq!(p.plans.len(), 1);
+    assert_eq!(p.identity.default_plan, Some(0));
+}
+
+#[test]
+fn unknown_keys_are_errors_with_their_position() {
+    let (line, col, msg) = err_at(&format!(
+        "{BASE}\n[server]\nlisten = \"127.0.0.1:1\"\nlisten_backlog = 5\n"
+    ));
+    assert_eq!((line, col), (16, 1));
+    assert!(msg.contains("unknown field `listen_backlog`"), "{msg}");
+    let (line, _, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nrequests = 1\nwindow = \"1m\"\nmax = 3\n"));
+    assert_eq!(line, 19);
+    assert!(msg.contains("unknown field `max`"), "{msg}");
+}
+
+#[test]
+fn semantic_errors_point_at_the_value() {
+    let (line, col, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nroutes = [\"gen\", \"nope\"]\nrequests = 1\nwindow = \"1m\"\n"));
+    assert_eq!((line, col), (17, 10));
+    assert_eq!(msg, "unknown route \"nope\"");
+    let (line, col, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nrequests = 1\nwindow = \"1 fortnight\"\n"));
+    assert_eq!((line, col), (18, 10));
+    assert!(msg.starts_with("invalid duration"), "{msg}");
+    let (line, _, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nrequests = 0\nwindow = \"1m\"\n"));
+    assert_eq!(line, 17);
+    assert!(msg.contains("requests must be"), "{msg}");
+    let (_, _, msg) = err_at(&format!(
+        "{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nkind = \"concurrency\"\n"
+    ));
+    assert!(msg.contains("unknown variant `concurrency`"), "{msg}");
+    let (line, _, msg) = err_at("[upstream]\nurl = \"https://example.com\"\n");
+    assert_eq!(line, 2);
+    assert!(msg.contains("only http://"), "{msg}");
+}
+
+#[test]
+fn same_name_may_repeat_on_disjoint_routes_only() {
+    let ok = format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"minute\"\nroutes = [\"gen\"]\nrequests = 3\nwindow = \"1m\"\n[[plans.free.limits]]\nname = \"minute\"\nroutes = [\"status\"]\nrequests = 1\nwindow = \"1m\"\n");
+    let p = load_text(&ok).unwrap();
+    assert_eq!(p.plans[0].by_route[0].len(), 1);
+    let clash = ok.replace("routes = [\"status\"]", "routes = \"*\"");
+    let (_, _, msg) = err_at(&clash);
+    assert!(msg.contains("both cover route \"gen\""), "{msg}");
+}
+
+#[test]
+fn counter_ids_survive_number_changes_but_not_window_changes() {
+    let text = |requests: u32, window: &str| {
+        format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nroutes = \"*\"\nper_route = true\nrequests = {requests}\nwindow = \"{window}\"\n")
+    };
+    let a = load_text(&text(3, "1m")).unwrap();
+    let b = load_text(&text(30, "1m")).unwrap();
+    let c = load_text(&text(3, "2m")).unwrap();
+    let id = |p: &Policy, r: usize| p.plans[0].by_route[r][0].counter;
+    assert_eq!(id(&a, 0), id(&b, 0));
+    assert_ne!(id(&a, 0), id(&c, 0));
+    assert_ne!(
+        id(&a, 0),
+        id(&a, 1),
+        "per_route: each route its own counter"
+    );
+}
+
+#[test]
+fn keys_file_errors_name_the_keys_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir,
+        "keys.toml",
+        "[[keys]]\nkey = \"k1\"\nplan = \"free\"\n\n[[keys]]\nkey = \"k2\"\nplan = \"gold\"\n",
+    );
+    let cfg = write(
+        &dir,
+        "t.toml",
+        &format!("{BASE}\n[identity]\nkeys_file = \"keys.toml\"\n\n[plans.free]\n"),
+    );
+    let err = load(&cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("keys.toml:7:8: unknown plan \"gold\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn keys_file_with_digests_and_revocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let digest = hex::encode(crate::identity::digest("secret"));
+    write(&dir, "keys.toml", &format!("[[keys]]\nsha256 = \"{digest}\"\naccount = \"acme\"\n\n[[keys]]\nkey = \"old\"\nrevoked = true\n"));
+    let cfg = write(
+        &dir,
+        "t.toml",
+        &format!("{BASE}\n[identity]\nkeys_file = \"keys.toml\"\n\n[plans.free]\n"),
+    );
+    let p = load(&cfg).unwrap();
+    let keys = p.identity.keys.as_ref().unwrap();
+    assert_eq!(keys.len(), 2);
+    let rec = keys.get(&crate::identity::digest("secret")).unwrap();
+    assert_eq!(rec.account.as_deref(), Some("acme"));
+    assert!(keys.get(&crate::identity::digest("old")).unwrap().revoked);
+}
+
+#[test]
+fn missing_file_is_reported() {
+    let err = load(std::path::Path::new("/nonexistent/turnstile.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("/nonexistent/turnstile.toml: "), "{err}");
+}
+
+#[test]
+fn shipped_examples_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut paths = vec![root.join("turnstile.toml")];
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.to_string_lossy().contains("keys") {
+            paths.push(path);
+        }
+    }
+    assert!(paths.len() >= 4);
+    for path in paths {
+        let policy = load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!policy.table().is_empty());
+    }
+}

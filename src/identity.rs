@@ -1,0 +1,389 @@
+//! Caller identity (SPEC §4): where the API key is read from, the key
+//! registry, the five distinct 401 reasons, and key fingerprints.
+//!
+//! Keys are held and compared as SHA-256 digests, so a keys file may list
+//! digests instead of keys; only the 8-hex-character fingerprint is ever
+//! shown in logs or to the upstream.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName};
+use sha2::{Digest, Sha256};
+
+/// Where a key may be found, tried in configured order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `Authorization: Bearer KEY`.
+    Bearer,
+    /// A request header holding the key.
+    Header(HeaderName),
+    /// A query-string parameter holding the key.
+    Query(String),
+}
+
+impl KeySource {
+    /// Parses `"bearer"`, `"header:NAME"` or `"query:NAME"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.eq_ignore_ascii_case("bearer") {
+            return Ok(Self::Bearer);
+        }
+        if let Some(name) = text.strip_prefix("header:") {
+            return HeaderName::from_bytes(name.trim().as_bytes())
+                .map(Self::Header)
+                .map_err(|_| format!("invalid header name in key source {text:?}"));
+        }
+        if let Some(name) = text.strip_prefix("query:") {
+            if !name.trim().is_empty() {
+                return Ok(Self::Query(name.trim().to_owned()));
+            }
+        }
+        Err(format!(
+            "invalid key source {text:?}: expected \"bearer\", \"header:NAME\" or \"query:NAME\""
+        ))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            KeySource::Bearer => "Authorization: Bearer <key>".into(),
+            KeySource::Header(name) => format!("{name} header"),
+            KeySource::Query(name) => format!("?{name}= query parameter"),
+        }
+    }
+}
+
+/// Why a request has no usable identity; each maps to one distinct 401 message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No configured source was present.
+    #[error("API key missing: send it as {0}")]
+    Missing(String),
+    /// A source was present but unusable.
+    #[error("{0}")]
+    Malformed(String),
+    /// The key lacks the configured prefix.
+    #[error("API key must start with \"{0}\"")]
+    WrongPrefix(String),
+    /// The key is not in the keys file.
+    #[error("unknown API key")]
+    Unknown,
+    /// The key is marked revoked.
+    #[error("API key revoked")]
+    Revoked,
+}
+
+/// A key's SHA-256 digest: how keys are stored and compared.
+pub type KeyDigest = [u8; 32];
+
+/// SHA-256 of a key.
+pub fn digest(key: &str) -> KeyDigest {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// The first 8 hex characters of a key's SHA-256: what logs and admin output show.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 8]);
+
+impl Fingerprint {
+    /// The fingerprint of a digest.
+    pub fn of(digest: &KeyDigest) -> Self {
+        let mut out = [0u8; 8];
+        // Encoding 4 bytes into 8 hex characters cannot fail.
+        let _ = hex::encode_to_slice(&digest[..4], &mut out);
+        Self(out)
+    }
+
+    /// The 8 lower-case hex characters.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("????????")
+    }
+}
+
+impl std::fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of the keys file.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    /// Account the key belongs to; `None`: the key is its own account.
+    pub account: Option<Arc<str>>,
+    /// Index of the key's plan in the policy.
+    pub plan: usize,
+    /// Revoked keys are refused with 401.
+    pub revoked: bool,
+}
+
+/// The keys file, indexed by key digest.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRegistry {
+    by_digest: HashMap<KeyDigest, KeyRecord>,
+}
+
+impl KeyRegistry {
+    /// Adds a key; returns false when its digest was already present.
+    pub fn insert(&mut self, digest: KeyDigest, record: KeyRecord) -> bool {
+        self.by_digest.insert(digest, record).is_none()
+    }
+
+    /// Looks a key up by digest.
+    pub fn get(&self, digest: &KeyDigest) -> Option<&KeyRecord> {
+        self.by_digest.get(digest)
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    /// Whether the registry is empty.
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+}
+
+/// What to do with well-formed keys missing from the keys file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownKey {
+    /// 401 unknown API key.
+    Reject,
+    /// Admit on the default plan, the key being its own account.
+    Default,
+}
+
+/// Validated `[identity]` settings.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// Sources tried in order.
+    pub sources: Vec<KeySource>,
+    /// Required key prefix.
+    pub prefix: Option<String>,
+    /// Policy for keys not in the keys file (only with a keys file).
+    pub unknown_key: UnknownKey,
+    /// Plan of keys without a keys-file entry, when such keys are admitted.
+    pub default_plan: Option<usize>,
+    /// The keys file, if any.
+    pub keys: Option<KeyRegistry>,
+}
+
+/// Who the caller is, once identified.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// SHA-256 of the key.
+    pub digest: KeyDigest,
+    /// Shown in logs and sent upstream for accounts without a name.
+    pub fingerprint: Fingerprint,
+    /// Named account from the keys file; `None`: the key is its own account.
+    pub account: Option<Arc<str>>,
+    /// Index of the caller's plan.
+    pub plan: usize,
+}
+
+impl IdentitySettings {
+    /// Reads and checks the caller's key from the request.
+    pub fn identify(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Caller, AuthError> {
+        let key = self.extract(headers, query)?;
+        if let Some(prefix) = &self.prefix {
+            if !key.starts_with(prefix.as_str()) {
+                return Err(AuthError::WrongPrefix(prefix.clone()));
+            }
+        }
+        let digest = digest(&key);
+        let fingerprint = Fingerprint::of(&digest);
+        let default = |digest| match self.default_plan {
+            Some(plan) => Ok(Caller {
+                digest,
+                fingerprint,
+                account: None,
+                plan,
+            }),
+            None => Err(AuthError::Unknown),
+        };
+        match &self.keys {
+            None => default(digest),
+            Some(keys) => match keys.get(&digest) {
+                Some(rec) if rec.revoked => Err(AuthError::Revoked),
+                Some(rec) => Ok(Caller {
+                    digest,
+                    fingerprint,
+                    account: rec.account.clone(),
+                    plan: rec.plan,
+                }),
+                None if self.unknown_key == UnknownKey::Default => default(digest),
+                None => Err(AuthError::Unknown),
+            },
+        }
+    }
+
+    /// The key from the first configured source that is present.
+    fn extract<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        query: Option<&'a str>,
+    ) -> Result<Cow<'a, str>, AuthError> {
+        for source in &self.sources {
+            match source {
+                KeySource::Bearer => {
+                    let Some(value) = headers.get(AUTHORIZATION) else {
+                        continue;
+                    };
+                    return bearer_token(value.as_bytes()).map(Cow::Borrowed);
+                }
+                KeySource::Header(name) => {
+                    let Some(value) = headers.get(name) else {
+                        continue;
+                    };
+                    let text = std::str::from_utf8(value.as_bytes()).unwrap_or("").trim();
+                    return checked_key(text, || format!("malformed API key in the {name} header"))
+                        .map(Cow::Borrowed);
+                }
+                KeySource::Query(name) => {
+                    let Some(query) = query else { continue };
+                    let Some((_, value)) =
+                        form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name)
+                    else {
+                        continue;
+                    };
+                    checked_key(&value, || {
+                        format!("malformed API key in the {name} query parameter")
+                    })?;
+                    return Ok(Cow::Owned(value.into_owned()));
+                }
+            }
+        }
+        let how: Vec<String> = self.sources.iter().map(KeySource::describe).collect();
+        Err(AuthError::Missing(how.join(" or ")))
+    }
+}
+
+/// The token of `Bearer <token>`; anything else is malformed.
+fn bearer_token(value: &[u8]) -> Result<&str, AuthError> {
+    let malformed =
+        || AuthError::Malformed("malformed Authorization header: expected \"Bearer <key>\"".into());
+    let text = std::str::from_utf8(value).map_err(|_| malformed())?;
+    let (scheme, token) = text.trim().split_once(' ').ok_or_else(malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(malformed());
+    }
+    checked_key(token.trim(), || {
+        "malformed Authorization header: expected \"Bearer <key>\"".into()
+    })
+}
+
+/// A key must be non-empty visible ASCII.
+fn checked_key(key: &str, message: impl FnOnce() -> String) -> Result<&str, AuthError> {
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AuthError::Malformed(message()));
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn settings(keys: Option<KeyRegistry>) -> IdentitySettings {
+        IdentitySettings {
+            sources: vec![
+                KeySource::Bearer,
+                KeySource::parse("header:x-api-key").unwrap(),
+                KeySource::parse("query:api_key").unwrap(),
+            ],
+            prefix: Some("rfn_live_".into()),
+            unknown_key: UnknownKey::Reject,
+            default_plan: Some(0),
+            keys,
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn sources_in_order_and_no_fall_through_on_malformed() {
+        let s = settings(None);
+        let c = s
+            .identify(&headers(&[("authorization", "Bearer rfn_live_a")]), None)
+            .unwrap();
+        assert_eq!(c.digest, digest("rfn_live_a"));
+        let c = s
+            .identify(&headers(&[("x-api-key", "rfn_live_b")]), None)
+            .unwrap();
+        assert_eq!(c.digest, digest("rfn_live_b"));
+        let c = s
+            .identify(&HeaderMap::new(), Some("x=1&api_key=rfn_live_c"))
+            .unwrap();
+        assert_eq!(c.digest, digest("rfn_live_c"));
+        // A present but malformed Authorization is an error even if X-Api-Key is fine.
+        let e = s
+            .identify(
+                &headers(&[("authorization", "Basic abc"), ("x-api-key", "rfn_live_b")]),
+                None,
+            )
+            .unwrap_err();
+        assert!(matches!(e, AuthError::Malformed(_)));
+    }
+
+    #[test]
+    fn five_distinct_reasons() {
+        let mut reg = KeyRegistry::default();
+        reg.insert(
+            digest("rfn_live_ok"),
+            KeyRecord {
+                account: None,
+                plan: 0,
+                revoked: false,
+            },
+        );
+        reg.insert(
+            digest("rfn_live_old"),
+            KeyRecord {
+                account: None,
+                plan: 0,
+                revoked: true,
+            },
+        );
+        let s = settings(Some(reg));
+        let err = |h: &[(&str, &str)]| s.identify(&headers(h), None).unwrap_err().to_string();
+        let msgs = [
+            err(&[]),
+            err(&[("authorization", "Bearer ")]),
+            err(&[("authorization", "Bearer sk_x")]),
+            err(&[("authorization", "Bearer rfn_live_nope")]),
+            err(&[("authorization", "Bearer rfn_live_old")]),
+        ];
+        assert!(msgs[0].starts_with("API key missing"));
+        assert!(msgs[1].contains("malformed Authorization"));
+        assert_eq!(msgs[2], "API key must start with \"rfn_live_\"");
+        assert_eq!(msgs[3], "unknown API key");
+        assert_eq!(msgs[4], "API key revoked");
+        assert!(s
+            .identify(&headers(&[("authorization", "bearer rfn_live_ok")]), None)
+            .is_ok());
+    }
+
+    #[test]
+    fn fingerprint_is_eight_hex_of_sha256() {
+        // sha256("test") = 9f86d081884c7d65...
+        assert_eq!(Fingerprint::of(&digest("test")).as_str(), "9f86d081");
+    }
+}

@@ -1,0 +1,24 @@
+//! turnstile: a rate-limiting reverse proxy for generation APIs.
+//!
+//! The binary is a thin shell over this library so tests can start the real
+//! server in-process with a fake clock. Modules follow the request pipeline
+//! of SPEC §1: [`config`] → [`routing`] → [`identity`] → [`limits`] /
+//! [`store`] → [`proxy`] → [`responses`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod body;
+pub mod clock;
+pub mod config;
+pub mod identity;
+pub mod limits;
+pub mod proxy;
+pub mod responses;
+pub mod routing;
+pub mod server;
+pub mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{load, ConfigError, Policy};
+pub use server::Server;

@@ -1,0 +1,98 @@
+//! The rolling window's memory: admissions grouped per second.
+//!
+//! An admission in second `s` counts until `s + 1 + window`, so the log never
+//! over-admits and under-admits by at most one second. It holds one entry per
+//! second that saw admissions inside the window: at most
+//! `min(requests, window seconds)` entries, however many requests arrive.
+
+use std::collections::VecDeque;
+
+use crate::clock::{Nanos, SECOND};
+
+/// Admission counts per whole second, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RollingLog {
+    seconds: VecDeque<(u64, u32)>,
+    total: u32,
+}
+
+impl RollingLog {
+    /// When an admission made at `at` stops counting.
+    pub fn exit_of(at: Nanos, window: Nanos) -> Nanos {
+        (at / SECOND + 1) * SECOND + window
+    }
+
+    /// Admissions still inside the window (after [`prune`](Self::prune)).
+    pub fn total(&self) -> u32 {
+        self.total
+    }
+
+    /// Drops the seconds whose admissions left the window by `now`.
+    pub fn prune(&mut self, now: Nanos, window: Nanos) {
+        while let Some(&(sec, count)) = self.seconds.front() {
+            if Self::exit_of(sec * SECOND, window) > now {
+                break;
+            }
+            self.seconds.pop_front();
+            self.total -= count;
+        }
+    }
+
+    /// Records one admission at `now`.
+    pub fn push(&mut self, now: Nanos) {
+        let sec = now / SECOND;
+        match self.seconds.back_mut() {
+            Some((last, count)) if *last == sec => *count += 1,
+            _ => self.seconds.push_back((sec, 1)),
+        }
+        self.total += 1;
+    }
+
+    /// When the oldest admission leaves the window.
+    pub fn oldest_exit(&self, window: Nanos) -> Option<Nanos> {
+        self.seconds
+            .front()
+            .map(|&(sec, _)| Self::exit_of(sec * SECOND, window))
+    }
+
+    /// When the newest admission leaves the window.
+    pub fn newest_exit(&self, window: Nanos) -> Option<Nanos> {
+        self.seconds
+            .back()
+            .map(|&(sec, _)| Self::exit_of(sec * SECOND, window))
+    }
+
+    /// When at least `n` admissions will have left the window.
+    pub fn exit_when_count_drops_by(&self, n: u32, window: Nanos) -> Nanos {
+        let mut left = 0u32;
+        let mut last = 0;
+        for &(sec, count) in &self.seconds {
+            left += count;
+            last = Self::exit_of(sec * SECOND, window);
+            if left >= n {
+                break;
+            }
+        }
+        last
+    }
+
+    /// Number of per-second entries held (bounded memory check).
+    pub fn entries(&self) -> usize {
+        self.seconds.len()
+    }
+
+    /// The entries, oldest first, as `(unix second, admissions)`.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.seconds.iter().copied()
+    }
+
+    /// Rebuilds a log from `(unix second, admissions)` pairs, oldest first.
+    pub fn from_entries(entries: impl IntoIterator<Item = (u64, u32)>) -> Self {
+        let mut log = Self::default();
+        for (sec, count) in entries {
+            log.seconds.push_back((sec, count));
+            log.total += count;
+        }
+        log
+    }
+}

@@ -1,0 +1,454 @@
+//! One request, in SPEC §1 order: route → identity → body size → limits →
+//! forward → respond. [`Turnstile::handle`] reads top to bottom; each step is
+//! a call into its own module, and every refusal is rendered by
+//! [`crate::responses`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{Body, Deadline, Limited};
+use crate::config::{Per, Plan, Policy, Route, Unmatched};
+use crate::identity::Caller;
+use crate::responses::{self, Checked, Refusal};
+use crate::store::{LimitCheck, MemoryStore, Store, Subject};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// The proxy: policy, counters and the pooled upstream client.
+pub struct Turnstile {
+    policy: Arc<Policy>,
+    store: Arc<MemoryStore>,
+    client: Client<HttpConnector, Body>,
+}
+
+impl std::fmt::Debug for Turnstile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Turnstile")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who is asking and under which plan, once identified.
+struct Identified<'a> {
+    caller: Caller,
+    plan: &'a Plan,
+}
+
+impl Turnstile {
+    /// A proxy for `policy` counting in `store`.
+    pub fn new(policy: Arc<Policy>, store: Arc<MemoryStore>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(policy.upstream.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Self {
+            policy,
+            store,
+            client,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// The counter store.
+    pub fn store(&self) -> &Arc<MemoryStore> {
+        &self.store
+    }
+
+    /// Handles one request from `peer`; every failure is already a response.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let policy = &*self.policy;
+        let (parts, body) = req.into_parts();
+
+        // 1. Route match.
+        let host = request_host(&parts);
+        let matched = crate::routing::first_match(
+            policy.routes.iter().map(|r| &r.matcher),
+            &parts.method,
+            host,
+            parts.uri.path(),
+        );
+        let Some(route) = matched.map(|i| (i, &policy.routes[i])) else {
+            if policy.server.unmatched == Unmatched::Reject {
+                let refusal = Refusal::NotFound {
+                    method: parts.method.clone(),
+                    path: parts.uri.path().to_owned(),
+                };
+                return responses::refusal(
+                    &refusal,
+                    Some(&policy.responses),
+                    "",
+                    "",
+                    HeaderMap::new(),
+                );
+            }
+            return self
+                .forward(parts, body, peer, None, None)
+                .await
+                .unwrap_or_else(|r| {
+                    responses::refusal(&r, Some(&policy.responses), "", "", HeaderMap::new())
+                });
+        };
+        let (route_index, route) = route;
+        if !route.auth {
+            return self
+                .forward(parts, body, peer, Some(route), None)
+                .await
+                .unwrap_or_else(|r| self.refuse(&r, route, None, HeaderMap::new()));
+        }
+
+        // 2-3. Identity and plan.
+        let who = match policy.identity.identify(&parts.headers, parts.uri.query()) {
+            Ok(caller) => match policy.plans.get(caller.plan) {
+                Some(plan) => Identified { plan, caller },
+                None => {
+                    return self.refuse(
+                        &Refusal::Unauthorized(crate::identity::AuthError::Unknown),
+                        route,
+                        None,
+                        HeaderMap::new(),
+                    )
+                }
+            },
+            Err(e) => return self.refuse(&Refusal::Unauthorized(e), route, None, HeaderMap::new()),
+        };
+
+        // 4. Body size, before reading the body.
+        if content_length(&parts.headers).is_some_and(|len| len > route.max_body) {
+            let refusal = Refusal::PayloadTooLarge {
+                limit: route.max_body,
+                route: route.name.clone(),
+            };
+            return self.refuse(&refusal, route, Some(&who), HeaderMap::new());
+        }
+
+        // 5. Limits, decided together.
+        let applied = &who.plan.by_route[route_index];
+        let checks: Vec<LimitCheck<'_>> = applied
+            .iter()
+            .map(|a| {
+                let spec = &who.plan.limits[a.limit];
+                LimitCheck {
+                    subject: subject(spec.per, &who.caller),
+                    counter: a.counter,
+                    rule: &spec.rule,
+                }
+            })
+            .collect();
+        let (now, checked): (u64, Vec<Checked<'_>>) = if checks.is_empty() {
+            (0, Vec::new())
+        } else {
+            match self.store.decide(&checks).await {
+                Ok(d) => {
+                    let checked: Vec<Checked<'_>> = applied
+                        .iter()
+                        .map(|a| &who.plan.limits[a.limit])
+                        .zip(d.verdicts)
+                        .collect();
+                    if !d.admitted {
+                        return self.rate_limited(&checked, d.now, route, &who);
+                    }
+                    (d.now, checked)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "counter store failed");
+                    return self.refuse(
+                        &Refusal::StoreUnavailable(e.to_string()),
+                        route,
+                        Some(&who),
+                        HeaderMap::new(),
+                    );
+                }
+            }
+        };
+        let rate_headers = if checked.is_empty() || !policy.headers.on_success {
+            HeaderMap::new()
+        } else {
+            responses::rate_headers(&policy.headers, &checked, now, false)
+        };
+
+        // 6-7. Forward and respond.
+        match self
+            .forward(parts, body, peer, Some(route), Some(&who))
+            .await
+        {
+            Ok(mut response) => {
+                response.headers_mut().extend(rate_headers);
+                response
+            }
+            Err(refusal) => self.refuse(&refusal, route, Some(&who), rate_headers),
+        }
+    }
+
+    fn rate_limited(
+        &self,
+        checked: &[Checked<'_>],
+        now: u64,
+        route: &Route,
+        who: &Identified<'_>,
+    ) -> Response<Body> {
+        let headers = responses::rate_headers(&self.policy.headers, checked, now, true);
+        let Some(details) = responses::rate_limited(checked, now, &route.name, &who.plan.name)
+        else {
+            return self.refuse(
+                &Refusal::StoreUnavailable("no refusing limit".into()),
+                route,
+                Some(who),
+                headers,
+            );
+        };
+        self.refuse(
+            &Refusal::RateLimited(Box::new(details)),
+            route,
+            Some(who),
+            headers,
+        )
+    }
+
+    fn refuse(
+        &self,
+        refusal: &Refusal,
+        route: &Route,
+        who: Option<&Identified<'_>>,
+        headers: HeaderMap,
+    ) -> Response<Body> {
+        let plan = who.map_or("", |w| &*w.plan.name);
+        let key_fp = who.map(|w| w.caller.fingerprint);
+        let limit = match refusal {
+            Refusal::RateLimited(r) => Some(&*r.name),
+            _ => None,
+        };
+        let status = refusal.status().as_u16();
+        if status >= 500 {
+            tracing::warn!(route = &*route.name, plan, key_fp = ?key_fp, status, error = %refusal, "upstream failure");
+        } else {
+            tracing::info!(route = &*route.name, plan, key_fp = ?key_fp, limit, status, reason = %refusal, "refused");
+        }
+        responses::refusal(refusal, Some(&route.responses), &route.name, plan, headers)
+    }
+
+    /// Streams the request to the upstream and its response back.
+    async fn forward(
+        &self,
+        parts: Parts,
+        body: Incoming,
+        peer: SocketAddr,
+        route: Option<&Route>,
+        who: Option<&Identified<'_>>,
+    ) -> Result<Response<Body>, Refusal> {
+        let up = &self.policy.upstream;
+        let max_body = route.map_or(self.policy.server.max_body, |r| r.max_body);
+        let timeout = route.map_or(up.timeout, |r| r.timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+
+        let uri = self.upstream_uri(&parts.uri)?;
+        let mut headers = parts.headers;
+        let original_host = request_host_header(&headers, &parts.uri);
+        strip_hop_by_hop(&mut headers);
+        headers.remove(&up.account_header);
+        headers.remove(&up.plan_header);
+        if let Some(who) = who {
+            let account = match &who.caller.account {
+                Some(name) => HeaderValue::from_str(name).ok(),
+                None => HeaderValue::from_str(who.caller.fingerprint.as_str()).ok(),
+            };
+            if let Some(account) = account {
+                headers.insert(up.account_header.clone(), account);
+            }
+            headers.insert(up.plan_header.clone(), who.plan.header_value.clone());
+        }
+        self.set_forwarded(&mut headers, peer, original_host.as_ref());
+        if !up.preserve_host || original_host.is_none() {
+            if let Ok(v) = HeaderValue::from_str(up.authority.as_str()) {
+                headers.insert(HOST, v);
+            }
+        } else if let Some(h) = original_host {
+            headers.insert(HOST, h);
+        }
+
+        let tripped = Arc::new(AtomicBool::new(false));
+        let body = Limited::new(body, max_body, tripped.clone()).boxed();
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+
+        let result = tokio::time::timeout_at(deadline, self.client.request(request)).await;
+        let response = match result {
+            Err(_) => return Err(Refusal::UpstreamTimeout(timeout)),
+            Ok(Err(e)) => {
+                if tripped.load(Ordering::Acquire) {
+                    let name = route.map_or_else(|| Arc::from("(unmatched)"), |r| r.name.clone());
+                    return Err(Refusal::PayloadTooLarge {
+                        limit: max_body,
+                        route: name,
+                    });
+                }
+                return Err(Refusal::BadGateway(upstream_error_message(&e)));
+            }
+            Ok(Ok(response)) => response,
+        };
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(
+            parts,
+            Deadline::new(body, deadline).boxed(),
+        ))
+    }
+
+    fn upstream_uri(&self, original: &Uri) -> Result<Uri, Refusal> {
+        let up = &self.policy.upstream;
+        let pq = original.path_and_query().map_or("/", PathAndQuery::as_str);
+        // Only the path and query of the client's target are used: an
+        // absolute-form target never chooses where the request goes.
+        let pq = if up.base_path.is_empty() {
+            PathAndQuery::try_from(pq)
+        } else {
+            PathAndQuery::try_from(format!("{}{}", up.base_path, pq))
+        };
+        let pq = pq.map_err(|_| Refusal::BadRequest("invalid request target".into()))?;
+        Uri::builder()
+            .scheme(up.scheme.clone())
+            .authority(up.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| Refusal::BadRequest("invalid request target".into()))
+    }
+
+    fn set_forwarded(&self, headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
+        let peer_ip = peer.ip().to_string();
+        let trust = self.policy.server.trust_forwarded;
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prior) if trust && !prior.trim().is_empty() => format!("{prior}, {peer_ip}"),
+            _ => peer_ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        if !(trust && headers.contains_key(&X_FORWARDED_PROTO)) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+        if !(trust && headers.contains_key(&X_FORWARDED_HOST)) {
+            match host {
+                Some(h) => {
+                    headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+                }
+                None => {
+                    headers.remove(&X_FORWARDED_HOST);
+                }
+            }
+        }
+    }
+}
+
+/// Which subject a limit counts for this caller.
+fn subject(per: Per, caller: &Caller) -> Subject {
+    match (per, &caller.account) {
+        (Per::Account, Some(account)) => Subject::Account(account.clone()),
+        _ => Subject::Key(caller.digest),
+    }
+}
+
+/// The request's host for route matching: `Host`, else the target's authority (HTTP/2).
+fn request_host(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+}
+
+fn request_host_header(headers: &HeaderMap, uri: &Uri) -> Option<HeaderValue> {
+    headers.get(HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+fn upstream_error_message(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "upstream connection refused".into(),
+                std::io::ErrorKind::TimedOut => "upstream connect timed out".into(),
+                std::io::ErrorKind::ConnectionReset => "upstream reset the connection".into(),
+                _ => format!("upstream connection failed: {io}"),
+            };
+        }
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return "upstream closed the connection before answering".into();
+            }
+        }
+        source = s.source();
+    }
+    if e.is_connect() {
+        "upstream connection failed".into()
+    } else {
+        "upstream closed the connection before answering".into()
+    }
+}

@@ -1,0 +1,652 @@
+//! Everything turnstile says itself: the refusal bodies of SPEC §5 (default
+//! or operator templates) and the rate-limit headers of SPEC §6. Nothing
+//! else in the crate builds an error response.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+
+use crate::body::{full, Body};
+use crate::clock::{secs_until_ceil, Nanos, SECOND};
+use crate::config::LimitSpec;
+use crate::identity::AuthError;
+use crate::limits::{format_rfc3339, Verdict};
+
+/// Why turnstile answers a request itself. Each variant maps to exactly one response.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// 400: the request cannot be handled as sent.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404: no route matched and `unmatched = "reject"`.
+    #[error("no route for {method} {path}")]
+    NotFound {
+        /// Request method.
+        method: Method,
+        /// Request path.
+        path: String,
+    },
+    /// 401: no usable API key.
+    #[error("{0}")]
+    Unauthorized(#[from] AuthError),
+    /// 413: the body exceeds the route's limit.
+    #[error("body exceeds {} on route {route}", crate::config::display_size(*limit))]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+        /// Route name.
+        route: Arc<str>,
+    },
+    /// 429: a limit refused.
+    #[error("{}", .0.message())]
+    RateLimited(Box<RateLimited>),
+    /// 502: the upstream could not be reached or failed before answering.
+    #[error("{0}")]
+    BadGateway(String),
+    /// 503: the counter store could not decide.
+    #[error("{0}")]
+    StoreUnavailable(String),
+    /// 504: the upstream did not answer in time.
+    #[error("upstream did not answer within {} s", .0.as_secs_f64().ceil() as u64)]
+    UpstreamTimeout(Duration),
+}
+
+/// The refusing limit of a 429, with every figure its body and template need.
+#[derive(Debug, Clone)]
+pub struct RateLimited {
+    /// Name of the refusing limit (`X-RateLimit-Type`).
+    pub name: Arc<str>,
+    /// Its `requests` (or `burst`).
+    pub limit: u32,
+    /// Requests counted in its window.
+    pub count: u32,
+    /// Seconds until every refusing limit admits (`Retry-After`).
+    pub retry_after: u64,
+    /// When the refusing limit admits again.
+    pub reset_at: Nanos,
+    /// Seconds until `reset_at`.
+    pub reset_in_seconds: u64,
+    /// The window as written in the config (`30m`, `month`, `10/s`).
+    pub window: Arc<str>,
+    /// Route name.
+    pub route: Arc<str>,
+    /// Plan name.
+    pub plan: Arc<str>,
+}
+
+impl RateLimited {
+    fn message(&self) -> String {
+        format!(
+            "Rate limit exceeded: {} requests per {} ({}). Retry in {} s.",
+            self.limit, self.window, self.name, self.retry_after
+        )
+    }
+}
+
+/// The refusal names operators can template (`[responses.NAME]`).
+pub const RESPONSE_NAMES: [&str; 8] = [
+    "unauthorized",
+    "plan_required",
+    "payload_too_large",
+    "rate_limited",
+    "invalid_arguments",
+    "bad_gateway",
+    "upstream_timeout",
+    "not_found",
+];
+
+impl Refusal {
+    /// The HTTP status this refusal has by default.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::NotFound { .. } => StatusCode::NOT_FOUND,
+            Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Refusal::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Refusal::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The machine-readable `error` code, also the `[responses.NAME]` name.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::NotFound { .. } => "not_found",
+            Refusal::Unauthorized(_) => "unauthorized",
+            Refusal::PayloadTooLarge { .. } => "payload_too_large",
+            Refusal::RateLimited(_) => "rate_limited",
+            Refusal::BadGateway(_) => "bad_gateway",
+            Refusal::StoreUnavailable(_) => "store_unavailable",
+            Refusal::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    /// The default JSON body (SPEC §5).
+    fn default_body(&self) -> String {
+        let mut out = String::with_capacity(160);
+        out.push_str("{\"error\":\"");
+        out.push_str(self.code());
+        out.push_str("\",\"message\":\"");
+        json_escape_into(&self.to_string(), &mut out);
+        out.push('"');
+        match self {
+            Refusal::PayloadTooLarge { limit, .. } => {
+                let _ = write!(out, ",\"limit_bytes\":{limit}");
+            }
+            Refusal::RateLimited(r) => {
+                out.push_str(",\"rate_limit\":{\"name\":\"");
+                json_escape_into(&r.name, &mut out);
+                let _ = write!(
+                    out,
+                    "\",\"count\":{},\"limit\":{},\"remaining\":0,\"reset_in_seconds\":{},\"reset_at\":\"{}\"}}",
+                    r.count,
+                    r.limit,
+                    r.reset_in_seconds,
+                    format_rfc3339(r.reset_at)
+                );
+            }
+            _ => {}
+        }
+        out.push('}');
+        out
+    }
+
+    fn var(&self, var: Var, route: &str, plan: &str, out: &mut String) {
+        let r = match self {
+            Refusal::RateLimited(r) => Some(r),
+            _ => None,
+        };
+        match var {
+            Var::Route => json_escape_into(route, out),
+            Var::Plan => json_escape_into(plan, out),
+            Var::Name => json_escape_into(r.map_or("", |r| &r.name), out),
+            Var::Window => json_escape_into(r.map_or("", |r| &r.window), out),
+            Var::ResetAt => {
+                out.push_str(&r.map(|r| format_rfc3339(r.reset_at)).unwrap_or_default())
+            }
+            Var::Limit => push_num(out, r.map_or(0, |r| r.limit as u64)),
+            Var::Count => push_num(out, r.map_or(0, |r| r.count as u64)),
+            Var::Remaining => push_num(out, 0),
+            Var::RetryAfter => push_num(out, r.map_or(0, |r| r.retry_after)),
+            Var::ResetInSeconds => push_num(out, r.map_or(0, |r| r.reset_in_seconds)),
+        }
+    }
+}
+
+/// A placeholder in a response template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Var {
+    Name,
+    Limit,
+    Count,
+    Remaining,
+    RetryAfter,
+    ResetInSeconds,
+    ResetAt,
+    Window,
+    Route,
+    Plan,
+}
+
+const VARS: [(&str, Var); 10] = [
+    ("name", Var::Name),
+    ("limit", Var::Limit),
+    ("count", Var::Count),
+    ("remaining", Var::Remaining),
+    ("retry_after", Var::RetryAfter),
+    ("reset_in_seconds", Var::ResetInSeconds),
+    ("reset_at", Var::ResetAt),
+    ("window", Var::Window),
+    ("route", Var::Route),
+    ("plan", Var::Plan),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Var(Var),
+}
+
+/// An operator's replacement for one refusal, parsed at config load.
+#[derive(Debug, Clone)]
+pub struct Template {
+    status: Option<StatusCode>,
+    content_type: HeaderValue,
+    body: Option<Vec<Piece>>,
+}
+
+impl Template {
+    /// Builds a template; `{name}`-style placeholders are recognised only for
+    /// the known names, so JSON braces stay literal.
+    /// A template without `body` keeps the default body.
+    pub fn new(status: Option<StatusCode>, content_type: HeaderValue, body: Option<&str>) -> Self {
+        let body = body.map(parse_pieces);
+        Self {
+            status,
+            content_type,
+            body,
+        }
+    }
+}
+
+fn parse_pieces(body: &str) -> Vec<Piece> {
+    {
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        let mut rest = body;
+        while let Some(open) = rest.find('{') {
+            text.push_str(&rest[..open]);
+            let after = &rest[open + 1..];
+            let var = after.find('}').and_then(|close| {
+                VARS.iter()
+                    .find(|(n, _)| *n == &after[..close])
+                    .map(|(_, v)| (close, *v))
+            });
+            match var {
+                Some((close, v)) => {
+                    if !text.is_empty() {
+                        pieces.push(Piece::Text(std::mem::take(&mut text)));
+                    }
+                    pieces.push(Piece::Var(v));
+                    rest = &after[close + 1..];
+                }
+                None => {
+                    text.push('{');
+                    rest = after;
+                }
+            }
+        }
+        text.push_str(rest);
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text));
+        }
+        pieces
+    }
+}
+
+/// The templates in force for one route: route-level ones over global ones.
+#[derive(Debug, Clone, Default)]
+pub struct ResponseSet {
+    templates: [Option<Arc<Template>>; 8],
+}
+
+impl ResponseSet {
+    /// Sets the template for `name` (one of [`RESPONSE_NAMES`]); false if unknown.
+    pub fn set(&mut self, name: &str, template: Arc<Template>) -> bool {
+        match RESPONSE_NAMES.iter().position(|n| *n == name) {
+            Some(i) => {
+                self.templates[i] = Some(template);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn get(&self, code: &str) -> Option<&Template> {
+        let i = RESPONSE_NAMES.iter().position(|n| *n == code)?;
+        self.templates[i].as_deref()
+    }
+}
+
+/// Renders a refusal as a response. `route`/`plan` fill placeholders ("" when unknown);
+/// `rate_headers` are the §6 headers to attach (429 and others on limited routes).
+pub fn refusal(
+    refusal: &Refusal,
+    set: Option<&ResponseSet>,
+    route: &str,
+    plan: &str,
+    rate_headers: HeaderMap,
+) -> Response<Body> {
+    let template = set.and_then(|s| s.get(refusal.code()));
+    let (status, content_type, body) = match template {
+        Some(Template {
+            status,
+            content_type,
+            body: Some(pieces),
+        }) => {
+            let mut out = String::new();
+            for piece in pieces {
+                match piece {
+                    Piece::Text(s) => out.push_str(s),
+                    Piece::Var(v) => refusal.var(*v, route, plan, &mut out),
+                }
+            }
+            (
+                status.unwrap_or(refusal.status()),
+                content_type.clone(),
+                out,
+            )
+        }
+        Some(Template {
+            status,
+            content_type,
+            body: None,
+        }) => (
+            status.unwrap_or(refusal.status()),
+            content_type.clone(),
+            refusal.default_body(),
+        ),
+        None => (
+            refusal.status(),
+            HeaderValue::from_static("application/json"),
+            refusal.default_body(),
+        ),
+    };
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    *headers = rate_headers;
+    headers.insert(CONTENT_TYPE, content_type);
+    match refusal {
+        Refusal::Unauthorized(_) => {
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        Refusal::RateLimited(r) => {
+            headers.insert(RETRY_AFTER, num_value(r.retry_after));
+        }
+        _ => {}
+    }
+    response
+}
+
+/// How `X-RateLimit-Reset` is expressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetFormat {
+    /// Unix seconds.
+    Unix,
+    /// Seconds from now.
+    Seconds,
+}
+
+/// Names of a `-Limit/-Remaining/-Reset` header trio.
+#[derive(Debug, Clone)]
+pub struct HeaderTrio {
+    /// `{prefix}-Limit`.
+    pub limit: HeaderName,
+    /// `{prefix}-Remaining`.
+    pub remaining: HeaderName,
+    /// `{prefix}-Reset`.
+    pub reset: HeaderName,
+}
+
+impl HeaderTrio {
+    /// The trio for `prefix`; fails if the prefix is not a valid header name.
+    pub fn new(prefix: &str) -> Result<Self, String> {
+        let name = |suffix: &str| {
+            HeaderName::from_bytes(format!("{prefix}-{suffix}").as_bytes())
+                .map_err(|_| format!("invalid header prefix {prefix:?}"))
+        };
+        Ok(Self {
+            limit: name("Limit")?,
+            remaining: name("Remaining")?,
+            reset: name("Reset")?,
+        })
+    }
+}
+
+/// Validated `[headers]` settings.
+#[derive(Debug, Clone)]
+pub struct HeaderSettings {
+    /// The main trio (`X-RateLimit-Limit/-Remaining/-Reset`).
+    pub main: HeaderTrio,
+    /// `{prefix}-Type`.
+    pub kind: HeaderName,
+    /// Unix or relative reset.
+    pub reset: ResetFormat,
+    /// Also on forwarded responses.
+    pub on_success: bool,
+    /// Also `RateLimit-Policy` / `RateLimit`.
+    pub ietf: bool,
+    /// Pin the main trio to this limit name where it applies.
+    pub primary: Option<String>,
+}
+
+/// One limit of the request with its verdict.
+pub type Checked<'a> = (&'a LimitSpec, Verdict);
+
+/// The rate-limit headers of SPEC §6 for one request. `refused` marks a 429.
+pub fn rate_headers(
+    settings: &HeaderSettings,
+    checked: &[Checked<'_>],
+    now: Nanos,
+    refused: bool,
+) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(4 + checked.len() * 3);
+    let Some(primary) = primary_index(settings, checked, refused) else {
+        return h;
+    };
+    let reset_value = |at: Nanos| match settings.reset {
+        ResetFormat::Unix => num_value(at.div_ceil(SECOND)),
+        ResetFormat::Seconds => num_value(secs_until_ceil(now, at)),
+    };
+    let (spec, v) = &checked[primary];
+    h.insert(settings.main.limit.clone(), num_value(v.limit as u64));
+    h.insert(
+        settings.main.remaining.clone(),
+        num_value(v.remaining as u64),
+    );
+    h.insert(settings.main.reset.clone(), reset_value(v.reset_at));
+    for (spec, v) in checked {
+        if let Some(trio) = &spec.headers {
+            h.insert(trio.limit.clone(), num_value(v.limit as u64));
+            h.insert(trio.remaining.clone(), num_value(v.remaining as u64));
+            h.insert(trio.reset.clone(), reset_value(v.reset_at));
+        }
+    }
+    if refused {
+        if let Some((spec, _)) = refusing(checked) {
+            if let Ok(v) = HeaderValue::from_str(&spec.name) {
+                h.insert(settings.kind.clone(), v);
+            }
+        }
+    }
+    if settings.ietf {
+        let mut policy = String::new();
+        for (i, (spec, v)) in checked.iter().enumerate() {
+            if i > 0 {
+                policy.push_str(", ");
+            }
+            sf_string(&spec.name, &mut policy);
+            let _ = write!(policy, ";q={};w={}", v.limit, spec.window_secs(now));
+        }
+        let mut current = String::new();
+        sf_string(&spec.name, &mut current);
+        let _ = write!(
+            current,
+            ";r={};t={}",
+            v.remaining,
+            secs_until_ceil(now, v.reset_at)
+        );
+        if let Ok(v) = HeaderValue::from_str(&policy) {
+            h.insert(HeaderName::from_static("ratelimit-policy"), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&current) {
+            h.insert(HeaderName::from_static("ratelimit"), v);
+        }
+    }
+    h
+}
+
+/// The limit that refused (the one needing the longest wait), if any.
+pub fn refusing<'a, 'b>(checked: &'a [Checked<'b>]) -> Option<&'a Checked<'b>> {
+    checked
+        .iter()
+        .filter(|(_, v)| !v.admitted)
+        .reduce(|best, c| {
+            if c.1.retry_at > best.1.retry_at {
+                c
+            } else {
+                best
+            }
+        })
+}
+
+fn primary_index(
+    settings: &HeaderSettings,
+    checked: &[Checked<'_>],
+    refused: bool,
+) -> Option<usize> {
+    if let Some(name) = &settings.primary {
+        if let Some(i) = checked.iter().position(|(s, _)| &*s.name == name.as_str()) {
+            return Some(i);
+        }
+    }
+    if refused {
+        let worst = refusing(checked)?;
+        return checked.iter().position(|c| std::ptr::eq(c, worst));
+    }
+    let mut best: Option<usize> = None;
+    for (i, (_, v)) in checked.iter().enumerate() {
+        if best.is_none_or(|b| v.remaining < checked[b].1.remaining) {
+            best = Some(i);
+        }
+    }
+    best
+}
+
+/// Builds the 429 details from the verdicts of a refused request.
+pub fn rate_limited(
+    checked: &[Checked<'_>],
+    now: Nanos,
+    route: &Arc<str>,
+    plan: &Arc<str>,
+) -> Option<RateLimited> {
+    let (spec, v) = refusing(checked)?;
+    let retry_at = checked
+        .iter()
+        .filter(|(_, v)| !v.admitted)
+        .map(|(_, v)| v.retry_at)
+        .max()
+        .unwrap_or(v.retry_at);
+    Some(RateLimited {
+        name: spec.name.clone(),
+        limit: v.limit,
+        count: v.used,
+        retry_after: secs_until_ceil(now, retry_at).max(1),
+        reset_at: v.retry_at,
+        reset_in_seconds: secs_until_ceil(now, v.retry_at).max(1),
+        window: spec.window_text.clone(),
+        route: route.clone(),
+        plan: plan.clone(),
+    })
+}
+
+fn num_value(n: u64) -> HeaderValue {
+    let mut buf = itoa::Buffer::new();
+    HeaderValue::from_str(buf.format(n)).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+fn push_num(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// Appends `s` as a Structured Field string (quoted, `\` and `"` escaped).
+fn sf_string(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars().filter(|c| (' '..='~').contains(c)) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// Appends `s` JSON-escaped, without surrounding quotes.
+pub fn json_escape_into(s: &str, out: &mut String) {
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_keep_json_braces_and_fill_known_names() {
+        let t = Template::new(
+            None,
+            HeaderValue::from_static("application/json"),
+            Some(r#"{"message":"{name} hit, retry in {retry_after}s","x":{unknown}}"#),
+        );
+        let r = Refusal::RateLimited(Box::new(RateLimited {
+            name: "da\"ily".into(),
+            limit: 3,
+            count: 3,
+            retry_after: 42,
+            reset_at: 0,
+            reset_in_seconds: 42,
+            window: "1m".into(),
+            route: "r".into(),
+            plan: "p".into(),
+        }));
+        let mut set = ResponseSet::default();
+        set.set("rate_limited", Arc::new(t));
+        let resp = refusal(&r, Some(&set), "r", "p", HeaderMap::new());
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "42");
+        let body = futures_body(resp);
+        assert_eq!(
+            body,
+            r#"{"message":"da\"ily hit, retry in 42s","x":{unknown}}"#
+        );
+    }
+
+    fn futures_body(resp: Response<Body>) -> String {
+        use http_body_util::BodyExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let bytes = rt.block_on(resp.into_body().collect()).unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn default_bodies_match_the_spec() {
+        let r = Refusal::Unauthorized(AuthError::Revoked);
+        let resp = refusal(&r, None, "", "", HeaderMap::new());
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+        assert_eq!(
+            futures_body(resp),
+            r#"{"error":"unauthorized","message":"API key revoked"}"#
+        );
+        let r = Refusal::NotFound {
+            method: Method::GET,
+            path: "/x".into(),
+        };
+        assert_eq!(
+            futures_body(refusal(&r, None, "", "", HeaderMap::new())),
+            r#"{"error":"not_found","message":"no route for GET /x"}"#
+        );
+        let r = Refusal::UpstreamTimeout(Duration::from_secs(300));
+        assert_eq!(
+            futures_body(refusal(&r, None, "", "", HeaderMap::new())),
+            r#"{"error":"upstream_timeout","message":"upstream did not answer within 300 s"}"#
+        );
+    }
+
+    #[test]
+    fn structured_field_strings_are_escaped() {
+        let mut s = String::new();
+        sf_string("a\"b\\c", &mut s);
+        assert_eq!(s, r#""a\"b\\c""#);
+    }
+}
