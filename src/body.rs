@@ -1,6 +1,7 @@
 //! Body types shared by the proxy and the refusal renderer, and the body
 //! wrappers that enforce limits while streaming (never buffering).
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -158,5 +159,3 @@ where
         self.inner.size_hint()
     }
 }
-
-use std::future::Future as _;

@@ -209,7 +209,15 @@ impl Turnstile {
                 response.headers_mut().extend(rate_headers);
                 response
             }
-            Err(refusal) => self.refuse(&refusal, route, Some(&who), rate_headers),
+            Err(refusal) => {
+                if matches!(refusal, Refusal::PayloadTooLarge { .. }) && !checks.is_empty() {
+                    // Refused while streaming: a 413 consumes no quota.
+                    if let Err(e) = self.store.refund(&checks, now).await {
+                        tracing::warn!(error = %e, "could not refund a refused request");
+                    }
+                }
+                self.refuse(&refusal, route, Some(&who), rate_headers)
+            }
         }
     }
 
@@ -246,16 +254,16 @@ impl Turnstile {
         headers: HeaderMap,
     ) -> Response<Body> {
         let plan = who.map_or("", |w| &*w.plan.name);
-        let key_fp = who.map(|w| w.caller.fingerprint);
+        let key_fp = who.map(|w| w.caller.fingerprint.as_str());
         let limit = match refusal {
             Refusal::RateLimited(r) => Some(&*r.name),
             _ => None,
         };
         let status = refusal.status().as_u16();
         if status >= 500 {
-            tracing::warn!(route = &*route.name, plan, key_fp = ?key_fp, status, error = %refusal, "upstream failure");
+            tracing::warn!(route = &*route.name, plan, key_fp, status, error = %refusal, "upstream failure");
         } else {
-            tracing::info!(route = &*route.name, plan, key_fp = ?key_fp, limit, status, reason = %refusal, "refused");
+            tracing::info!(route = &*route.name, plan, key_fp, limit, status, reason = %refusal, "refused");
         }
         responses::refusal(refusal, Some(&route.responses), &route.name, plan, headers)
     }

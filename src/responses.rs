@@ -51,7 +51,7 @@ pub enum Refusal {
     #[error("{0}")]
     StoreUnavailable(String),
     /// 504: the upstream did not answer in time.
-    #[error("upstream did not answer within {} s", .0.as_secs_f64().ceil() as u64)]
+    #[error("upstream did not answer within {} s", .0.as_secs_f64())]
     UpstreamTimeout(Duration),
 }
 

@@ -137,6 +137,13 @@ pub struct UpstreamSettings {
     pub plan_header: HeaderName,
 }
 
+/// `[store] backend`: where counters live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// In this process.
+    Memory,
+}
+
 /// Which subject a limit counts for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Per {
@@ -245,6 +252,8 @@ pub struct Policy {
     pub identity: IdentitySettings,
     /// `[headers]`.
     pub headers: HeaderSettings,
+    /// `[store] backend`.
+    pub backend: Backend,
     /// Routes in file order.
     pub routes: Vec<Route>,
     /// Plans by name order.
@@ -295,7 +304,9 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
     let server = compile_server(src, &raw.server)?;
     let upstream = compile_upstream(src, &raw.upstream)?;
     let headers = compile_headers(src, &raw.headers)?;
-    let _ = raw.store.backend;
+    let backend = match raw.store.backend {
+        None | Some(RawBackend::Memory) => Backend::Memory,
+    };
 
     let mut global = ResponseSet::default();
     if let Some(r) = &raw.responses {
@@ -355,6 +366,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         upstream,
         identity,
         headers,
+        backend,
         routes,
         plans,
         responses: global,

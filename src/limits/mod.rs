@@ -257,6 +257,28 @@ impl Rule {
         }
     }
 
+    /// Takes back one request counted at `at` (a request refused after
+    /// admission, e.g. a streamed body over its size limit). A window that has
+    /// moved on since is left alone.
+    pub fn unrecord(&self, state: &mut CounterState, at: Nanos) {
+        match (*self, state) {
+            (
+                Rule::Fixed { window, .. },
+                CounterState::Fixed {
+                    window_start,
+                    count,
+                },
+            ) if *window_start == window.bounds(at).0 => {
+                *count = count.saturating_sub(1);
+            }
+            (Rule::Rolling { .. }, CounterState::Rolling(log)) => log.remove(at),
+            (Rule::Bucket { interval, .. }, CounterState::Bucket { tat }) => {
+                *tat = tat.saturating_sub(interval);
+            }
+            _ => {}
+        }
+    }
+
     /// When `state` no longer holds anything this rule would count: after that
     /// the counter may be evicted without changing any decision.
     pub fn expires_at(&self, state: &CounterState) -> Nanos {

@@ -48,6 +48,18 @@ impl RollingLog {
         self.total += 1;
     }
 
+    /// Takes back one admission recorded at `at`, if it is still held.
+    pub fn remove(&mut self, at: Nanos) {
+        let sec = at / SECOND;
+        if let Some(i) = self.seconds.iter().rposition(|&(s, _)| s == sec) {
+            self.seconds[i].1 -= 1;
+            self.total -= 1;
+            if self.seconds[i].1 == 0 {
+                self.seconds.remove(i);
+            }
+        }
+    }
+
     /// When the oldest admission leaves the window.
     pub fn oldest_exit(&self, window: Nanos) -> Option<Nanos> {
         self.seconds

@@ -3,7 +3,7 @@ use proptest::prelude::*;
 use super::*;
 
 const S: Nanos = SECOND;
-/// 2026-05-05T18:00:00Z
+/// 2026-05-05T16:00:00Z
 const T0: Nanos = 1_777_996_800 * S;
 
 /// Runs one request through a rule the way a store does: evaluate, then record if admitted.
@@ -136,6 +136,33 @@ fn expiry_marks_when_a_counter_is_safe_to_drop() {
     let mut st = rule.new_state();
     hit(&rule, &mut st, T0 + 1);
     assert_eq!(rule.expires_at(&st), T0 + 61 * S);
+}
+
+#[test]
+fn unrecord_gives_back_exactly_one_request() {
+    let rules = [
+        Rule::Fixed {
+            requests: 2,
+            window: Window::Span(60 * S),
+        },
+        Rule::Rolling {
+            requests: 2,
+            window: 60 * S,
+        },
+        Rule::Bucket {
+            burst: 2,
+            interval: 30 * S,
+        },
+    ];
+    for rule in rules {
+        let mut st = rule.new_state();
+        assert!(hit(&rule, &mut st, T0).admitted);
+        assert!(hit(&rule, &mut st, T0).admitted);
+        assert!(!hit(&rule, &mut st, T0).admitted, "{rule:?}");
+        rule.unrecord(&mut st, T0);
+        assert!(hit(&rule, &mut st, T0).admitted, "{rule:?}");
+        assert!(!hit(&rule, &mut st, T0).admitted, "{rule:?}");
+    }
 }
 
 fn arrivals() -> impl Strategy<Value = Vec<u64>> {

@@ -93,22 +93,38 @@ impl MemoryStore {
         self.map.entry(subject.clone()).or_default().clone()
     }
 
-    /// Decides at an explicit time (the [`Store`] impl uses the clock).
-    pub fn decide_at(&self, checks: &[LimitCheck<'_>], now: Nanos) -> Decision {
+    /// Runs `f` with the counters of every subject of `checks` locked, in a
+    /// fixed order (sorted subjects) so multi-subject requests cannot deadlock.
+    /// `f` gets the locked counters and, per check, the index of its subject.
+    fn with_locked<R>(
+        &self,
+        checks: &[LimitCheck<'_>],
+        f: impl FnOnce(&mut [MutexGuard<'_, Counters>], &[usize]) -> R,
+    ) -> R {
         let mut subjects: Vec<&Subject> = checks.iter().map(|c| &c.subject).collect();
         subjects.sort_unstable();
         subjects.dedup();
+        let owner: Vec<usize> = checks
+            .iter()
+            .map(|c| subjects.iter().position(|s| **s == c.subject).unwrap_or(0))
+            .collect();
         loop {
             let handles: Vec<Handle> = subjects.iter().map(|s| self.handle(s)).collect();
-            // Fixed lock order (sorted subjects) makes multi-subject requests deadlock-free.
             let mut guards: Vec<MutexGuard<'_, Counters>> = handles.iter().map(lock).collect();
             if guards.iter().any(|g| g.evicted) {
+                // The sweeper removed an entry between lookup and lock: look up again.
                 continue;
             }
+            return f(&mut guards, &owner);
+        }
+    }
+
+    /// Decides at an explicit time (the [`Store`] impl uses the clock).
+    pub fn decide_at(&self, checks: &[LimitCheck<'_>], now: Nanos) -> Decision {
+        self.with_locked(checks, |guards, owner| {
             let mut slots = Vec::with_capacity(checks.len());
             let mut verdicts = Vec::with_capacity(checks.len());
-            for c in checks {
-                let g = subjects.iter().position(|s| **s == c.subject).unwrap_or(0);
+            for (c, &g) in checks.iter().zip(owner) {
                 let i = guards[g].slot(c.counter, c.rule, &self.live);
                 verdicts.push(c.rule.evaluate(&mut guards[g].list[i].state, now));
                 slots.push((g, i));
@@ -123,12 +139,23 @@ impl MemoryStore {
                     counter.expires_at = c.rule.expires_at(&counter.state);
                 }
             }
-            return Decision {
+            Decision {
                 now,
                 admitted,
                 verdicts,
-            };
-        }
+            }
+        })
+    }
+
+    /// Takes back one request admitted at `at` (see [`Store::refund`]).
+    pub fn refund_at(&self, checks: &[LimitCheck<'_>], at: Nanos) {
+        self.with_locked(checks, |guards, owner| {
+            for (c, &g) in checks.iter().zip(owner) {
+                if let Some(counter) = guards[g].list.iter_mut().find(|x| x.id == c.counter) {
+                    c.rule.unrecord(&mut counter.state, at);
+                }
+            }
+        });
     }
 
     /// Drops every counter whose windows have all passed by now, and subjects
@@ -156,6 +183,11 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn decide(&self, checks: &[LimitCheck<'_>]) -> Result<Decision, StoreError> {
         Ok(self.decide_at(checks, self.clock.now()))
+    }
+
+    async fn refund(&self, checks: &[LimitCheck<'_>], at: Nanos) -> Result<(), StoreError> {
+        self.refund_at(checks, at);
+        Ok(())
     }
 }
 

@@ -58,4 +58,12 @@ pub trait Store: Send + Sync + 'static {
         &self,
         checks: &[LimitCheck<'_>],
     ) -> impl Future<Output = Result<Decision, StoreError>> + Send;
+
+    /// Takes back a request that [`decide`](Store::decide) admitted at `at`
+    /// with the same checks but that was refused afterwards (it consumes no quota).
+    fn refund(
+        &self,
+        checks: &[LimitCheck<'_>],
+        at: Nanos,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

@@ -1,0 +1,143 @@
+//! The real `turnstile` binary: `check`, config errors, serving, and SIGTERM.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_turnstile"))
+}
+
+fn example(name: &str) -> String {
+    format!("{}/config/examples/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn check_prints_the_routes_by_plans_table() {
+    let out = bin()
+        .args(["check", "--config", &example("tiers.toml")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let header = stdout.lines().next().unwrap();
+    assert!(
+        header.contains("route") && header.contains("free") && header.contains("premium"),
+        "{stdout}"
+    );
+    let txt2video = stdout
+        .lines()
+        .find(|l| l.starts_with("txt2video "))
+        .unwrap();
+    assert!(
+        txt2video.contains("minute 1/1m; daily 15/1d") && txt2video.contains("minute 300/1m"),
+        "{txt2video}"
+    );
+    assert!(stdout.contains("OK (18 routes, 2 plans)"), "{stdout}");
+}
+
+#[test]
+fn check_reads_turnstile_config_from_the_environment() {
+    let out = bin()
+        .arg("check")
+        .env("TURNSTILE_CONFIG", example("videogen.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("execution_status"));
+}
+
+#[test]
+fn config_errors_name_file_line_and_column_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[upstream]\nurl = \"http://127.0.0.1:9\"\n\n[[routes]]\nname = \"a\"\npath = \"/a\"\n\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nroutes = [\"b\"]\nrequests = 1\nwindow = \"1m\"\n").unwrap();
+    for args in [vec!["check", "--config"], vec!["--config"]] {
+        let out = bin().args(&args).arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{}:11:10: unknown route \"b\"", path.display())),
+            "{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn serves_then_exits_cleanly_on_sigterm() {
+    let up = Upstream::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("turnstile.toml");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[[routes]]\nname = \"gen\"\npath = \"/gen\"\n[plans.free]\n[[plans.free.limits]]\nname = \"minute\"\nrequests = 2\nwindow = \"1m\"\n",
+        up.url()
+    );
+    std::fs::write(&path, config).unwrap();
+    let mut child = bin()
+        .arg("--config")
+        .arg(&path)
+        .arg("--log-format")
+        .arg("json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "turnstile did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("http://127.0.0.1:{port}/gen");
+    // A fixed window may roll over between the two calls; admitted total stays bounded.
+    let first = call("GET", &url, Some("k")).await;
+    assert_eq!((first.status, first.h("x-ratelimit-limit")), (200, "2"));
+    let mut statuses = vec![];
+    for _ in 0..3 {
+        statuses.push(call("GET", &url, Some("k")).await.status);
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert_eq!(call("GET", &url, None).await.status, 401);
+
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let mut logs = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(
+        logs.contains("\"refused\"") && logs.contains("\"key_fp\""),
+        "refusals are logged: {logs}"
+    );
+    assert!(
+        !logs.contains("\"k\""),
+        "the key itself never appears in logs"
+    );
+}

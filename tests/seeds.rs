@@ -1,0 +1,260 @@
+//! Acceptance: the shipped configs reproduce the providers' published limits
+//! (SPEC §10) exactly, on the wire.
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use support::*;
+
+const MIDNIGHT: u64 = 1_778_025_600; // 2026-05-06T00:00:00Z
+
+#[tokio::test]
+async fn seed_004_rolling_video_30_per_30_minutes_shared_by_both_generators() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_example("rolling-video.toml", &up).await;
+    for i in 0..30 {
+        let path = if i % 2 == 0 {
+            "/text-to-video"
+        } else {
+            "/image-to-video"
+        };
+        let r = call("POST", &p.url(path), Some("vid-key")).await;
+        assert_eq!(r.status, 200, "request {i}");
+        assert_eq!(
+            (r.h("x-ratelimit-limit"), r.h("x-ratelimit-remaining")),
+            ("30", &*(29 - i).to_string())
+        );
+        p.advance_secs(30); // 30 requests over 15 minutes
+    }
+    // Now T0 + 10 + 900; the first admission (T0 + 10) leaves at T0 + 10 + 1800 + 1.
+    let r = call("POST", &p.url("/image-to-video"), Some("vid-key")).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.h("retry-after"), "901");
+    assert_eq!(
+        (r.h("x-ratelimit-limit"), r.h("x-ratelimit-remaining")),
+        ("30", "0")
+    );
+    let body = r.json();
+    assert_eq!(body["success"], false);
+    assert_eq!(
+        body["error"],
+        "Rate limit exceeded. You have generated 30 videos in the last 30 minutes."
+    );
+    let rl = &body["rate_limit"];
+    assert_eq!(
+        (
+            rl["count"].as_u64(),
+            rl["limit"].as_u64(),
+            rl["remaining"].as_u64()
+        ),
+        (Some(30), Some(30), Some(0))
+    );
+    assert_eq!(rl["reset_in_seconds"].as_u64(), Some(901));
+    assert_eq!(rl["reset_at"], "2026-05-05T16:30:11Z");
+    // Status polling is not rate-limited and carries no rate-limit headers.
+    for _ in 0..50 {
+        let r = call("GET", &p.url("/video-status?id=1"), Some("vid-key")).await;
+        assert_eq!(r.status, 200);
+        assert!(r.header("x-ratelimit-limit").is_none());
+    }
+    // Another key has its own window.
+    assert_eq!(
+        call("POST", &p.url("/text-to-video"), Some("other-key"))
+            .await
+            .status,
+        200
+    );
+    p.advance_secs(901);
+    assert_eq!(
+        call("POST", &p.url("/text-to-video"), Some("vid-key"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call("POST", &p.url("/text-to-video"), Some("vid-key"))
+            .await
+            .status,
+        429,
+        "only the oldest left"
+    );
+    p.advance_secs(29);
+    assert_eq!(
+        call("POST", &p.url("/text-to-video"), Some("vid-key"))
+            .await
+            .status,
+        429
+    );
+    p.advance_secs(1); // the second admission (T0 + 40) leaves at T0 + 1841
+    assert_eq!(
+        call("POST", &p.url("/text-to-video"), Some("vid-key"))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn seed_001_free_tier_minute_and_daily_headers_and_body() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_example("tiers.toml", &up).await;
+    let r = call("POST", &p.url("/v1/txt2video"), Some("free-key-1")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        (r.h("x-ratelimit-limit"), r.h("x-ratelimit-remaining")),
+        ("1", "0")
+    );
+    assert_eq!(
+        (
+            r.h("x-ratelimit-daily-limit"),
+            r.h("x-ratelimit-daily-remaining")
+        ),
+        ("15", "14")
+    );
+    let r = call("POST", &p.url("/v1/txt2video"), Some("free-key-1")).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.body, r#"{"message":"Too Many Attempts."}"#);
+    assert_eq!(
+        (r.h("x-ratelimit-type"), r.h("retry-after")),
+        ("minute", "50")
+    );
+    assert_eq!(r.h("x-ratelimit-daily-remaining"), "14");
+    // Other endpoints have their own per-minute counters (txt2img: 3/min).
+    for _ in 0..3 {
+        assert_eq!(
+            call("POST", &p.url("/v1/txt2img"), Some("free-key-1"))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        call("POST", &p.url("/v1/txt2img"), Some("free-key-1"))
+            .await
+            .status,
+        429
+    );
+    // Use up txt2video's 15 a day, one per minute.
+    for _ in 1..15 {
+        p.advance_secs(60);
+        assert_eq!(
+            call("POST", &p.url("/v1/txt2video"), Some("free-key-1"))
+                .await
+                .status,
+            200
+        );
+    }
+    p.advance_secs(60);
+    let r = call("POST", &p.url("/v1/txt2video"), Some("free-key-1")).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.h("x-ratelimit-type"), "daily");
+    // The main pair still describes the per-minute limit (as the provider documents).
+    assert_eq!(
+        (r.h("x-ratelimit-limit"), r.h("x-ratelimit-remaining")),
+        ("1", "1")
+    );
+    assert_eq!(
+        (
+            r.h("x-ratelimit-daily-limit"),
+            r.h("x-ratelimit-daily-remaining")
+        ),
+        ("15", "0")
+    );
+    let now = T0 + 10 + 15 * 60;
+    assert_eq!(r.h("retry-after"), (MIDNIGHT - now).to_string());
+    // Prompt routes match by prefix.
+    assert_eq!(
+        call("GET", &p.url("/v1/prompt/enhance"), Some("free-key-1"))
+            .await
+            .h("x-ratelimit-limit"),
+        "10"
+    );
+}
+
+#[tokio::test]
+async fn seed_001_premium_tier_300_per_minute_without_daily_limit() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_example("tiers.toml", &up).await;
+    for i in 0..300 {
+        let r = call("POST", &p.url("/v1/txt2video"), Some("premium-key-1")).await;
+        assert_eq!(r.status, 200, "request {i}");
+        assert!(r.header("x-ratelimit-daily-limit").is_none());
+    }
+    let r = call("POST", &p.url("/v1/txt2video"), Some("premium-key-1")).await;
+    assert_eq!(
+        (r.status, r.h("x-ratelimit-limit"), r.h("x-ratelimit-type")),
+        (429, "300", "minute")
+    );
+    assert_eq!(
+        call("POST", &p.url("/v1/txt2img"), Some("premium-key-1"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call("POST", &p.url("/v1/txt2img"), Some("unlisted-key"))
+            .await
+            .status,
+        401
+    );
+}
+
+#[tokio::test]
+async fn seed_002_videogen_per_key_per_hour_per_endpoint_group() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_example("videogen.toml", &up).await;
+    let hour_end = (T0 + 3600).to_string();
+    for i in 0..10 {
+        let r = call("POST", &p.url("/v1/webhooks/endpoints"), Some("vg-key")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            (
+                r.h("x-ratelimit-limit"),
+                r.h("x-ratelimit-remaining"),
+                r.h("x-ratelimit-reset")
+            ),
+            ("10", &*(9 - i).to_string(), &*hour_end)
+        );
+    }
+    let r = call("POST", &p.url("/v1/webhooks/endpoints"), Some("vg-key")).await;
+    assert_eq!(
+        (r.status, r.h("x-ratelimit-type"), r.h("retry-after")),
+        (429, "webhooks_create", "3590")
+    );
+    // Each group its own budget; specific routes win over POST /v1/tools/*.
+    let groups = [
+        ("POST", "/v1/tools/executions/e1/cancel", "250"),
+        ("GET", "/v1/tools/executions/e1", "5000"),
+        ("POST", "/v1/tools/generate-image", "500"),
+        ("GET", "/v1/files", "50000"),
+        ("GET", "/v1/files/f1", "50000"),
+        ("POST", "/v1/files/f1/hydrate", "2500"),
+        ("POST", "/v1/files/upload", "500"),
+        ("POST", "/v1/files/search", "500"),
+        ("GET", "/v1/resources/avatars", "2500"),
+        ("GET", "/v1/webhooks/endpoints", "500"),
+        ("DELETE", "/v1/webhooks/endpoints/w1", "10"),
+    ];
+    for (method, path, limit) in groups {
+        let r = call(method, &p.url(path), Some("vg-key")).await;
+        assert_eq!(
+            (r.status, r.h("x-ratelimit-limit")),
+            (200, limit),
+            "{method} {path}"
+        );
+    }
+    // GET /v1/files and GET /v1/files/{id} share one budget.
+    let r = call("GET", &p.url("/v1/files/f2"), Some("vg-key")).await;
+    assert_eq!(r.h("x-ratelimit-remaining"), "49997");
+    // The next hour starts afresh.
+    p.advance_secs(3590);
+    let r = send(
+        req("POST", &p.url("/v1/webhooks/endpoints"))
+            .header("authorization", "Bearer vg-key")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((r.status, r.h("x-ratelimit-remaining")), (200, "9"));
+}

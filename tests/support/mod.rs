@@ -1,0 +1,380 @@
+//! Test harness: a real upstream and the real proxy, both on 127.0.0.1:0,
+//! and a small HTTP client. The proxy runs in-process with a manual clock so
+//! window tests are exact and instant.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use turnstile::body::{full, Body};
+use turnstile::clock::SECOND;
+use turnstile::ManualClock;
+
+/// 2026-05-05T16:00:00Z: a whole hour, so windows are easy to reason about.
+pub const T0: u64 = 1_777_996_800;
+
+/// What the upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+struct UpstreamState {
+    seen: Mutex<Vec<Seen>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    hits: AtomicUsize,
+    /// Released by tests to let `/hold` requests finish.
+    gate: Semaphore,
+    /// Signals the second chunk of `/sse`.
+    sse_next: Notify,
+}
+
+/// A fake generation API recording everything it receives.
+///
+/// - `/hold`: waits until the test opens the gate, then 200;
+/// - `/sse`: one event, then a second once the test calls `sse_next`;
+/// - `/slow`: answers after 5 s;
+/// - `/status/{code}`: answers with that status and a JSON body;
+/// - `/hop`: answers with hop-by-hop headers that must not reach the client;
+/// - anything else: 200 `{"ok":true}` after reading the whole body.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState {
+            seen: Mutex::default(),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            hits: AtomicUsize::new(0),
+            gate: Semaphore::new(0),
+            sse_next: Notify::new(),
+        });
+        let s = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| serve(s.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// An upstream address where nothing listens.
+    pub async fn dead() -> Self {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        Self {
+            addr,
+            ..Self::start().await
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen()
+            .last()
+            .cloned()
+            .expect("the upstream saw no request")
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn release(&self, n: usize) {
+        self.state.gate.add_permits(n);
+    }
+
+    pub fn sse_next(&self) {
+        self.state.sse_next.notify_one();
+    }
+}
+
+async fn serve(
+    s: Arc<UpstreamState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            s.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Ok(Response::new(full("body error")));
+        }
+    };
+    s.seen.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let response = if path == "/hold" {
+        s.gate.acquire().await.unwrap().forget();
+        json(200, "{\"held\":true}")
+    } else if path == "/sse" {
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, turnstile::body::BoxError>>(4);
+        let s2 = s.clone();
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"data: one\n\n"))))
+                .await;
+            s2.sse_next.notified().await;
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"data: two\n\n"))))
+                .await;
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+        r.headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        r
+    } else if path == "/slow" {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        json(200, "{\"slow\":true}")
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        json(
+            code.parse().unwrap_or(500),
+            &format!("{{\"upstream_status\":{code}}}"),
+        )
+    } else if path == "/hop" {
+        let mut r = json(200, "{}");
+        let h = r.headers_mut();
+        h.insert("connection", "x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-kept", "yes".parse().unwrap());
+        r
+    } else {
+        json(200, "{\"ok\":true}")
+    };
+    s.in_flight.fetch_sub(1, Ordering::SeqCst);
+    Ok(response)
+}
+
+fn json(status: u16, body: &str) -> Response<Body> {
+    let mut r = Response::new(full(body.to_owned()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut().insert("x-upstream", "yes".parse().unwrap());
+    r
+}
+
+/// The real proxy, in-process, on an ephemeral port.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub clock: ManualClock,
+    pub dir: tempfile::TempDir,
+    pub app: Arc<turnstile::proxy::Turnstile>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Proxy {
+    /// Starts turnstile with `config` (`{upstream}` replaced by the upstream
+    /// URL) and extra files (name, text) written beside it. The clock stands at
+    /// `T0 + 10 s`.
+    pub async fn start_with(config: &str, upstream: &Upstream, files: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let config = config.replace("{upstream}", &upstream.url());
+        let config = if config.contains("[server]") {
+            config.replace("[server]", "[server]\nlisten = \"127.0.0.1:0\"")
+        } else {
+            format!("[server]\nlisten = \"127.0.0.1:0\"\n{config}")
+        };
+        let path = dir.path().join("turnstile.toml");
+        std::fs::write(&path, config).unwrap();
+        let policy = turnstile::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let clock = ManualClock::at_secs(T0 + 10);
+        let server = turnstile::Server::bind(policy, Arc::new(clock.clone()))
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let app = server.app().clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            clock,
+            dir,
+            app,
+            stop: Some(tx),
+        }
+    }
+
+    /// Starts a shipped example from `config/examples/` (its keys files
+    /// beside it), pointed at `upstream` and an ephemeral port.
+    pub async fn start_example(name: &str, upstream: &Upstream) -> Self {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            files.push((file, std::fs::read_to_string(&path).unwrap()));
+        }
+        let config = files
+            .iter()
+            .find(|(f, _)| f == name)
+            .map(|(_, t)| t.clone())
+            .expect("no such example");
+        let config = config
+            .replace("url = \"http://127.0.0.1:9000\"", "url = \"{upstream}\"")
+            .replace("listen = \"127.0.0.1:8080\"", "");
+        assert!(
+            config.contains("{upstream}"),
+            "example {name} must point at http://127.0.0.1:9000"
+        );
+        let files: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(f, t)| (f.as_str(), t.as_str()))
+            .collect();
+        Self::start_with(&config, upstream, &files).await
+    }
+
+    pub async fn start(config: &str, upstream: &Upstream) -> Self {
+        Self::start_with(config, upstream, &[]).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn advance_secs(&self, secs: u64) {
+        self.clock.advance(secs * SECOND);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A response with its body read.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    pub fn h(&self, name: &str) -> &str {
+        self.header(name)
+            .unwrap_or_else(|| panic!("missing header {name} in {:?}", self.headers))
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// A keep-alive HTTP/1.1 client.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// Sends one request and reads the whole response.
+pub async fn send(req: Request<Full<Bytes>>) -> Got {
+    let resp = client().request(req).await.expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body failed").to_bytes();
+    Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// Request builder shorthand: `req("POST", url).header(..)`.
+pub fn req(method: &str, url: &str) -> http::request::Builder {
+    Request::builder().method(method).uri(url)
+}
+
+/// `method url` with a bearer key and no body.
+pub async fn call(method: &str, url: &str, key: Option<&str>) -> Got {
+    let mut b = req(method, url);
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    send(b.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// Writes raw bytes on a fresh connection and reads until the server closes
+/// it or `limit` passes; returns what came back.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Map of counts per status.
+pub fn tally(statuses: impl IntoIterator<Item = u16>) -> HashMap<u16, usize> {
+    let mut m = HashMap::new();
+    for s in statuses {
+        *m.entry(s).or_default() += 1;
+    }
+    m
+}
