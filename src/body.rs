@@ -3,8 +3,7 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -31,39 +30,125 @@ pub fn empty() -> Body {
     full(Bytes::new())
 }
 
-/// The request body grew past its size limit while streaming.
-#[derive(Debug, thiserror::Error)]
-#[error("request body exceeds {limit} bytes")]
+/// A route's body limits: the whole body, and by content type
+/// (`image/png`, `image/*`, `*/*`; the most specific pattern wins).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Default limit of the whole body, in bytes.
+    pub max: u64,
+    /// `(lower-case pattern, bytes)` pairs.
+    pub by_type: Vec<(String, u64)>,
+}
+
+/// Which limit a body crossed.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyTooLarge {
     /// The limit in bytes.
     pub limit: u64,
+    /// The content-type pattern that set it, if any (`image/*`).
+    pub pattern: Option<String>,
 }
 
-pin_project! {
-    /// Passes a body through until it exceeds `limit` bytes, then fails (which
-    /// aborts the upstream request) and raises `tripped`.
-    pub struct Limited<B> {
-        #[pin]
-        inner: B,
-        seen: u64,
-        limit: u64,
-        tripped: Arc<AtomicBool>,
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request body exceeds {} bytes", self.limit)?;
+        if let Some(p) = &self.pattern {
+            write!(f, " for {p}")?;
+        }
+        Ok(())
     }
 }
 
-impl<B> Limited<B> {
-    /// Wraps `inner`; `tripped` is set once the limit is crossed.
-    pub fn new(inner: B, limit: u64, tripped: Arc<AtomicBool>) -> Self {
-        Self {
-            inner,
-            seen: 0,
-            limit,
-            tripped,
+impl std::error::Error for BodyTooLarge {}
+
+/// The media type of a `Content-Type` value, lower-cased, without parameters.
+pub fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+impl BodyLimits {
+    /// The most specific `max_body_by_type` entry for a media type.
+    pub fn for_type(&self, media_type: &str) -> Option<(&str, u64)> {
+        let major = media_type.split('/').next().unwrap_or("");
+        let rank = |pattern: &str| {
+            if pattern == media_type {
+                Some(3)
+            } else if pattern.strip_suffix("/*") == Some(major) {
+                Some(2)
+            } else if pattern == "*/*" {
+                Some(1)
+            } else {
+                None
+            }
+        };
+        self.by_type
+            .iter()
+            .filter_map(|(p, n)| rank(p).map(|r| (r, p.as_str(), *n)))
+            .max_by_key(|(r, _, _)| *r)
+            .map(|(_, p, n)| (p, n))
+    }
+
+    /// The limit on the whole body for a request `Content-Type`.
+    pub fn whole(&self, content_type: Option<&str>) -> BodyTooLarge {
+        let found = content_type.and_then(|ct| {
+            let media = media_type(ct);
+            self.for_type(&media).map(|(p, n)| (p.to_owned(), n))
+        });
+        match found {
+            Some((pattern, limit)) => BodyTooLarge {
+                limit,
+                pattern: Some(pattern),
+            },
+            None => BodyTooLarge {
+                limit: self.max,
+                pattern: None,
+            },
         }
     }
 }
 
-impl<B> HttpBody for Limited<B>
+/// Where a [`Guarded`] body records why it stopped.
+pub type Trip = Arc<OnceLock<BodyTooLarge>>;
+
+pin_project! {
+    /// Passes a request body through while enforcing its limits: the whole
+    /// body, and for `multipart/form-data` each part against its own
+    /// `Content-Type`. Past a limit it fails (aborting the upstream request,
+    /// which therefore never receives the over-limit bytes as a complete
+    /// request) and records why in its [`Trip`].
+    pub struct Guarded<B> {
+        #[pin]
+        inner: B,
+        seen: u64,
+        whole: BodyTooLarge,
+        parts: Option<Box<MultipartScanner>>,
+        trip: Trip,
+    }
+}
+
+impl<B> Guarded<B> {
+    /// Guards `inner`, a body sent with `content_type`, against `limits`.
+    pub fn new(inner: B, limits: &BodyLimits, content_type: Option<&str>, trip: Trip) -> Self {
+        let parts = content_type
+            .filter(|ct| media_type(ct) == "multipart/form-data" && !limits.by_type.is_empty())
+            .and_then(multipart_boundary)
+            .map(|boundary| Box::new(MultipartScanner::new(&boundary, limits.clone())));
+        Self {
+            inner,
+            seen: 0,
+            whole: limits.whole(content_type),
+            parts,
+            trip,
+        }
+    }
+}
+
+impl<B> HttpBody for Guarded<B>
 where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -80,11 +165,14 @@ where
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
-                    if *this.seen > *this.limit {
-                        this.tripped.store(true, Ordering::Release);
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
-                            limit: *this.limit,
-                        }))));
+                    let over = if *this.seen > this.whole.limit {
+                        Some(this.whole.clone())
+                    } else {
+                        this.parts.as_mut().and_then(|p| p.feed(data))
+                    };
+                    if let Some(over) = over {
+                        let _ = this.trip.set(over.clone());
+                        return Poll::Ready(Some(Err(Box::new(over))));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -100,6 +188,131 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The `boundary` parameter of a multipart `Content-Type`.
+pub fn multipart_boundary(content_type: &str) -> Option<String> {
+    content_type.split(';').skip(1).find_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("boundary") {
+            return None;
+        }
+        let value = value.trim().trim_matches('"');
+        (!value.is_empty() && value.len() <= 70).then(|| value.to_owned())
+    })
+}
+
+/// Where the scanner is within a multipart body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Inside a part's content (or the preamble), looking for the delimiter.
+    Content,
+    /// Just after a delimiter: `--` ends the body, CRLF starts part headers.
+    AfterDelimiter { dashes: u8 },
+    /// Reading a part's headers up to the blank line.
+    Headers,
+    /// After the closing delimiter: ignored.
+    Epilogue,
+}
+
+/// Follows a `multipart/form-data` body byte by byte, without buffering
+/// content, and reports the first part whose size exceeds the limit of its
+/// own `Content-Type`.
+#[derive(Debug)]
+pub struct MultipartScanner {
+    delimiter: Vec<u8>,
+    matched: usize,
+    state: Scan,
+    headers: Vec<u8>,
+    part_bytes: u64,
+    part_limit: Option<(String, u64)>,
+    limits: BodyLimits,
+}
+
+/// Part headers longer than this are not kept (their Content-Type is then unknown).
+const MAX_PART_HEADERS: usize = 16 * 1024;
+
+impl MultipartScanner {
+    /// A scanner for bodies delimited by `boundary`.
+    pub fn new(boundary: &str, limits: BodyLimits) -> Self {
+        let mut delimiter = b"\r\n--".to_vec();
+        delimiter.extend_from_slice(boundary.as_bytes());
+        // The first delimiter may open the body without a preceding CRLF.
+        Self {
+            delimiter,
+            matched: 2,
+            state: Scan::Content,
+            headers: Vec::new(),
+            part_bytes: 0,
+            part_limit: None,
+            limits,
+        }
+    }
+
+    /// Consumes the next bytes; returns the limit crossed, if any.
+    pub fn feed(&mut self, data: &[u8]) -> Option<BodyTooLarge> {
+        for &b in data {
+            match self.state {
+                Scan::Content => {
+                    if b == self.delimiter[self.matched] {
+                        self.matched += 1;
+                        if self.matched == self.delimiter.len() {
+                            self.matched = 0;
+                            self.state = Scan::AfterDelimiter { dashes: 0 };
+                        }
+                        continue;
+                    }
+                    // The tentatively matched bytes were content after all.
+                    let mut content = self.matched as u64;
+                    self.matched = usize::from(b == self.delimiter[0]);
+                    content += u64::from(self.matched == 0);
+                    self.part_bytes += content;
+                    if let Some((pattern, limit)) = &self.part_limit {
+                        if self.part_bytes > *limit {
+                            return Some(BodyTooLarge {
+                                limit: *limit,
+                                pattern: Some(pattern.clone()),
+                            });
+                        }
+                    }
+                }
+                Scan::AfterDelimiter { dashes } => match b {
+                    b'-' if dashes == 1 => self.state = Scan::Epilogue,
+                    b'-' => self.state = Scan::AfterDelimiter { dashes: 1 },
+                    b'\n' => {
+                        self.state = Scan::Headers;
+                        self.headers.clear();
+                    }
+                    _ => {} // CR and transport padding
+                },
+                Scan::Headers => {
+                    if self.headers.len() < MAX_PART_HEADERS {
+                        self.headers.push(b);
+                    }
+                    if self.headers.ends_with(b"\r\n\r\n") || self.headers == b"\r\n" {
+                        self.start_part();
+                    }
+                }
+                Scan::Epilogue => return None,
+            }
+        }
+        None
+    }
+
+    fn start_part(&mut self) {
+        let text = String::from_utf8_lossy(&self.headers);
+        let content_type = text.split("\r\n").find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("content-type")
+                .then(|| media_type(value))
+        });
+        self.part_limit =
+            content_type.and_then(|ct| self.limits.for_type(&ct).map(|(p, n)| (p.to_owned(), n)));
+        self.part_bytes = 0;
+        self.matched = 0;
+        self.state = Scan::Content;
     }
 }
 
@@ -157,5 +370,130 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// Keeps `held` alive until the body is dropped: hyper drops a response
+    /// body once it has been sent completely, or when the exchange ends any
+    /// other way (client gone, upstream error), so a concurrency lease held
+    /// here lasts exactly as long as the exchange.
+    pub struct Holding<B, T> {
+        #[pin]
+        inner: B,
+        held: T,
+    }
+}
+
+impl<B, T> Holding<B, T> {
+    /// Wraps `inner`, holding `held` until the body is dropped.
+    pub fn new(inner: B, held: T) -> Self {
+        Self { inner, held }
+    }
+}
+
+impl<B: HttpBody, T> HttpBody for Holding<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> BodyLimits {
+        BodyLimits {
+            max: 100,
+            by_type: vec![
+                ("image/*".into(), 10),
+                ("image/png".into(), 20),
+                ("*/*".into(), 50),
+            ],
+        }
+    }
+
+    #[test]
+    fn most_specific_type_wins() {
+        let l = limits();
+        assert_eq!(l.for_type("image/png"), Some(("image/png", 20)));
+        assert_eq!(l.for_type("image/jpeg"), Some(("image/*", 10)));
+        assert_eq!(l.for_type("text/plain"), Some(("*/*", 50)));
+        assert_eq!(l.whole(Some("Image/PNG; q=1")).limit, 20);
+        assert_eq!(
+            l.whole(None),
+            BodyTooLarge {
+                limit: 100,
+                pattern: None
+            }
+        );
+    }
+
+    fn multipart(parts: &[(&str, usize)]) -> Vec<u8> {
+        let mut body = b"preamble\r\n".to_vec();
+        for (ct, len) in parts {
+            body.extend_from_slice(format!("--XyZ\r\nContent-Disposition: form-data; name=\"f\"\r\nContent-Type: {ct}\r\n\r\n").as_bytes());
+            // Content that almost looks like a delimiter must count as content.
+            let filler = b"\r\n--Xy-";
+            body.extend((0..*len).map(|i| filler[i % filler.len()]));
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"--XyZ--\r\nepilogue");
+        body
+    }
+
+    fn scan(body: &[u8], chunk: usize) -> Option<BodyTooLarge> {
+        let mut s = MultipartScanner::new("XyZ", limits());
+        body.chunks(chunk).find_map(|c| s.feed(c))
+    }
+
+    #[test]
+    fn multipart_parts_are_checked_against_their_own_type() {
+        for chunk in [1, 3, 7, 1000] {
+            assert_eq!(
+                scan(
+                    &multipart(&[("image/jpeg", 10), ("image/png", 20), ("text/plain", 50)]),
+                    chunk
+                ),
+                None,
+                "chunk {chunk}"
+            );
+            let over = scan(&multipart(&[("image/png", 20), ("image/jpeg", 11)]), chunk);
+            assert_eq!(
+                over,
+                Some(BodyTooLarge {
+                    limit: 10,
+                    pattern: Some("image/*".into())
+                }),
+                "chunk {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn boundary_parameter_is_read_quoted_or_not() {
+        assert_eq!(
+            multipart_boundary("multipart/form-data; boundary=abc").as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            multipart_boundary("multipart/form-data; charset=x; Boundary=\"a b\"").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(multipart_boundary("multipart/form-data"), None);
     }
 }

@@ -4,7 +4,6 @@
 //! [`crate::responses`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,11 +17,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::{Body, Deadline, Limited};
+use crate::body::{Body, BodyLimits, Deadline, Guarded, Holding, Trip};
 use crate::config::{Per, Plan, Policy, Route, Unmatched};
 use crate::identity::Caller;
 use crate::responses::{self, Checked, Refusal};
-use crate::store::{LimitCheck, MemoryStore, Store, Subject};
+use crate::store::{Lease, LimitCheck, MemoryStore, Store, Subject};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -147,9 +146,11 @@ impl Turnstile {
         };
 
         // 4. Body size, before reading the body.
-        if content_length(&parts.headers).is_some_and(|len| len > route.max_body) {
+        let whole = route.body.whole(content_type(&parts.headers));
+        if content_length(&parts.headers).is_some_and(|len| len > whole.limit) {
             let refusal = Refusal::PayloadTooLarge {
-                limit: route.max_body,
+                limit: whole.limit,
+                pattern: whole.pattern,
                 route: route.name.clone(),
             };
             return self.refuse(&refusal, route, Some(&who), HeaderMap::new());
@@ -165,11 +166,12 @@ impl Turnstile {
                     subject: subject(spec.per, &who.caller),
                     counter: a.counter,
                     rule: &spec.rule,
+                    queue: spec.queue,
                 }
             })
             .collect();
-        let (now, checked): (u64, Vec<Checked<'_>>) = if checks.is_empty() {
-            (0, Vec::new())
+        let (now, checked, lease): (u64, Vec<Checked<'_>>, Lease) = if checks.is_empty() {
+            (0, Vec::new(), Lease::default())
         } else {
             match self.store.decide(&checks).await {
                 Ok(d) => {
@@ -181,7 +183,7 @@ impl Turnstile {
                     if !d.admitted {
                         return self.rate_limited(&checked, d.now, route, &who);
                     }
-                    (d.now, checked)
+                    (d.now, checked, d.lease)
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "counter store failed");
@@ -200,14 +202,20 @@ impl Turnstile {
             responses::rate_headers(&policy.headers, &checked, now, false)
         };
 
-        // 6-7. Forward and respond.
+        // 6-7. Forward and respond. Concurrency slots (the lease) are held
+        // until the response body is dropped: sent completely, or the
+        // exchange ended any other way.
         match self
             .forward(parts, body, peer, Some(route), Some(&who))
             .await
         {
             Ok(mut response) => {
                 response.headers_mut().extend(rate_headers);
-                response
+                if lease.is_empty() {
+                    response
+                } else {
+                    response.map(|b| Holding::new(b, lease).boxed())
+                }
             }
             Err(refusal) => {
                 if matches!(refusal, Refusal::PayloadTooLarge { .. }) && !checks.is_empty() {
@@ -278,7 +286,17 @@ impl Turnstile {
         who: Option<&Identified<'_>>,
     ) -> Result<Response<Body>, Refusal> {
         let up = &self.policy.upstream;
-        let max_body = route.map_or(self.policy.server.max_body, |r| r.max_body);
+        let unmatched_limits;
+        let limits = match route {
+            Some(r) => &r.body,
+            None => {
+                unmatched_limits = BodyLimits {
+                    max: self.policy.server.max_body,
+                    by_type: Vec::new(),
+                };
+                &unmatched_limits
+            }
+        };
         let timeout = route.map_or(up.timeout, |r| r.timeout);
         let deadline = tokio::time::Instant::now() + timeout;
 
@@ -307,8 +325,8 @@ impl Turnstile {
             headers.insert(HOST, h);
         }
 
-        let tripped = Arc::new(AtomicBool::new(false));
-        let body = Limited::new(body, max_body, tripped.clone()).boxed();
+        let trip = Trip::default();
+        let body = Guarded::new(body, limits, content_type(&headers), trip.clone()).boxed();
         let mut request = Request::new(body);
         *request.method_mut() = parts.method;
         *request.uri_mut() = uri;
@@ -319,10 +337,11 @@ impl Turnstile {
         let response = match result {
             Err(_) => return Err(Refusal::UpstreamTimeout(timeout)),
             Ok(Err(e)) => {
-                if tripped.load(Ordering::Acquire) {
+                if let Some(over) = trip.get() {
                     let name = route.map_or_else(|| Arc::from("(unmatched)"), |r| r.name.clone());
                     return Err(Refusal::PayloadTooLarge {
-                        limit: max_body,
+                        limit: over.limit,
+                        pattern: over.pattern.clone(),
                         route: name,
                     });
                 }
@@ -405,6 +424,10 @@ fn request_host_header(headers: &HeaderMap, uri: &Uri) -> Option<HeaderValue> {
         uri.authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     })
+}
+
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::CONTENT_TYPE)?.to_str().ok()
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -34,10 +34,12 @@ pub enum Refusal {
     #[error("{0}")]
     Unauthorized(#[from] AuthError),
     /// 413: the body exceeds the route's limit.
-    #[error("body exceeds {} on route {route}", crate::config::display_size(*limit))]
+    #[error("body exceeds {}{} on route {route}", crate::config::display_size(*limit), pattern.as_ref().map(|p| format!(" for {p}")).unwrap_or_default())]
     PayloadTooLarge {
         /// The limit in bytes.
         limit: u64,
+        /// The content-type pattern that set the limit (`image/*`), if any.
+        pattern: Option<String>,
         /// Route name.
         route: Arc<str>,
     },
@@ -76,10 +78,18 @@ pub struct RateLimited {
     pub route: Arc<str>,
     /// Plan name.
     pub plan: Arc<str>,
+    /// Whether the refusing limit is a concurrency limit.
+    pub concurrent: bool,
 }
 
 impl RateLimited {
     fn message(&self) -> String {
+        if self.concurrent {
+            return format!(
+                "Too many concurrent requests: at most {} at once ({}). Retry in {} s.",
+                self.limit, self.name, self.retry_after
+            );
+        }
         format!(
             "Rate limit exceeded: {} requests per {} ({}). Retry in {} s.",
             self.limit, self.window, self.name, self.retry_after
@@ -449,8 +459,9 @@ pub fn rate_headers(
     }
     if settings.ietf {
         let mut policy = String::new();
-        for (i, (spec, v)) in checked.iter().enumerate() {
-            if i > 0 {
+        // Concurrency caps are not quotas over time: they have no place in RateLimit-Policy.
+        for (spec, v) in checked.iter().filter(|(s, _)| !s.rule.is_concurrency()) {
+            if !policy.is_empty() {
                 policy.push_str(", ");
             }
             sf_string(&spec.name, &mut policy);
@@ -465,7 +476,9 @@ pub fn rate_headers(
             secs_until_ceil(now, v.reset_at)
         );
         if let Ok(v) = HeaderValue::from_str(&policy) {
-            h.insert(HeaderName::from_static("ratelimit-policy"), v);
+            if !policy.is_empty() {
+                h.insert(HeaderName::from_static("ratelimit-policy"), v);
+            }
         }
         if let Ok(v) = HeaderValue::from_str(&current) {
             h.insert(HeaderName::from_static("ratelimit"), v);
@@ -494,7 +507,10 @@ fn primary_index(
     refused: bool,
 ) -> Option<usize> {
     if let Some(name) = &settings.primary {
-        if let Some(i) = checked.iter().position(|(s, _)| &*s.name == name.as_str()) {
+        let pinned = checked
+            .iter()
+            .position(|(s, _)| &*s.name == name.as_str() && !s.rule.is_concurrency());
+        if let Some(i) = pinned {
             return Some(i);
         }
     }
@@ -503,7 +519,10 @@ fn primary_index(
         return checked.iter().position(|c| std::ptr::eq(c, worst));
     }
     let mut best: Option<usize> = None;
-    for (i, (_, v)) in checked.iter().enumerate() {
+    for (i, (spec, v)) in checked.iter().enumerate() {
+        if spec.rule.is_concurrency() {
+            continue;
+        }
         if best.is_none_or(|b| v.remaining < checked[b].1.remaining) {
             best = Some(i);
         }
@@ -535,6 +554,7 @@ pub fn rate_limited(
         window: spec.window_text.clone(),
         route: route.clone(),
         plan: plan.clone(),
+        concurrent: spec.rule.is_concurrency(),
     })
 }
 
@@ -597,6 +617,7 @@ mod tests {
             window: "1m".into(),
             route: "r".into(),
             plan: "p".into(),
+            concurrent: false,
         }));
         let mut set = ResponseSet::default();
         set.set("rate_limited", Arc::new(t));

@@ -5,6 +5,8 @@ mod support;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use std::time::Duration;
+
 use support::*;
 
 const MIDNIGHT: u64 = 1_778_025_600; // 2026-05-06T00:00:00Z
@@ -257,4 +259,121 @@ async fn seed_002_videogen_per_key_per_hour_per_endpoint_group() {
     )
     .await;
     assert_eq!((r.status, r.h("x-ratelimit-remaining")), (200, "9"));
+}
+
+#[tokio::test]
+async fn seed_001_upload_limits_by_file_type() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_example("tiers.toml", &up).await;
+    let head = |path: &str, ct: &str, len: u64| {
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer free-key-1\r\nContent-Type: {ct}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+    };
+    let cases = [
+        (
+            "/v1/img2img",
+            "image/png",
+            10_000_001,
+            "body exceeds 10 MB for image/* on route img2img",
+        ),
+        (
+            "/v1/transcribe",
+            "audio/mpeg",
+            10_000_001,
+            "body exceeds 10 MB for audio/* on route transcribe",
+        ),
+        (
+            "/v1/aud2video",
+            "audio/mpeg",
+            20_000_001,
+            "body exceeds 20 MB for audio/* on route aud2video",
+        ),
+        (
+            "/v1/vid2txt",
+            "video/mp4",
+            10_000_001,
+            "body exceeds 10 MB for video/* on route vid2txt",
+        ),
+    ];
+    for (path, ct, len, message) in cases {
+        // Refused from the headers alone, before any body byte is read.
+        let out = raw(
+            p.addr,
+            head(path, ct, len).as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 413"), "{path}: {out}");
+        assert!(out.contains(message), "{path}: {out}");
+    }
+    assert_eq!(up.hits(), 0);
+    // 20 MB of audio is fine on aud2video (the body is not sent: the upstream sees the head).
+    let out = raw(
+        p.addr,
+        head("/v1/aud2video?hold", "audio/mpeg", 20_000_000).as_bytes(),
+        Duration::from_millis(300),
+    )
+    .await;
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(up.hits(), 1, "the 20 MB audio upload was forwarded");
+}
+
+#[tokio::test]
+async fn seed_000_concurrency_caps_per_account_and_tool() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_example("kubeez.toml", &up).await;
+    let music = p.url("/tools/generate_music?hold");
+    let mut held = Vec::new();
+    for i in 0..5 {
+        // Both tokens of the account share the cap of 5.
+        let token = if i % 2 == 0 {
+            "kz-token-laptop"
+        } else {
+            "kz-token-ci"
+        };
+        let url = music.clone();
+        held.push(tokio::spawn(async move {
+            call("POST", &url, Some(token)).await
+        }));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while up.hits() < 5 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = call("POST", &music, Some("kz-token-ci")).await;
+    assert_eq!(
+        (r.status, r.h("x-ratelimit-type"), r.h("retry-after")),
+        (429, "concurrent", "5")
+    );
+    assert_eq!(
+        r.body,
+        r#"{"error":"rate_limited","message":"Rate limit exceeded. Try again in 5 s."}"#
+    );
+    // generate_dialogue has a cap of its own.
+    let r = call(
+        "POST",
+        &p.url("/tools/generate_dialogue"),
+        Some("kz-token-ci"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    up.release(5);
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    // The per-minute budget of generate_music (10) counted the 5 admitted, not the refused one.
+    let r = call(
+        "POST",
+        &p.url("/tools/generate_music"),
+        Some("kz-token-laptop"),
+    )
+    .await;
+    assert_eq!(
+        (
+            r.status,
+            r.h("x-ratelimit-limit"),
+            r.h("x-ratelimit-remaining")
+        ),
+        (200, "10", "4")
+    );
 }

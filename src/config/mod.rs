@@ -19,6 +19,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+use crate::body::BodyLimits;
 use crate::clock::{Nanos, SECOND};
 use crate::identity::{self, IdentitySettings, KeyRecord, KeyRegistry, KeySource, UnknownKey};
 use crate::limits::{Rule, Window};
@@ -26,6 +27,7 @@ use crate::responses::{
     HeaderSettings, HeaderTrio, ResetFormat, ResponseSet, Template, RESPONSE_NAMES,
 };
 use crate::routing::{PathPattern, RouteMatcher};
+use crate::store::QueueSpec;
 use raw::*;
 pub use units::{display_size, parse_duration, parse_rate, parse_size, RawSize};
 
@@ -170,6 +172,8 @@ pub struct LimitSpec {
     pub routes_text: String,
     /// Whether each route has its own counter.
     pub per_route: bool,
+    /// Concurrency limits only: wait for a slot instead of refusing at once.
+    pub queue: Option<QueueSpec>,
 }
 
 impl LimitSpec {
@@ -180,6 +184,7 @@ impl LimitSpec {
             Rule::Fixed { window, .. } => window.len_secs(now),
             Rule::Rolling { window, .. } => window / SECOND,
             Rule::Bucket { burst, interval } => (interval * burst as u64).div_ceil(SECOND),
+            Rule::Concurrency { .. } => 0,
         }
     }
 
@@ -193,6 +198,10 @@ impl LimitSpec {
             }
             Rule::Bucket { burst, .. } => {
                 format!("{} bucket {} burst {}", self.name, self.window_text, burst)
+            }
+            Rule::Concurrency { max, .. } => {
+                let queue = if self.queue.is_some() { " +queue" } else { "" };
+                format!("{} {} at once{queue}", self.name, max)
             }
         }
     }
@@ -227,8 +236,8 @@ pub struct Route {
     pub name: Arc<str>,
     /// What it matches.
     pub matcher: RouteMatcher,
-    /// Body limit in bytes.
-    pub max_body: u64,
+    /// Body limits: whole body and by content type.
+    pub body: BodyLimits,
     /// Exchange timeout.
     pub timeout: Duration,
     /// Whether a key is required.
@@ -518,12 +527,45 @@ fn compile_route(
     Ok(Route {
         name: r.name.get_ref().as_str().into(),
         matcher: RouteMatcher { method, path, host },
-        max_body: size(src, &r.max_body, server.max_body)?,
+        body: BodyLimits {
+            max: size(src, &r.max_body, server.max_body)?,
+            by_type: by_type(src, r.max_body_by_type.as_ref())?,
+        },
         timeout: duration(src, &r.timeout, upstream.timeout)?,
         auth: r.auth.unwrap_or(true),
         path_text: r.path.get_ref().clone(),
         responses,
     })
+}
+
+fn by_type(
+    src: &Source,
+    raw: Option<&std::collections::BTreeMap<String, Spanned<RawSize>>>,
+) -> Result<Vec<(String, u64)>, ConfigError> {
+    let mut out = Vec::new();
+    for (pattern, limit) in raw.into_iter().flatten() {
+        let p = pattern.trim().to_ascii_lowercase();
+        let valid = match p.split_once('/') {
+            Some((major, minor)) => {
+                !major.is_empty()
+                    && !minor.is_empty()
+                    && (major != "*" || minor == "*")
+                    && !minor.contains('/')
+            }
+            None => false,
+        };
+        if !valid {
+            return Err(src.at(
+                limit.span(),
+                format!("invalid content type {pattern:?}: expected \"type/subtype\", \"type/*\" or \"*/*\""),
+            ));
+        }
+        out.push((
+            p,
+            parse_size(limit.get_ref()).map_err(|m| src.at(limit.span(), m))?,
+        ));
+    }
+    Ok(out)
 }
 
 fn counter_id(parts: &[&str]) -> u64 {
@@ -564,26 +606,36 @@ fn compile_plan(
         let missing = |field: &str| {
             src.at(
                 lspan.clone(),
-                format!("limit {lname:?} ({kind:?}) needs `{field}`")
-                    .replace("Fixed", "fixed")
-                    .replace("Rolling", "rolling")
-                    .replace("Bucket", "bucket"),
+                format!("limit {lname:?} ({}) needs `{field}`", kind.as_str()),
             )
         };
-        let forbid = |present: bool, field: &str| -> Result<(), ConfigError> {
-            if present {
-                Err(src.at(
+        let forbid = |fields: &[(&str, bool)]| -> Result<(), ConfigError> {
+            match fields.iter().find(|(_, present)| *present) {
+                Some((field, _)) => Err(src.at(
                     lspan.clone(),
-                    format!("limit {lname:?}: `{field}` does not apply to this kind of limit"),
-                ))
-            } else {
-                Ok(())
+                    format!(
+                        "limit {lname:?}: `{field}` does not apply to a {} limit",
+                        kind.as_str()
+                    ),
+                )),
+                None => Ok(()),
             }
         };
+        let window_fields = [
+            ("requests", l.requests.is_some()),
+            ("window", l.window.is_some()),
+        ];
+        let bucket_fields = [("rate", l.rate.is_some()), ("burst", l.burst.is_some())];
+        let concurrency_fields = [
+            ("max", l.max.is_some()),
+            ("retry_after", l.retry_after.is_some()),
+            ("queue", l.queue.is_some()),
+        ];
+        let mut queue = None;
         let (rule, window_text) = match kind {
             RawKind::Fixed | RawKind::Rolling => {
-                forbid(l.rate.is_some(), "rate")?;
-                forbid(l.burst.is_some(), "burst")?;
+                forbid(&bucket_fields)?;
+                forbid(&concurrency_fields)?;
                 let requests = positive(
                     src,
                     l.requests.as_ref().ok_or_else(|| missing("requests"))?,
@@ -621,8 +673,8 @@ fn compile_plan(
                 (rule, text.to_owned())
             }
             RawKind::Bucket => {
-                forbid(l.requests.is_some(), "requests")?;
-                forbid(l.window.is_some(), "window")?;
+                forbid(&window_fields)?;
+                forbid(&concurrency_fields)?;
                 let r = l.rate.as_ref().ok_or_else(|| missing("rate"))?;
                 let (count, period) = parse_rate(r.get_ref()).map_err(|m| src.at(r.span(), m))?;
                 let interval = (period.as_nanos() / count as u128) as u64;
@@ -636,6 +688,29 @@ fn compile_plan(
                 (
                     Rule::Bucket { burst, interval },
                     r.get_ref().trim().to_owned(),
+                )
+            }
+            RawKind::Concurrency => {
+                forbid(&window_fields)?;
+                forbid(&bucket_fields)?;
+                let max = positive(src, l.max.as_ref().ok_or_else(|| missing("max"))?, "max")?;
+                let retry_after = duration(src, &l.retry_after, Duration::from_secs(1))?;
+                if let Some(q) = &l.queue {
+                    let q = q.get_ref();
+                    let max_wait = parse_duration(q.max_wait.get_ref())
+                        .map_err(|m| src.at(q.max_wait.span(), m))?;
+                    let max_len = match &q.max_len {
+                        Some(n) => positive(src, n, "max_len")? as usize,
+                        None => 100,
+                    };
+                    queue = Some(QueueSpec { max_wait, max_len });
+                }
+                (
+                    Rule::Concurrency {
+                        max,
+                        retry_after: retry_after.as_nanos() as u64,
+                    },
+                    "concurrent".to_owned(),
                 )
             }
         };
@@ -662,15 +737,11 @@ fn compile_plan(
             Some(h) => Some(HeaderTrio::new(h.get_ref()).map_err(|m| src.at(h.span(), m))?),
         };
         let per_route = l.per_route.unwrap_or(false);
-        let kind_text = match kind {
-            RawKind::Fixed => "fixed",
-            RawKind::Rolling => "rolling",
-            RawKind::Bucket => "bucket",
-        };
-        let identity_window = if kind == RawKind::Bucket {
-            ""
-        } else {
-            window_text.as_str()
+        let kind_text = kind.as_str();
+        // The counter's identity leaves out the numbers a reload may change.
+        let identity_window = match kind {
+            RawKind::Fixed | RawKind::Rolling => window_text.as_str(),
+            RawKind::Bucket | RawKind::Concurrency => "",
         };
         let index = limits.len();
         for r in covered {
@@ -714,6 +785,7 @@ fn compile_plan(
             headers,
             routes_text,
             per_route,
+            queue,
         });
     }
     let header_value = HeaderValue::from_str(name).map_err(|_| {

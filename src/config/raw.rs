@@ -115,6 +115,7 @@ pub struct RawRoute {
     pub timeout: Option<Spanned<String>>,
     pub auth: Option<bool>,
     pub responses: Option<RawResponses>,
+    pub max_body_by_type: Option<BTreeMap<String, Spanned<RawSize>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +139,18 @@ pub enum RawKind {
     Fixed,
     Rolling,
     Bucket,
+    Concurrency,
+}
+
+impl RawKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RawKind::Fixed => "fixed",
+            RawKind::Rolling => "rolling",
+            RawKind::Bucket => "bucket",
+            RawKind::Concurrency => "concurrency",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -166,7 +179,17 @@ pub struct RawLimit {
     pub window: Option<Spanned<String>>,
     pub rate: Option<Spanned<String>>,
     pub burst: Option<Spanned<i64>>,
+    pub max: Option<Spanned<i64>>,
+    pub retry_after: Option<Spanned<String>>,
+    pub queue: Option<Spanned<RawQueue>>,
     pub headers: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub max_wait: Spanned<String>,
+    pub max_len: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

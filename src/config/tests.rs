@@ -62,9 +62,9 @@ fn unknown_keys_are_errors_with_their_position() {
     ));
     assert_eq!((line, col), (16, 1));
     assert!(msg.contains("unknown field `listen_backlog`"), "{msg}");
-    let (line, _, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nrequests = 1\nwindow = \"1m\"\nmax = 3\n"));
+    let (line, _, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nrequests = 1\nwindow = \"1m\"\nmaximum = 3\n"));
     assert_eq!(line, 19);
-    assert!(msg.contains("unknown field `max`"), "{msg}");
+    assert!(msg.contains("unknown field `maximum`"), "{msg}");
 }
 
 #[test]
@@ -78,10 +78,22 @@ fn semantic_errors_point_at_the_value() {
     let (line, _, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nrequests = 0\nwindow = \"1m\"\n"));
     assert_eq!(line, 17);
     assert!(msg.contains("requests must be"), "{msg}");
-    let (_, _, msg) = err_at(&format!(
-        "{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nkind = \"concurrency\"\n"
-    ));
-    assert!(msg.contains("unknown variant `concurrency`"), "{msg}");
+    let limit = |body: &str| {
+        err_at(&format!(
+            "{BASE}\n[plans.free]\n[[plans.free.limits]]\n{body}\n"
+        ))
+        .2
+    };
+    let msg = limit("name = \"m\"\nkind = \"leaky\"");
+    assert!(msg.contains("unknown variant `leaky`"), "{msg}");
+    let msg = limit("name = \"m\"\nrequests = 1\nwindow = \"1m\"\nmax = 2");
+    assert_eq!(msg, "limit \"m\": `max` does not apply to a fixed limit");
+    let msg = limit("name = \"c\"\nkind = \"concurrency\"");
+    assert_eq!(msg, "limit \"c\" (concurrency) needs `max`");
+    let msg = limit("name = \"c\"\nkind = \"concurrency\"\nmax = 2\nqueue = { max_len = 3 }");
+    assert!(msg.contains("missing field `max_wait`"), "{msg}");
+    let (_, _, msg) = err_at(&format!("{BASE}\n[[routes]]\nname = \"up\"\npath = \"/up\"\nmax_body_by_type = {{ \"image\" = \"1MB\" }}\n"));
+    assert!(msg.starts_with("invalid content type \"image\""), "{msg}");
     let (line, _, msg) = err_at("[upstream]\nurl = \"https://example.com\"\n");
     assert_eq!(line, 2);
     assert!(msg.contains("only http://"), "{msg}");

@@ -65,6 +65,14 @@ pub enum Rule {
         /// Time to earn one token, in nanoseconds (at least 1).
         interval: Nanos,
     },
+    /// At most `max` exchanges in flight; a slot is taken by
+    /// [`record`](Rule::record) and given back by [`release`](Rule::release).
+    Concurrency {
+        /// Slots (at least 1).
+        max: u32,
+        /// What a refusal's `Retry-After` says, in nanoseconds.
+        retry_after: Nanos,
+    },
 }
 
 /// What a counter holds between requests.
@@ -83,6 +91,11 @@ pub enum CounterState {
     Bucket {
         /// When the bucket is full again.
         tat: Nanos,
+    },
+    /// Exchanges holding a slot.
+    Concurrency {
+        /// Slots taken.
+        in_flight: u32,
     },
 }
 
@@ -105,6 +118,20 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// The verdict of a counting limit holding `used` of `limit`: admitted
+    /// while there is room; when refused, admissible again at `retry_at`.
+    fn of_count(limit: u32, used: u32, now: Nanos, reset_at: Nanos, retry_at: Nanos) -> Self {
+        let admitted = used < limit;
+        Self {
+            admitted,
+            limit,
+            used: if admitted { used + 1 } else { used },
+            remaining: if admitted { limit - used - 1 } else { 0 },
+            reset_at,
+            retry_at: if admitted { now } else { retry_at },
+        }
+    }
+
     /// This verdict as seen when the request was not counted after all
     /// (another limit refused it): the admitting limit's figures stay as they were.
     pub fn uncounted(self) -> Self {
@@ -129,6 +156,7 @@ impl Rule {
             },
             Rule::Rolling { .. } => CounterState::Rolling(RollingLog::default()),
             Rule::Bucket { .. } => CounterState::Bucket { tat: 0 },
+            Rule::Concurrency { .. } => CounterState::Concurrency { in_flight: 0 },
         }
     }
 
@@ -139,6 +167,7 @@ impl Rule {
             (Rule::Fixed { .. }, CounterState::Fixed { .. })
                 | (Rule::Rolling { .. }, CounterState::Rolling(_))
                 | (Rule::Bucket { .. }, CounterState::Bucket { .. })
+                | (Rule::Concurrency { .. }, CounterState::Concurrency { .. })
         )
     }
 
@@ -147,7 +176,13 @@ impl Rule {
         match *self {
             Rule::Fixed { requests, .. } | Rule::Rolling { requests, .. } => requests,
             Rule::Bucket { burst, .. } => burst,
+            Rule::Concurrency { max, .. } => max,
         }
+    }
+
+    /// Whether this is a concurrency limit (held for the whole exchange).
+    pub fn is_concurrency(&self) -> bool {
+        matches!(self, Rule::Concurrency { .. })
     }
 
     /// Decides whether one more request at `now` fits, without counting it.
@@ -166,36 +201,20 @@ impl Rule {
             ) => {
                 let (start, end) = window.bounds(now);
                 let used = if *window_start == start { *count } else { 0 };
-                let admitted = used < requests;
-                Verdict {
-                    admitted,
-                    limit: requests,
-                    used: if admitted { used + 1 } else { used },
-                    remaining: if admitted { requests - used - 1 } else { 0 },
-                    reset_at: end,
-                    retry_at: if admitted { now } else { end },
-                }
+                Verdict::of_count(requests, used, now, end, end)
             }
             (Rule::Rolling { requests, window }, CounterState::Rolling(log)) => {
                 log.prune(now, window);
                 let used = log.total();
-                let admitted = used < requests;
                 let oldest_exit = log
                     .oldest_exit(window)
                     .unwrap_or_else(|| RollingLog::exit_of(now, window));
-                let retry_at = if admitted {
+                let retry_at = if used < requests {
                     now
                 } else {
                     log.exit_when_count_drops_by(used + 1 - requests, window)
                 };
-                Verdict {
-                    admitted,
-                    limit: requests,
-                    used: if admitted { used + 1 } else { used },
-                    remaining: if admitted { requests - used - 1 } else { 0 },
-                    reset_at: oldest_exit,
-                    retry_at,
-                }
+                Verdict::of_count(requests, used, now, oldest_exit, retry_at)
             }
             (Rule::Bucket { burst, interval }, CounterState::Bucket { tat }) => {
                 let tolerance = interval * burst as Nanos;
@@ -222,6 +241,14 @@ impl Rule {
                         retry_at: next_tat - tolerance,
                     }
                 }
+            }
+            (Rule::Concurrency { max, retry_after }, CounterState::Concurrency { in_flight }) => {
+                let (reset_at, retry_at) = if *in_flight < max {
+                    (now, now)
+                } else {
+                    (now + retry_after, now + retry_after)
+                };
+                Verdict::of_count(max, *in_flight, now, reset_at, retry_at)
             }
             // `fits` was ensured above.
             _ => unreachable_verdict(now),
@@ -253,13 +280,24 @@ impl Rule {
             (Rule::Bucket { interval, .. }, CounterState::Bucket { tat }) => {
                 *tat = (*tat).max(now) + interval;
             }
+            (Rule::Concurrency { .. }, CounterState::Concurrency { in_flight }) => {
+                *in_flight = in_flight.saturating_add(1);
+            }
             _ => {}
+        }
+    }
+
+    /// Gives back one concurrency slot (the exchange ended). No-op for window kinds.
+    pub fn release(&self, state: &mut CounterState) {
+        if let CounterState::Concurrency { in_flight } = state {
+            *in_flight = in_flight.saturating_sub(1);
         }
     }
 
     /// Takes back one request counted at `at` (a request refused after
     /// admission, e.g. a streamed body over its size limit). A window that has
-    /// moved on since is left alone.
+    /// moved on since is left alone; concurrency slots are given back by
+    /// [`release`](Rule::release) instead.
     pub fn unrecord(&self, state: &mut CounterState, at: Nanos) {
         match (*self, state) {
             (
@@ -290,6 +328,12 @@ impl Rule {
                 log.newest_exit(window).unwrap_or(0)
             }
             (Rule::Bucket { .. }, CounterState::Bucket { tat }) => *tat,
+            // Never evicted while a slot is held.
+            (Rule::Concurrency { .. }, CounterState::Concurrency { in_flight })
+                if *in_flight > 0 =>
+            {
+                Nanos::MAX
+            }
             _ => 0,
         }
     }

@@ -165,6 +165,30 @@ fn unrecord_gives_back_exactly_one_request() {
     }
 }
 
+#[test]
+fn concurrency_slots_are_taken_and_given_back() {
+    let rule = Rule::Concurrency {
+        max: 2,
+        retry_after: 3 * S,
+    };
+    let mut st = rule.new_state();
+    assert_eq!(hit(&rule, &mut st, T0).remaining, 1);
+    assert_eq!(hit(&rule, &mut st, T0).remaining, 0);
+    assert_eq!(
+        rule.expires_at(&st),
+        Nanos::MAX,
+        "never evicted while slots are held"
+    );
+    let v = hit(&rule, &mut st, T0);
+    assert!(!v.admitted);
+    assert_eq!(v.retry_at, T0 + 3 * S);
+    rule.release(&mut st);
+    assert!(hit(&rule, &mut st, T0).admitted);
+    rule.release(&mut st);
+    rule.release(&mut st);
+    assert_eq!(rule.expires_at(&st), 0);
+}
+
 fn arrivals() -> impl Strategy<Value = Vec<u64>> {
     // Gaps in milliseconds: bursts and lulls.
     prop::collection::vec(

@@ -4,21 +4,36 @@
 //! decides every limit, and counts only if all admit: atomic without a global
 //! lock. Idle subjects are evicted by [`MemoryStore::evict_expired`] once
 //! every window they hold has passed.
+//!
+//! Concurrency slots are [`Slot`] guards: dropping one gives the slot back,
+//! or hands it straight to the first live waiter of the limit's queue, so
+//! waiters are served in arrival order and newcomers cannot jump the queue.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
+use tokio::sync::oneshot;
 
-use super::{Decision, LimitCheck, Store, StoreError, Subject};
+use super::{Decision, Lease, LimitCheck, Store, StoreError, Subject};
 use crate::clock::{Clock, Nanos};
-use crate::limits::{CounterState, Rule};
+use crate::limits::{CounterState, Rule, Verdict};
 
 #[derive(Debug)]
 struct Counter {
     id: u64,
     state: CounterState,
     expires_at: Nanos,
+    /// Requests waiting for a concurrency slot, oldest first.
+    waiters: VecDeque<oneshot::Sender<Slot>>,
+}
+
+impl Counter {
+    fn live_waiters(&mut self) -> usize {
+        self.waiters.retain(|w| !w.is_closed());
+        self.waiters.len()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +53,7 @@ impl Counters {
             id,
             state: rule.new_state(),
             expires_at: 0,
+            waiters: VecDeque::new(),
         });
         self.list.len() - 1
     }
@@ -51,41 +67,62 @@ fn lock(h: &Handle) -> MutexGuard<'_, Counters> {
     h.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Counters held in this process.
-pub struct MemoryStore {
+struct Inner {
     map: DashMap<Subject, Handle>,
     clock: Arc<dyn Clock>,
     live: AtomicUsize,
 }
 
+/// Counters held in this process. Clones share the same counters.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("subjects", &self.map.len())
+            .field("subjects", &self.inner.map.len())
             .finish()
     }
 }
 
-impl MemoryStore {
-    /// An empty store reading time from `clock`.
-    pub fn new(clock: Arc<dyn Clock>) -> Self {
-        Self {
-            map: DashMap::new(),
-            clock,
-            live: AtomicUsize::new(0),
+/// One concurrency slot held for an exchange; dropping it gives it back.
+pub struct Slot {
+    store: Option<Arc<Inner>>,
+    subject: Subject,
+    counter: u64,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("counter", &self.counter)
+            .finish()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take() {
+            store.release(&self.subject, self.counter);
         }
     }
+}
 
-    /// Number of counters held.
-    pub fn live_counters(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
+/// What one locked attempt at a decision came to.
+enum Attempt {
+    /// Decided (admitted or refused for good).
+    Done(Decision),
+    /// Refused by one queued concurrency limit; wait for a slot on `rx`.
+    Queued {
+        refused: Decision,
+        rx: oneshot::Receiver<Slot>,
+        check: usize,
+    },
+}
 
-    /// Number of subjects with counters.
-    pub fn subjects(&self) -> usize {
-        self.map.len()
-    }
-
+impl Inner {
     fn handle(&self, subject: &Subject) -> Handle {
         if let Some(h) = self.map.get(subject) {
             return h.clone();
@@ -119,37 +156,208 @@ impl MemoryStore {
         }
     }
 
-    /// Decides at an explicit time (the [`Store`] impl uses the clock).
-    pub fn decide_at(&self, checks: &[LimitCheck<'_>], now: Nanos) -> Decision {
+    /// One decision under lock. `reserved`: a check whose slot was handed to
+    /// this request by the queue (already counted).
+    fn attempt(
+        self: &Arc<Self>,
+        checks: &[LimitCheck<'_>],
+        now: Nanos,
+        reserved: Option<&mut Option<Slot>>,
+    ) -> Attempt {
+        let reserved_check = reserved.as_ref().and_then(|r| r.as_ref()).and_then(|slot| {
+            checks
+                .iter()
+                .position(|c| c.counter == slot.counter && c.subject == slot.subject)
+        });
         self.with_locked(checks, |guards, owner| {
             let mut slots = Vec::with_capacity(checks.len());
             let mut verdicts = Vec::with_capacity(checks.len());
-            for (c, &g) in checks.iter().zip(owner) {
-                let i = guards[g].slot(c.counter, c.rule, &self.live);
-                verdicts.push(c.rule.evaluate(&mut guards[g].list[i].state, now));
-                slots.push((g, i));
+            for (i, (c, &g)) in checks.iter().zip(owner).enumerate() {
+                let s = guards[g].slot(c.counter, c.rule, &self.live);
+                let counter = &mut guards[g].list[s];
+                let verdict = if reserved_check == Some(i) {
+                    held_verdict(c.rule, &counter.state, now)
+                } else {
+                    let mut v = c.rule.evaluate(&mut counter.state, now);
+                    // Newcomers queue behind waiting requests.
+                    if let Rule::Concurrency { retry_after, .. } = c.rule {
+                        if v.admitted && counter.live_waiters() > 0 {
+                            let at = now + retry_after;
+                            v = Verdict {
+                                admitted: false,
+                                used: v.used - 1,
+                                remaining: 0,
+                                reset_at: at,
+                                retry_at: at,
+                                ..v
+                            };
+                        }
+                    }
+                    v
+                };
+                verdicts.push(verdict);
+                slots.push((g, s));
             }
             let admitted = verdicts.iter().all(|v| v.admitted);
             if !admitted {
                 verdicts.iter_mut().for_each(|v| *v = v.uncounted());
-            } else {
-                for (c, &(g, i)) in checks.iter().zip(&slots) {
-                    let counter = &mut guards[g].list[i];
+                let refusing: Vec<usize> = (0..checks.len())
+                    .filter(|&i| !verdicts[i].admitted)
+                    .collect();
+                let refused = Decision {
+                    now,
+                    admitted,
+                    verdicts,
+                    lease: Lease::default(),
+                };
+                if let [i] = refusing[..] {
+                    if let Some(q) = checks[i].queue {
+                        let (g, s) = slots[i];
+                        let counter = &mut guards[g].list[s];
+                        if counter.live_waiters() < q.max_len {
+                            let (tx, rx) = oneshot::channel();
+                            counter.waiters.push_back(tx);
+                            counter.expires_at = Nanos::MAX;
+                            return Attempt::Queued {
+                                refused,
+                                rx,
+                                check: i,
+                            };
+                        }
+                    }
+                }
+                return Attempt::Done(refused);
+            }
+            let mut lease = Vec::new();
+            for (i, (c, &(g, s))) in checks.iter().zip(&slots).enumerate() {
+                let counter = &mut guards[g].list[s];
+                if reserved_check != Some(i) {
                     c.rule.record(&mut counter.state, now);
-                    counter.expires_at = c.rule.expires_at(&counter.state);
+                }
+                counter.expires_at = c.rule.expires_at(&counter.state);
+                if c.rule.is_concurrency() {
+                    lease.push(Box::new(Slot {
+                        store: Some(self.clone()),
+                        subject: c.subject.clone(),
+                        counter: c.counter,
+                    }) as Box<dyn Send + Sync>);
                 }
             }
-            Decision {
+            // The handed-over slot now belongs to the lease.
+            if let (Some(_), Some(r)) = (reserved_check, reserved) {
+                if let Some(mut slot) = r.take() {
+                    slot.store = None;
+                }
+            }
+            Attempt::Done(Decision {
                 now,
                 admitted,
                 verdicts,
-            }
+                lease: Lease::new(lease),
+            })
         })
+    }
+
+    /// Gives a slot back, or hands it to the oldest live waiter.
+    fn release(self: &Arc<Self>, subject: &Subject, counter: u64) {
+        let handle = self.handle(subject);
+        let mut g = lock(&handle);
+        let Some(c) = g.list.iter_mut().find(|c| c.id == counter) else {
+            return;
+        };
+        while let Some(waiter) = c.waiters.pop_front() {
+            let slot = Slot {
+                store: Some(self.clone()),
+                subject: subject.clone(),
+                counter,
+            };
+            match waiter.send(slot) {
+                Ok(()) => return,
+                // That waiter left (client gone or timed out): disarm and try the next.
+                Err(mut slot) => slot.store = None,
+            }
+        }
+        if let CounterState::Concurrency { in_flight } = &mut c.state {
+            *in_flight = in_flight.saturating_sub(1);
+            c.expires_at = if *in_flight > 0 { Nanos::MAX } else { 0 };
+        }
+    }
+}
+
+/// The verdict of a concurrency limit whose slot this request already holds.
+fn held_verdict(rule: &Rule, state: &CounterState, now: Nanos) -> Verdict {
+    let used = match state {
+        CounterState::Concurrency { in_flight } => *in_flight,
+        _ => 0,
+    };
+    let limit = rule.shown_limit();
+    Verdict {
+        admitted: true,
+        limit,
+        used,
+        remaining: limit.saturating_sub(used),
+        reset_at: now,
+        retry_at: now,
+    }
+}
+
+impl MemoryStore {
+    /// An empty store reading time from `clock`.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                clock,
+                live: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Number of counters held.
+    pub fn live_counters(&self) -> usize {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    /// Number of subjects with counters.
+    pub fn subjects(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    /// Concurrency slots taken, summed over every counter (for tests and metrics).
+    pub fn slots_in_flight(&self) -> u64 {
+        let mut total = 0;
+        for entry in self.inner.map.iter() {
+            for c in &lock(entry.value()).list {
+                if let CounterState::Concurrency { in_flight } = c.state {
+                    total += in_flight as u64;
+                }
+            }
+        }
+        total
+    }
+
+    /// Requests waiting in concurrency queues (for tests and metrics).
+    pub fn queued(&self) -> usize {
+        let mut total = 0;
+        for entry in self.inner.map.iter() {
+            for c in lock(entry.value()).list.iter_mut() {
+                total += c.live_waiters();
+            }
+        }
+        total
+    }
+
+    /// Decides at an explicit time, without queueing (a queued limit refuses).
+    pub fn decide_at(&self, checks: &[LimitCheck<'_>], now: Nanos) -> Decision {
+        match self.inner.attempt(checks, now, None) {
+            Attempt::Done(d) => d,
+            Attempt::Queued { refused, .. } => refused,
+        }
     }
 
     /// Takes back one request admitted at `at` (see [`Store::refund`]).
     pub fn refund_at(&self, checks: &[LimitCheck<'_>], at: Nanos) {
-        self.with_locked(checks, |guards, owner| {
+        self.inner.with_locked(checks, |guards, owner| {
             for (c, &g) in checks.iter().zip(owner) {
                 if let Some(counter) = guards[g].list.iter_mut().find(|x| x.id == c.counter) {
                     c.rule.unrecord(&mut counter.state, at);
@@ -161,12 +369,13 @@ impl MemoryStore {
     /// Drops every counter whose windows have all passed by now, and subjects
     /// left without counters. Returns how many counters were dropped.
     pub fn evict_expired(&self) -> usize {
-        let now = self.clock.now();
+        let now = self.inner.clock.now();
         let mut dropped = 0;
-        self.map.retain(|_, handle| {
+        self.inner.map.retain(|_, handle| {
             let mut g = lock(handle);
             let before = g.list.len();
-            g.list.retain(|c| c.expires_at > now);
+            g.list
+                .retain_mut(|c| c.expires_at > now || c.live_waiters() > 0);
             dropped += before - g.list.len();
             if g.list.is_empty() {
                 g.evicted = true;
@@ -175,14 +384,31 @@ impl MemoryStore {
                 true
             }
         });
-        self.live.fetch_sub(dropped, Ordering::Relaxed);
+        self.inner.live.fetch_sub(dropped, Ordering::Relaxed);
         dropped
     }
 }
 
 impl Store for MemoryStore {
     async fn decide(&self, checks: &[LimitCheck<'_>]) -> Result<Decision, StoreError> {
-        Ok(self.decide_at(checks, self.clock.now()))
+        let mut reserved: Option<Slot> = None;
+        let mut deadline = None;
+        loop {
+            let now = self.inner.clock.now();
+            let (refused, rx, check) = match self.inner.attempt(checks, now, Some(&mut reserved)) {
+                Attempt::Done(d) => return Ok(d),
+                Attempt::Queued { refused, rx, check } => (refused, rx, check),
+            };
+            // A slot handed over earlier but not usable (another limit refused) goes on.
+            drop(reserved.take());
+            let max_wait = checks[check].queue.map(|q| q.max_wait).unwrap_or_default();
+            let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_wait);
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(slot)) => reserved = Some(slot),
+                // Timed out (the receiver is dropped, so a slot sent meanwhile is given back).
+                _ => return Ok(refused),
+            }
+        }
     }
 
     async fn refund(&self, checks: &[LimitCheck<'_>], at: Nanos) -> Result<(), StoreError> {
@@ -192,105 +418,4 @@ impl Store for MemoryStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::clock::{ManualClock, SECOND};
-    use crate::limits::Window;
-
-    fn key(n: u8) -> Subject {
-        Subject::Key([n; 32])
-    }
-
-    #[test]
-    fn all_or_nothing_across_limits_and_subjects() {
-        let clock = ManualClock::at_secs(1_000_020);
-        let store = MemoryStore::new(Arc::new(clock.clone()));
-        let minute = Rule::Fixed {
-            requests: 3,
-            window: Window::Span(60 * SECOND),
-        };
-        let daily = Rule::Fixed {
-            requests: 4,
-            window: Window::Span(86_400 * SECOND),
-        };
-        let checks = |who: Subject| {
-            vec![
-                LimitCheck {
-                    subject: who.clone(),
-                    counter: 1,
-                    rule: &minute,
-                },
-                LimitCheck {
-                    subject: Subject::Account("acme".into()),
-                    counter: 2,
-                    rule: &daily,
-                },
-            ]
-        };
-        let now = clock.now();
-        for _ in 0..3 {
-            assert!(store.decide_at(&checks(key(1)), now).admitted);
-        }
-        // Key 1's minute refuses: the account's daily must not be counted.
-        let d = store.decide_at(&checks(key(1)), now);
-        assert!(!d.admitted);
-        assert_eq!((d.verdicts[1].used, d.verdicts[1].remaining), (3, 1));
-        // Another key of the account takes the last daily slot, then the daily refuses.
-        assert!(store.decide_at(&checks(key(2)), now).admitted);
-        let d = store.decide_at(&checks(key(2)), now);
-        assert!(!d.admitted && d.verdicts[0].admitted && !d.verdicts[1].admitted);
-    }
-
-    #[test]
-    fn idle_counters_are_evicted_after_their_window() {
-        let clock = ManualClock::at_secs(1_000_000);
-        let store = MemoryStore::new(Arc::new(clock.clone()));
-        let minute = Rule::Fixed {
-            requests: 3,
-            window: Window::Span(60 * SECOND),
-        };
-        for n in 0..100 {
-            let c = [LimitCheck {
-                subject: key(n),
-                counter: 1,
-                rule: &minute,
-            }];
-            store.decide_at(&c, clock.now());
-        }
-        assert_eq!((store.subjects(), store.live_counters()), (100, 100));
-        assert_eq!(store.evict_expired(), 0);
-        clock.advance_secs(20); // the minute ends at 1_000_020
-        assert_eq!(store.evict_expired(), 100);
-        assert_eq!((store.subjects(), store.live_counters()), (0, 0));
-    }
-
-    #[test]
-    fn concurrent_threads_never_over_admit() {
-        let clock = ManualClock::at_secs(1_000_000);
-        let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
-        let rule = Rule::Rolling {
-            requests: 97,
-            window: 60 * SECOND,
-        };
-        let admitted = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..8 {
-                s.spawn(|| {
-                    for _ in 0..100 {
-                        let c = [LimitCheck {
-                            subject: key(7),
-                            counter: 9,
-                            rule: &rule,
-                        }];
-                        if store.decide_at(&c, clock.now()).admitted {
-                            admitted.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // Eviction racing with decisions must not lose counts.
-                        store.evict_expired();
-                    }
-                });
-            }
-        });
-        assert_eq!(admitted.load(Ordering::Relaxed), 97);
-    }
-}
+mod tests;

@@ -7,6 +7,7 @@ mod memory;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use memory::MemoryStore;
 
@@ -32,10 +33,52 @@ pub struct LimitCheck<'a> {
     pub counter: u64,
     /// The rule and its numbers.
     pub rule: &'a Rule,
+    /// Concurrency limits only: wait for a slot instead of refusing at once.
+    pub queue: Option<QueueSpec>,
+}
+
+/// A concurrency limit's waiting queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// Longest wait for a slot before the request is refused.
+    pub max_wait: Duration,
+    /// Most requests waiting at once; a full queue refuses at once.
+    pub max_len: usize,
+}
+
+/// The concurrency slots an admitted request holds. Dropping the lease gives
+/// them back, however the exchange ends (completion, error, client gone,
+/// panic unwinding), so a slot can never leak.
+#[derive(Default)]
+pub struct Lease {
+    slots: Vec<Box<dyn Send + Sync>>,
+}
+
+impl Lease {
+    /// A lease over slots whose own `Drop` releases them.
+    pub fn new(slots: Vec<Box<dyn Send + Sync>>) -> Self {
+        Self { slots }
+    }
+
+    /// Number of slots held.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether no slot is held.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({} slots)", self.slots.len())
+    }
 }
 
 /// The outcome of one request's limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Decision {
     /// The time the decision was made at.
     pub now: Nanos,
@@ -43,6 +86,8 @@ pub struct Decision {
     pub admitted: bool,
     /// One verdict per check, in order.
     pub verdicts: Vec<Verdict>,
+    /// The concurrency slots taken (empty when refused).
+    pub lease: Lease,
 }
 
 /// The store could not decide.
@@ -53,7 +98,9 @@ pub struct StoreError(pub String);
 /// Decides all limits of one request atomically.
 pub trait Store: Send + Sync + 'static {
     /// Admits the request only if every check admits, and only then counts it
-    /// against all of them; concurrent calls never over-admit.
+    /// against all of them; concurrent calls never over-admit. A request
+    /// refused only by a concurrency limit with a queue waits (FIFO) for a
+    /// slot up to the queue's `max_wait`; dropping the future leaves the queue.
     fn decide(
         &self,
         checks: &[LimitCheck<'_>],

@@ -50,9 +50,10 @@ struct UpstreamState {
 
 /// A fake generation API recording everything it receives.
 ///
-/// - `/hold`: waits until the test opens the gate, then 200;
+/// - `/hold` (or any path with `hold` in its query): waits until the test opens the gate, then 200;
 /// - `/sse`: one event, then a second once the test calls `sse_next`;
-/// - `/slow`: answers after 5 s;
+/// - `/slow...`: answers after 5 s;
+/// - `/reset`: sends a chunk, then cuts the connection mid-body;
 /// - `/status/{code}`: answers with that status and a JSON body;
 /// - `/hop`: answers with hop-by-hop headers that must not reach the client;
 /// - anything else: 200 `{"ok":true}` after reading the whole body.
@@ -157,7 +158,8 @@ async fn serve(
         headers: parts.headers.clone(),
         body: body.clone(),
     });
-    let response = if path == "/hold" {
+    let hold = path == "/hold" || parts.uri.query().is_some_and(|q| q.contains("hold"));
+    let response = if hold {
         s.gate.acquire().await.unwrap().forget();
         json(200, "{\"held\":true}")
     } else if path == "/sse" {
@@ -177,7 +179,14 @@ async fn serve(
         r.headers_mut()
             .insert("content-type", "text/event-stream".parse().unwrap());
         r
-    } else if path == "/slow" {
+    } else if path == "/reset" {
+        // One chunk, then the stream fails: the connection is cut mid-body.
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, turnstile::body::BoxError>>(2);
+        let _ = tx.try_send(Ok(Frame::data(Bytes::from_static(b"partial"))));
+        let _ = tx.try_send(Err("upstream reset".into()));
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Response::new(BodyExt::boxed(StreamBody::new(stream)))
+    } else if path.starts_with("/slow") {
         tokio::time::sleep(Duration::from_secs(5)).await;
         json(200, "{\"slow\":true}")
     } else if let Some(code) = path.strip_prefix("/status/") {

@@ -1,0 +1,191 @@
+use super::*;
+use crate::clock::{ManualClock, SECOND};
+use crate::limits::Window;
+
+fn key(n: u8) -> Subject {
+    Subject::Key([n; 32])
+}
+
+#[test]
+fn all_or_nothing_across_limits_and_subjects() {
+    let clock = ManualClock::at_secs(1_000_020);
+    let store = MemoryStore::new(Arc::new(clock.clone()));
+    let minute = Rule::Fixed {
+        requests: 3,
+        window: Window::Span(60 * SECOND),
+    };
+    let daily = Rule::Fixed {
+        requests: 4,
+        window: Window::Span(86_400 * SECOND),
+    };
+    let checks = |who: Subject| {
+        vec![
+            LimitCheck {
+                subject: who.clone(),
+                counter: 1,
+                rule: &minute,
+                queue: None,
+            },
+            LimitCheck {
+                subject: Subject::Account("acme".into()),
+                counter: 2,
+                rule: &daily,
+                queue: None,
+            },
+        ]
+    };
+    let now = clock.now();
+    for _ in 0..3 {
+        assert!(store.decide_at(&checks(key(1)), now).admitted);
+    }
+    // Key 1's minute refuses: the account's daily must not be counted.
+    let d = store.decide_at(&checks(key(1)), now);
+    assert!(!d.admitted);
+    assert_eq!((d.verdicts[1].used, d.verdicts[1].remaining), (3, 1));
+    // Another key of the account takes the last daily slot, then the daily refuses.
+    assert!(store.decide_at(&checks(key(2)), now).admitted);
+    let d = store.decide_at(&checks(key(2)), now);
+    assert!(!d.admitted && d.verdicts[0].admitted && !d.verdicts[1].admitted);
+}
+
+#[test]
+fn idle_counters_are_evicted_after_their_window() {
+    let clock = ManualClock::at_secs(1_000_000);
+    let store = MemoryStore::new(Arc::new(clock.clone()));
+    let minute = Rule::Fixed {
+        requests: 3,
+        window: Window::Span(60 * SECOND),
+    };
+    for n in 0..100 {
+        let c = [LimitCheck {
+            subject: key(n),
+            counter: 1,
+            rule: &minute,
+            queue: None,
+        }];
+        store.decide_at(&c, clock.now());
+    }
+    assert_eq!((store.subjects(), store.live_counters()), (100, 100));
+    assert_eq!(store.evict_expired(), 0);
+    clock.advance_secs(20); // the minute ends at 1_000_020
+    assert_eq!(store.evict_expired(), 100);
+    assert_eq!((store.subjects(), store.live_counters()), (0, 0));
+}
+
+#[test]
+fn concurrent_threads_never_over_admit() {
+    let clock = ManualClock::at_secs(1_000_000);
+    let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
+    let rule = Rule::Rolling {
+        requests: 97,
+        window: 60 * SECOND,
+    };
+    let admitted = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..100 {
+                    let c = [LimitCheck {
+                        subject: key(7),
+                        counter: 9,
+                        rule: &rule,
+                        queue: None,
+                    }];
+                    if store.decide_at(&c, clock.now()).admitted {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Eviction racing with decisions must not lose counts.
+                    store.evict_expired();
+                }
+            });
+        }
+    });
+    assert_eq!(admitted.load(Ordering::Relaxed), 97);
+}
+
+#[tokio::test]
+async fn a_panicking_exchange_gives_its_slot_back() {
+    let clock = ManualClock::at_secs(1_000_000);
+    let store = MemoryStore::new(Arc::new(clock.clone()));
+    let rule = Rule::Concurrency {
+        max: 1,
+        retry_after: SECOND,
+    };
+    let check = || {
+        [LimitCheck {
+            subject: key(1),
+            counter: 5,
+            rule: &rule,
+            queue: None,
+        }]
+    };
+    let d = store.decide(&check()).await.unwrap();
+    assert!(d.admitted && d.lease.len() == 1);
+    let lease = d.lease;
+    let task = tokio::spawn(async move {
+        let _lease = lease;
+        panic!("boom inside the exchange");
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    assert_eq!(store.slots_in_flight(), 0);
+    assert!(store.decide(&check()).await.unwrap().admitted);
+}
+
+#[tokio::test]
+async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
+    let clock = ManualClock::at_secs(1_000_000);
+    let store = MemoryStore::new(Arc::new(clock.clone()));
+    let rule = Rule::Concurrency {
+        max: 1,
+        retry_after: SECOND,
+    };
+    let queue = Some(crate::store::QueueSpec {
+        max_wait: std::time::Duration::from_secs(30),
+        max_len: 10,
+    });
+    let held = store
+        .decide(&[LimitCheck {
+            subject: key(1),
+            counter: 5,
+            rule: &rule,
+            queue,
+        }])
+        .await
+        .unwrap();
+    assert!(held.admitted);
+    let s2 = store.clone();
+    let waiter = tokio::spawn(async move {
+        let rule = Rule::Concurrency {
+            max: 1,
+            retry_after: SECOND,
+        };
+        s2.decide(&[LimitCheck {
+            subject: key(1),
+            counter: 5,
+            rule: &rule,
+            queue,
+        }])
+        .await
+        .unwrap()
+    });
+    while store.queued() == 0 {
+        tokio::task::yield_now().await;
+    }
+    drop(held.lease);
+    // The slot was handed over: a newcomer without a queue is refused.
+    let newcomer = store.decide_at(
+        &[LimitCheck {
+            subject: key(1),
+            counter: 5,
+            rule: &rule,
+            queue: None,
+        }],
+        clock.now(),
+    );
+    let served = waiter.await.unwrap();
+    assert!(served.admitted);
+    assert!(!newcomer.admitted);
+    assert_eq!(store.slots_in_flight(), 1);
+    drop(served);
+    assert_eq!(store.slots_in_flight(), 0);
+}
