@@ -141,6 +141,11 @@ impl KeyRegistry {
         self.by_digest.get(digest)
     }
 
+    /// Every key, by digest.
+    pub fn iter(&self) -> impl Iterator<Item = (&KeyDigest, &KeyRecord)> {
+        self.by_digest.iter()
+    }
+
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.by_digest.len()

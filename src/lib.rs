@@ -8,11 +8,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod responses;
 pub mod routing;

@@ -1,5 +1,6 @@
 //! The `turnstile` binary: `turnstile [--config FILE]` runs the proxy,
 //! `turnstile check [--config FILE]` validates a config and prints its table.
+//! SIGHUP reloads the config; SIGTERM/SIGINT drain and stop.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,7 +89,20 @@ async fn serve(policy: turnstile::Policy) -> std::io::Result<()> {
     let server = turnstile::Server::bind(policy, Arc::new(turnstile::SystemClock))
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
-    tracing::info!(listen = %server.local_addr()?, %upstream, "turnstile listening");
+    tracing::info!(listen = %server.local_addr()?, admin = ?server.admin_addr(), %upstream, "turnstile listening");
+    let app = server.app().clone();
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            // The outcome is logged (and counted) by reload itself.
+            let _ = app.reload();
+        }
+    });
     server.run(shutdown_signal()).await?;
     tracing::info!("turnstile stopped");
     Ok(())

@@ -18,10 +18,22 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{Body, BodyLimits, Deadline, Guarded, Holding, Trip};
-use crate::config::{Per, Plan, Policy, Route, Unmatched};
+use crate::config::{ConfigError, Per, Plan, Policy, Route, Unmatched, UpstreamSettings};
 use crate::identity::Caller;
+use crate::metrics::Metrics;
 use crate::responses::{self, Checked, Refusal};
 use crate::store::{Lease, LimitCheck, MemoryStore, Store, Subject};
+use arc_swap::ArcSwap;
+use std::collections::HashSet;
+
+/// What a reload did.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadReport {
+    /// Counters of limits that no longer exist, dropped.
+    pub dropped_counters: usize,
+    /// Settings that changed but only take effect after a restart.
+    pub restart_needed: Vec<&'static str>,
+}
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -39,11 +51,36 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-/// The proxy: policy, counters and the pooled upstream client.
-pub struct Turnstile {
-    policy: Arc<Policy>,
-    store: Arc<MemoryStore>,
+/// The configuration in force and the upstream client built for it. A reload
+/// swaps in a new one; exchanges already started finish with the one they
+/// loaded.
+pub struct Live {
+    /// The validated config.
+    pub policy: Arc<Policy>,
     client: Client<HttpConnector, Body>,
+}
+
+impl Live {
+    fn new(policy: Policy) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(policy.upstream.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Self {
+            policy: Arc::new(policy),
+            client,
+        }
+    }
+}
+
+/// The proxy: the live config, the counters and the metrics.
+pub struct Turnstile {
+    live: ArcSwap<Live>,
+    store: MemoryStore,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Turnstile {
@@ -60,36 +97,102 @@ struct Identified<'a> {
     plan: &'a Plan,
 }
 
+/// Route label for requests no route matched.
+fn unmatched_label() -> Arc<str> {
+    Arc::from("(unmatched)")
+}
+
 impl Turnstile {
     /// A proxy for `policy` counting in `store`.
-    pub fn new(policy: Arc<Policy>, store: Arc<MemoryStore>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(policy.upstream.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+    pub fn new(policy: Policy, store: MemoryStore) -> Self {
         Self {
-            policy,
+            live: ArcSwap::from_pointee(Live::new(policy)),
             store,
-            client,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> &Arc<Policy> {
-        &self.policy
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.live.load().policy.clone()
     }
 
     /// The counter store.
-    pub fn store(&self) -> &Arc<MemoryStore> {
+    pub fn store(&self) -> &MemoryStore {
         &self.store
     }
 
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Re-reads the config file (and keys file) the running config came
+    /// from. An invalid config is refused and the running one stays.
+    pub fn reload(&self) -> Result<ReloadReport, ConfigError> {
+        let path = self.policy().path.clone();
+        match crate::config::load(&path) {
+            Ok(policy) => {
+                let report = self.apply(policy);
+                self.metrics.reload(true);
+                tracing::info!(config = %path.display(), dropped_counters = report.dropped_counters, "config reloaded");
+                Ok(report)
+            }
+            Err(e) => {
+                self.metrics.reload(false);
+                tracing::error!(error = %e, "config reload refused; the running config keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts `policy` in force. Counters whose identity is unchanged keep their
+    /// counts; counters of removed limits are dropped; slots in use are kept.
+    pub fn apply(&self, policy: Policy) -> ReloadReport {
+        let old = self.policy();
+        let mut restart_needed = Vec::new();
+        if old.server.listen != policy.server.listen {
+            restart_needed.push("[server] listen");
+        }
+        if old.admin.as_ref().map(|a| a.listen) != policy.admin.as_ref().map(|a| a.listen) {
+            restart_needed.push("[admin] listen");
+        }
+        for what in &restart_needed {
+            tracing::warn!(
+                setting = what,
+                "changed in the config: takes effect after a restart"
+            );
+        }
+        let ids: HashSet<u64> = policy
+            .plans
+            .iter()
+            .flat_map(|p| p.by_route.iter().flatten().map(|a| a.counter))
+            .collect();
+        self.live.store(Arc::new(Live::new(policy)));
+        let dropped_counters = self.store.retain_counters(|id| ids.contains(&id));
+        ReloadReport {
+            dropped_counters,
+            restart_needed,
+        }
+    }
+
     /// Handles one request from `peer`; every failure is already a response.
+    /// The response body carries the exchange's in-flight guard.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let policy = &*self.policy;
+        let exchange = self.metrics.exchange();
+        let live = self.live.load_full();
+        let response = self.pipeline(&live, req, peer).await;
+        response.map(|b| Holding::new(b, exchange).boxed())
+    }
+
+    /// SPEC §1, steps 1 to 7.
+    async fn pipeline(
+        &self,
+        live: &Live,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let policy = &*live.policy;
         let (parts, body) = req.into_parts();
 
         // 1. Route match.
@@ -106,6 +209,7 @@ impl Turnstile {
                     method: parts.method.clone(),
                     path: parts.uri.path().to_owned(),
                 };
+                self.metrics.request(&unmatched_label(), refusal.code());
                 return responses::refusal(
                     &refusal,
                     Some(&policy.responses),
@@ -114,19 +218,27 @@ impl Turnstile {
                     HeaderMap::new(),
                 );
             }
-            return self
-                .forward(parts, body, peer, None, None)
-                .await
-                .unwrap_or_else(|r| {
-                    responses::refusal(&r, Some(&policy.responses), "", "", HeaderMap::new())
-                });
+            let forwarded = self.forward(live, parts, body, peer, None, None).await;
+            let decision = forwarded
+                .as_ref()
+                .map_or_else(|r| r.code(), |_| "forwarded");
+            self.metrics.request(&unmatched_label(), decision);
+            return forwarded.unwrap_or_else(|r| {
+                responses::refusal(&r, Some(&policy.responses), "", "", HeaderMap::new())
+            });
         };
         let (route_index, route) = route;
         if !route.auth {
-            return self
-                .forward(parts, body, peer, Some(route), None)
+            return match self
+                .forward(live, parts, body, peer, Some(route), None)
                 .await
-                .unwrap_or_else(|r| self.refuse(&r, route, None, HeaderMap::new()));
+            {
+                Ok(response) => {
+                    self.metrics.request(&route.name, "forwarded");
+                    response
+                }
+                Err(r) => self.refuse(&r, route, None, HeaderMap::new()),
+            };
         }
 
         // 2-3. Identity and plan.
@@ -181,11 +293,12 @@ impl Turnstile {
                         .zip(d.verdicts)
                         .collect();
                     if !d.admitted {
-                        return self.rate_limited(&checked, d.now, route, &who);
+                        return self.rate_limited(policy, &checked, d.now, route, &who);
                     }
                     (d.now, checked, d.lease)
                 }
                 Err(e) => {
+                    self.metrics.store_error();
                     tracing::error!(error = %e, "counter store failed");
                     return self.refuse(
                         &Refusal::StoreUnavailable(e.to_string()),
@@ -206,10 +319,11 @@ impl Turnstile {
         // until the response body is dropped: sent completely, or the
         // exchange ended any other way.
         match self
-            .forward(parts, body, peer, Some(route), Some(&who))
+            .forward(live, parts, body, peer, Some(route), Some(&who))
             .await
         {
             Ok(mut response) => {
+                self.metrics.request(&route.name, "forwarded");
                 response.headers_mut().extend(rate_headers);
                 if lease.is_empty() {
                     response
@@ -231,12 +345,13 @@ impl Turnstile {
 
     fn rate_limited(
         &self,
+        policy: &Policy,
         checked: &[Checked<'_>],
         now: u64,
         route: &Route,
         who: &Identified<'_>,
     ) -> Response<Body> {
-        let headers = responses::rate_headers(&self.policy.headers, checked, now, true);
+        let headers = responses::rate_headers(&policy.headers, checked, now, true);
         let Some(details) = responses::rate_limited(checked, now, &route.name, &who.plan.name)
         else {
             return self.refuse(
@@ -267,6 +382,10 @@ impl Turnstile {
             Refusal::RateLimited(r) => Some(&*r.name),
             _ => None,
         };
+        self.metrics.request(&route.name, refusal.code());
+        if let Refusal::RateLimited(r) = refusal {
+            self.metrics.rate_limited(&route.name, &r.name);
+        }
         let status = refusal.status().as_u16();
         if status >= 500 {
             tracing::warn!(route = &*route.name, plan, key_fp, status, error = %refusal, "upstream failure");
@@ -279,19 +398,21 @@ impl Turnstile {
     /// Streams the request to the upstream and its response back.
     async fn forward(
         &self,
+        live: &Live,
         parts: Parts,
         body: Incoming,
         peer: SocketAddr,
         route: Option<&Route>,
         who: Option<&Identified<'_>>,
     ) -> Result<Response<Body>, Refusal> {
-        let up = &self.policy.upstream;
+        let policy = &*live.policy;
+        let up = &policy.upstream;
         let unmatched_limits;
         let limits = match route {
             Some(r) => &r.body,
             None => {
                 unmatched_limits = BodyLimits {
-                    max: self.policy.server.max_body,
+                    max: policy.server.max_body,
                     by_type: Vec::new(),
                 };
                 &unmatched_limits
@@ -300,7 +421,7 @@ impl Turnstile {
         let timeout = route.map_or(up.timeout, |r| r.timeout);
         let deadline = tokio::time::Instant::now() + timeout;
 
-        let uri = self.upstream_uri(&parts.uri)?;
+        let uri = upstream_uri(up, &parts.uri)?;
         let mut headers = parts.headers;
         let original_host = request_host_header(&headers, &parts.uri);
         strip_hop_by_hop(&mut headers);
@@ -316,7 +437,12 @@ impl Turnstile {
             }
             headers.insert(up.plan_header.clone(), who.plan.header_value.clone());
         }
-        self.set_forwarded(&mut headers, peer, original_host.as_ref());
+        set_forwarded(
+            policy.server.trust_forwarded,
+            &mut headers,
+            peer,
+            original_host.as_ref(),
+        );
         if !up.preserve_host || original_host.is_none() {
             if let Ok(v) = HeaderValue::from_str(up.authority.as_str()) {
                 headers.insert(HOST, v);
@@ -333,16 +459,18 @@ impl Turnstile {
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = headers;
 
-        let result = tokio::time::timeout_at(deadline, self.client.request(request)).await;
+        let sent = std::time::Instant::now();
+        let result = tokio::time::timeout_at(deadline, live.client.request(request)).await;
+        let label = route.map_or_else(unmatched_label, |r| r.name.clone());
+        self.metrics.upstream_latency(&label, sent.elapsed());
         let response = match result {
             Err(_) => return Err(Refusal::UpstreamTimeout(timeout)),
             Ok(Err(e)) => {
                 if let Some(over) = trip.get() {
-                    let name = route.map_or_else(|| Arc::from("(unmatched)"), |r| r.name.clone());
                     return Err(Refusal::PayloadTooLarge {
                         limit: over.limit,
                         pattern: over.pattern.clone(),
-                        route: name,
+                        route: label,
                     });
                 }
                 return Err(Refusal::BadGateway(upstream_error_message(&e)));
@@ -356,9 +484,12 @@ impl Turnstile {
             Deadline::new(body, deadline).boxed(),
         ))
     }
+}
 
-    fn upstream_uri(&self, original: &Uri) -> Result<Uri, Refusal> {
-        let up = &self.policy.upstream;
+/// The upstream URI for a request: configured scheme, authority and base path,
+/// plus the path and query of the client's target.
+fn upstream_uri(up: &UpstreamSettings, original: &Uri) -> Result<Uri, Refusal> {
+    {
         let pq = original.path_and_query().map_or("/", PathAndQuery::as_str);
         // Only the path and query of the client's target are used: an
         // absolute-form target never chooses where the request goes.
@@ -375,10 +506,17 @@ impl Turnstile {
             .build()
             .map_err(|_| Refusal::BadRequest("invalid request target".into()))
     }
+}
 
-    fn set_forwarded(&self, headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
+/// Sets `X-Forwarded-For/-Proto/-Host`: replaced, or appended to when `trust`.
+fn set_forwarded(
+    trust: bool,
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    host: Option<&HeaderValue>,
+) {
+    {
         let peer_ip = peer.ip().to_string();
-        let trust = self.policy.server.trust_forwarded;
         let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(prior) if trust && !prior.trim().is_empty() => format!("{prior}, {peer_ip}"),
             _ => peer_ip,

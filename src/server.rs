@@ -1,6 +1,7 @@
-//! The listener: accepts connections (HTTP/1.1 and h2c), applies the header
-//! read timeout, hands each request to [`Turnstile::handle`], evicts idle
-//! counters in the background and drains connections on shutdown.
+//! The listeners: the proxy (HTTP/1.1 and h2c, header read timeout) and the
+//! optional admin API; background work (idle-counter eviction, periodic
+//! snapshots); and shutdown: stop accepting, drain in-flight exchanges up to
+//! `[server] shutdown_grace`, write the snapshot.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -26,12 +28,11 @@ use crate::store::MemoryStore;
 
 /// How often idle counters are swept.
 const EVICT_EVERY: Duration = Duration::from_secs(10);
-/// How long in-flight exchanges get to finish on shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// A bound, not yet running, proxy.
+/// Bound, not yet running, listeners.
 pub struct Server {
     listener: TcpListener,
+    admin: Option<TcpListener>,
     app: Arc<Turnstile>,
 }
 
@@ -44,17 +45,47 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Binds `[server] listen` of `policy`, counting with `clock`.
+    /// Binds `[server] listen` (and `[admin] listen`) of `policy`, counting
+    /// with `clock`, and restores the snapshot if one is configured. A
+    /// missing or damaged snapshot is logged and turnstile starts empty.
     pub async fn bind(policy: Policy, clock: Arc<dyn Clock>) -> std::io::Result<Self> {
         let listener = TcpListener::bind(policy.server.listen).await?;
-        let store = Arc::new(MemoryStore::new(clock));
-        let app = Arc::new(Turnstile::new(Arc::new(policy), store));
-        Ok(Self { listener, app })
+        let admin = match &policy.admin {
+            Some(a) => Some(TcpListener::bind(a.listen).await?),
+            None => None,
+        };
+        let store = MemoryStore::new(clock);
+        if let Some(path) = &policy.store.snapshot {
+            match store.load_snapshot(path) {
+                Ok(n) => {
+                    tracing::info!(snapshot = %path.display(), counters = n, "counters restored")
+                }
+                Err(crate::store::SnapshotError::Io(e))
+                    if e.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    tracing::info!(snapshot = %path.display(), "no snapshot yet: starting with empty counters")
+                }
+                Err(e) => {
+                    tracing::error!(snapshot = %path.display(), error = %e, "snapshot unreadable: starting with empty counters")
+                }
+            }
+        }
+        let app = Arc::new(Turnstile::new(policy, store));
+        Ok(Self {
+            listener,
+            admin,
+            app,
+        })
     }
 
-    /// The address actually bound (useful with port 0).
+    /// The proxy address actually bound (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The admin address actually bound, if there is an admin listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The proxy behind this listener.
@@ -62,15 +93,20 @@ impl Server {
         &self.app
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and lets open
-    /// connections finish (up to 30 s).
+    /// Serves until `shutdown` completes; then stops accepting, lets open
+    /// exchanges finish (up to `[server] shutdown_grace`) and writes the snapshot.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-        let Server { listener, app } = self;
+        let Server {
+            listener,
+            admin,
+            app,
+        } = self;
+        let policy = app.policy();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(app.policy().server.header_timeout)
+            .header_read_timeout(policy.server.header_timeout)
             .max_buf_size(64 * 1024);
         builder
             .http2()
@@ -79,19 +115,8 @@ impl Server {
         let builder = Arc::new(builder);
         let graceful = GracefulShutdown::new();
 
-        let store = app.store().clone();
-        let sweeper = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(EVICT_EVERY);
-            loop {
-                tick.tick().await;
-                let dropped = store.evict_expired();
-                tracing::debug!(
-                    dropped,
-                    live = store.live_counters(),
-                    "evicted idle counters"
-                );
-            }
-        });
+        let background = spawn_background(app.clone());
+        let admin_task = admin.map(|l| tokio::spawn(serve_admin(l, app.clone())));
 
         tokio::pin!(shutdown);
         loop {
@@ -123,14 +148,91 @@ impl Server {
             });
         }
         drop(listener);
-        sweeper.abort();
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        let grace = app.policy().server.shutdown_grace;
+        tracing::info!(
+            grace_secs = grace.as_secs_f64(),
+            "shutting down: draining in-flight exchanges"
+        );
+        if tokio::time::timeout(grace, graceful.shutdown())
             .await
             .is_err()
         {
             tracing::warn!("shutdown grace expired with exchanges still in flight");
         }
+        for task in background.into_iter().chain(admin_task) {
+            task.abort();
+        }
+        write_snapshot(&app).await;
         Ok(())
+    }
+}
+
+/// Eviction of idle counters, and periodic snapshots when configured.
+fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
+    let store = app.store().clone();
+    let mut tasks = vec![tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EVICT_EVERY);
+        loop {
+            tick.tick().await;
+            let dropped = store.evict_expired();
+            tracing::debug!(
+                dropped,
+                live = store.live_counters(),
+                "evicted idle counters"
+            );
+        }
+    })];
+    if app.policy().store.snapshot.is_some() {
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(app.policy().store.snapshot_interval).await;
+                write_snapshot(&app).await;
+            }
+        }));
+    }
+    tasks
+}
+
+/// Writes the snapshot (if configured) off the async threads.
+pub async fn write_snapshot(app: &Arc<Turnstile>) {
+    let Some(path) = app.policy().store.snapshot.clone() else {
+        return;
+    };
+    let store = app.store().clone();
+    let target = path.clone();
+    let result = tokio::task::spawn_blocking(move || store.save_snapshot(&target)).await;
+    match result {
+        Ok(Ok(n)) => {
+            app.metrics().snapshot(true);
+            tracing::debug!(snapshot = %path.display(), counters = n, "snapshot written");
+        }
+        Ok(Err(e)) => {
+            app.metrics().snapshot(false);
+            tracing::error!(snapshot = %path.display(), error = %e, "snapshot failed");
+        }
+        Err(e) => {
+            app.metrics().snapshot(false);
+            tracing::error!(error = %e, "snapshot task failed");
+        }
+    }
+}
+
+async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(crate::admin::handle(&app, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 

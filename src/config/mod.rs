@@ -107,6 +107,28 @@ pub struct ServerSettings {
     pub header_timeout: Duration,
     /// Append to (true) or replace (false) incoming `X-Forwarded-*`.
     pub trust_forwarded: bool,
+    /// How long in-flight exchanges may take to finish on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// Validated `[store]` settings.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// Where counters live.
+    pub backend: Backend,
+    /// Snapshot file (absolute, or relative to the working directory once resolved).
+    pub snapshot: Option<PathBuf>,
+    /// How often the snapshot is written.
+    pub snapshot_interval: Duration,
+}
+
+/// Validated `[admin]` settings.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Admin listen address.
+    pub listen: SocketAddr,
+    /// Bearer token required by `/v1/*`.
+    pub token: Option<String>,
 }
 
 /// `[server] unmatched`.
@@ -261,8 +283,10 @@ pub struct Policy {
     pub identity: IdentitySettings,
     /// `[headers]`.
     pub headers: HeaderSettings,
-    /// `[store] backend`.
-    pub backend: Backend,
+    /// `[store]`.
+    pub store: StoreSettings,
+    /// `[admin]`; `None`: no admin listener.
+    pub admin: Option<AdminSettings>,
     /// Routes in file order.
     pub routes: Vec<Route>,
     /// Plans by name order.
@@ -313,8 +337,36 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
     let server = compile_server(src, &raw.server)?;
     let upstream = compile_upstream(src, &raw.upstream)?;
     let headers = compile_headers(src, &raw.headers)?;
-    let backend = match raw.store.backend {
-        None | Some(RawBackend::Memory) => Backend::Memory,
+    let store = StoreSettings {
+        backend: match raw.store.backend {
+            None | Some(RawBackend::Memory) => Backend::Memory,
+        },
+        snapshot: raw.store.snapshot.as_ref().map(|p| base.join(p)),
+        snapshot_interval: duration(src, &raw.store.snapshot_interval, Duration::from_secs(5))?,
+    };
+    if store.snapshot_interval.is_zero() {
+        let span = raw
+            .store
+            .snapshot_interval
+            .as_ref()
+            .map(|s| s.span())
+            .unwrap_or(0..0);
+        return Err(src.at(span, "snapshot_interval must be above zero"));
+    }
+    let admin = match &raw.admin {
+        None => None,
+        Some(a) => Some(AdminSettings {
+            listen: match &a.listen {
+                None => SocketAddr::from(([127, 0, 0, 1], 9090)),
+                Some(s) => s.get_ref().parse().map_err(|_| {
+                    src.at(
+                        s.span(),
+                        format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()),
+                    )
+                })?,
+            },
+            token: a.token.clone().filter(|t| !t.is_empty()),
+        }),
     };
 
     let mut global = ResponseSet::default();
@@ -375,7 +427,8 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         upstream,
         identity,
         headers,
-        backend,
+        store,
+        admin,
         routes,
         plans,
         responses: global,
@@ -404,6 +457,7 @@ fn compile_server(src: &Source, raw: &RawServer) -> Result<ServerSettings, Confi
         max_body: size(src, &raw.max_body, 100_000_000)?,
         header_timeout: duration(src, &raw.header_timeout, Duration::from_secs(10))?,
         trust_forwarded: raw.trust_forwarded.unwrap_or(false),
+        shutdown_grace: duration(src, &raw.shutdown_grace, Duration::from_secs(30))?,
     })
 }
 

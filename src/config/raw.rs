@@ -28,6 +28,14 @@ pub struct RawConfig {
     #[serde(default)]
     pub plans: BTreeMap<String, Spanned<RawPlan>>,
     pub responses: Option<RawResponses>,
+    pub admin: Option<RawAdmin>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<Spanned<String>>,
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -38,6 +46,7 @@ pub struct RawServer {
     pub max_body: Option<Spanned<RawSize>>,
     pub header_timeout: Option<Spanned<String>>,
     pub trust_forwarded: Option<bool>,
+    pub shutdown_grace: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -96,6 +105,8 @@ pub enum RawReset {
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
     pub backend: Option<RawBackend>,
+    pub snapshot: Option<String>,
+    pub snapshot_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -76,7 +76,7 @@ pub enum Rule {
 }
 
 /// What a counter holds between requests.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CounterState {
     /// Count within the window that starts at `window_start`.
     Fixed {

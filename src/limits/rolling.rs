@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use crate::clock::{Nanos, SECOND};
 
 /// Admission counts per whole second, oldest first.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RollingLog {
     seconds: VecDeque<(u64, u32)>,
     total: u32,

@@ -16,7 +16,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dashmap::DashMap;
 use tokio::sync::oneshot;
 
-use super::{Decision, Lease, LimitCheck, Store, StoreError, Subject};
+use std::path::Path;
+
+use super::snapshot::{self, SavedCounter, SavedSubject};
+use super::{Decision, Lease, LimitCheck, SnapshotError, Store, StoreError, Subject};
 use crate::clock::{Clock, Nanos};
 use crate::limits::{CounterState, Rule, Verdict};
 
@@ -313,6 +316,11 @@ impl MemoryStore {
         }
     }
 
+    /// "Now" as this store's clock tells it.
+    pub fn now(&self) -> Nanos {
+        self.inner.clock.now()
+    }
+
     /// Number of counters held.
     pub fn live_counters(&self) -> usize {
         self.inner.live.load(Ordering::Relaxed)
@@ -364,6 +372,111 @@ impl MemoryStore {
                 }
             }
         });
+    }
+
+    /// The current state of one counter, if held.
+    pub fn peek(&self, subject: &Subject, counter: u64) -> Option<CounterState> {
+        let handle = self.inner.map.get(subject)?.clone();
+        let g = lock(&handle);
+        g.list
+            .iter()
+            .find(|c| c.id == counter)
+            .map(|c| c.state.clone())
+    }
+
+    /// Forgets a subject's window counters (quota back to full); concurrency
+    /// slots in use are kept. Returns how many counters were reset.
+    pub fn reset(&self, subject: &Subject) -> usize {
+        let Some(handle) = self.inner.map.get(subject).map(|h| h.clone()) else {
+            return 0;
+        };
+        let mut g = lock(&handle);
+        let before = g.list.len();
+        g.list.retain(
+            |c| matches!(c.state, CounterState::Concurrency { in_flight } if in_flight > 0),
+        );
+        let dropped = before - g.list.len();
+        self.inner.live.fetch_sub(dropped, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Keeps only counters whose id `keep` accepts (after a reload removed
+    /// limits); counters with slots in use or waiters stay until released.
+    pub fn retain_counters(&self, keep: impl Fn(u64) -> bool) -> usize {
+        let mut dropped = 0;
+        for entry in self.inner.map.iter() {
+            let mut g = lock(entry.value());
+            let before = g.list.len();
+            g.list
+                .retain_mut(|c| keep(c.id) || c.expires_at == Nanos::MAX || c.live_waiters() > 0);
+            dropped += before - g.list.len();
+        }
+        self.inner.live.fetch_sub(dropped, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Every window counter still live, for a snapshot (concurrency slots
+    /// belong to this process's exchanges and are not saved).
+    pub fn saved(&self) -> Vec<SavedSubject> {
+        let now = self.inner.clock.now();
+        let mut out = Vec::new();
+        for entry in self.inner.map.iter() {
+            let g = lock(entry.value());
+            let counters: Vec<SavedCounter> = g
+                .list
+                .iter()
+                .filter(|c| {
+                    c.expires_at > now && !matches!(c.state, CounterState::Concurrency { .. })
+                })
+                .map(|c| SavedCounter {
+                    id: c.id,
+                    expires_at: c.expires_at,
+                    state: c.state.clone(),
+                })
+                .collect();
+            if !counters.is_empty() {
+                out.push(SavedSubject {
+                    subject: entry.key().clone(),
+                    counters,
+                });
+            }
+        }
+        out
+    }
+
+    /// Writes every live window counter to `path` atomically. Returns how many.
+    pub fn save_snapshot(&self, path: &Path) -> Result<usize, SnapshotError> {
+        let subjects = self.saved();
+        let count = subjects.iter().map(|s| s.counters.len()).sum();
+        let bytes = snapshot::encode(self.inner.clock.now(), subjects)?;
+        snapshot::write_atomically(path, &bytes)?;
+        Ok(count)
+    }
+
+    /// Loads counters from `path`, dropping those whose windows have passed.
+    /// Returns how many were restored.
+    pub fn load_snapshot(&self, path: &Path) -> Result<usize, SnapshotError> {
+        let bytes = std::fs::read(path)?;
+        let now = self.inner.clock.now();
+        let mut restored = 0;
+        for saved in snapshot::decode(&bytes)? {
+            let handle = self.inner.handle(&saved.subject);
+            let mut g = lock(&handle);
+            for c in saved.counters.into_iter().filter(|c| c.expires_at > now) {
+                if g.list.iter().any(|x| x.id == c.id) {
+                    continue;
+                }
+                g.list.push(Counter {
+                    id: c.id,
+                    state: c.state,
+                    expires_at: c.expires_at,
+                    waiters: VecDeque::new(),
+                });
+                restored += 1;
+            }
+        }
+        self.inner.live.fetch_add(restored, Ordering::Relaxed);
+        Ok(restored)
     }
 
     /// Drops every counter whose windows have all passed by now, and subjects

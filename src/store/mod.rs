@@ -4,19 +4,23 @@
 //! decision in one round trip.
 
 mod memory;
+mod snapshot;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use memory::MemoryStore;
+pub use snapshot::SnapshotError;
 
 use crate::clock::Nanos;
 use crate::identity::KeyDigest;
 use crate::limits::{Rule, Verdict};
 
 /// Who a counter counts for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Subject {
     /// One API key (by digest); also a key that is its own account.
     Key(KeyDigest),

@@ -387,3 +387,136 @@ pub fn tally(statuses: impl IntoIterator<Item = u16>) -> HashMap<u16, usize> {
     }
     m
 }
+
+/// The real `turnstile` binary, run as a child process on free ports, with
+/// its logs (JSON) captured to a file in its own directory.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: std::path::PathBuf,
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Binary {
+    /// Writes `config` (with `{upstream}`, `{port}`, `{admin_port}` filled in)
+    /// to `dir/turnstile.toml` and starts the binary; waits until it listens.
+    pub async fn start(dir: &std::path::Path, config: &str, upstream: &Upstream) -> Self {
+        let (port, admin_port) = (free_port(), free_port());
+        let config = config
+            .replace("{upstream}", &upstream.url())
+            .replace("{port}", &port.to_string())
+            .replace("{admin_port}", &admin_port.to_string());
+        std::fs::write(dir.join("turnstile.toml"), config).unwrap();
+        Self::spawn(dir, port, admin_port).await
+    }
+
+    /// Starts the binary again on the config already in `dir`.
+    pub async fn restart(dir: &std::path::Path, port: u16, admin_port: u16) -> Self {
+        Self::spawn(dir, port, admin_port).await
+    }
+
+    async fn spawn(dir: &std::path::Path, port: u16, admin_port: u16) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("turnstile.log"))
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .arg("--config")
+            .arg(dir.join("turnstile.toml"))
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let b = Self {
+            child,
+            port,
+            admin_port,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "turnstile did not start: {}",
+                b.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        b
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.join("turnstile.log")).unwrap_or_default()
+    }
+
+    /// Sends a signal (`"HUP"`, `"TERM"`, `"KILL"`).
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "turnstile did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits (bounded) until the logs contain `needle` (after `skip` bytes).
+    pub async fn log_line(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs();
+            if let Some(line) = logs.lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?} in:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

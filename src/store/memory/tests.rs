@@ -189,3 +189,107 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
     drop(served);
     assert_eq!(store.slots_in_flight(), 0);
 }
+
+#[test]
+fn snapshots_restore_live_counters_and_drop_expired_ones() {
+    let clock = ManualClock::at_secs(1_000_000);
+    let store = MemoryStore::new(Arc::new(clock.clone()));
+    let minute = Rule::Fixed {
+        requests: 3,
+        window: Window::Span(60 * SECOND),
+    };
+    let daily = Rule::Fixed {
+        requests: 3,
+        window: Window::Span(86_400 * SECOND),
+    };
+    let slots = Rule::Concurrency {
+        max: 1,
+        retry_after: SECOND,
+    };
+    let checks = [
+        LimitCheck {
+            subject: key(1),
+            counter: 1,
+            rule: &minute,
+            queue: None,
+        },
+        LimitCheck {
+            subject: Subject::Account("acme".into()),
+            counter: 2,
+            rule: &daily,
+            queue: None,
+        },
+        LimitCheck {
+            subject: key(1),
+            counter: 3,
+            rule: &slots,
+            queue: None,
+        },
+    ];
+    let held = store.decide_at(&checks, clock.now());
+    assert!(held.admitted);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap.bin");
+    assert_eq!(
+        store.save_snapshot(&path).unwrap(),
+        2,
+        "concurrency slots are not saved"
+    );
+
+    clock.advance_secs(30); // the minute (ends at 1_000_020) has passed, the day has not
+    let restored = MemoryStore::new(Arc::new(clock.clone()));
+    assert_eq!(restored.load_snapshot(&path).unwrap(), 1);
+    assert_eq!(
+        restored.peek(&Subject::Account("acme".into()), 2),
+        Some(CounterState::Fixed {
+            window_start: 950_400 * SECOND,
+            count: 1
+        })
+    );
+    assert_eq!(restored.peek(&key(1), 1), None);
+    let d = restored.decide_at(&checks, clock.now());
+    assert!(
+        d.admitted,
+        "the slot held by the old process is not carried over"
+    );
+    assert_eq!(d.verdicts[1].remaining, 1);
+}
+
+#[test]
+fn reset_and_retain_keep_slots_in_use() {
+    let clock = ManualClock::at_secs(1_000_000);
+    let store = MemoryStore::new(Arc::new(clock.clone()));
+    let minute = Rule::Fixed {
+        requests: 3,
+        window: Window::Span(60 * SECOND),
+    };
+    let slots = Rule::Concurrency {
+        max: 1,
+        retry_after: SECOND,
+    };
+    let checks = [
+        LimitCheck {
+            subject: key(1),
+            counter: 1,
+            rule: &minute,
+            queue: None,
+        },
+        LimitCheck {
+            subject: key(1),
+            counter: 3,
+            rule: &slots,
+            queue: None,
+        },
+    ];
+    let held = store.decide_at(&checks, clock.now());
+    assert_eq!(store.reset(&key(1)), 1);
+    assert_eq!(
+        store.retain_counters(|_| false),
+        0,
+        "a slot in use survives a reload that removed its limit"
+    );
+    assert_eq!(store.slots_in_flight(), 1);
+    drop(held);
+    assert_eq!(store.slots_in_flight(), 0);
+    assert_eq!(store.retain_counters(|id| id == 1), 1);
+}

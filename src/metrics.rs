@@ -1,0 +1,244 @@
+//! Prometheus metrics (`GET /metrics` on the admin listener), all named
+//! `turnstile_*`, through the `prometheus-client` crate.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A label value held as a shared string (route and limit names come from the config).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    route: Name,
+    decision: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LimitLabels {
+    route: Name,
+    limit: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    route: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// Every metric turnstile exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    refusals: Family<LimitLabels, Counter>,
+    upstream_latency: Family<RouteLabels, Histogram>,
+    in_flight: Gauge,
+    counters: Gauge,
+    queued: Gauge,
+    slots: Gauge,
+    reloads: Family<OutcomeLabels, Counter>,
+    snapshots: Family<OutcomeLabels, Counter>,
+    store_errors: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Live figures read from the store at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreFigures {
+    /// Counters held.
+    pub counters: u64,
+    /// Requests waiting in concurrency queues.
+    pub queued: u64,
+    /// Concurrency slots taken.
+    pub slots: u64,
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("turnstile");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by route and decision (forwarded, or the refusal's error code)",
+            requests.clone(),
+        );
+        let refusals = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "429 refusals by route and refusing limit",
+            refusals.clone(),
+        );
+        let upstream_latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from forwarding a request to the upstream's response headers",
+            upstream_latency.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_exchanges",
+            "Exchanges being handled (until the response body is sent)",
+            in_flight.clone(),
+        );
+        let counters = Gauge::default();
+        registry.register(
+            "tracked_counters",
+            "Limit counters held in memory",
+            counters.clone(),
+        );
+        let queued = Gauge::default();
+        registry.register(
+            "queued_requests",
+            "Requests waiting for a concurrency slot",
+            queued.clone(),
+        );
+        let slots = Gauge::default();
+        registry.register(
+            "concurrency_slots_in_use",
+            "Concurrency slots taken",
+            slots.clone(),
+        );
+        let reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "reloads",
+            "Config reloads by outcome (ok, error)",
+            reloads.clone(),
+        );
+        let snapshots = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "snapshots",
+            "Counter snapshots written by outcome (ok, error)",
+            snapshots.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register(
+            "store_errors",
+            "Decisions the counter store could not make",
+            store_errors.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            refusals,
+            upstream_latency,
+            in_flight,
+            counters,
+            queued,
+            slots,
+            reloads,
+            snapshots,
+            store_errors,
+        }
+    }
+
+    /// Counts one request's outcome: `"forwarded"` or a refusal code.
+    pub fn request(&self, route: &Arc<str>, decision: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: Name(route.clone()),
+                decision,
+            })
+            .inc();
+    }
+
+    /// Counts one 429 by its refusing limit.
+    pub fn rate_limited(&self, route: &Arc<str>, limit: &Arc<str>) {
+        self.refusals
+            .get_or_create(&LimitLabels {
+                route: Name(route.clone()),
+                limit: Name(limit.clone()),
+            })
+            .inc();
+    }
+
+    /// Records the upstream's time to answer.
+    pub fn upstream_latency(&self, route: &Arc<str>, took: Duration) {
+        self.upstream_latency
+            .get_or_create(&RouteLabels {
+                route: Name(route.clone()),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a reload.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&OutcomeLabels {
+                outcome: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// Counts a snapshot write.
+    pub fn snapshot(&self, ok: bool) {
+        self.snapshots
+            .get_or_create(&OutcomeLabels {
+                outcome: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// Counts a store failure.
+    pub fn store_error(&self) {
+        self.store_errors.inc();
+    }
+
+    /// A guard counting one exchange in flight until dropped.
+    pub fn exchange(self: &Arc<Self>) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.clone())
+    }
+
+    /// The Prometheus text exposition, with store figures read now.
+    pub fn render(&self, figures: StoreFigures) -> String {
+        self.counters.set(figures.counters as i64);
+        self.queued.set(figures.queued as i64);
+        self.slots.set(figures.slots as i64);
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            let _ = writeln!(out, "# encoding failed");
+        }
+        out
+    }
+}
+
+/// One exchange in flight; the gauge goes down when this is dropped.
+pub struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}

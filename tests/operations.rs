@@ -1,0 +1,382 @@
+//! Operating the real binary (SPEC §9): admin API and token, metrics, hot
+//! reload on SIGHUP and POST /v1/reload, snapshots across restarts and
+//! kill -9, graceful shutdown on SIGTERM.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use support::*;
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace = "10s"
+
+[upstream]
+url = "{upstream}"
+
+[identity]
+keys_file = "keys.toml"
+
+[store]
+snapshot = "state/counters.bin"
+snapshot_interval = "200ms"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+token = "s3cret"
+
+[[routes]]
+name = "gen"
+path = "/gen"
+
+[plans.free]
+[[plans.free.limits]]
+name = "daily"
+requests = 3
+window = "1d"
+"#;
+
+const KEYS: &str = "[[keys]]\nkey = \"key-a\"\naccount = \"acme\"\nplan = \"free\"\n\n[[keys]]\nkey = \"key-b\"\naccount = \"acme\"\nplan = \"free\"\n";
+
+async fn start(dir: &tempfile::TempDir, up: &Upstream, config: &str) -> Binary {
+    std::fs::write(dir.path().join("keys.toml"), KEYS).unwrap();
+    Binary::start(dir.path(), config, up).await
+}
+
+async fn admin_call(b: &Binary, method: &str, path: &str, token: Option<&str>) -> Got {
+    let mut r = req(method, &b.admin(path));
+    if let Some(t) = token {
+        r = r.header("authorization", format!("Bearer {t}"));
+    }
+    send(r.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_daily_count() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = start(&dir, &up, CONFIG).await;
+    assert_eq!(call("GET", &b.url("/gen"), Some("key-a")).await.status, 200);
+    assert_eq!(
+        call("GET", &b.url("/gen"), Some("key-a"))
+            .await
+            .h("x-ratelimit-remaining"),
+        "1"
+    );
+    b.signal("TERM");
+    assert!(b.wait().await.success());
+    assert!(
+        dir.path().join("state/counters.bin").exists(),
+        "snapshot written at shutdown"
+    );
+    let (port, admin_port) = (b.port, b.admin_port);
+    drop(b);
+    let b = Binary::restart(dir.path(), port, admin_port).await;
+    b.log_line("counters restored").await;
+    let r = call("GET", &b.url("/gen"), Some("key-a")).await;
+    assert_eq!(
+        (r.status, r.h("x-ratelimit-remaining")),
+        (200, "0"),
+        "exactly one more"
+    );
+    assert_eq!(call("GET", &b.url("/gen"), Some("key-a")).await.status, 429);
+}
+
+#[tokio::test]
+async fn kill_9_loses_at_most_one_snapshot_interval() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(&dir, &up, CONFIG).await;
+    for _ in 0..2 {
+        assert_eq!(call("GET", &b.url("/gen"), Some("key-b")).await.status, 200);
+    }
+    // Wait for a periodic snapshot that holds both requests (interval 200 ms).
+    let snap = dir.path().join("state/counters.bin");
+    let written_after = std::time::SystemTime::now();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let fresh = std::fs::metadata(&snap)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t > written_after);
+        if fresh {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no periodic snapshot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.signal("KILL");
+    let (port, admin_port) = (b.port, b.admin_port);
+    drop(b);
+    let b = Binary::restart(dir.path(), port, admin_port).await;
+    assert_eq!(call("GET", &b.url("/gen"), Some("key-b")).await.status, 200);
+    assert_eq!(call("GET", &b.url("/gen"), Some("key-b")).await.status, 429);
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_is_logged_and_turnstile_starts_empty() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("state/counters.bin"),
+        b"TSTLSNAP\x01\x00\x00\x00garbage",
+    )
+    .unwrap();
+    let b = start(&dir, &up, CONFIG).await;
+    let line = b.log_line("snapshot unreadable").await;
+    assert!(line.contains("ERROR"), "{line}");
+    let r = call("GET", &b.url("/gen"), Some("key-a")).await;
+    assert_eq!((r.status, r.h("x-ratelimit-remaining")), (200, "2"));
+}
+
+#[tokio::test]
+async fn sighup_reload_changes_a_limit_and_keeps_counts() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(&dir, &up, CONFIG).await;
+    for _ in 0..3 {
+        assert_eq!(call("GET", &b.url("/gen"), Some("key-a")).await.status, 200);
+    }
+    assert_eq!(call("GET", &b.url("/gen"), Some("key-a")).await.status, 429);
+    let path = dir.path().join("turnstile.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("requests = 3", "requests = 5")).unwrap();
+    b.signal("HUP");
+    b.log_line("config reloaded").await;
+    // Same counter identity: 3 already used of the new 5.
+    let r = call("GET", &b.url("/gen"), Some("key-a")).await;
+    assert_eq!(
+        (
+            r.status,
+            r.h("x-ratelimit-limit"),
+            r.h("x-ratelimit-remaining")
+        ),
+        (200, "5", "1")
+    );
+}
+
+#[tokio::test]
+async fn a_broken_reload_is_refused_and_the_running_config_keeps_serving() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(&dir, &up, CONFIG).await;
+    assert_eq!(call("GET", &b.url("/gen"), Some("key-a")).await.status, 200);
+    let path = dir.path().join("turnstile.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        good.replace("window = \"1d\"", "window = \"1 fortnight\""),
+    )
+    .unwrap();
+    b.signal("HUP");
+    let line = b.log_line("config reload refused").await;
+    assert!(
+        line.contains(&format!("{}:28:10: invalid duration", path.display())),
+        "{line}"
+    );
+    let r = call("GET", &b.url("/gen"), Some("key-a")).await;
+    assert_eq!(
+        (
+            r.status,
+            r.h("x-ratelimit-limit"),
+            r.h("x-ratelimit-remaining")
+        ),
+        (200, "3", "1")
+    );
+    // The admin call reports the same error with its position.
+    let r = admin_call(&b, "POST", "/v1/reload", Some("s3cret")).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "invalid_config");
+    let message = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.starts_with(&format!(
+            "{}:28:10: invalid duration \"1 fortnight\"",
+            path.display()
+        )),
+        "{message}"
+    );
+    // Fixed, the admin reload takes it.
+    std::fs::write(&path, good.replace("requests = 3", "requests = 4")).unwrap();
+    let r = admin_call(&b, "POST", "/v1/reload", Some("s3cret")).await;
+    assert_eq!(
+        (r.status, r.json()["status"].as_str()),
+        (200, Some("reloaded"))
+    );
+    assert_eq!(
+        call("GET", &b.url("/gen"), Some("key-a"))
+            .await
+            .h("x-ratelimit-remaining"),
+        "1"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = start(&dir, &up, CONFIG).await;
+    let url = b.url("/gen?hold");
+    let slow = tokio::spawn(async move { call("GET", &url, Some("key-a")).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while up.hits() == 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    b.signal("TERM");
+    b.log_line("shutting down").await;
+    // New connections are no longer accepted while the slow one drains.
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", b.port))
+        .await
+        .is_err());
+    assert!(
+        b.child.try_wait().unwrap().is_none(),
+        "exited before the exchange finished"
+    );
+    up.release(1);
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(b.wait().await.success());
+}
+
+#[tokio::test]
+async fn admin_usage_reset_metrics_and_token() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG.replace(
+        "window = \"1d\"\n",
+        "window = \"1d\"\nper = \"account\"\n\n[[plans.free.limits]]\nname = \"minute\"\nrequests = 10\nwindow = \"1m\"\n",
+    );
+    let b = start(&dir, &up, &config).await;
+    for key in ["key-a", "key-a", "key-b"] {
+        assert_eq!(call("GET", &b.url("/gen"), Some(key)).await.status, 200);
+    }
+    assert_eq!(call("GET", &b.url("/gen"), Some("key-b")).await.status, 429);
+
+    // Probes and metrics are open; /v1 needs the token.
+    assert_eq!(admin_call(&b, "GET", "/healthz", None).await.status, 200);
+    assert_eq!(
+        admin_call(&b, "GET", "/readyz", None).await.json()["status"],
+        "ready"
+    );
+    let r = admin_call(&b, "GET", "/v1/usage?key=key-a", None).await;
+    assert_eq!((r.status, r.h("www-authenticate")), (401, "Bearer"));
+    assert_eq!(
+        admin_call(&b, "GET", "/v1/usage?key=key-a", Some("wrong"))
+            .await
+            .status,
+        401
+    );
+
+    let r = admin_call(&b, "GET", "/v1/usage?key=key-a", Some("s3cret")).await;
+    assert_eq!(r.status, 200);
+    let u = r.json();
+    let fp = &hex::encode(turnstile::identity::digest("key-a"))[..8];
+    assert_eq!(
+        (u["key"].as_str(), u["account"].as_str(), u["plan"].as_str()),
+        (Some(fp), Some("acme"), Some("free"))
+    );
+    assert!(
+        !r.body.contains("key-a"),
+        "keys are shown only as fingerprints"
+    );
+    let daily = u["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "daily")
+        .unwrap();
+    assert_eq!(
+        (
+            daily["used"].as_u64(),
+            daily["remaining"].as_u64(),
+            daily["limit"].as_u64()
+        ),
+        (Some(3), Some(0), Some(3))
+    );
+    assert_eq!(
+        (daily["kind"].as_str(), daily["route"].is_null()),
+        (Some("fixed"), true)
+    );
+    assert!(daily["reset"].as_u64().unwrap() % 86_400 == 0);
+    let minute = u["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "minute")
+        .unwrap();
+    assert_eq!(minute["used"].as_u64(), Some(2));
+
+    let r = admin_call(&b, "GET", "/v1/usage?account=acme", Some("s3cret")).await;
+    let u = r.json();
+    assert_eq!(u["keys"].as_array().unwrap().len(), 2);
+    let minutes: Vec<u64> = u["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == "minute")
+        .map(|c| c["used"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        minutes.iter().sum::<u64>(),
+        3,
+        "per-key counters of every key of the account: {u}"
+    );
+
+    let m = admin_call(&b, "GET", "/metrics", None).await;
+    assert_eq!(m.status, 200);
+    assert!(
+        m.body
+            .contains("turnstile_requests_total{route=\"gen\",decision=\"forwarded\"} 3"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("turnstile_requests_total{route=\"gen\",decision=\"rate_limited\"} 1"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("turnstile_rate_limited_total{route=\"gen\",limit=\"daily\"} 1"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("turnstile_upstream_latency_seconds_count{route=\"gen\"} 3"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body.contains("turnstile_tracked_counters 3"),
+        "{}",
+        m.body
+    );
+
+    // Reset the account: its quota is whole again.
+    let r = admin_call(&b, "DELETE", "/v1/usage?account=acme", Some("s3cret")).await;
+    assert_eq!(
+        (r.status, r.json()["reset_counters"].as_u64()),
+        (200, Some(3))
+    );
+    let r = call("GET", &b.url("/gen"), Some("key-b")).await;
+    assert_eq!((r.status, r.h("x-ratelimit-remaining")), (200, "2"));
+    assert_eq!(
+        admin_call(&b, "GET", "/v1/usage?key=nobody", Some("s3cret"))
+            .await
+            .status,
+        404
+    );
+    let line = b.log_line("\"refused\"").await;
+    assert!(
+        line.contains("\"key_fp\"")
+            && line.contains("\"limit\":\"daily\"")
+            && line.contains("\"status\":429"),
+        "{line}"
+    );
+}
