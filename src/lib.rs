@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod limits;
+pub mod mcp;
 pub mod metrics;
 pub mod proxy;
 pub mod responses;

@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST};
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -18,12 +19,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{Body, BodyLimits, Deadline, Guarded, Holding, Trip};
-use crate::config::{ConfigError, Per, Plan, Policy, Route, Unmatched, UpstreamSettings};
+use crate::config::{ConfigError, Format, Per, Plan, Policy, Route, Unmatched, UpstreamSettings};
 use crate::identity::Caller;
+use crate::mcp;
 use crate::metrics::Metrics;
 use crate::responses::{self, Checked, Refusal};
 use crate::store::{Lease, LimitCheck, MemoryStore, Store, Subject};
 use arc_swap::ArcSwap;
+use serde_json::Value;
 use std::collections::HashSet;
 
 /// What a reload did.
@@ -193,71 +196,109 @@ impl Turnstile {
         peer: SocketAddr,
     ) -> Response<Body> {
         let policy = &*live.policy;
-        let (parts, body) = req.into_parts();
+        let (parts, incoming) = req.into_parts();
+        let mut body = RequestBody::Streaming(incoming);
 
-        // 1. Route match.
+        // 1. Route match. A tool route (`mcp_tool`) needs the JSON-RPC
+        // message: the body is read (up to mcp_max_body) only then.
         let host = request_host(&parts);
-        let matched = crate::routing::first_match(
-            policy.routes.iter().map(|r| &r.matcher),
-            &parts.method,
-            host,
-            parts.uri.path(),
-        );
-        let Some(route) = matched.map(|i| (i, &policy.routes[i])) else {
+        let mut matched = None;
+        for (i, r) in policy.routes.iter().enumerate() {
+            if !r.matcher.matches(&parts.method, host, parts.uri.path()) {
+                continue;
+            }
+            if let Some(tool) = &r.mcp_tool {
+                if parts.method != Method::POST {
+                    continue;
+                }
+                let message = match body.json(&parts.headers, policy.server.mcp_max_body).await {
+                    Ok(message) => message,
+                    Err(problem) => return self.refuse_unrouted(policy, &problem.json_rpc()),
+                };
+                if mcp::batch_calls_a_tool(message) {
+                    let refusal = Refusal::JsonRpc {
+                        status: StatusCode::BAD_REQUEST,
+                        code: -32600,
+                        message:
+                            "a JSON-RPC batch may not contain tools/call: send one call per request"
+                                .into(),
+                    };
+                    return self.refuse_unrouted(policy, &refusal);
+                }
+                if mcp::tool_call(message) != Some(tool.as_str()) {
+                    continue;
+                }
+            }
+            matched = Some(i);
+            break;
+        }
+        let Some(route_index) = matched else {
             if policy.server.unmatched == Unmatched::Reject {
                 let refusal = Refusal::NotFound {
                     method: parts.method.clone(),
                     path: parts.uri.path().to_owned(),
                 };
-                self.metrics.request(&unmatched_label(), refusal.code());
-                return responses::refusal(
-                    &refusal,
-                    Some(&policy.responses),
-                    "",
-                    "",
-                    HeaderMap::new(),
-                );
+                return self.refuse_unrouted(policy, &refusal);
             }
-            let forwarded = self.forward(live, parts, body, peer, None, None).await;
-            let decision = forwarded
-                .as_ref()
-                .map_or_else(|r| r.code(), |_| "forwarded");
-            self.metrics.request(&unmatched_label(), decision);
-            return forwarded.unwrap_or_else(|r| {
-                responses::refusal(&r, Some(&policy.responses), "", "", HeaderMap::new())
-            });
+            let forwarded = self
+                .forward(live, parts, body.into_body(), peer, None, None)
+                .await;
+            return match forwarded {
+                Ok(response) => {
+                    self.metrics.request(&unmatched_label(), "forwarded");
+                    response
+                }
+                Err(r) => self.refuse_unrouted(policy, &r),
+            };
         };
-        let (route_index, route) = route;
+        let route = &policy.routes[route_index];
         if !route.auth {
+            let rpc_id = body.rpc_id().cloned();
             return match self
-                .forward(live, parts, body, peer, Some(route), None)
+                .forward(live, parts, body.into_body(), peer, Some(route), None)
                 .await
             {
                 Ok(response) => {
                     self.metrics.request(&route.name, "forwarded");
                     response
                 }
-                Err(r) => self.refuse(&r, route, None, HeaderMap::new()),
+                Err(r) => self.refuse(&r, route, None, rpc_id.as_ref(), HeaderMap::new()),
             };
         }
 
-        // 2-3. Identity and plan.
+        // 2. Identity.
         let who = match policy.identity.identify(&parts.headers, parts.uri.query()) {
             Ok(caller) => match policy.plans.get(caller.plan) {
                 Some(plan) => Identified { plan, caller },
                 None => {
-                    return self.refuse(
-                        &Refusal::Unauthorized(crate::identity::AuthError::Unknown),
-                        route,
-                        None,
-                        HeaderMap::new(),
-                    )
+                    let refusal = Refusal::Unauthorized(crate::identity::AuthError::Unknown);
+                    return self.refuse(&refusal, route, None, None, HeaderMap::new());
                 }
             },
-            Err(e) => return self.refuse(&Refusal::Unauthorized(e), route, None, HeaderMap::new()),
+            Err(e) => {
+                return self.refuse(
+                    &Refusal::Unauthorized(e),
+                    route,
+                    None,
+                    None,
+                    HeaderMap::new(),
+                )
+            }
         };
 
-        // 4. Body size, before reading the body.
+        // 3. Plan gating.
+        if let Some(allowed) = &route.plans {
+            if !allowed.contains(&who.caller.plan) {
+                let refusal = Refusal::PlanRequired {
+                    route: route.name.clone(),
+                    plans: route.plan_names.clone(),
+                };
+                return self.refuse(&refusal, route, Some(&who), body.rpc_id(), HeaderMap::new());
+            }
+        }
+
+        // 4. Body size, before reading the body; then argument limits (which
+        // read a JSON body), so neither refusal consumes quota.
         let whole = route.body.whole(content_type(&parts.headers));
         if content_length(&parts.headers).is_some_and(|len| len > whole.limit) {
             let refusal = Refusal::PayloadTooLarge {
@@ -265,7 +306,19 @@ impl Turnstile {
                 pattern: whole.pattern,
                 route: route.name.clone(),
             };
-            return self.refuse(&refusal, route, Some(&who), HeaderMap::new());
+            return self.refuse(&refusal, route, Some(&who), body.rpc_id(), HeaderMap::new());
+        }
+        if !route.arg_limits.is_empty() {
+            let subject = route.mcp_tool.as_deref().unwrap_or(&route.name);
+            let checked = match body.json(&parts.headers, policy.server.mcp_max_body).await {
+                Ok(message) => mcp::check_args(&route.arg_limits, message, subject)
+                    .map_err(Refusal::InvalidArguments),
+                Err(problem) if route.format == Format::Mcp => Err(problem.json_rpc()),
+                Err(problem) => Err(problem.plain()),
+            };
+            if let Err(refusal) = checked {
+                return self.refuse(&refusal, route, Some(&who), body.rpc_id(), HeaderMap::new());
+            }
         }
 
         // 5. Limits, decided together.
@@ -293,17 +346,32 @@ impl Turnstile {
                         .zip(d.verdicts)
                         .collect();
                     if !d.admitted {
-                        return self.rate_limited(policy, &checked, d.now, route, &who);
+                        let headers =
+                            responses::rate_headers(&policy.headers, &checked, d.now, true);
+                        let refusal = match responses::rate_limited(
+                            &checked,
+                            d.now,
+                            &route.name,
+                            &who.plan.name,
+                        ) {
+                            Some(details) => Refusal::RateLimited(Box::new(details)),
+                            None => {
+                                Refusal::StoreUnavailable("refused without a refusing limit".into())
+                            }
+                        };
+                        return self.refuse(&refusal, route, Some(&who), body.rpc_id(), headers);
                     }
                     (d.now, checked, d.lease)
                 }
                 Err(e) => {
                     self.metrics.store_error();
                     tracing::error!(error = %e, "counter store failed");
+                    let refusal = Refusal::StoreUnavailable(e.to_string());
                     return self.refuse(
-                        &Refusal::StoreUnavailable(e.to_string()),
+                        &refusal,
                         route,
                         Some(&who),
+                        body.rpc_id(),
                         HeaderMap::new(),
                     );
                 }
@@ -318,8 +386,9 @@ impl Turnstile {
         // 6-7. Forward and respond. Concurrency slots (the lease) are held
         // until the response body is dropped: sent completely, or the
         // exchange ended any other way.
+        let rpc_id = body.rpc_id().cloned();
         match self
-            .forward(live, parts, body, peer, Some(route), Some(&who))
+            .forward(live, parts, body.into_body(), peer, Some(route), Some(&who))
             .await
         {
             Ok(mut response) => {
@@ -338,42 +407,30 @@ impl Turnstile {
                         tracing::warn!(error = %e, "could not refund a refused request");
                     }
                 }
-                self.refuse(&refusal, route, Some(&who), rate_headers)
+                self.refuse(&refusal, route, Some(&who), rpc_id.as_ref(), rate_headers)
             }
         }
     }
 
-    fn rate_limited(
-        &self,
-        policy: &Policy,
-        checked: &[Checked<'_>],
-        now: u64,
-        route: &Route,
-        who: &Identified<'_>,
-    ) -> Response<Body> {
-        let headers = responses::rate_headers(&policy.headers, checked, now, true);
-        let Some(details) = responses::rate_limited(checked, now, &route.name, &who.plan.name)
-        else {
-            return self.refuse(
-                &Refusal::StoreUnavailable("no refusing limit".into()),
-                route,
-                Some(who),
-                headers,
-            );
+    /// A refusal before any route matched (404, JSON-RPC errors).
+    fn refuse_unrouted(&self, policy: &Policy, refusal: &Refusal) -> Response<Body> {
+        self.metrics.request(&unmatched_label(), refusal.code());
+        tracing::info!(status = refusal.status().as_u16(), reason = %refusal, "refused");
+        let ctx = responses::Context {
+            templates: Some(&policy.responses),
+            ..Default::default()
         };
-        self.refuse(
-            &Refusal::RateLimited(Box::new(details)),
-            route,
-            Some(who),
-            headers,
-        )
+        responses::refusal(refusal, &ctx, HeaderMap::new())
     }
 
+    /// Logs, counts and renders a refusal on `route`. `rpc_id` is the
+    /// JSON-RPC id of the request, when its body was read.
     fn refuse(
         &self,
         refusal: &Refusal,
         route: &Route,
         who: Option<&Identified<'_>>,
+        rpc_id: Option<&Value>,
         headers: HeaderMap,
     ) -> Response<Body> {
         let plan = who.map_or("", |w| &*w.plan.name);
@@ -392,7 +449,14 @@ impl Turnstile {
         } else {
             tracing::info!(route = &*route.name, plan, key_fp, limit, status, reason = %refusal, "refused");
         }
-        responses::refusal(refusal, Some(&route.responses), &route.name, plan, headers)
+        let mcp_id = (route.format == Format::Mcp).then(|| rpc_id.unwrap_or(&Value::Null));
+        let ctx = responses::Context {
+            templates: Some(&route.responses),
+            route: &route.name,
+            plan,
+            mcp_id,
+        };
+        responses::refusal(refusal, &ctx, headers)
     }
 
     /// Streams the request to the upstream and its response back.
@@ -400,7 +464,7 @@ impl Turnstile {
         &self,
         live: &Live,
         parts: Parts,
-        body: Incoming,
+        body: Body,
         peer: SocketAddr,
         route: Option<&Route>,
         who: Option<&Identified<'_>>,
@@ -536,6 +600,110 @@ fn set_forwarded(
                     headers.remove(&X_FORWARDED_HOST);
                 }
             }
+        }
+    }
+}
+
+/// The request body: streamed as it comes, or read whole once a JSON-RPC
+/// message or JSON arguments had to be inspected (then forwarded byte for byte).
+enum RequestBody {
+    Streaming(Incoming),
+    Read {
+        bytes: Bytes,
+        json: Result<Value, String>,
+    },
+    Gone,
+}
+
+/// Why a body could not be inspected as JSON.
+enum BodyProblem {
+    TooLarge(u64),
+    Unreadable(String),
+    NotJson(String),
+}
+
+impl BodyProblem {
+    /// As a JSON-RPC error (MCP endpoints).
+    fn json_rpc(&self) -> Refusal {
+        match self {
+            BodyProblem::TooLarge(limit) => Refusal::JsonRpc {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: -32600,
+                message: format!(
+                    "request body exceeds {} (mcp_max_body)",
+                    crate::config::display_size(*limit)
+                ),
+            },
+            BodyProblem::Unreadable(e) => {
+                Refusal::BadRequest(format!("could not read the request body: {e}"))
+            }
+            BodyProblem::NotJson(e) => Refusal::JsonRpc {
+                status: StatusCode::BAD_REQUEST,
+                code: -32700,
+                message: format!("Parse error: {e}"),
+            },
+        }
+    }
+
+    /// As a plain refusal (JSON routes with argument limits).
+    fn plain(&self) -> Refusal {
+        match self {
+            BodyProblem::NotJson(e) => {
+                Refusal::InvalidArguments(format!("request body is not valid JSON: {e}"))
+            }
+            other => other.json_rpc(),
+        }
+    }
+}
+
+impl RequestBody {
+    /// The body parsed as JSON, reading it first (up to `limit` bytes) if needed.
+    async fn json(&mut self, headers: &HeaderMap, limit: u64) -> Result<&Value, BodyProblem> {
+        if let RequestBody::Streaming(_) = self {
+            if content_length(headers).is_some_and(|len| len > limit) {
+                return Err(BodyProblem::TooLarge(limit));
+            }
+            let RequestBody::Streaming(incoming) = std::mem::replace(self, RequestBody::Gone)
+            else {
+                return Err(BodyProblem::Unreadable("body already consumed".into()));
+            };
+            let bytes = match http_body_util::Limited::new(incoming, limit as usize)
+                .collect()
+                .await
+            {
+                Ok(collected) => collected.to_bytes(),
+                Err(e)
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some() =>
+                {
+                    return Err(BodyProblem::TooLarge(limit))
+                }
+                Err(e) => return Err(BodyProblem::Unreadable(e.to_string())),
+            };
+            let json = serde_json::from_slice(&bytes).map_err(|e| e.to_string());
+            *self = RequestBody::Read { bytes, json };
+        }
+        match self {
+            RequestBody::Read { json: Ok(v), .. } => Ok(v),
+            RequestBody::Read { json: Err(e), .. } => Err(BodyProblem::NotJson(e.clone())),
+            _ => Err(BodyProblem::Unreadable("body already consumed".into())),
+        }
+    }
+
+    /// The JSON-RPC id, when the body was read and is a JSON object.
+    fn rpc_id(&self) -> Option<&Value> {
+        match self {
+            RequestBody::Read { json: Ok(v), .. } => Some(v.get("id").unwrap_or(&Value::Null)),
+            _ => None,
+        }
+    }
+
+    /// The body to forward.
+    fn into_body(self) -> Body {
+        match self {
+            RequestBody::Streaming(incoming) => incoming.map_err(Into::into).boxed(),
+            RequestBody::Read { bytes, .. } => crate::body::full(bytes),
+            RequestBody::Gone => crate::body::empty(),
         }
     }
 }

@@ -33,6 +33,28 @@ pub enum Refusal {
     /// 401: no usable API key.
     #[error("{0}")]
     Unauthorized(#[from] AuthError),
+    /// 403: the caller's plan may not use this route (plan gating).
+    #[error("route {route} requires plan {}", plan_list(plans))]
+    PlanRequired {
+        /// Route name.
+        route: Arc<str>,
+        /// The plans that may use it.
+        plans: Vec<Arc<str>>,
+    },
+    /// 400: a JSON argument is out of its bounds (`arg_limits`).
+    #[error("{0}")]
+    InvalidArguments(String),
+    /// A JSON-RPC level error on an MCP endpoint: malformed JSON (-32700), a
+    /// refused batch, a body over `mcp_max_body`.
+    #[error("{message}")]
+    JsonRpc {
+        /// HTTP status (400 or 413).
+        status: StatusCode,
+        /// JSON-RPC error code.
+        code: i64,
+        /// What went wrong.
+        message: String,
+    },
     /// 413: the body exceeds the route's limit.
     #[error("body exceeds {}{} on route {route}", crate::config::display_size(*limit), pattern.as_ref().map(|p| format!(" for {p}")).unwrap_or_default())]
     PayloadTooLarge {
@@ -118,6 +140,9 @@ impl Refusal {
             Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Refusal::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::PlanRequired { .. } => StatusCode::FORBIDDEN,
+            Refusal::InvalidArguments(_) => StatusCode::BAD_REQUEST,
+            Refusal::JsonRpc { status, .. } => *status,
             Refusal::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Refusal::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -132,6 +157,9 @@ impl Refusal {
             Refusal::Unauthorized(_) => "unauthorized",
             Refusal::PayloadTooLarge { .. } => "payload_too_large",
             Refusal::RateLimited(_) => "rate_limited",
+            Refusal::PlanRequired { .. } => "plan_required",
+            Refusal::InvalidArguments(_) => "invalid_arguments",
+            Refusal::JsonRpc { .. } => "jsonrpc_error",
             Refusal::BadGateway(_) => "bad_gateway",
             Refusal::StoreUnavailable(_) => "store_unavailable",
             Refusal::UpstreamTimeout(_) => "upstream_timeout",
@@ -149,6 +177,18 @@ impl Refusal {
         match self {
             Refusal::PayloadTooLarge { limit, .. } => {
                 let _ = write!(out, ",\"limit_bytes\":{limit}");
+            }
+            Refusal::PlanRequired { plans, .. } => {
+                out.push_str(",\"plans\":[");
+                for (i, p) in plans.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push('"');
+                    json_escape_into(p, &mut out);
+                    out.push('"');
+                }
+                out.push(']');
             }
             Refusal::RateLimited(r) => {
                 out.push_str(",\"rate_limit\":{\"name\":\"");
@@ -305,49 +345,96 @@ impl ResponseSet {
     }
 }
 
-/// Renders a refusal as a response. `route`/`plan` fill placeholders ("" when unknown);
-/// `rate_headers` are the §6 headers to attach (429 and others on limited routes).
-pub fn refusal(
-    refusal: &Refusal,
-    set: Option<&ResponseSet>,
-    route: &str,
-    plan: &str,
-    rate_headers: HeaderMap,
-) -> Response<Body> {
-    let template = set.and_then(|s| s.get(refusal.code()));
-    let (status, content_type, body) = match template {
-        Some(Template {
-            status,
-            content_type,
-            body: Some(pieces),
-        }) => {
-            let mut out = String::new();
-            for piece in pieces {
-                match piece {
-                    Piece::Text(s) => out.push_str(s),
-                    Piece::Var(v) => refusal.var(*v, route, plan, &mut out),
-                }
+/// Where a refusal is rendered: the templates in force, the names that fill
+/// placeholders, and — for a route answering in MCP format — the JSON-RPC id
+/// to echo.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Context<'a> {
+    /// Templates in force (route over global).
+    pub templates: Option<&'a ResponseSet>,
+    /// Route name (`""` when none matched).
+    pub route: &'a str,
+    /// Plan name (`""` before identity).
+    pub plan: &'a str,
+    /// `Some(id)`: answer 429/403/413/400-argument refusals as MCP tool errors.
+    pub mcp_id: Option<&'a serde_json::Value>,
+}
+
+impl Refusal {
+    /// The text of an MCP tool error for this refusal.
+    fn mcp_text(&self) -> String {
+        match self {
+            Refusal::RateLimited(r) if r.concurrent => format!(
+                "Too many requests at once (at most {}). Try again in {} s.",
+                r.limit, r.retry_after
+            ),
+            Refusal::RateLimited(r) => {
+                format!("Rate limit exceeded. Try again in {} s.", r.retry_after)
             }
-            (
-                status.unwrap_or(refusal.status()),
-                content_type.clone(),
-                out,
-            )
+            Refusal::PayloadTooLarge { .. } => format!("Request too large: {self}."),
+            Refusal::PlanRequired { route, plans } => {
+                format!("{route} requires plan {}.", plan_list(plans))
+            }
+            other => other.to_string(),
         }
-        Some(Template {
-            status,
-            content_type,
-            body: None,
-        }) => (
-            status.unwrap_or(refusal.status()),
-            content_type.clone(),
-            refusal.default_body(),
+    }
+
+    fn renders_as_tool_error(&self) -> bool {
+        matches!(
+            self,
+            Refusal::RateLimited(_)
+                | Refusal::PlanRequired { .. }
+                | Refusal::PayloadTooLarge { .. }
+                | Refusal::InvalidArguments(_)
+        )
+    }
+
+    fn render_template(&self, pieces: &[Piece], ctx: &Context<'_>) -> String {
+        let mut out = String::new();
+        for piece in pieces {
+            match piece {
+                Piece::Text(s) => out.push_str(s),
+                Piece::Var(v) => self.var(*v, ctx.route, ctx.plan, &mut out),
+            }
+        }
+        out
+    }
+}
+
+/// Renders a refusal as a response, with `rate_headers` (SPEC §6) attached.
+pub fn refusal(refusal: &Refusal, ctx: &Context<'_>, rate_headers: HeaderMap) -> Response<Body> {
+    let json = || HeaderValue::from_static("application/json");
+    let template = ctx.templates.and_then(|s| s.get(refusal.code()));
+    let (status, content_type, body) = match (refusal, ctx.mcp_id, template) {
+        (
+            Refusal::JsonRpc {
+                status,
+                code,
+                message,
+            },
+            id,
+            _,
+        ) => (
+            *status,
+            json(),
+            crate::mcp::rpc_error(id.unwrap_or(&serde_json::Value::Null), *code, message),
         ),
-        None => (
-            refusal.status(),
-            HeaderValue::from_static("application/json"),
-            refusal.default_body(),
+        (r, Some(id), t) if r.renders_as_tool_error() => {
+            // MCP clients read tool errors, not HTTP statuses: 200 with isError.
+            let text = match t.and_then(|t| t.body.as_deref()) {
+                Some(pieces) => r.render_template(pieces, ctx),
+                None => r.mcp_text(),
+            };
+            (StatusCode::OK, json(), crate::mcp::tool_error(id, &text))
+        }
+        (r, _, Some(t)) => (
+            t.status.unwrap_or(r.status()),
+            t.content_type.clone(),
+            t.body
+                .as_deref()
+                .map_or_else(|| r.default_body(), |p| r.render_template(p, ctx)),
         ),
+        (r, _, None) => (r.status(), json(), r.default_body()),
     };
     let mut response = Response::new(full(Bytes::from(body)));
     *response.status_mut() = status;
@@ -364,6 +451,10 @@ pub fn refusal(
         _ => {}
     }
     response
+}
+
+fn plan_list(plans: &[Arc<str>]) -> String {
+    plans.iter().map(|p| &**p).collect::<Vec<_>>().join(" or ")
 }
 
 /// How `X-RateLimit-Reset` is expressed.
@@ -621,7 +712,13 @@ mod tests {
         }));
         let mut set = ResponseSet::default();
         set.set("rate_limited", Arc::new(t));
-        let resp = refusal(&r, Some(&set), "r", "p", HeaderMap::new());
+        let ctx = Context {
+            templates: Some(&set),
+            route: "r",
+            plan: "p",
+            mcp_id: None,
+        };
+        let resp = refusal(&r, &ctx, HeaderMap::new());
         assert_eq!(resp.status(), 429);
         assert_eq!(resp.headers()["retry-after"], "42");
         let body = futures_body(resp);
@@ -643,7 +740,7 @@ mod tests {
     #[test]
     fn default_bodies_match_the_spec() {
         let r = Refusal::Unauthorized(AuthError::Revoked);
-        let resp = refusal(&r, None, "", "", HeaderMap::new());
+        let resp = refusal(&r, &Context::default(), HeaderMap::new());
         assert_eq!(resp.headers()["www-authenticate"], "Bearer");
         assert_eq!(
             futures_body(resp),
@@ -654,12 +751,12 @@ mod tests {
             path: "/x".into(),
         };
         assert_eq!(
-            futures_body(refusal(&r, None, "", "", HeaderMap::new())),
+            futures_body(refusal(&r, &Context::default(), HeaderMap::new())),
             r#"{"error":"not_found","message":"no route for GET /x"}"#
         );
         let r = Refusal::UpstreamTimeout(Duration::from_secs(300));
         assert_eq!(
-            futures_body(refusal(&r, None, "", "", HeaderMap::new())),
+            futures_body(refusal(&r, &Context::default(), HeaderMap::new())),
             r#"{"error":"upstream_timeout","message":"upstream did not answer within 300 s"}"#
         );
     }

@@ -109,6 +109,8 @@ pub struct ServerSettings {
     pub trust_forwarded: bool,
     /// How long in-flight exchanges may take to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// How much of a JSON body is read to route MCP tool calls or check arguments.
+    pub mcp_max_body: u64,
 }
 
 /// Validated `[store]` settings.
@@ -251,6 +253,26 @@ pub struct Plan {
     pub by_route: Vec<Vec<AppliedLimit>>,
 }
 
+/// How a route's refusals are shaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Plain HTTP status and JSON body (SPEC §5).
+    Json,
+    /// MCP tool errors: HTTP 200 JSON-RPC results with `isError` (SPEC §7); 401 stays 401.
+    Mcp,
+}
+
+/// A limit on the size of JSON values (SPEC §7 argument limits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArgLimit {
+    /// RFC 6901 pointers into the whole body.
+    pub pointers: Vec<String>,
+    /// Fewest characters (Unicode scalar values) in total.
+    pub min_chars: Option<u64>,
+    /// Most characters in total.
+    pub max_chars: Option<u64>,
+}
+
 /// A validated route.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -266,6 +288,16 @@ pub struct Route {
     pub auth: bool,
     /// The path pattern as written.
     pub path_text: String,
+    /// MCP: matches only `tools/call` requests for this tool.
+    pub mcp_tool: Option<String>,
+    /// How refusals are shaped.
+    pub format: Format,
+    /// Plan gating: indices of the plans allowed (`None`: every plan).
+    pub plans: Option<Vec<usize>>,
+    /// Names of the allowed plans, for the 403.
+    pub plan_names: Vec<Arc<str>>,
+    /// Rules on JSON argument sizes.
+    pub arg_limits: Vec<ArgLimit>,
     /// Refusal templates in force (route over global).
     pub responses: Arc<ResponseSet>,
 }
@@ -402,6 +434,25 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
             by_route: vec![Vec::new(); routes.len()],
         });
     }
+    for (route, raw_route) in routes.iter_mut().zip(&raw.routes) {
+        let Some(names) = &raw_route.get_ref().plans else {
+            continue;
+        };
+        let mut allowed = Vec::new();
+        for name in names.get_ref() {
+            let index = plan_index(&plans, name)
+                .filter(|_| !plan_names.is_empty())
+                .ok_or_else(|| {
+                    src.at(
+                        names.span(),
+                        format!("unknown plan {name:?}: plans are {}", list(&plan_names)),
+                    )
+                })?;
+            allowed.push(index);
+            route.plan_names.push(plans[index].name.clone());
+        }
+        route.plans = Some(allowed);
+    }
     if let Some(primary) = &headers.primary {
         let known = plans
             .iter()
@@ -458,6 +509,7 @@ fn compile_server(src: &Source, raw: &RawServer) -> Result<ServerSettings, Confi
         header_timeout: duration(src, &raw.header_timeout, Duration::from_secs(10))?,
         trust_forwarded: raw.trust_forwarded.unwrap_or(false),
         shutdown_grace: duration(src, &raw.shutdown_grace, Duration::from_secs(30))?,
+        mcp_max_body: size(src, &raw.mcp_max_body, 1_000_000)?,
     })
 }
 
@@ -588,8 +640,61 @@ fn compile_route(
         timeout: duration(src, &r.timeout, upstream.timeout)?,
         auth: r.auth.unwrap_or(true),
         path_text: r.path.get_ref().clone(),
+        mcp_tool: r.mcp_tool.as_ref().map(|t| t.get_ref().clone()),
+        format: match r.format {
+            Some(RawFormat::Mcp) => Format::Mcp,
+            _ => Format::Json,
+        },
+        plans: None,
+        plan_names: Vec::new(),
+        arg_limits: arg_limits(src, r.arg_limits.as_deref())?,
         responses,
     })
+}
+
+fn arg_limits(
+    src: &Source,
+    raw: Option<&[Spanned<RawArgLimit>]>,
+) -> Result<Vec<ArgLimit>, ConfigError> {
+    let mut out = Vec::new();
+    for a in raw.into_iter().flatten() {
+        let span = a.span();
+        let a = a.get_ref();
+        if a.pointers.is_empty() {
+            return Err(src.at(
+                span,
+                "arg_limits needs at least one pointer, e.g. \"/params/arguments/text\"",
+            ));
+        }
+        if let Some(bad) = a
+            .pointers
+            .iter()
+            .find(|p| !p.is_empty() && !p.starts_with('/'))
+        {
+            return Err(src.at(
+                span,
+                format!("invalid JSON pointer {bad:?}: it must be empty or start with '/'"),
+            ));
+        }
+        match (a.min_chars, a.max_chars) {
+            (None, None) => {
+                return Err(src.at(span, "arg_limits needs min_chars, max_chars or both"))
+            }
+            (Some(min), Some(max)) if min > max => {
+                return Err(src.at(
+                    span,
+                    format!("min_chars ({min}) is above max_chars ({max})"),
+                ))
+            }
+            _ => {}
+        }
+        out.push(ArgLimit {
+            pointers: a.pointers.clone(),
+            min_chars: a.min_chars,
+            max_chars: a.max_chars,
+        });
+    }
+    Ok(out)
 }
 
 fn by_type(
@@ -1022,14 +1127,24 @@ impl Policy {
             let mut row = vec![
                 r.name.to_string(),
                 format!(
-                    "{} {}",
+                    "{} {}{}",
                     m.method.as_ref().map_or("*", |m| m.as_str()),
-                    r.path_text
+                    r.path_text,
+                    r.mcp_tool
+                        .as_ref()
+                        .map(|t| format!(" tool={t}"))
+                        .unwrap_or_default()
                 ),
             ];
-            for p in &self.plans {
+            for (plan_index, p) in self.plans.iter().enumerate() {
                 let cell = if !r.auth {
                     "public".to_owned()
+                } else if r
+                    .plans
+                    .as_ref()
+                    .is_some_and(|allowed| !allowed.contains(&plan_index))
+                {
+                    "403 plan_required".to_owned()
                 } else if p.by_route[i].is_empty() {
                     "-".to_owned()
                 } else {

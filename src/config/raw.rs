@@ -47,6 +47,7 @@ pub struct RawServer {
     pub header_timeout: Option<Spanned<String>>,
     pub trust_forwarded: Option<bool>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub mcp_max_body: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -127,6 +128,25 @@ pub struct RawRoute {
     pub auth: Option<bool>,
     pub responses: Option<RawResponses>,
     pub max_body_by_type: Option<BTreeMap<String, Spanned<RawSize>>>,
+    pub mcp_tool: Option<Spanned<String>>,
+    pub format: Option<RawFormat>,
+    pub plans: Option<Spanned<Vec<String>>>,
+    pub arg_limits: Option<Vec<Spanned<RawArgLimit>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawFormat {
+    Json,
+    Mcp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawArgLimit {
+    pub pointers: Vec<String>,
+    pub min_chars: Option<u64>,
+    pub max_chars: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

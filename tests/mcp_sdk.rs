@@ -1,0 +1,192 @@
+//! A real MCP server and a real MCP client (the official Python SDK, pinned in
+//! tests/mcp/requirements.txt) talking through turnstile with the shipped
+//! seed configs. Needs `python3 -m pip install -r tests/mcp/requirements.txt`
+//! (.ci/run does it); without it these tests fail and say so.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+use tokio::process::{Child, Command};
+
+const REQUIREMENTS: &str = "python3 -m pip install -r tests/mcp/requirements.txt";
+
+fn script(name: &str) -> String {
+    format!("{}/tests/mcp/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+async fn require_sdk() {
+    let ok = Command::new("python3")
+        .args([
+            "-c",
+            "import mcp.server.fastmcp, mcp.client.streamable_http",
+        ])
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "the MCP Python SDK is not installed: run `{REQUIREMENTS}`"
+    );
+}
+
+/// The Python MCP server on a free port; killed on drop.
+struct McpServer {
+    /// Held so the server lives as long as the test (`kill_on_drop`).
+    _child: Child,
+    port: u16,
+}
+
+impl McpServer {
+    async fn start() -> Self {
+        require_sdk().await;
+        let port = free_port();
+        let child = Command::new("python3")
+            .arg(script("server.py"))
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the MCP server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { _child: child, port }
+    }
+
+    /// An `Upstream` pointing at it (for `Proxy::start_example`).
+    async fn upstream(&self) -> Upstream {
+        let mut up = Upstream::start().await;
+        up.addr = ([127, 0, 0, 1], self.port).into();
+        up
+    }
+}
+
+/// Runs the Python client through the proxy; returns its JSON lines.
+async fn client(proxy: &Proxy, key: &str, scenario: &str) -> Vec<Value> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new("python3")
+            .arg(script("client.py"))
+            .arg(proxy.url("/mcp"))
+            .arg(key)
+            .arg(scenario)
+            .output(),
+    )
+    .await
+    .expect("the MCP client hung")
+    .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn step<'a>(lines: &'a [Value], name: &str) -> Vec<&'a Value> {
+    lines.iter().filter(|l| l["step"] == name).collect()
+}
+
+#[tokio::test]
+async fn seed_000_kubeez_tools_through_a_real_mcp_client() {
+    let server = McpServer::start().await;
+    let p = Proxy::start_example("kubeez.toml", &server.upstream().await).await;
+    let lines = client(&p, "kz-token-laptop", "kubeez").await;
+    assert!(step(&lines, "failed").is_empty(), "{lines:#?}");
+
+    let init = step(&lines, "initialized")[0];
+    assert!(
+        init["session"].is_string(),
+        "the server's Mcp-Session-Id reached the client: {init}"
+    );
+    assert!(step(&lines, "tools")[0]["names"].as_array().unwrap().len() >= 5);
+
+    let short = step(&lines, "short_dialogue")[0];
+    assert_eq!(short["is_error"], true);
+    assert_eq!(
+        short["text"],
+        "generate_dialogue: text must be 5 to 5000 characters (got 2)"
+    );
+
+    let dialogue = step(&lines, "dialogue");
+    assert_eq!(dialogue.len(), 11);
+    for d in &dialogue[..10] {
+        assert_eq!(d["is_error"], false, "{d}");
+        assert!(d["text"].as_str().unwrap().starts_with("dialogue of"));
+    }
+    assert_eq!(dialogue[10]["is_error"], true);
+    assert_eq!(
+        dialogue[10]["text"],
+        "Rate limit exceeded. Try again in 50 s."
+    );
+
+    assert_eq!(step(&lines, "balance")[0]["text"], "42 credits");
+    let progress = step(&lines, "progress")[0];
+    assert_eq!(progress["text"], "rendered in 3 steps");
+    let logs: Vec<&str> = progress["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert_eq!(
+        logs,
+        ["step 1 of 3", "step 2 of 3", "step 3 of 3"],
+        "SSE events streamed through"
+    );
+    assert_eq!(
+        progress["session"], init["session"],
+        "one session throughout"
+    );
+    drop(server);
+}
+
+#[tokio::test]
+async fn seed_003_keys_gating_and_60_per_minute_through_a_real_mcp_client() {
+    let server = McpServer::start().await;
+    let p = Proxy::start_example("mcp-keys.toml", &server.upstream().await).await;
+
+    // Revoked and wrongly prefixed keys never reach a tool: HTTP 401.
+    for key in ["rfn_live_revoked_0001", "sk_test_0001"] {
+        let lines = client(&p, key, "rfn").await;
+        let failed = step(&lines, "failed");
+        assert_eq!(failed.len(), 1, "{lines:#?}");
+        assert!(failed[0].to_string().contains("401"), "{}", failed[0]);
+    }
+
+    let lines = client(&p, "rfn_live_starter_0001", "rfn").await;
+    assert!(step(&lines, "failed").is_empty(), "{lines:#?}");
+    let gated = step(&lines, "gated")[0];
+    assert_eq!(gated["is_error"], true);
+    assert_eq!(gated["text"], "generate_content requires plan autopilot.");
+    let balance = step(&lines, "balance");
+    let last = balance.last().unwrap();
+    assert_eq!(last["is_error"], true);
+    assert_eq!(last["text"], "Rate limit exceeded. Try again in 50 s.");
+    // Every MCP message counts: initialize, the initialized notification,
+    // tools/list and the calls share the 60 a minute.
+    let admitted_calls = balance.len() - 1;
+    assert!(
+        (50..60).contains(&admitted_calls),
+        "{admitted_calls} calls admitted"
+    );
+
+    // The Autopilot plan may call generate_content.
+    let lines = client(&p, "rfn_live_autopilot_0001", "rfn").await;
+    assert_eq!(step(&lines, "gated")[0]["is_error"], false, "{lines:#?}");
+    drop(server);
+}
