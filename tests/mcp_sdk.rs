@@ -60,7 +60,10 @@ impl McpServer {
             assert!(Instant::now() < deadline, "the MCP server did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self { _child: child, port }
+        Self {
+            _child: child,
+            port,
+        }
     }
 
     /// An `Upstream` pointing at it (for `Proxy::start_example`).
