@@ -12,12 +12,12 @@ use serde_json::{json, Value};
 
 use crate::body::{full, Body};
 use crate::clock::SECOND;
-use crate::config::{Per, Policy};
+use crate::config::{LimitSpec, Per, Policy};
 use crate::identity::{self, Fingerprint, KeyDigest, UnknownKey};
-use crate::limits::{CounterState, Rule};
+use crate::limits::Rule;
 use crate::metrics::StoreFigures;
 use crate::proxy::Turnstile;
-use crate::store::Subject;
+use crate::store::{LimitCheck, StoreError, Subject};
 
 /// Answers one admin request.
 pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
@@ -27,23 +27,31 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
             let policy = app.policy();
+            let health = app.store().health();
+            // Down and refusing everything (on_error = "deny"): take this instance out of rotation.
+            let ready = health.up || !health.refusing_when_down;
             json_response(
-                StatusCode::OK,
+                if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                },
                 &json!({
-                    "status": "ready",
+                    "status": if ready { "ready" } else { "store_unavailable" },
                     "config": policy.path.display().to_string(),
-                    "store": "memory",
+                    "store": { "backend": health.backend, "up": health.up },
                     "routes": policy.routes.len(),
                     "plans": policy.plans.len(),
                 }),
             )
         }
         (&Method::GET, "/metrics") => {
-            let store = app.store();
+            let store = app.store().memory();
             let figures = StoreFigures {
                 counters: store.live_counters() as u64,
                 queued: store.queued() as u64,
                 slots: store.slots_in_flight(),
+                store_up: app.store().health().up,
             };
             let mut r = Response::new(full(app.metrics().render(figures)));
             r.headers_mut().insert(
@@ -68,8 +76,8 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
             }
             let query = req.uri().query().unwrap_or("");
             match (method, p) {
-                (&Method::GET, "/v1/usage") => usage(app, &policy, query),
-                (&Method::DELETE, "/v1/usage") => reset(app, &policy, query),
+                (&Method::GET, "/v1/usage") => usage(app, &policy, query).await,
+                (&Method::DELETE, "/v1/usage") => reset(app, &policy, query).await,
                 (&Method::POST, "/v1/reload") => match app.reload() {
                     Ok(report) => json_response(
                         StatusCode::OK,
@@ -185,19 +193,20 @@ fn subject_of(per: Per, key: &KeyView) -> Subject {
     }
 }
 
+/// One counter of a key's plan, ready to be read or reset.
+struct Row<'p> {
+    spec: &'p LimitSpec,
+    route: Option<String>,
+    per_key: Option<Fingerprint>,
+    check: LimitCheck<'p>,
+}
+
 /// Every counter of `key`'s plan: per limit, one per route when `per_route`.
 /// `only` restricts to per-key or per-account limits.
-fn counters_of(
-    app: &Turnstile,
-    policy: &Policy,
-    key: &KeyView,
-    only: Option<Per>,
-    out: &mut Vec<Value>,
-) {
+fn rows_of<'p>(policy: &'p Policy, key: &KeyView, only: Option<Per>, out: &mut Vec<Row<'p>>) {
     let Some(plan) = policy.plans.get(key.plan) else {
         return;
     };
-    let now = app.store().now();
     let mut seen = Vec::new();
     for (route_index, applied) in plan.by_route.iter().enumerate() {
         for a in applied {
@@ -206,40 +215,75 @@ fn counters_of(
             }
             seen.push(a.counter);
             let spec = &plan.limits[a.limit];
-            if only
-                .is_some_and(|per| per != spec.per || key.account.is_none() && per == Per::Account)
-            {
+            // Without a named account, per-account limits count per key.
+            let per = if key.account.is_none() {
+                Per::Key
+            } else {
+                spec.per
+            };
+            if only.is_some_and(|o| o != per) {
                 continue;
             }
             let subject = subject_of(spec.per, key);
-            let mut state = app
-                .store()
-                .peek(&subject, a.counter)
-                .unwrap_or_else(|| spec.rule.new_state());
-            let route = spec
-                .per_route
-                .then(|| policy.routes[route_index].name.to_string());
-            let per_key = matches!(subject, Subject::Key(_)) && key.account.is_some();
-            let mut entry = json!({
-                "name": &*spec.name,
-                "route": route,
-                "kind": kind_name(&spec.rule),
-                "limit": spec.rule.shown_limit(),
+            let per_key = (matches!(subject, Subject::Key(_)) && key.account.is_some())
+                .then(|| Fingerprint::of(&key.digest));
+            let group = match &key.account {
+                Some(a) => Subject::Account(a.clone()),
+                None => Subject::Key(key.digest),
+            };
+            out.push(Row {
+                spec,
+                route: spec
+                    .per_route
+                    .then(|| policy.routes[route_index].name.to_string()),
+                per_key,
+                check: LimitCheck {
+                    subject,
+                    group,
+                    counter: a.counter,
+                    rule: &spec.rule,
+                    queue: None,
+                },
             });
-            if per_key {
-                entry["key"] = json!(Fingerprint::of(&key.digest).as_str());
+        }
+    }
+}
+
+/// The rows as JSON, with their figures read from the store.
+async fn render_rows(app: &Turnstile, rows: &[Row<'_>]) -> Result<Vec<Value>, StoreError> {
+    let checks: Vec<LimitCheck<'_>> = rows.iter().map(|r| r.check.clone()).collect();
+    let verdicts = app.store().usage(&checks).await?;
+    Ok(rows
+        .iter()
+        .zip(verdicts)
+        .map(|(row, v)| {
+            let mut entry = json!({
+                "name": &*row.spec.name,
+                "route": row.route,
+                "kind": kind_name(&row.spec.rule),
+                "limit": row.spec.rule.shown_limit(),
+            });
+            if let Some(fp) = &row.per_key {
+                entry["key"] = json!(fp.as_str());
             }
-            if let CounterState::Concurrency { in_flight } = state {
-                entry["in_flight"] = json!(in_flight);
+            if row.spec.rule.is_concurrency() {
+                entry["in_flight"] = json!(v.used);
             } else {
-                let v = spec.rule.evaluate(&mut state, now).uncounted();
                 entry["used"] = json!(v.used);
                 entry["remaining"] = json!(v.remaining);
                 entry["reset"] = json!(v.reset_at.div_ceil(SECOND));
             }
-            out.push(entry);
-        }
-    }
+            entry
+        })
+        .collect())
+}
+
+fn store_error(e: StoreError) -> Response<Body> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        &e.to_string(),
+    )
 }
 
 fn kind_name(rule: &Rule) -> &'static str {
@@ -251,7 +295,7 @@ fn kind_name(rule: &Rule) -> &'static str {
     }
 }
 
-fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
+async fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
     match target(query) {
         None => no_target(),
         Some(Target::Key(digest)) => {
@@ -259,8 +303,12 @@ fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
                 return error(StatusCode::NOT_FOUND, "not_found", "unknown API key");
             };
             let fp = Fingerprint::of(&digest);
-            let mut counters = Vec::new();
-            counters_of(app, policy, &key, None, &mut counters);
+            let mut rows = Vec::new();
+            rows_of(policy, &key, None, &mut rows);
+            let counters = match render_rows(app, &rows).await {
+                Ok(c) => c,
+                Err(e) => return store_error(e),
+            };
             json_response(
                 StatusCode::OK,
                 &json!({
@@ -280,20 +328,24 @@ fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
                     &format!("no key belongs to account {account:?}"),
                 );
             }
-            let mut counters = Vec::new();
+            let mut rows = Vec::new();
             let mut plans = Vec::new();
             for (i, key) in keys.iter().enumerate() {
                 // Account-wide counters once (from the first key), per-key counters for every key.
                 if i == 0 {
-                    counters_of(app, policy, key, Some(Per::Account), &mut counters);
+                    rows_of(policy, key, Some(Per::Account), &mut rows);
                 }
-                counters_of(app, policy, key, Some(Per::Key), &mut counters);
+                rows_of(policy, key, Some(Per::Key), &mut rows);
                 if let Some(p) = policy.plans.get(key.plan) {
                     if !plans.contains(&&*p.name) {
                         plans.push(&*p.name);
                     }
                 }
             }
+            let counters = match render_rows(app, &rows).await {
+                Ok(c) => c,
+                Err(e) => return store_error(e),
+            };
             let fps: Vec<String> = keys
                 .iter()
                 .map(|k| Fingerprint::of(&k.digest).to_string())
@@ -306,14 +358,15 @@ fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
     }
 }
 
-fn reset(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
-    let reset = match target(query) {
+async fn reset(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
+    let mut rows = Vec::new();
+    match target(query) {
         None => return no_target(),
         Some(Target::Key(digest)) => {
-            if key_view(policy, digest).is_none() {
+            let Some(key) = key_view(policy, digest) else {
                 return error(StatusCode::NOT_FOUND, "not_found", "unknown API key");
-            }
-            app.store().reset(&Subject::Key(digest))
+            };
+            rows_of(policy, &key, Some(Per::Key), &mut rows);
         }
         Some(Target::Account(account)) => {
             let keys = account_keys(policy, &account);
@@ -324,14 +377,18 @@ fn reset(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
                     &format!("no key belongs to account {account:?}"),
                 );
             }
-            let mut n = app
-                .store()
-                .reset(&Subject::Account(account.as_str().into()));
-            for k in keys {
-                n += app.store().reset(&Subject::Key(k.digest));
+            for (i, key) in keys.iter().enumerate() {
+                if i == 0 {
+                    rows_of(policy, key, Some(Per::Account), &mut rows);
+                }
+                rows_of(policy, key, Some(Per::Key), &mut rows);
             }
-            n
         }
+    }
+    let checks: Vec<LimitCheck<'_>> = rows.iter().map(|r| r.check.clone()).collect();
+    let reset = match app.store().reset(&checks).await {
+        Ok(n) => n,
+        Err(e) => return store_error(e),
     };
     tracing::info!(counters = reset, "usage reset through the admin API");
     json_response(StatusCode::OK, &json!({ "reset_counters": reset }))

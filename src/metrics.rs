@@ -57,6 +57,7 @@ pub struct Metrics {
     reloads: Family<OutcomeLabels, Counter>,
     snapshots: Family<OutcomeLabels, Counter>,
     store_errors: Counter,
+    store_up: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -80,6 +81,8 @@ pub struct StoreFigures {
     pub queued: u64,
     /// Concurrency slots taken.
     pub slots: u64,
+    /// Whether the counter store answers.
+    pub store_up: bool,
 }
 
 impl Metrics {
@@ -148,6 +151,12 @@ impl Metrics {
             "Decisions the counter store could not make",
             store_errors.clone(),
         );
+        let store_up = Gauge::default();
+        registry.register(
+            "store_up",
+            "1 while the counter store answers (redis: circuit closed), else 0",
+            store_up.clone(),
+        );
         Self {
             registry,
             requests,
@@ -160,6 +169,7 @@ impl Metrics {
             reloads,
             snapshots,
             store_errors,
+            store_up,
         }
     }
 
@@ -226,6 +236,7 @@ impl Metrics {
         self.counters.set(figures.counters as i64);
         self.queued.set(figures.queued as i64);
         self.slots.set(figures.slots as i64);
+        self.store_up.set(i64::from(figures.store_up));
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             let _ = writeln!(out, "# encoding failed");

@@ -24,7 +24,7 @@ use crate::identity::Caller;
 use crate::mcp;
 use crate::metrics::Metrics;
 use crate::responses::{self, Checked, Refusal};
-use crate::store::{Lease, LimitCheck, MemoryStore, Store, Subject};
+use crate::store::{Counters, Lease, LimitCheck, Store, Subject};
 use arc_swap::ArcSwap;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -82,7 +82,7 @@ impl Live {
 /// The proxy: the live config, the counters and the metrics.
 pub struct Turnstile {
     live: ArcSwap<Live>,
-    store: MemoryStore,
+    store: Counters,
     metrics: Arc<Metrics>,
 }
 
@@ -107,7 +107,7 @@ fn unmatched_label() -> Arc<str> {
 
 impl Turnstile {
     /// A proxy for `policy` counting in `store`.
-    pub fn new(policy: Policy, store: MemoryStore) -> Self {
+    pub fn new(policy: Policy, store: Counters) -> Self {
         Self {
             live: ArcSwap::from_pointee(Live::new(policy)),
             store,
@@ -121,7 +121,7 @@ impl Turnstile {
     }
 
     /// The counter store.
-    pub fn store(&self) -> &MemoryStore {
+    pub fn store(&self) -> &Counters {
         &self.store
     }
 
@@ -172,7 +172,7 @@ impl Turnstile {
             .flat_map(|p| p.by_route.iter().flatten().map(|a| a.counter))
             .collect();
         self.live.store(Arc::new(Live::new(policy)));
-        let dropped_counters = self.store.retain_counters(|id| ids.contains(&id));
+        let dropped_counters = self.store.memory().retain_counters(|id| ids.contains(&id));
         ReloadReport {
             dropped_counters,
             restart_needed,
@@ -329,6 +329,7 @@ impl Turnstile {
                 let spec = &who.plan.limits[a.limit];
                 LimitCheck {
                     subject: subject(spec.per, &who.caller),
+                    group: group(&who.caller),
                     counter: a.counter,
                     rule: &spec.rule,
                     queue: spec.queue,
@@ -705,6 +706,14 @@ impl RequestBody {
             RequestBody::Read { bytes, .. } => crate::body::full(bytes),
             RequestBody::Gone => crate::body::empty(),
         }
+    }
+}
+
+/// The caller's group: its account, or its key when it has none.
+pub fn group(caller: &Caller) -> Subject {
+    match &caller.account {
+        Some(account) => Subject::Account(account.clone()),
+        None => Subject::Key(caller.digest),
     }
 }
 

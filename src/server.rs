@@ -22,9 +22,9 @@ use tokio::net::TcpListener;
 
 use crate::body::Body;
 use crate::clock::Clock;
-use crate::config::Policy;
+use crate::config::{Backend, Policy};
 use crate::proxy::Turnstile;
-use crate::store::MemoryStore;
+use crate::store::{Counters, MemoryStore, RedisStore};
 
 /// How often idle counters are swept.
 const EVICT_EVERY: Duration = Duration::from_secs(10);
@@ -54,8 +54,11 @@ impl Server {
             Some(a) => Some(TcpListener::bind(a.listen).await?),
             None => None,
         };
-        let store = MemoryStore::new(clock);
-        if let Some(path) = &policy.store.snapshot {
+        let store = match &policy.store.backend {
+            Backend::Memory => Counters::Memory(MemoryStore::new(clock)),
+            Backend::Redis(settings) => Counters::Redis(RedisStore::new(settings.clone(), clock)),
+        };
+        if let (Some(path), Counters::Memory(store)) = (&policy.store.snapshot, &store) {
             match store.load_snapshot(path) {
                 Ok(n) => {
                     tracing::info!(snapshot = %path.display(), counters = n, "counters restored")
@@ -169,7 +172,7 @@ impl Server {
 
 /// Eviction of idle counters, and periodic snapshots when configured.
 fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
-    let store = app.store().clone();
+    let store = app.store().memory().clone();
     let mut tasks = vec![tokio::spawn(async move {
         let mut tick = tokio::time::interval(EVICT_EVERY);
         loop {
@@ -182,6 +185,9 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
             );
         }
     })];
+    if let Counters::Redis(redis) = app.store() {
+        tasks.push(redis.spawn_renewal());
+    }
     if app.policy().store.snapshot.is_some() {
         tasks.push(tokio::spawn(async move {
             loop {
@@ -198,7 +204,9 @@ pub async fn write_snapshot(app: &Arc<Turnstile>) {
     let Some(path) = app.policy().store.snapshot.clone() else {
         return;
     };
-    let store = app.store().clone();
+    let Counters::Memory(store) = app.store().clone() else {
+        return;
+    };
     let target = path.clone();
     let result = tokio::task::spawn_blocking(move || store.save_snapshot(&target)).await;
     match result {

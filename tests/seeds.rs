@@ -317,11 +317,25 @@ async fn seed_001_upload_limits_by_file_type() {
     assert_eq!(up.hits(), 1, "the 20 MB audio upload was forwarded");
 }
 
+/// A JSON-RPC tools/call to the kubeez MCP endpoint (`?hold` keeps it open upstream).
+async fn tool_call(p: &Proxy, path: &str, token: &str, tool: &str) -> Got {
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}","arguments":{{"text":"hello world"}}}}}}"#
+    );
+    send(
+        req("POST", &p.url(path))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap(),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn seed_000_concurrency_caps_per_account_and_tool() {
     let up = Upstream::start().await;
-    let p = Proxy::start_example("kubeez.toml", &up).await;
-    let music = p.url("/tools/generate_music?hold");
+    let p = std::sync::Arc::new(Proxy::start_example("kubeez.toml", &up).await);
     let mut held = Vec::new();
     for i in 0..5 {
         // Both tokens of the account share the cap of 5.
@@ -330,9 +344,9 @@ async fn seed_000_concurrency_caps_per_account_and_tool() {
         } else {
             "kz-token-ci"
         };
-        let url = music.clone();
+        let p = p.clone();
         held.push(tokio::spawn(async move {
-            call("POST", &url, Some(token)).await
+            tool_call(&p, "/mcp?hold", token, "generate_music").await
         }));
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -340,34 +354,26 @@ async fn seed_000_concurrency_caps_per_account_and_tool() {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let r = call("POST", &music, Some("kz-token-ci")).await;
+    let r = tool_call(&p, "/mcp", "kz-token-ci", "generate_music").await;
     assert_eq!(
         (r.status, r.h("x-ratelimit-type"), r.h("retry-after")),
-        (429, "concurrent", "5")
+        (200, "concurrent", "5")
     );
+    assert_eq!(r.json()["result"]["isError"], true);
     assert_eq!(
-        r.body,
-        r#"{"error":"rate_limited","message":"Rate limit exceeded. Try again in 5 s."}"#
+        r.json()["result"]["content"][0]["text"],
+        "Too many requests at once (at most 5). Try again in 5 s."
     );
     // generate_dialogue has a cap of its own.
-    let r = call(
-        "POST",
-        &p.url("/tools/generate_dialogue"),
-        Some("kz-token-ci"),
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    let r = tool_call(&p, "/mcp", "kz-token-ci", "generate_dialogue").await;
+    assert_eq!((r.status, r.h("x-ratelimit-limit")), (200, "10"));
+    assert!(r.json().get("result").is_none(), "forwarded: {}", r.body);
     up.release(5);
     for h in held {
         assert_eq!(h.await.unwrap().status, 200);
     }
     // The per-minute budget of generate_music (10) counted the 5 admitted, not the refused one.
-    let r = call(
-        "POST",
-        &p.url("/tools/generate_music"),
-        Some("kz-token-laptop"),
-    )
-    .await;
+    let r = tool_call(&p, "/mcp", "kz-token-laptop", "generate_music").await;
     assert_eq!(
         (
             r.status,

@@ -164,10 +164,40 @@ pub struct UpstreamSettings {
 }
 
 /// `[store] backend`: where counters live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     /// In this process.
     Memory,
+    /// In Redis, shared by every instance (SPEC §8).
+    Redis(RedisSettings),
+}
+
+/// `[store]` settings of the Redis backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` (with `cluster`, any node of the cluster).
+    pub url: String,
+    /// Whether `url` is a Redis Cluster node.
+    pub cluster: bool,
+    /// Prefix of every key turnstile writes.
+    pub prefix: String,
+    /// Longest wait for one decision before `on_error` applies.
+    pub timeout: Duration,
+    /// What to do while Redis cannot decide.
+    pub on_error: OnError,
+    /// Lifetime of a concurrency slot not renewed by its instance.
+    pub lease: Duration,
+}
+
+/// `[store] on_error`: behaviour while Redis is unreachable or too slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Enforce the limits per instance, in memory.
+    Local,
+    /// Forward without limits.
+    Allow,
+    /// Refuse with 503 `store_unavailable`.
+    Deny,
 }
 
 /// Which subject a limit counts for.
@@ -370,10 +400,8 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
     let upstream = compile_upstream(src, &raw.upstream)?;
     let headers = compile_headers(src, &raw.headers)?;
     let store = StoreSettings {
-        backend: match raw.store.backend {
-            None | Some(RawBackend::Memory) => Backend::Memory,
-        },
-        snapshot: raw.store.snapshot.as_ref().map(|p| base.join(p)),
+        backend: compile_backend(src, &raw.store)?,
+        snapshot: raw.store.snapshot.as_ref().map(|p| base.join(p.get_ref())),
         snapshot_interval: duration(src, &raw.store.snapshot_interval, Duration::from_secs(5))?,
     };
     if store.snapshot_interval.is_zero() {
@@ -484,6 +512,68 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         plans,
         responses: global,
     })
+}
+
+fn compile_backend(src: &Source, raw: &RawStore) -> Result<Backend, ConfigError> {
+    let redis_only: [(&str, Option<Range<usize>>); 4] = [
+        ("url", raw.url.as_ref().map(|s| s.span())),
+        ("timeout", raw.timeout.as_ref().map(|s| s.span())),
+        ("lease", raw.lease.as_ref().map(|s| s.span())),
+        ("cluster", raw.cluster.map(|_| 0..0)),
+    ];
+    let backend = raw.backend.as_ref().map(|b| *b.get_ref());
+    if backend != Some(RawBackend::Redis) {
+        if let Some((field, span)) = redis_only.iter().find(|(_, span)| span.is_some()) {
+            return Err(src.at(
+                span.clone().unwrap_or(0..0),
+                format!("`{field}` applies to backend = \"redis\" only"),
+            ));
+        }
+        return Ok(Backend::Memory);
+    }
+    if let Some(snapshot) = &raw.snapshot {
+        return Err(src.at(
+            snapshot.span(),
+            "snapshots are for the memory backend: with redis the counters live in Redis",
+        ));
+    }
+    let span = raw.backend.as_ref().map(|b| b.span()).unwrap_or(0..0);
+    let url = raw.url.as_ref().ok_or_else(|| {
+        src.at(
+            span,
+            "backend = \"redis\" needs `url`, e.g. \"redis://127.0.0.1:6379\"",
+        )
+    })?;
+    if !url.get_ref().starts_with("redis://") && !url.get_ref().starts_with("rediss://") {
+        return Err(src.at(
+            url.span(),
+            format!(
+                "invalid redis url {:?}: expected redis://host:port",
+                url.get_ref()
+            ),
+        ));
+    }
+    let timeout = duration(src, &raw.timeout, Duration::from_millis(50))?;
+    let lease = duration(src, &raw.lease, Duration::from_secs(10))?;
+    if lease < Duration::from_millis(300) {
+        let span = raw.lease.as_ref().map(|l| l.span()).unwrap_or(0..0);
+        return Err(src.at(
+            span,
+            "lease must be at least 300ms (it is renewed every third of it)",
+        ));
+    }
+    Ok(Backend::Redis(RedisSettings {
+        url: url.get_ref().clone(),
+        cluster: raw.cluster.unwrap_or(false),
+        prefix: raw.prefix.clone().unwrap_or_else(|| "turnstile:".into()),
+        timeout,
+        on_error: match raw.on_error {
+            Some(RawOnError::Allow) => OnError::Allow,
+            Some(RawOnError::Deny) => OnError::Deny,
+            _ => OnError::Local,
+        },
+        lease,
+    }))
 }
 
 fn compile_server(src: &Source, raw: &RawServer) -> Result<ServerSettings, ConfigError> {

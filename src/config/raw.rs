@@ -105,15 +105,30 @@ pub enum RawReset {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
-    pub backend: Option<RawBackend>,
-    pub snapshot: Option<String>,
+    pub backend: Option<Spanned<RawBackend>>,
+    pub snapshot: Option<Spanned<String>>,
     pub snapshot_interval: Option<Spanned<String>>,
+    pub url: Option<Spanned<String>>,
+    pub cluster: Option<bool>,
+    pub prefix: Option<String>,
+    pub timeout: Option<Spanned<String>>,
+    pub on_error: Option<RawOnError>,
+    pub lease: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawBackend {
+    Memory,
+    Redis,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RawBackend {
-    Memory,
+pub enum RawOnError {
+    Local,
+    Allow,
+    Deny,
 }
 
 #[derive(Debug, Deserialize)]

@@ -384,20 +384,35 @@ impl MemoryStore {
             .map(|c| c.state.clone())
     }
 
-    /// Forgets a subject's window counters (quota back to full); concurrency
-    /// slots in use are kept. Returns how many counters were reset.
-    pub fn reset(&self, subject: &Subject) -> usize {
-        let Some(handle) = self.inner.map.get(subject).map(|h| h.clone()) else {
-            return 0;
-        };
-        let mut g = lock(&handle);
-        let before = g.list.len();
-        g.list.retain(
-            |c| matches!(c.state, CounterState::Concurrency { in_flight } if in_flight > 0),
-        );
-        let dropped = before - g.list.len();
+    /// Forgets the window counters of `checks` (quota back to full);
+    /// concurrency slots are kept. Returns how many counters were reset.
+    pub fn reset_counters(&self, checks: &[LimitCheck<'_>]) -> usize {
+        let mut dropped = 0;
+        for c in checks.iter().filter(|c| !c.rule.is_concurrency()) {
+            let Some(handle) = self.inner.map.get(&c.subject).map(|h| h.clone()) else {
+                continue;
+            };
+            let mut g = lock(&handle);
+            let before = g.list.len();
+            g.list.retain(|x| x.id != c.counter);
+            dropped += before - g.list.len();
+        }
         self.inner.live.fetch_sub(dropped, Ordering::Relaxed);
         dropped
+    }
+
+    /// The figures of `checks` as they stand, counting nothing.
+    pub fn usage(&self, checks: &[LimitCheck<'_>]) -> Vec<Verdict> {
+        let now = self.now();
+        checks
+            .iter()
+            .map(|c| {
+                let mut state = self
+                    .peek(&c.subject, c.counter)
+                    .unwrap_or_else(|| c.rule.new_state());
+                c.rule.evaluate(&mut state, now).uncounted()
+            })
+            .collect()
     }
 
     /// Keeps only counters whose id `keep` accepts (after a reload removed

@@ -4,12 +4,14 @@
 //! decision in one round trip.
 
 mod memory;
+mod redis;
 mod snapshot;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 pub use snapshot::SnapshotError;
 
@@ -33,6 +35,9 @@ pub enum Subject {
 pub struct LimitCheck<'a> {
     /// Whose counter.
     pub subject: Subject,
+    /// The caller's account (or key, when it has none): every counter of one
+    /// request belongs to one group, so a networked store can keep them together.
+    pub group: Subject,
     /// Which counter of that subject (stable id from the config).
     pub counter: u64,
     /// The rule and its numbers.
@@ -117,4 +122,82 @@ pub trait Store: Send + Sync + 'static {
         checks: &[LimitCheck<'_>],
         at: Nanos,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The configured counter store.
+#[derive(Debug, Clone)]
+pub enum Counters {
+    /// In this process.
+    Memory(MemoryStore),
+    /// In Redis, shared by every instance.
+    Redis(RedisStore),
+}
+
+/// How the store is doing, for `/readyz` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// `"memory"` or `"redis"`.
+    pub backend: &'static str,
+    /// Whether the store answers (Redis: the breaker is closed).
+    pub up: bool,
+    /// Whether requests are refused while it is down (`on_error = "deny"`).
+    pub refusing_when_down: bool,
+}
+
+impl Counters {
+    /// The in-process counters: the memory backend, or Redis's local fallback.
+    pub fn memory(&self) -> &MemoryStore {
+        match self {
+            Counters::Memory(m) => m,
+            Counters::Redis(r) => r.fallback(),
+        }
+    }
+
+    /// Backend and state.
+    pub fn health(&self) -> StoreHealth {
+        match self {
+            Counters::Memory(_) => StoreHealth {
+                backend: "memory",
+                up: true,
+                refusing_when_down: false,
+            },
+            Counters::Redis(r) => StoreHealth {
+                backend: "redis",
+                up: r.is_up(),
+                refusing_when_down: r.on_error() == crate::config::OnError::Deny,
+            },
+        }
+    }
+
+    /// The figures of `checks` without counting (admin usage), uncounted.
+    pub async fn usage(&self, checks: &[LimitCheck<'_>]) -> Result<Vec<Verdict>, StoreError> {
+        match self {
+            Counters::Memory(m) => Ok(m.usage(checks)),
+            Counters::Redis(r) => r.usage(checks).await,
+        }
+    }
+
+    /// Resets the window counters of `checks`; returns how many existed.
+    pub async fn reset(&self, checks: &[LimitCheck<'_>]) -> Result<usize, StoreError> {
+        match self {
+            Counters::Memory(m) => Ok(m.reset_counters(checks)),
+            Counters::Redis(r) => r.reset(checks).await,
+        }
+    }
+}
+
+impl Store for Counters {
+    async fn decide(&self, checks: &[LimitCheck<'_>]) -> Result<Decision, StoreError> {
+        match self {
+            Counters::Memory(m) => m.decide(checks).await,
+            Counters::Redis(r) => r.decide(checks).await,
+        }
+    }
+
+    async fn refund(&self, checks: &[LimitCheck<'_>], at: Nanos) -> Result<(), StoreError> {
+        match self {
+            Counters::Memory(m) => m.refund(checks, at).await,
+            Counters::Redis(r) => r.refund(checks, at).await,
+        }
+    }
 }

@@ -21,12 +21,14 @@ fn all_or_nothing_across_limits_and_subjects() {
     let checks = |who: Subject| {
         vec![
             LimitCheck {
+                group: key(0),
                 subject: who.clone(),
                 counter: 1,
                 rule: &minute,
                 queue: None,
             },
             LimitCheck {
+                group: key(0),
                 subject: Subject::Account("acme".into()),
                 counter: 2,
                 rule: &daily,
@@ -58,6 +60,7 @@ fn idle_counters_are_evicted_after_their_window() {
     };
     for n in 0..100 {
         let c = [LimitCheck {
+            group: key(0),
             subject: key(n),
             counter: 1,
             rule: &minute,
@@ -86,6 +89,7 @@ fn concurrent_threads_never_over_admit() {
             s.spawn(|| {
                 for _ in 0..100 {
                     let c = [LimitCheck {
+                        group: key(0),
                         subject: key(7),
                         counter: 9,
                         rule: &rule,
@@ -113,6 +117,7 @@ async fn a_panicking_exchange_gives_its_slot_back() {
     };
     let check = || {
         [LimitCheck {
+            group: key(0),
             subject: key(1),
             counter: 5,
             rule: &rule,
@@ -145,6 +150,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
     });
     let held = store
         .decide(&[LimitCheck {
+            group: key(0),
             subject: key(1),
             counter: 5,
             rule: &rule,
@@ -160,6 +166,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             retry_after: SECOND,
         };
         s2.decide(&[LimitCheck {
+            group: key(0),
             subject: key(1),
             counter: 5,
             rule: &rule,
@@ -175,6 +182,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
     // The slot was handed over: a newcomer without a queue is refused.
     let newcomer = store.decide_at(
         &[LimitCheck {
+            group: key(0),
             subject: key(1),
             counter: 5,
             rule: &rule,
@@ -208,18 +216,21 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
     };
     let checks = [
         LimitCheck {
+            group: key(0),
             subject: key(1),
             counter: 1,
             rule: &minute,
             queue: None,
         },
         LimitCheck {
+            group: key(0),
             subject: Subject::Account("acme".into()),
             counter: 2,
             rule: &daily,
             queue: None,
         },
         LimitCheck {
+            group: key(0),
             subject: key(1),
             counter: 3,
             rule: &slots,
@@ -269,12 +280,14 @@ fn reset_and_retain_keep_slots_in_use() {
     };
     let checks = [
         LimitCheck {
+            group: key(0),
             subject: key(1),
             counter: 1,
             rule: &minute,
             queue: None,
         },
         LimitCheck {
+            group: key(0),
             subject: key(1),
             counter: 3,
             rule: &slots,
@@ -282,7 +295,11 @@ fn reset_and_retain_keep_slots_in_use() {
         },
     ];
     let held = store.decide_at(&checks, clock.now());
-    assert_eq!(store.reset(&key(1)), 1);
+    assert_eq!(
+        store.reset_counters(&checks),
+        1,
+        "the window counter, not the slot"
+    );
     assert_eq!(
         store.retain_counters(|_| false),
         0,

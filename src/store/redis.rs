@@ -1,0 +1,504 @@
+//! Counters in Redis, shared by every turnstile instance (SPEC §8).
+//!
+//! Each request is one round trip: `decide.lua` (EVALSHA, reloaded on
+//! NOSCRIPT) evaluates every limit on the Redis server's clock and counts only
+//! if all admit. Keys carry expiries tied to their windows, and the keys of
+//! one account share a hash tag so the script runs on Redis Cluster too.
+//! Concurrency slots are leases: entries with an expiry that this instance
+//! renews while the exchange lives, so a killed instance's slots free
+//! themselves. A circuit breaker keeps a dead or slow Redis from adding its
+//! timeout to every request: while open, `on_error` applies at once and one
+//! probe at a time checks whether Redis is back.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{FromRedisValue, Script, ScriptInvocation};
+use sha2::{Digest, Sha256};
+
+use super::{Decision, Lease, LimitCheck, MemoryStore, Store, StoreError, Subject};
+use crate::clock::{Clock, Nanos};
+use crate::config::{OnError, RedisSettings};
+use crate::limits::{Rule, Verdict, Window};
+
+/// How long the breaker stays open before one request probes Redis again.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How often waiting requests of a queued concurrency limit retry.
+const QUEUE_POLL: Duration = Duration::from_millis(20);
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn invoke<T: FromRedisValue>(
+        &mut self,
+        inv: &ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(c) => inv.invoke_async(c).await,
+            Conn::Cluster(c) => inv.invoke_async(c).await,
+        }
+    }
+}
+
+/// Opens after a failure; lets one probe through every [`PROBE_EVERY`].
+struct Breaker {
+    started: Instant,
+    open_until_ms: AtomicU64,
+    probing: AtomicBool,
+}
+
+impl Breaker {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    fn allow(&self) -> bool {
+        let until = self.open_until_ms.load(Ordering::Acquire);
+        if until == 0 {
+            return true;
+        }
+        self.now_ms() >= until
+            && self
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    fn success(&self) {
+        self.open_until_ms.store(0, Ordering::Release);
+        self.probing.store(false, Ordering::Release);
+    }
+
+    fn failure(&self) {
+        self.open_until_ms.store(
+            self.now_ms() + PROBE_EVERY.as_millis() as u64,
+            Ordering::Release,
+        );
+        self.probing.store(false, Ordering::Release);
+    }
+
+    fn is_open(&self) -> bool {
+        self.open_until_ms.load(Ordering::Acquire) != 0
+    }
+}
+
+struct Inner {
+    settings: RedisSettings,
+    conn: ArcSwapOption<Conn>,
+    connecting: tokio::sync::Mutex<()>,
+    breaker: Breaker,
+    decide: Script,
+    refund: Script,
+    renew: Script,
+    instance: String,
+    seq: AtomicU64,
+    /// Leases held by this instance's exchanges: lease id → slot keys.
+    held: DashMap<String, Vec<String>>,
+    /// Per-instance counters for `on_error = "local"`.
+    fallback: MemoryStore,
+    clock: Arc<dyn Clock>,
+}
+
+/// Counters in Redis. Clones share the connection and the breaker.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.inner.settings.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A concurrency lease held in Redis; dropping it releases the slots.
+struct RedisLease {
+    store: Arc<Inner>,
+    id: String,
+}
+
+impl Drop for RedisLease {
+    fn drop(&mut self) {
+        let Some((id, keys)) = self.store.held.remove(&self.id) else {
+            return;
+        };
+        let store = self.store.clone();
+        // Released in the background; if Redis is unreachable the lease expires.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Some(mut conn) = store.conn.load_full().map(|c| (*c).clone()) {
+                    for key in keys {
+                        let cmd = redis::cmd("ZREM").arg(&key).arg(&id).to_owned();
+                        let release = async {
+                            match &mut conn {
+                                Conn::Single(c) => cmd.query_async::<i64>(c).await,
+                                Conn::Cluster(c) => cmd.query_async::<i64>(c).await,
+                            }
+                        };
+                        let _ = tokio::time::timeout(store.settings.timeout * 4, release).await;
+                    }
+                }
+            });
+        }
+    }
+}
+
+fn hex16(bytes: &[u8]) -> String {
+    hex::encode(&bytes[..8.min(bytes.len())])
+}
+
+impl Inner {
+    /// `prefix{tag}:subject:counter`; `tag` groups the keys of one account.
+    fn key(&self, check: &LimitCheck<'_>) -> String {
+        let tag = match &check.group {
+            Subject::Key(d) => hex16(d),
+            Subject::Account(a) => hex16(&Sha256::digest(a.as_bytes())),
+        };
+        let subject = match &check.subject {
+            Subject::Key(d) => format!("k{}", hex::encode(d)),
+            Subject::Account(a) => format!("a{}", hex::encode(Sha256::digest(a.as_bytes()))),
+        };
+        format!(
+            "{}{{{tag}}}:{subject}:{:016x}",
+            self.settings.prefix, check.counter
+        )
+    }
+
+    async fn connection(&self) -> Option<Conn> {
+        if let Some(c) = self.conn.load_full() {
+            return Some((*c).clone());
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(c) = self.conn.load_full() {
+            return Some((*c).clone());
+        }
+        let connect = async {
+            let s = &self.settings;
+            if s.cluster {
+                let client = redis::cluster::ClusterClient::builder(vec![s.url.as_str()])
+                    .connection_timeout(s.timeout.max(Duration::from_millis(200)))
+                    .response_timeout(s.timeout)
+                    .build()?;
+                client.get_async_connection().await.map(Conn::Cluster)
+            } else {
+                let client = redis::Client::open(s.url.as_str())?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(s.timeout.max(Duration::from_millis(200))))
+                    .set_response_timeout(Some(s.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(200));
+                client
+                    .get_connection_manager_with_config(config)
+                    .await
+                    .map(Conn::Single)
+            }
+        };
+        match tokio::time::timeout(
+            self.settings.timeout.max(Duration::from_millis(500)),
+            connect,
+        )
+        .await
+        {
+            Ok(Ok(conn)) => {
+                self.conn.store(Some(Arc::new(conn.clone())));
+                Some(conn)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot connect to redis");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// One script call, bounded by the timeout; failures open the breaker.
+    async fn call<T: FromRedisValue>(&self, inv: ScriptInvocation<'_>) -> Result<T, StoreError> {
+        if !self.breaker.allow() {
+            return Err(StoreError("redis unavailable (circuit open)".into()));
+        }
+        let Some(mut conn) = self.connection().await else {
+            self.breaker.failure();
+            return Err(StoreError("cannot connect to redis".into()));
+        };
+        match tokio::time::timeout(self.settings.timeout, conn.invoke::<T>(&inv)).await {
+            Ok(Ok(v)) => {
+                if self.breaker.is_open() {
+                    tracing::info!("redis is back");
+                }
+                self.breaker.success();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                if !self.breaker.is_open() {
+                    tracing::error!(error = %e, "redis failed: falling back to on_error");
+                }
+                self.breaker.failure();
+                Err(StoreError(format!("redis: {e}")))
+            }
+            Err(_) => {
+                if !self.breaker.is_open() {
+                    tracing::error!(
+                        timeout_ms = self.settings.timeout.as_millis() as u64,
+                        "redis timed out: falling back to on_error"
+                    );
+                }
+                self.breaker.failure();
+                Err(StoreError("redis timed out".into()))
+            }
+        }
+    }
+}
+
+/// `(kind, a, b)` of a rule, as the Lua scripts read them.
+fn rule_args(rule: &Rule) -> (u8, u64, u64) {
+    match *rule {
+        Rule::Fixed { requests, window } => {
+            let secs = match window {
+                Window::Span(len) => len / crate::clock::SECOND,
+                Window::Month => 0,
+            };
+            (1, requests as u64, secs)
+        }
+        Rule::Rolling { requests, window } => (2, requests as u64, window / crate::clock::SECOND),
+        Rule::Bucket { burst, interval } => (3, burst as u64, (interval / 1_000).max(1)),
+        Rule::Concurrency { max, retry_after } => (4, max as u64, retry_after / 1_000),
+    }
+}
+
+impl RedisStore {
+    /// A store for `settings`; connects on first use, so turnstile starts
+    /// (and follows `on_error`) even while Redis is down.
+    pub fn new(settings: RedisSettings, clock: Arc<dyn Clock>) -> Self {
+        let instance = {
+            let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
+            hex16(&Sha256::digest(seed.as_bytes()))
+        };
+        let inner = Arc::new(Inner {
+            settings,
+            conn: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+            breaker: Breaker {
+                started: Instant::now(),
+                open_until_ms: AtomicU64::new(0),
+                probing: AtomicBool::new(false),
+            },
+            decide: Script::new(include_str!("lua/decide.lua")),
+            refund: Script::new(include_str!("lua/refund.lua")),
+            renew: Script::new(include_str!("lua/renew.lua")),
+            instance,
+            seq: AtomicU64::new(0),
+            held: DashMap::new(),
+            fallback: MemoryStore::new(clock.clone()),
+            clock,
+        });
+        Self { inner }
+    }
+
+    /// Renews this instance's leases every third of the lease time, until
+    /// the returned task is aborted.
+    pub fn spawn_renewal(&self) -> tokio::task::JoinHandle<()> {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let every = inner.settings.lease / 3;
+            let lease_ms = inner.settings.lease.as_millis() as u64;
+            loop {
+                tokio::time::sleep(every).await;
+                let held: Vec<(String, Vec<String>)> = inner
+                    .held
+                    .iter()
+                    .map(|e| (e.key().clone(), e.value().clone()))
+                    .collect();
+                for (id, keys) in held {
+                    for key in keys {
+                        let mut inv = inner.renew.prepare_invoke();
+                        inv.key(&key).arg(&id).arg(lease_ms);
+                        let _ = inner.call::<i64>(inv).await;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Whether Redis answered the last call (the breaker is closed).
+    pub fn is_up(&self) -> bool {
+        !self.inner.breaker.is_open()
+    }
+
+    /// What happens while Redis is down.
+    pub fn on_error(&self) -> OnError {
+        self.inner.settings.on_error
+    }
+
+    /// The per-instance store used by `on_error = "local"`.
+    pub fn fallback(&self) -> &MemoryStore {
+        &self.inner.fallback
+    }
+
+    async fn decide_once(
+        &self,
+        checks: &[LimitCheck<'_>],
+        dry_run: bool,
+    ) -> Result<Decision, StoreError> {
+        let inner = &self.inner;
+        let lease_id = format!(
+            "{}:{}",
+            inner.instance,
+            inner.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let keys: Vec<String> = checks.iter().map(|c| inner.key(c)).collect();
+        let mut inv = inner.decide.prepare_invoke();
+        for key in &keys {
+            inv.key(key);
+        }
+        inv.arg(if dry_run { 1 } else { 0 })
+            .arg(&lease_id)
+            .arg(inner.settings.lease.as_millis() as u64);
+        for c in checks {
+            let (kind, a, b) = rule_args(c.rule);
+            inv.arg(kind).arg(a).arg(b);
+        }
+        let out: Vec<i64> = inner.call(inv).await?;
+        parse_decision(&out, checks.len()).map(|(admitted, now, verdicts)| {
+            let slots: Vec<String> = checks
+                .iter()
+                .zip(&keys)
+                .filter(|(c, _)| c.rule.is_concurrency())
+                .map(|(_, k)| k.clone())
+                .collect();
+            let lease = if admitted && !dry_run && !slots.is_empty() {
+                inner.held.insert(lease_id.clone(), slots);
+                Lease::new(vec![Box::new(RedisLease {
+                    store: inner.clone(),
+                    id: lease_id,
+                })])
+            } else {
+                Lease::default()
+            };
+            Decision {
+                now,
+                admitted,
+                verdicts,
+                lease,
+            }
+        })
+    }
+
+    async fn fall_back(
+        &self,
+        checks: &[LimitCheck<'_>],
+        error: StoreError,
+    ) -> Result<Decision, StoreError> {
+        match self.inner.settings.on_error {
+            OnError::Local => self.inner.fallback.decide(checks).await,
+            OnError::Allow => Ok(Decision {
+                now: self.inner.clock.now(),
+                admitted: true,
+                verdicts: Vec::new(),
+                lease: Lease::default(),
+            }),
+            OnError::Deny => Err(error),
+        }
+    }
+
+    /// The limits' figures without counting anything (admin usage).
+    pub async fn usage(&self, checks: &[LimitCheck<'_>]) -> Result<Vec<Verdict>, StoreError> {
+        let d = self.decide_once(checks, true).await?;
+        Ok(d.verdicts.into_iter().map(|v| v.uncounted()).collect())
+    }
+
+    /// Deletes the window counters of `checks` (slots in use are kept).
+    pub async fn reset(&self, checks: &[LimitCheck<'_>]) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let mut deleted = 0;
+        for c in checks.iter().filter(|c| !c.rule.is_concurrency()) {
+            let Some(mut conn) = inner.connection().await else {
+                return Err(StoreError("cannot connect to redis".into()));
+            };
+            let cmd = redis::cmd("DEL").arg(inner.key(c)).to_owned();
+            let n: redis::RedisResult<i64> = match &mut conn {
+                Conn::Single(x) => cmd.query_async(x).await,
+                Conn::Cluster(x) => cmd.query_async(x).await,
+            };
+            deleted += n.map_err(|e| StoreError(e.to_string()))? as usize;
+        }
+        Ok(deleted)
+    }
+}
+
+fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, Vec<Verdict>), StoreError> {
+    if out.len() != 2 + 6 * n {
+        return Err(StoreError(format!(
+            "unexpected reply from the decide script ({} values)",
+            out.len()
+        )));
+    }
+    let us = |v: i64| (v.max(0) as u64) * 1_000;
+    let verdicts = out[2..]
+        .chunks(6)
+        .map(|v| Verdict {
+            admitted: v[0] == 1,
+            limit: v[1] as u32,
+            used: v[2] as u32,
+            remaining: v[3] as u32,
+            reset_at: us(v[4]),
+            retry_at: us(v[5]),
+        })
+        .collect();
+    Ok((out[0] == 1, us(out[1]), verdicts))
+}
+
+impl Store for RedisStore {
+    async fn decide(&self, checks: &[LimitCheck<'_>]) -> Result<Decision, StoreError> {
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let d = match self.decide_once(checks, false).await {
+                Ok(d) => d,
+                Err(e) => return self.fall_back(checks, e).await,
+            };
+            if d.admitted {
+                return Ok(d);
+            }
+            // A request refused only by a queued concurrency limit waits,
+            // retrying until a slot frees or max_wait passes.
+            let refusing: Vec<usize> = (0..checks.len())
+                .filter(|&i| !d.verdicts[i].admitted)
+                .collect();
+            let queue = match refusing[..] {
+                [i] if checks[i].rule.is_concurrency() => checks[i].queue,
+                _ => None,
+            };
+            let Some(q) = queue else { return Ok(d) };
+            let deadline =
+                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + q.max_wait);
+            if tokio::time::Instant::now() + QUEUE_POLL > deadline {
+                return Ok(d);
+            }
+            tokio::time::sleep(QUEUE_POLL).await;
+        }
+    }
+
+    async fn refund(&self, checks: &[LimitCheck<'_>], at: Nanos) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut inv = inner.refund.prepare_invoke();
+        for c in checks {
+            inv.key(inner.key(c));
+        }
+        inv.arg(at / 1_000);
+        for c in checks {
+            let (kind, a, b) = rule_args(c.rule);
+            inv.arg(kind).arg(a).arg(b);
+        }
+        inner.call::<i64>(inv).await.map(|_| ())
+    }
+}

@@ -1,0 +1,534 @@
+//! Distributed limits on real Redis (SPEC §8): several turnstile instances
+//! sharing one Redis (and a 3-node Redis Cluster) enforce one exact limit;
+//! each on_error mode while Redis is down; recovery; leases of a killed
+//! instance. Needs `redis-server` and `redis-cli` (`apt-get install -y
+//! redis-server`; .ci/run installs it). Every test starts its own servers on
+//! free ports.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn require_redis() {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(found, "redis-server is not installed: run `apt-get install -y redis-server` (the Redis tests never skip)");
+}
+
+/// A redis-server on a free port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        require_redis();
+        let dir = tempfile::tempdir().unwrap();
+        Self::on_port(free_port(), dir, &[]).await
+    }
+
+    async fn on_port(port: u16, dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(extra)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, port, dir }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts redis-server again on the same port (empty: no persistence).
+    async fn restart(&mut self) {
+        self.kill();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let fresh = Self::on_port(self.port, dir, &[]).await;
+        let _ = std::mem::replace(self, fresh);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const EXACT: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[store]
+backend = "redis"
+url = "{redis}"
+timeout = "2s"
+
+[[routes]]
+name = "fixed"
+path = "/fixed"
+[[routes]]
+name = "rolling"
+path = "/rolling"
+[[routes]]
+name = "bucket"
+path = "/bucket"
+[[routes]]
+name = "slots"
+path = "/hold"
+
+[plans.p]
+[[plans.p.limits]]
+name = "daily"
+routes = ["fixed"]
+requests = 37
+window = "1d"
+
+[[plans.p.limits]]
+name = "hourly"
+kind = "rolling"
+routes = ["rolling"]
+requests = 41
+window = "1h"
+
+[[plans.p.limits]]
+name = "burst"
+kind = "bucket"
+routes = ["bucket"]
+rate = "1/h"
+burst = 23
+
+[[plans.p.limits]]
+name = "slots"
+kind = "concurrency"
+routes = ["slots"]
+max = 7
+"#;
+
+async fn instances(config: &str, up: &Upstream, n: usize) -> Vec<Proxy> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(Proxy::start(config, up).await);
+    }
+    out
+}
+
+/// 300 parallel requests for one key, round-robin over the instances.
+async fn storm(
+    proxies: &[Proxy],
+    path: &str,
+    key: &'static str,
+) -> Vec<tokio::task::JoinHandle<u16>> {
+    (0..300)
+        .map(|i| {
+            let url = proxies[i % proxies.len()].url(path);
+            tokio::spawn(async move { call("GET", &url, Some(key)).await.status })
+        })
+        .collect()
+}
+
+async fn statuses(
+    tasks: Vec<tokio::task::JoinHandle<u16>>,
+) -> std::collections::HashMap<u16, usize> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    tally(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_admit_exactly_n_for_every_kind() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let proxies = instances(&EXACT.replace("{redis}", &redis.url()), &up, 3).await;
+    for (path, n) in [("/fixed", 37), ("/rolling", 41), ("/bucket", 23)] {
+        let counts = statuses(storm(&proxies, path, "shared-key").await).await;
+        assert_eq!(counts.get(&200), Some(&n), "{path}: {counts:?}");
+        assert_eq!(counts.get(&429), Some(&(300 - n)), "{path}: {counts:?}");
+    }
+    assert_eq!(up.hits(), 37 + 41 + 23);
+
+    let before = up.hits();
+    let held = storm(&proxies, "/hold", "shared-key").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held.iter().filter(|t| t.is_finished()).count() < 293 {
+        assert!(Instant::now() < deadline, "refusals did not come back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        up.hits() - before,
+        7,
+        "exactly 7 slots across the instances"
+    );
+    up.release(300);
+    let counts = statuses(held).await;
+    assert_eq!(
+        (counts.get(&200), counts.get(&429)),
+        (Some(&7), Some(&293)),
+        "{counts:?}"
+    );
+    // Released leases free the slots at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let url = proxies[0].url("/hold?n=again");
+        let t = tokio::spawn(async move { call("GET", &url, Some("shared-key")).await.status });
+        let deadline_hit = Instant::now() + Duration::from_secs(5);
+        while up.hits() - before < 8 && !t.is_finished() {
+            assert!(Instant::now() < deadline_hit);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        up.release(1);
+        if t.await.unwrap() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slots were not released");
+    }
+}
+
+const MODES: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[store]
+backend = "redis"
+url = "{redis}"
+timeout = "200ms"
+on_error = "{mode}"
+
+[[routes]]
+name = "gen"
+path = "/gen"
+
+[plans.p]
+[[plans.p.limits]]
+name = "daily"
+requests = 5
+window = "1d"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_follows_on_error_without_latency_pile_up_and_recovers() {
+    let mut redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = |mode: &str| {
+        MODES
+            .replace("{redis}", &redis.url())
+            .replace("{mode}", mode)
+    };
+    let local = Proxy::start(&config("local"), &up).await;
+    let allow = Proxy::start(&config("allow"), &up).await;
+    let deny = Proxy::start(&config("deny"), &up).await;
+    for p in [&local, &allow, &deny, &local, &allow] {
+        assert_eq!(call("GET", &p.url("/gen"), Some("k")).await.status, 200);
+    }
+    // Five admitted in Redis: the shared limit is reached for every instance.
+    assert_eq!(call("GET", &deny.url("/gen"), Some("k")).await.status, 429);
+
+    redis.kill();
+    // deny: 503 store_unavailable, fast after the first failure.
+    let mut slow = 0;
+    for _ in 0..50 {
+        let started = Instant::now();
+        let r = call("GET", &deny.url("/gen"), Some("k")).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.json()["error"], "store_unavailable");
+        slow += usize::from(started.elapsed() >= Duration::from_millis(150));
+    }
+    assert!(
+        slow <= 3,
+        "{slow} of 50 requests waited for the Redis timeout: no circuit breaker?"
+    );
+    // allow: forwarded without limits (and without rate-limit headers).
+    for _ in 0..10 {
+        let r = call("GET", &allow.url("/gen"), Some("k")).await;
+        assert_eq!(r.status, 200);
+        assert!(r.header("x-ratelimit-limit").is_none());
+    }
+    // local: the limit holds per instance, in memory.
+    let local_statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.push(call("GET", &local.url("/gen"), Some("k")).await.status);
+        }
+        v
+    };
+    assert_eq!(
+        tally(local_statuses),
+        [(200, 5), (429, 3)].into_iter().collect()
+    );
+
+    // Redis comes back (empty): every instance recovers without a restart.
+    redis.restart().await;
+    for p in [&deny, &allow] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = call("GET", &p.url("/gen"), Some("fresh-key")).await;
+            if r.status == 200 && r.header("x-ratelimit-limit") == Some("5") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no recovery: {}", r.status);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_of_a_killed_instance_come_back_within_the_lease() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{{port}}\"\n[upstream]\nurl = \"{{upstream}}\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\nlease = \"1s\"\n[[routes]]\nname = \"slots\"\npath = \"/hold\"\n[plans.p]\n[[plans.p.limits]]\nname = \"slots\"\nkind = \"concurrency\"\nmax = 2\n",
+        redis.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let doomed = Binary::start(dir.path(), &config, &up).await;
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let url = doomed.url("/hold");
+            tokio::spawn(async move { call("GET", &url, Some("k")).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.hits() < 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Renewed while alive: still held after more than one lease.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let survivor = Proxy::start(&config.replace("listen = \"127.0.0.1:{port}\"", ""), &up).await;
+    assert_eq!(
+        call("GET", &survivor.url("/hold"), Some("k")).await.status,
+        429
+    );
+
+    doomed.signal("KILL");
+    let killed_at = Instant::now();
+    for h in held {
+        let _ = h.await;
+    }
+    loop {
+        let url = survivor.url("/hold?n=after");
+        let t = tokio::spawn(async move { call("GET", &url, Some("k")).await.status });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !t.is_finished() {
+            up.release(1);
+            assert_eq!(t.await.unwrap(), 200);
+            break;
+        }
+        assert_eq!(t.await.unwrap(), 429);
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(3),
+            "slots not freed within the lease"
+        );
+    }
+    let freed_after = killed_at.elapsed();
+    assert!(
+        freed_after <= Duration::from_millis(2000),
+        "freed after {freed_after:?}, lease is 1 s"
+    );
+}
+
+const CLUSTER: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[identity]
+keys_file = "keys.toml"
+
+[store]
+backend = "redis"
+url = "{redis}"
+cluster = true
+timeout = "2s"
+
+[[routes]]
+name = "gen"
+path = "/gen"
+
+[plans.p]
+[[plans.p.limits]]
+name = "account_daily"
+per = "account"
+requests = 15
+window = "1d"
+
+[[plans.p.limits]]
+name = "key_daily"
+requests = 10
+window = "1d"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_redis_cluster_keeps_limits_exact() {
+    require_redis();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        nodes.push(
+            Redis::on_port(
+                free_port(),
+                dir,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ],
+            )
+            .await,
+        );
+    }
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let created = Command::new("redis-cli")
+        .arg("--cluster")
+        .arg("create")
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(created.success(), "redis-cli --cluster create failed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = Command::new("redis-cli")
+            .args(["-p", &nodes[0].port.to_string(), "cluster", "info"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cluster did not become ok");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let up = Upstream::start().await;
+    let keys = "[[keys]]\nkey = \"key-a\"\naccount = \"acme\"\n\n[[keys]]\nkey = \"key-b\"\naccount = \"acme\"\n\n[[keys]]\nkey = \"key-c\"\naccount = \"other\"\n\n[[keys]]\nkey = \"key-d\"\naccount = \"third\"\n";
+    let config = CLUSTER.replace("{redis}", &nodes[0].url());
+    let mut proxies = Vec::new();
+    for _ in 0..2 {
+        proxies.push(Proxy::start_with(&config, &up, &[("keys.toml", keys)]).await);
+    }
+    // Per-account and per-key counters of one request in one script, across
+    // accounts that live on different nodes.
+    let mut tasks = Vec::new();
+    for (i, key) in ["key-a", "key-b", "key-c", "key-d"]
+        .iter()
+        .cycle()
+        .take(160)
+        .enumerate()
+    {
+        let url = proxies[i % 2].url("/gen");
+        let key = *key;
+        tasks.push(tokio::spawn(async move {
+            (key, call("GET", &url, Some(key)).await.status)
+        }));
+    }
+    let mut admitted = std::collections::HashMap::<&str, usize>::new();
+    for t in tasks {
+        let (key, status) = t.await.unwrap();
+        assert!(status == 200 || status == 429, "{status}");
+        *admitted.entry(key).or_default() += usize::from(status == 200);
+    }
+    assert_eq!(admitted["key-a"] + admitted["key-b"], 15, "{admitted:?}");
+    assert!(
+        admitted["key-a"] <= 10 && admitted["key-b"] <= 10,
+        "{admitted:?}"
+    );
+    assert_eq!(
+        (admitted["key-c"], admitted["key-d"]),
+        (10, 10),
+        "{admitted:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_usage_and_reset_read_and_write_redis() {
+    let mut redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{{port}}\"\n[upstream]\nurl = \"{{upstream}}\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"200ms\"\non_error = \"deny\"\n[admin]\nlisten = \"127.0.0.1:{{admin_port}}\"\n[[routes]]\nname = \"gen\"\npath = \"/gen\"\n[plans.p]\n[[plans.p.limits]]\nname = \"daily\"\nrequests = 5\nwindow = \"1d\"\n",
+        redis.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let a = Binary::start(dir.path(), &config, &up).await;
+    let dir_b = tempfile::tempdir().unwrap();
+    let b = Binary::start(dir_b.path(), &config, &up).await;
+    for node in [&a, &b, &a] {
+        assert_eq!(call("GET", &node.url("/gen"), Some("k")).await.status, 200);
+    }
+    // Either instance reads the shared counter.
+    let usage = call("GET", &b.admin("/v1/usage?key=k"), None).await.json();
+    assert_eq!(usage["counters"][0]["used"], 3, "{usage}");
+    let r = send(
+        req("DELETE", &a.admin("/v1/usage?key=k"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["reset_counters"].as_u64()),
+        (200, Some(1))
+    );
+    assert_eq!(
+        call("GET", &b.url("/gen"), Some("k"))
+            .await
+            .h("x-ratelimit-remaining"),
+        "4"
+    );
+    let ready = call("GET", &a.admin("/readyz"), None).await.json();
+    assert_eq!(
+        (
+            ready["store"]["backend"].as_str(),
+            ready["store"]["up"].as_bool()
+        ),
+        (Some("redis"), Some(true))
+    );
+
+    redis.kill();
+    assert_eq!(call("GET", &a.url("/gen"), Some("k")).await.status, 503);
+    let r = call("GET", &a.admin("/readyz"), None).await;
+    assert_eq!(
+        r.status, 503,
+        "on_error = deny: out of rotation while Redis is down"
+    );
+    let metrics = call("GET", &a.admin("/metrics"), None).await.body;
+    assert!(metrics.contains("turnstile_store_up 0"), "{metrics}");
+}
