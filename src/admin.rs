@@ -189,7 +189,7 @@ fn account_keys(policy: &Policy, account: &str) -> Vec<KeyView> {
 fn subject_of(per: Per, key: &KeyView) -> Subject {
     match (per, &key.account) {
         (Per::Account, Some(a)) => Subject::Account(a.clone()),
-        _ => Subject::Key(key.digest),
+        _ => Subject::key(&key.digest),
     }
 }
 
@@ -229,7 +229,7 @@ fn rows_of<'p>(policy: &'p Policy, key: &KeyView, only: Option<Per>, out: &mut V
                 .then(|| Fingerprint::of(&key.digest));
             let group = match &key.account {
                 Some(a) => Subject::Account(a.clone()),
-                None => Subject::Key(key.digest),
+                None => Subject::key(&key.digest),
             };
             out.push(Row {
                 spec,

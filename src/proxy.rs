@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use smallvec::SmallVec;
 
 use crate::body::{Body, BodyLimits, Deadline, Guarded, Holding, Trip};
 use crate::config::{ConfigError, Format, Per, Plan, Policy, Route, Unmatched, UpstreamSettings};
@@ -323,7 +324,7 @@ impl Turnstile {
 
         // 5. Limits, decided together.
         let applied = &who.plan.by_route[route_index];
-        let checks: Vec<LimitCheck<'_>> = applied
+        let checks: SmallVec<[LimitCheck<'_>; 4]> = applied
             .iter()
             .map(|a| {
                 let spec = &who.plan.limits[a.limit];
@@ -713,7 +714,7 @@ impl RequestBody {
 pub fn group(caller: &Caller) -> Subject {
     match &caller.account {
         Some(account) => Subject::Account(account.clone()),
-        None => Subject::Key(caller.digest),
+        None => Subject::key(&caller.digest),
     }
 }
 
@@ -721,7 +722,7 @@ pub fn group(caller: &Caller) -> Subject {
 fn subject(per: Per, caller: &Caller) -> Subject {
     match (per, &caller.account) {
         (Per::Account, Some(account)) => Subject::Account(account.clone()),
-        _ => Subject::Key(caller.digest),
+        _ => Subject::key(&caller.digest),
     }
 }
 

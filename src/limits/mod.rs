@@ -85,8 +85,9 @@ pub enum CounterState {
         /// Requests admitted in that window.
         count: u32,
     },
-    /// Admissions per second still inside the rolling window.
-    Rolling(RollingLog),
+    /// Admissions per second still inside the rolling window (boxed: the
+    /// common kinds stay 16 bytes).
+    Rolling(Box<RollingLog>),
     /// Theoretical arrival time of the next request (GCRA).
     Bucket {
         /// When the bucket is full again.
@@ -154,7 +155,7 @@ impl Rule {
                 window_start: 0,
                 count: 0,
             },
-            Rule::Rolling { .. } => CounterState::Rolling(RollingLog::default()),
+            Rule::Rolling { .. } => CounterState::Rolling(Box::default()),
             Rule::Bucket { .. } => CounterState::Bucket { tat: 0 },
             Rule::Concurrency { .. } => CounterState::Concurrency { in_flight: 0 },
         }

@@ -19,23 +19,42 @@ use tokio::sync::oneshot;
 use std::path::Path;
 
 use super::snapshot::{self, SavedCounter, SavedSubject};
-use super::{Decision, Lease, LimitCheck, SnapshotError, Store, StoreError, Subject};
+use smallvec::SmallVec;
+
+use super::{Decision, Lease, LimitCheck, SnapshotError, Store, StoreError, Subject, Verdicts};
 use crate::clock::{Clock, Nanos};
 use crate::limits::{CounterState, Rule, Verdict};
+
+/// Requests waiting for a concurrency slot, oldest first.
+type Waiters = VecDeque<oneshot::Sender<Slot>>;
 
 #[derive(Debug)]
 struct Counter {
     id: u64,
-    state: CounterState,
     expires_at: Nanos,
-    /// Requests waiting for a concurrency slot, oldest first.
-    waiters: VecDeque<oneshot::Sender<Slot>>,
+    state: CounterState,
+    /// Only concurrency limits with a queue ever allocate this.
+    waiters: Option<Box<Waiters>>,
 }
 
 impl Counter {
+    fn new(id: u64, state: CounterState, expires_at: Nanos) -> Self {
+        Self {
+            id,
+            expires_at,
+            state,
+            waiters: None,
+        }
+    }
+
     fn live_waiters(&mut self) -> usize {
-        self.waiters.retain(|w| !w.is_closed());
-        self.waiters.len()
+        match &mut self.waiters {
+            None => 0,
+            Some(w) => {
+                w.retain(|w| !w.is_closed());
+                w.len()
+            }
+        }
     }
 }
 
@@ -43,7 +62,8 @@ impl Counter {
 struct Counters {
     /// Set when the sweeper removed this entry from the map: holders retry.
     evicted: bool,
-    list: Vec<Counter>,
+    /// Most subjects hold one or two counters: kept inline.
+    list: SmallVec<[Counter; 2]>,
 }
 
 impl Counters {
@@ -52,12 +72,7 @@ impl Counters {
             return i;
         }
         live.fetch_add(1, Ordering::Relaxed);
-        self.list.push(Counter {
-            id,
-            state: rule.new_state(),
-            expires_at: 0,
-            waiters: VecDeque::new(),
-        });
+        self.list.push(Counter::new(id, rule.new_state(), 0));
         self.list.len() - 1
     }
 }
@@ -71,7 +86,7 @@ fn lock(h: &Handle) -> MutexGuard<'_, Counters> {
 }
 
 struct Inner {
-    map: DashMap<Subject, Handle>,
+    map: DashMap<Subject, Handle, foldhash::fast::RandomState>,
     clock: Arc<dyn Clock>,
     live: AtomicUsize,
 }
@@ -141,6 +156,27 @@ impl Inner {
         checks: &[LimitCheck<'_>],
         f: impl FnOnce(&mut [MutexGuard<'_, Counters>], &[usize]) -> R,
     ) -> R {
+        // Fast path, one subject (most requests): lock its counters while the
+        // map's shard is read-locked. No Arc traffic, no allocation. Safe: a
+        // mutex holder never waits for a shard lock, and the sweeper (which
+        // write-locks a shard) cannot run on a shard read-locked here.
+        const ONE_OWNER: [usize; 8] = [0; 8];
+        if let Some(first) = checks.first() {
+            if checks.len() <= ONE_OWNER.len() && checks.iter().all(|c| c.subject == first.subject)
+            {
+                loop {
+                    let Some(entry) = self.map.get(&first.subject) else {
+                        drop(self.map.entry(first.subject.clone()).or_default());
+                        continue;
+                    };
+                    let mut guard = lock(entry.value());
+                    if guard.evicted {
+                        continue;
+                    }
+                    return f(std::slice::from_mut(&mut guard), &ONE_OWNER[..checks.len()]);
+                }
+            }
+        }
         let mut subjects: Vec<&Subject> = checks.iter().map(|c| &c.subject).collect();
         subjects.sort_unstable();
         subjects.dedup();
@@ -173,8 +209,8 @@ impl Inner {
                 .position(|c| c.counter == slot.counter && c.subject == slot.subject)
         });
         self.with_locked(checks, |guards, owner| {
-            let mut slots = Vec::with_capacity(checks.len());
-            let mut verdicts = Vec::with_capacity(checks.len());
+            let mut slots: SmallVec<[(usize, usize); 4]> = SmallVec::new();
+            let mut verdicts = Verdicts::new();
             for (i, (c, &g)) in checks.iter().zip(owner).enumerate() {
                 let s = guards[g].slot(c.counter, c.rule, &self.live);
                 let counter = &mut guards[g].list[s];
@@ -219,7 +255,10 @@ impl Inner {
                         let counter = &mut guards[g].list[s];
                         if counter.live_waiters() < q.max_len {
                             let (tx, rx) = oneshot::channel();
-                            counter.waiters.push_back(tx);
+                            counter
+                                .waiters
+                                .get_or_insert_with(Box::default)
+                                .push_back(tx);
                             counter.expires_at = Nanos::MAX;
                             return Attempt::Queued {
                                 refused,
@@ -268,7 +307,7 @@ impl Inner {
         let Some(c) = g.list.iter_mut().find(|c| c.id == counter) else {
             return;
         };
-        while let Some(waiter) = c.waiters.pop_front() {
+        while let Some(waiter) = c.waiters.as_mut().and_then(|w| w.pop_front()) {
             let slot = Slot {
                 store: Some(self.clone()),
                 subject: subject.clone(),
@@ -309,7 +348,7 @@ impl MemoryStore {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                map: DashMap::new(),
+                map: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 clock,
                 live: AtomicUsize::new(0),
             }),
@@ -481,12 +520,7 @@ impl MemoryStore {
                 if g.list.iter().any(|x| x.id == c.id) {
                     continue;
                 }
-                g.list.push(Counter {
-                    id: c.id,
-                    state: c.state,
-                    expires_at: c.expires_at,
-                    waiters: VecDeque::new(),
-                });
+                g.list.push(Counter::new(c.id, c.state, c.expires_at));
                 restored += 1;
             }
         }
@@ -513,6 +547,10 @@ impl MemoryStore {
             }
         });
         self.inner.live.fetch_sub(dropped, Ordering::Relaxed);
+        // Give the table's memory back once most of it is idle.
+        if self.inner.map.capacity() > 4 * self.inner.map.len().max(1024) {
+            self.inner.map.shrink_to_fit();
+        }
         dropped
     }
 }

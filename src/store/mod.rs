@@ -20,14 +20,34 @@ use crate::identity::KeyDigest;
 use crate::limits::{Rule, Verdict};
 
 /// Who a counter counts for.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Subject {
-    /// One API key (by digest); also a key that is its own account.
-    Key(KeyDigest),
+    /// One API key, by the first 16 bytes of its SHA-256 (also a key that is
+    /// its own account).
+    Key([u8; 16]),
     /// A named account from the keys file.
     Account(Arc<str>),
+}
+
+impl Subject {
+    /// The subject of one key.
+    pub fn key(digest: &KeyDigest) -> Self {
+        let mut short = [0u8; 16];
+        short.copy_from_slice(&digest[..16]);
+        Subject::Key(short)
+    }
+}
+
+impl std::hash::Hash for Subject {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match self {
+            // Already uniformly random: 8 bytes of it are a fine hash input.
+            Subject::Key(d) => state.write_u64(u64::from_le_bytes([
+                d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
+            ])),
+            Subject::Account(a) => a.hash(state),
+        }
+    }
 }
 
 /// One limit to check for a request.
@@ -86,6 +106,9 @@ impl std::fmt::Debug for Lease {
     }
 }
 
+/// One verdict per check; inline for the usual handful of limits.
+pub type Verdicts = smallvec::SmallVec<[Verdict; 4]>;
+
 /// The outcome of one request's limits.
 #[derive(Debug)]
 pub struct Decision {
@@ -94,7 +117,7 @@ pub struct Decision {
     /// True if every limit admitted (and all were counted).
     pub admitted: bool,
     /// One verdict per check, in order.
-    pub verdicts: Vec<Verdict>,
+    pub verdicts: Verdicts,
     /// The concurrency slots taken (empty when refused).
     pub lease: Lease,
 }

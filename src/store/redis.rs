@@ -21,7 +21,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, Script, ScriptInvocation};
 use sha2::{Digest, Sha256};
 
-use super::{Decision, Lease, LimitCheck, MemoryStore, Store, StoreError, Subject};
+use super::{Decision, Lease, LimitCheck, MemoryStore, Store, StoreError, Subject, Verdicts};
 use crate::clock::{Clock, Nanos};
 use crate::config::{OnError, RedisSettings};
 use crate::limits::{Rule, Verdict, Window};
@@ -404,7 +404,7 @@ impl RedisStore {
             OnError::Allow => Ok(Decision {
                 now: self.inner.clock.now(),
                 admitted: true,
-                verdicts: Vec::new(),
+                verdicts: Verdicts::new(),
                 lease: Lease::default(),
             }),
             OnError::Deny => Err(error),
@@ -436,7 +436,7 @@ impl RedisStore {
     }
 }
 
-fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, Vec<Verdict>), StoreError> {
+fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, Verdicts), StoreError> {
     if out.len() != 2 + 6 * n {
         return Err(StoreError(format!(
             "unexpected reply from the decide script ({} values)",

@@ -3,7 +3,7 @@ use crate::clock::{ManualClock, SECOND};
 use crate::limits::Window;
 
 fn key(n: u8) -> Subject {
-    Subject::Key([n; 32])
+    Subject::Key([n; 16])
 }
 
 #[test]

@@ -1,0 +1,100 @@
+//! Memory per live counter: `cargo run --release --example memory`.
+//!
+//! Fills the memory store with 1,000,000 keys × 2 limits (a minute and a
+//! day), reports RSS and bytes per live counter, then lets both windows pass,
+//! evicts, and reports RSS again. Numbers from /proc/self/status (Linux).
+
+use std::sync::Arc;
+
+use turnstile::clock::{Clock, ManualClock, SECOND};
+use turnstile::limits::{Rule, Window};
+use turnstile::store::{LimitCheck, MemoryStore, Subject};
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn key(i: u64) -> Subject {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&z.to_le_bytes());
+    d[8..].copy_from_slice(&(z ^ i).to_le_bytes());
+    Subject::Key(d)
+}
+
+fn main() {
+    let keys: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let clock = ManualClock::at_secs(1_777_996_810);
+    let store = MemoryStore::new(Arc::new(clock.clone()));
+    let minute = Rule::Fixed {
+        requests: 100,
+        window: Window::Span(60 * SECOND),
+    };
+    let day = Rule::Fixed {
+        requests: 10_000,
+        window: Window::Span(86_400 * SECOND),
+    };
+    let baseline = rss_bytes();
+    let fill = |from: u64| {
+        for i in from..from + keys {
+            let s = key(i);
+            let checks = [
+                LimitCheck {
+                    subject: s.clone(),
+                    group: s.clone(),
+                    counter: 1,
+                    rule: &minute,
+                    queue: None,
+                },
+                LimitCheck {
+                    subject: s.clone(),
+                    group: s,
+                    counter: 2,
+                    rule: &day,
+                    queue: None,
+                },
+            ];
+            store.decide_at(&checks, clock.now());
+        }
+    };
+    fill(0);
+    let full = rss_bytes();
+    let live = store.live_counters() as u64;
+    println!(
+        "baseline RSS            {:>8.1} MiB",
+        baseline as f64 / 1048576.0
+    );
+    println!(
+        "RSS with {keys} keys × 2 {:>8.1} MiB ({live} live counters)",
+        full as f64 / 1048576.0
+    );
+    println!(
+        "bytes per live counter  {:>8.1}",
+        (full - baseline) as f64 / live as f64
+    );
+    clock.advance_secs(86_400);
+    let dropped = store.evict_expired();
+    let after = rss_bytes();
+    println!(
+        "after both windows pass {:>8.1} MiB ({dropped} counters evicted, {} live)",
+        after as f64 / 1048576.0,
+        store.live_counters()
+    );
+    // A new million keys reuse the freed memory: RSS follows live keys, not every key ever seen.
+    fill(keys);
+    println!(
+        "{keys} new keys × 2       {:>8.1} MiB ({} live counters)",
+        rss_bytes() as f64 / 1048576.0,
+        store.live_counters()
+    );
+}
