@@ -127,7 +127,8 @@ pub struct KeyRecord {
 /// The keys file, indexed by key digest.
 #[derive(Debug, Clone, Default)]
 pub struct KeyRegistry {
-    by_digest: HashMap<KeyDigest, KeyRecord>,
+    /// Digests are uniformly random already: a fast non-keyed hasher suffices.
+    by_digest: HashMap<KeyDigest, KeyRecord, foldhash::fast::FixedState>,
 }
 
 impl KeyRegistry {

@@ -28,6 +28,9 @@ struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
+    /// Worker threads (default: one per CPU core; 1: a single-threaded runtime).
+    #[arg(long, env = "TURNSTILE_THREADS")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Option<Command>,
 }

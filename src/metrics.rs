@@ -245,6 +245,63 @@ impl Metrics {
     }
 }
 
+/// The hot per-route series, looked up once per config instead of per request.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    forwarded: Counter,
+    rate_limited: Counter,
+    latency: Histogram,
+}
+
+impl RouteMetrics {
+    /// Counts a forwarded request.
+    pub fn forwarded(&self) {
+        self.forwarded.inc();
+    }
+
+    /// Counts a 429 (the per-limit series is kept by [`Metrics::rate_limited`]).
+    pub fn rate_limited(&self) {
+        self.rate_limited.inc();
+    }
+
+    /// Records the upstream's time to answer.
+    pub fn upstream_latency(&self, took: Duration) {
+        self.latency.observe(took.as_secs_f64());
+    }
+}
+
+impl Metrics {
+    /// The series of one route.
+    pub fn route(&self, route: &Arc<str>) -> RouteMetrics {
+        // One statement per lookup: a family's read guard must be gone before
+        // the next get_or_create may need its write lock.
+        let name = Name(route.clone());
+        let forwarded = self
+            .requests
+            .get_or_create(&RequestLabels {
+                route: name.clone(),
+                decision: "forwarded",
+            })
+            .clone();
+        let rate_limited = self
+            .requests
+            .get_or_create(&RequestLabels {
+                route: name.clone(),
+                decision: "rate_limited",
+            })
+            .clone();
+        let latency = self
+            .upstream_latency
+            .get_or_create(&RouteLabels { route: name })
+            .clone();
+        RouteMetrics {
+            forwarded,
+            rate_limited,
+            latency,
+        }
+    }
+}
+
 /// One exchange in flight; the gauge goes down when this is dropped.
 pub struct InFlight(Arc<Metrics>);
 

@@ -23,7 +23,7 @@ use crate::body::{Body, BodyLimits, Deadline, Guarded, Holding, Trip};
 use crate::config::{ConfigError, Format, Per, Plan, Policy, Route, Unmatched, UpstreamSettings};
 use crate::identity::Caller;
 use crate::mcp;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::responses::{self, Checked, Refusal};
 use crate::store::{Counters, Lease, LimitCheck, Store, Subject};
 use arc_swap::ArcSwap;
@@ -62,10 +62,18 @@ pub struct Live {
     /// The validated config.
     pub policy: Arc<Policy>,
     client: Client<HttpConnector, Body>,
+    /// Per route index, then one for unmatched requests.
+    route_metrics: Vec<RouteMetrics>,
 }
 
 impl Live {
-    fn new(policy: Policy) -> Self {
+    /// The metric series of a route (`None`: unmatched requests).
+    fn route_metrics(&self, route: Option<&Route>) -> &RouteMetrics {
+        let index = route.map_or(self.route_metrics.len() - 1, |r| r.index);
+        &self.route_metrics[index.min(self.route_metrics.len() - 1)]
+    }
+
+    fn new(policy: Policy, metrics: &Metrics) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(policy.upstream.connect_timeout));
         connector.set_nodelay(true);
@@ -73,9 +81,16 @@ impl Live {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
             .build(connector);
+        let mut route_metrics: Vec<RouteMetrics> = policy
+            .routes
+            .iter()
+            .map(|r| metrics.route(&r.name))
+            .collect();
+        route_metrics.push(metrics.route(&unmatched_label()));
         Self {
             policy: Arc::new(policy),
             client,
+            route_metrics,
         }
     }
 }
@@ -109,10 +124,11 @@ fn unmatched_label() -> Arc<str> {
 impl Turnstile {
     /// A proxy for `policy` counting in `store`.
     pub fn new(policy: Policy, store: Counters) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
-            live: ArcSwap::from_pointee(Live::new(policy)),
+            live: ArcSwap::from_pointee(Live::new(policy, &metrics)),
             store,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         }
     }
 
@@ -172,7 +188,7 @@ impl Turnstile {
             .iter()
             .flat_map(|p| p.by_route.iter().flatten().map(|a| a.counter))
             .collect();
-        self.live.store(Arc::new(Live::new(policy)));
+        self.live.store(Arc::new(Live::new(policy, &self.metrics)));
         let dropped_counters = self.store.memory().retain_counters(|id| ids.contains(&id));
         ReloadReport {
             dropped_counters,
@@ -246,7 +262,7 @@ impl Turnstile {
                 .await;
             return match forwarded {
                 Ok(response) => {
-                    self.metrics.request(&unmatched_label(), "forwarded");
+                    live.route_metrics(None).forwarded();
                     response
                 }
                 Err(r) => self.refuse_unrouted(policy, &r),
@@ -260,10 +276,10 @@ impl Turnstile {
                 .await
             {
                 Ok(response) => {
-                    self.metrics.request(&route.name, "forwarded");
+                    live.route_metrics(Some(route)).forwarded();
                     response
                 }
-                Err(r) => self.refuse(&r, route, None, rpc_id.as_ref(), HeaderMap::new()),
+                Err(r) => self.refuse(live, &r, route, None, rpc_id.as_ref(), HeaderMap::new()),
             };
         }
 
@@ -273,11 +289,12 @@ impl Turnstile {
                 Some(plan) => Identified { plan, caller },
                 None => {
                     let refusal = Refusal::Unauthorized(crate::identity::AuthError::Unknown);
-                    return self.refuse(&refusal, route, None, None, HeaderMap::new());
+                    return self.refuse(live, &refusal, route, None, None, HeaderMap::new());
                 }
             },
             Err(e) => {
                 return self.refuse(
+                    live,
                     &Refusal::Unauthorized(e),
                     route,
                     None,
@@ -294,7 +311,14 @@ impl Turnstile {
                     route: route.name.clone(),
                     plans: route.plan_names.clone(),
                 };
-                return self.refuse(&refusal, route, Some(&who), body.rpc_id(), HeaderMap::new());
+                return self.refuse(
+                    live,
+                    &refusal,
+                    route,
+                    Some(&who),
+                    body.rpc_id(),
+                    HeaderMap::new(),
+                );
             }
         }
 
@@ -307,7 +331,14 @@ impl Turnstile {
                 pattern: whole.pattern,
                 route: route.name.clone(),
             };
-            return self.refuse(&refusal, route, Some(&who), body.rpc_id(), HeaderMap::new());
+            return self.refuse(
+                live,
+                &refusal,
+                route,
+                Some(&who),
+                body.rpc_id(),
+                HeaderMap::new(),
+            );
         }
         if !route.arg_limits.is_empty() {
             let subject = route.mcp_tool.as_deref().unwrap_or(&route.name);
@@ -318,7 +349,14 @@ impl Turnstile {
                 Err(problem) => Err(problem.plain()),
             };
             if let Err(refusal) = checked {
-                return self.refuse(&refusal, route, Some(&who), body.rpc_id(), HeaderMap::new());
+                return self.refuse(
+                    live,
+                    &refusal,
+                    route,
+                    Some(&who),
+                    body.rpc_id(),
+                    HeaderMap::new(),
+                );
             }
         }
 
@@ -361,7 +399,14 @@ impl Turnstile {
                                 Refusal::StoreUnavailable("refused without a refusing limit".into())
                             }
                         };
-                        return self.refuse(&refusal, route, Some(&who), body.rpc_id(), headers);
+                        return self.refuse(
+                            live,
+                            &refusal,
+                            route,
+                            Some(&who),
+                            body.rpc_id(),
+                            headers,
+                        );
                     }
                     (d.now, checked, d.lease)
                 }
@@ -370,6 +415,7 @@ impl Turnstile {
                     tracing::error!(error = %e, "counter store failed");
                     let refusal = Refusal::StoreUnavailable(e.to_string());
                     return self.refuse(
+                        live,
                         &refusal,
                         route,
                         Some(&who),
@@ -394,7 +440,7 @@ impl Turnstile {
             .await
         {
             Ok(mut response) => {
-                self.metrics.request(&route.name, "forwarded");
+                live.route_metrics(Some(route)).forwarded();
                 response.headers_mut().extend(rate_headers);
                 if lease.is_empty() {
                     response
@@ -409,7 +455,14 @@ impl Turnstile {
                         tracing::warn!(error = %e, "could not refund a refused request");
                     }
                 }
-                self.refuse(&refusal, route, Some(&who), rpc_id.as_ref(), rate_headers)
+                self.refuse(
+                    live,
+                    &refusal,
+                    route,
+                    Some(&who),
+                    rpc_id.as_ref(),
+                    rate_headers,
+                )
             }
         }
     }
@@ -429,6 +482,7 @@ impl Turnstile {
     /// JSON-RPC id of the request, when its body was read.
     fn refuse(
         &self,
+        live: &Live,
         refusal: &Refusal,
         route: &Route,
         who: Option<&Identified<'_>>,
@@ -441,9 +495,11 @@ impl Turnstile {
             Refusal::RateLimited(r) => Some(&*r.name),
             _ => None,
         };
-        self.metrics.request(&route.name, refusal.code());
         if let Refusal::RateLimited(r) = refusal {
+            live.route_metrics(Some(route)).rate_limited();
             self.metrics.rate_limited(&route.name, &r.name);
+        } else {
+            self.metrics.request(&route.name, refusal.code());
         }
         let status = refusal.status().as_u16();
         if status >= 500 {
@@ -527,8 +583,7 @@ impl Turnstile {
 
         let sent = std::time::Instant::now();
         let result = tokio::time::timeout_at(deadline, live.client.request(request)).await;
-        let label = route.map_or_else(unmatched_label, |r| r.name.clone());
-        self.metrics.upstream_latency(&label, sent.elapsed());
+        live.route_metrics(route).upstream_latency(sent.elapsed());
         let response = match result {
             Err(_) => return Err(Refusal::UpstreamTimeout(timeout)),
             Ok(Err(e)) => {
@@ -536,7 +591,7 @@ impl Turnstile {
                     return Err(Refusal::PayloadTooLarge {
                         limit: over.limit,
                         pattern: over.pattern.clone(),
-                        route: label,
+                        route: route.map_or_else(unmatched_label, |r| r.name.clone()),
                     });
                 }
                 return Err(Refusal::BadGateway(upstream_error_message(&e)));

@@ -306,6 +306,8 @@ pub struct ArgLimit {
 /// A validated route.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Position in the config (file order).
+    pub index: usize,
     /// Route name.
     pub name: Arc<str>,
     /// What it matches.
@@ -445,7 +447,9 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
                 format!("duplicate route name {:?}", r.name.get_ref()),
             ));
         }
-        routes.push(compile_route(src, r, &server, &upstream, &global)?);
+        let mut route = compile_route(src, r, &server, &upstream, &global)?;
+        route.index = routes.len();
+        routes.push(route);
     }
 
     let plan_names: Vec<&String> = raw.plans.keys().collect();
@@ -721,6 +725,7 @@ fn compile_route(
         }
     };
     Ok(Route {
+        index: 0,
         name: r.name.get_ref().as_str().into(),
         matcher: RouteMatcher { method, path, host },
         body: BodyLimits {
