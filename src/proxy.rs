@@ -304,33 +304,10 @@ impl Turnstile {
             }
         };
 
-        // 3. Plan gating.
-        if let Some(allowed) = &route.plans {
-            if !allowed.contains(&who.caller.plan) {
-                let refusal = Refusal::PlanRequired {
-                    route: route.name.clone(),
-                    plans: route.plan_names.clone(),
-                };
-                return self.refuse(
-                    live,
-                    &refusal,
-                    route,
-                    Some(&who),
-                    body.rpc_id(),
-                    HeaderMap::new(),
-                );
-            }
-        }
-
-        // 4. Body size, before reading the body; then argument limits (which
-        // read a JSON body), so neither refusal consumes quota.
-        let whole = route.body.whole(content_type(&parts.headers));
-        if content_length(&parts.headers).is_some_and(|len| len > whole.limit) {
-            let refusal = Refusal::PayloadTooLarge {
-                limit: whole.limit,
-                pattern: whole.pattern,
-                route: route.name.clone(),
-            };
+        // 3-4. Plan gating, body size (before reading the body), argument
+        // limits (which read a JSON body): none of these refusals consumes quota.
+        if let Err(refusal) = check_admission(policy, route, &who, &parts.headers, &mut body).await
+        {
             return self.refuse(
                 live,
                 &refusal,
@@ -339,25 +316,6 @@ impl Turnstile {
                 body.rpc_id(),
                 HeaderMap::new(),
             );
-        }
-        if !route.arg_limits.is_empty() {
-            let subject = route.mcp_tool.as_deref().unwrap_or(&route.name);
-            let checked = match body.json(&parts.headers, policy.server.mcp_max_body).await {
-                Ok(message) => mcp::check_args(&route.arg_limits, message, subject)
-                    .map_err(Refusal::InvalidArguments),
-                Err(problem) if route.format == Format::Mcp => Err(problem.json_rpc()),
-                Err(problem) => Err(problem.plain()),
-            };
-            if let Err(refusal) = checked {
-                return self.refuse(
-                    live,
-                    &refusal,
-                    route,
-                    Some(&who),
-                    body.rpc_id(),
-                    HeaderMap::new(),
-                );
-            }
         }
 
         // 5. Limits, decided together.
@@ -659,6 +617,42 @@ fn set_forwarded(
             }
         }
     }
+}
+
+/// SPEC §1 steps 3 and 4 and the argument limits of §7, in that order.
+async fn check_admission(
+    policy: &Policy,
+    route: &Route,
+    who: &Identified<'_>,
+    headers: &HeaderMap,
+    body: &mut RequestBody,
+) -> Result<(), Refusal> {
+    if let Some(allowed) = &route.plans {
+        if !allowed.contains(&who.caller.plan) {
+            return Err(Refusal::PlanRequired {
+                route: route.name.clone(),
+                plans: route.plan_names.clone(),
+            });
+        }
+    }
+    let whole = route.body.whole(content_type(headers));
+    if content_length(headers).is_some_and(|len| len > whole.limit) {
+        return Err(Refusal::PayloadTooLarge {
+            limit: whole.limit,
+            pattern: whole.pattern,
+            route: route.name.clone(),
+        });
+    }
+    if !route.arg_limits.is_empty() {
+        let subject = route.mcp_tool.as_deref().unwrap_or(&route.name);
+        return match body.json(headers, policy.server.mcp_max_body).await {
+            Ok(message) => mcp::check_args(&route.arg_limits, message, subject)
+                .map_err(Refusal::InvalidArguments),
+            Err(problem) if route.format == Format::Mcp => Err(problem.json_rpc()),
+            Err(problem) => Err(problem.plain()),
+        };
+    }
+    Ok(())
 }
 
 /// The request body: streamed as it comes, or read whole once a JSON-RPC
