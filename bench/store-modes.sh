@@ -11,7 +11,7 @@ REPEAT=${REPEAT:-3}
 for tool in wrk redis-server; do
   command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install -y wrk redis-server" >&2; exit 1; }
 done
-cargo build --release --quiet --bin turnstile --example mock-upstream
+cargo build --release --quiet --bin turnstile
 
 work=$(mktemp -d)
 pids=()
@@ -21,7 +21,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 up=$(free_port); redis=$(free_port); mem=$(free_port); red=$(free_port)
-MOCK_UPSTREAM_ADDR=127.0.0.1:$up ./target/release/examples/mock-upstream >/dev/null & pids+=($!)
+./target/release/turnstile example-api --listen 127.0.0.1:$up >/dev/null & pids+=($!)
 redis-server --port "$redis" --bind 127.0.0.1 --save '' --appendonly no >/dev/null & pids+=($!)
 wait_port "$up"; wait_port "$redis"
 

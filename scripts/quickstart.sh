@@ -4,8 +4,8 @@
 # Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin turnstile --example mock-upstream
-./target/release/examples/mock-upstream &
+cargo build --release --bin turnstile
+./target/release/turnstile example-api --listen 127.0.0.1:9000 &
 upstream=$!
 trap 'kill $upstream 2>/dev/null || true' EXIT
 ./target/release/turnstile --config config/turnstile.toml "$@"

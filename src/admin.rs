@@ -405,3 +405,126 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json_response(status, &json!({ "error": code, "message": message }))
 }
+
+/// What `turnstile health` found.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Nothing accepted a connection (or the exchange failed or timed out).
+    #[error("cannot reach {addr}: {source}")]
+    Unreachable {
+        /// The probed address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The listener answered, but not `200`.
+    #[error("{addr} answered {status:?}")]
+    Unhealthy {
+        /// The probed address.
+        addr: std::net::SocketAddr,
+        /// The status line received.
+        status: String,
+    },
+}
+
+/// The address a local probe should connect to for a listener bound to
+/// `listen`: a wildcard bind (`0.0.0.0`, `::`) is reached on loopback.
+pub fn probe_target(listen: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, listen.port())
+}
+
+/// `GET /healthz` on an admin listener with a blocking socket, for container
+/// health checks (the runtime image has no curl). Succeeds only on a `200`
+/// within `timeout`; never waits longer than `timeout` per socket operation.
+pub fn probe_healthz(
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<(), ProbeError> {
+    use std::io::{BufRead, BufReader, Write};
+    let unreachable = |source| ProbeError::Unreachable { addr, source };
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(unreachable)?;
+    // One write: a request in pieces could be answered and reset midway.
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(unreachable)?;
+    let mut status = String::new();
+    BufReader::new(stream)
+        .read_line(&mut status)
+        .map_err(unreachable)?;
+    let status = status.trim_end().to_owned();
+    match status.split(' ').nth(1) {
+        Some("200") => Ok(()),
+        _ => Err(ProbeError::Unhealthy { addr, status }),
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    /// A one-shot server answering `answer` to whatever it is sent.
+    fn answer_once(answer: &'static str) -> std::net::SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 512];
+            while !request.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s.write_all(answer.as_bytes());
+        });
+        addr
+    }
+
+    #[test]
+    fn healthy_only_on_200() {
+        let ok = answer_once("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        assert!(probe_healthz(ok, Duration::from_secs(2)).is_ok());
+        let bad = answer_once("HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        let err = probe_healthz(bad, Duration::from_secs(2)).unwrap_err();
+        assert!(err.to_string().contains("503"), "{err}");
+    }
+
+    #[test]
+    fn unreachable_is_an_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        // The listener is dropped: nothing listens there any more.
+        let err = probe_healthz(port, Duration::from_secs(2)).unwrap_err();
+        assert!(matches!(err, ProbeError::Unreachable { .. }), "{err}");
+    }
+
+    #[test]
+    fn wildcard_binds_are_probed_on_loopback() {
+        assert_eq!(
+            probe_target("0.0.0.0:9090".parse().unwrap()),
+            "127.0.0.1:9090".parse().unwrap()
+        );
+        assert_eq!(
+            probe_target("[::]:9090".parse().unwrap()),
+            "[::1]:9090".parse().unwrap()
+        );
+        assert_eq!(
+            probe_target("10.1.2.3:9090".parse().unwrap()),
+            "10.1.2.3:9090".parse().unwrap()
+        );
+    }
+}

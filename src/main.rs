@@ -1,10 +1,14 @@
 //! The `turnstile` binary: `turnstile [--config FILE]` runs the proxy,
-//! `turnstile check [--config FILE]` validates a config and prints its table.
+//! `turnstile check` validates a config and prints its table, `turnstile
+//! health` probes a running instance (container health checks) and
+//! `turnstile example-api` runs the bundled fake generation API.
 //! SIGHUP reloads the config; SIGTERM/SIGINT drain and stop.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -26,7 +30,13 @@ struct Cli {
     )]
     config: PathBuf,
     /// Log output format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    #[arg(
+        long,
+        global = true,
+        env = "TURNSTILE_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Pretty
+    )]
     log_format: LogFormat,
     /// Worker threads (default: one per CPU core; 1: a single-threaded runtime).
     #[arg(long, env = "TURNSTILE_THREADS")]
@@ -45,10 +55,39 @@ enum LogFormat {
 enum Command {
     /// Validate the config (and keys file) and print the routes × plans table.
     Check,
+    /// Probe a running turnstile: `GET /healthz` on the admin listener of
+    /// the config (loopback for a wildcard bind); exit 0 only on a 200.
+    /// Without `[admin]`, checks that the proxy port accepts connections.
+    Health {
+        /// Probe this address instead of the one in the config.
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Run the bundled example generation API (a fake upstream to try
+    /// turnstile against); needs no config.
+    ExampleApi {
+        /// Listen address.
+        #[arg(long, env = "EXAMPLE_API_LISTEN", default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::ExampleApi { listen }) = cli.command {
+        init_logging(cli.log_format);
+        return run(cli.threads, example_api(listen));
+    }
+    if let Some(Command::Health {
+        addr: Some(addr),
+        timeout,
+    }) = cli.command
+    {
+        return health(turnstile::admin::probe_healthz(addr, timeout));
+    }
     let policy = match turnstile::load(&cli.config) {
         Ok(p) => p,
         Err(e) => {
@@ -56,33 +95,91 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(Command::Check) = cli.command {
-        print!("{}", policy.table());
-        println!(
-            "{}: OK ({} routes, {} plans)",
-            cli.config.display(),
-            policy.routes.len(),
-            policy.plans.len()
-        );
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::Check) => {
+            print!("{}", policy.table());
+            println!(
+                "{}: OK ({} routes, {} plans)",
+                cli.config.display(),
+                policy.routes.len(),
+                policy.plans.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Some(Command::Health { timeout, .. }) => health(match &policy.admin {
+            Some(admin) => {
+                let target = turnstile::admin::probe_target(admin.listen);
+                turnstile::admin::probe_healthz(target, timeout)
+            }
+            None => {
+                let target = turnstile::admin::probe_target(policy.server.listen);
+                std::net::TcpStream::connect_timeout(&target, timeout)
+                    .map(drop)
+                    .map_err(|source| turnstile::admin::ProbeError::Unreachable {
+                        addr: target,
+                        source,
+                    })
+            }
+        }),
+        Some(Command::ExampleApi { .. }) | None => {
+            init_logging(cli.log_format);
+            run(cli.threads, serve(policy))
+        }
     }
-    init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+}
+
+/// Runs `task` on a runtime with `threads` workers (one per core by
+/// default; `1` is a current-thread runtime, like a single nginx worker).
+fn run(
+    threads: Option<usize>,
+    task: impl std::future::Future<Output = std::io::Result<()>>,
+) -> ExitCode {
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(policy)) {
+    match runtime.block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn health(outcome: Result<(), turnstile::admin::ProbeError>) -> ExitCode {
+    match outcome {
+        Ok(()) => {
+            println!("healthy");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn example_api(listen: SocketAddr) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
+    tracing::info!(listen = %listener.local_addr()?, "example generation API listening");
+    tokio::select! {
+        served = turnstile::example_api::serve(listener) => served,
+        () = shutdown_signal() => Ok(()),
     }
 }
 
@@ -136,7 +233,8 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),

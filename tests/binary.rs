@@ -141,3 +141,119 @@ async fn serves_then_exits_cleanly_on_sigterm() {
         "the key itself never appears in logs"
     );
 }
+
+#[tokio::test]
+async fn health_probes_the_admin_listener_of_the_config() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{upstream}\"\n\
+                  [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n";
+    let mut turnstile = Binary::start(dir.path(), config, &up).await;
+    let health = || {
+        bin()
+            .arg("health")
+            .arg("--config")
+            .arg(dir.path().join("turnstile.toml"))
+            .output()
+            .unwrap()
+    };
+    let out = health();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "healthy\n");
+
+    turnstile.signal("KILL");
+    let _ = turnstile.child.wait();
+    let out = health();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "unhealthy: cannot reach 127.0.0.1:{}",
+            turnstile.admin_port
+        )),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn health_without_admin_checks_the_proxy_port() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("turnstile.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"0.0.0.0:{port}\"\n[upstream]\nurl = \"http://127.0.0.1:9\"\n"
+        ),
+    )
+    .unwrap();
+    let health = || {
+        bin()
+            .arg("health")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(health().status.code(), Some(1), "nothing listens yet");
+    // A wildcard bind is probed on loopback.
+    let _listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let out = health();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test]
+async fn example_api_serves_without_a_config() {
+    let port = free_port();
+    let mut child = bin()
+        .args([
+            "--config",
+            "/nonexistent/turnstile.toml",
+            "example-api",
+            "--listen",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/v1/images/generations");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break call("POST", &url, None).await;
+        }
+        assert!(Instant::now() < deadline, "example-api did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.body,
+        "{\"id\":\"job_1\",\"status\":\"queued\",\"account\":\"\",\"plan\":\"\"}"
+    );
+}
+
+#[test]
+fn docker_example_configs_are_valid() {
+    for config in [
+        "docker/sidecar/turnstile.toml",
+        "docker/scale-out/turnstile.toml",
+    ] {
+        let out = bin()
+            .arg("check")
+            .arg("--config")
+            .arg(format!("{}/{config}", env!("CARGO_MANIFEST_DIR")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{config}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
