@@ -39,6 +39,12 @@ if [[ "${1:-}" == "--remove" ]]; then
   exit 0
 fi
 
+# docker build, its output shown only if it fails.
+quiet_build() {
+  docker build -t "$1" "$2" >"$2.log" 2>&1 || { tail -n 30 "$2.log" >&2; die "building $1 failed"; }
+  rm -f "$2.log"
+}
+
 is_standin() { [[ -n "$(docker image inspect -f "{{index .Config.Labels \"$label\"}}" "$1" 2>/dev/null)" ]]; }
 exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
@@ -145,7 +151,7 @@ ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo \
 LABEL $label=rust
 DOCKERFILE
   say "building $image (rustc $have)"
-  docker build -q -t "$image" "$ctx" >/dev/null
+  quiet_build "$image" "$ctx"
   rm -rf "$ctx"
 }
 
@@ -234,7 +240,7 @@ EXPOSE 6379
 CMD ["redis-server", "--protected-mode", "no"]
 DOCKERFILE
   say "building $image (Debian's redis-server)"
-  docker build -q -t "$image" "$ctx" >/dev/null
+  quiet_build "$image" "$ctx"
   rm -rf "$ctx"
 }
 

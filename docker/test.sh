@@ -50,7 +50,7 @@ cleanup() {
       docker logs --tail 40 "$c" 2>&1 | sed "s/^/[$c] /" >&2 || true
     done
   fi
-  docker rm -f "$proxy" "$api" >/dev/null 2>&1 || true
+  docker rm -f -v "$proxy" "$api" >/dev/null 2>&1 || true
   docker network rm "$net" >/dev/null 2>&1 || true
   for project in "$run-sidecar" "$run-scale"; do
     for file in docker/compose.yaml docker/compose.scale-out.yaml; do
@@ -248,7 +248,7 @@ request POST "$url" "${key[@]}"
 expect_header x-ratelimit-limit 5 "after the restart"
 body_has '"count":5,"limit":5' "after the restart"
 pass "the restarted container kept the daily count (5 of 5: 429) and is healthy"
-docker rm -f "$proxy" "$api" >/dev/null
+docker rm -f -v "$proxy" "$api" >/dev/null
 docker network rm "$net" >/dev/null
 
 echo "== docker/compose.yaml (sidecar)"
