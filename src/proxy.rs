@@ -43,16 +43,18 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction
+/// (`transfer-encoding` too: hyper frames each side's body itself).
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::TRANSFER_ENCODING,
 ];
 
 /// The configuration in force and the upstream client built for it. A reload
@@ -523,13 +525,10 @@ impl Turnstile {
             peer,
             original_host.as_ref(),
         );
-        if !up.preserve_host || original_host.is_none() {
-            if let Ok(v) = HeaderValue::from_str(up.authority.as_str()) {
-                headers.insert(HOST, v);
-            }
-        } else if let Some(h) = original_host {
-            headers.insert(HOST, h);
-        }
+        match original_host {
+            Some(h) if up.preserve_host => headers.insert(HOST, h),
+            _ => headers.insert(HOST, up.host_header.clone()),
+        };
 
         let trip = Trip::default();
         let body = Guarded::new(body, limits, content_type(&headers), trip.clone()).boxed();
@@ -807,20 +806,20 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    // One pass over the names; most messages need no removal at all.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
+    let named: SmallVec<[HeaderName; 4]> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named {
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
 }
 
 fn upstream_error_message(e: &hyper_util::client::legacy::Error) -> String {

@@ -149,6 +149,8 @@ pub struct UpstreamSettings {
     pub scheme: Scheme,
     /// `host:port` of the upstream.
     pub authority: Authority,
+    /// The same, ready to send as `Host` (built once, not per request).
+    pub host_header: HeaderValue,
     /// Path prefix prepended to every forwarded path (no trailing `/`; may be empty).
     pub base_path: String,
     /// Default exchange timeout (routes may override).
@@ -630,9 +632,15 @@ fn compile_upstream(src: &Source, raw: &RawUpstream) -> Result<UpstreamSettings,
             "upstream url {url:?} must not have a query string"
         )));
     }
+    let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+        bad(format!(
+            "upstream url {url:?}: host is not a valid Host header"
+        ))
+    })?;
     Ok(UpstreamSettings {
         scheme,
         authority,
+        host_header,
         base_path: uri.path().trim_end_matches('/').to_owned(),
         timeout: duration(src, &raw.timeout, Duration::from_secs(300))?,
         connect_timeout: duration(src, &raw.connect_timeout, Duration::from_secs(5))?,
