@@ -6,6 +6,10 @@
 
 use std::sync::Arc;
 
+/// The allocator of the `turnstile` binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use turnstile::clock::{Clock, ManualClock, SECOND};
 use turnstile::limits::{Rule, Window};
 use turnstile::store::{LimitCheck, MemoryStore, Subject};
