@@ -43,6 +43,25 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// The client end of a connection, its address formatted once for
+/// `X-Forwarded-For` rather than once per request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl Peer {
+    /// Describes the client at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        // An IP address is always a valid header value.
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { addr, ip }
+    }
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction
 /// (`transfer-encoding` too: hyper frames each side's body itself).
 static HOP_BY_HOP: [HeaderName; 9] = [
@@ -200,7 +219,7 @@ impl Turnstile {
 
     /// Handles one request from `peer`; every failure is already a response.
     /// The response body carries the exchange's in-flight guard.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let exchange = self.metrics.exchange();
         let live = self.live.load_full();
         let response = self.pipeline(&live, req, peer).await;
@@ -208,12 +227,7 @@ impl Turnstile {
     }
 
     /// SPEC §1, steps 1 to 7.
-    async fn pipeline(
-        &self,
-        live: &Live,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<Body> {
+    async fn pipeline(&self, live: &Live, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let policy = &*live.policy;
         let (parts, incoming) = req.into_parts();
         let mut body = RequestBody::Streaming(incoming);
@@ -483,7 +497,7 @@ impl Turnstile {
         live: &Live,
         parts: Parts,
         body: Body,
-        peer: SocketAddr,
+        peer: &Peer,
         route: Option<&Route>,
         who: Option<&Identified<'_>>,
     ) -> Result<Response<Body>, Refusal> {
@@ -587,19 +601,15 @@ fn upstream_uri(up: &UpstreamSettings, original: &Uri) -> Result<Uri, Refusal> {
 }
 
 /// Sets `X-Forwarded-For/-Proto/-Host`: replaced, or appended to when `trust`.
-fn set_forwarded(
-    trust: bool,
-    headers: &mut HeaderMap,
-    peer: SocketAddr,
-    host: Option<&HeaderValue>,
-) {
+fn set_forwarded(trust: bool, headers: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>) {
     {
-        let peer_ip = peer.ip().to_string();
         let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) if trust && !prior.trim().is_empty() => format!("{prior}, {peer_ip}"),
-            _ => peer_ip,
+            Some(prior) if trust && !prior.trim().is_empty() => {
+                HeaderValue::from_str(&format!("{prior}, {}", peer.addr.ip())).ok()
+            }
+            _ => Some(peer.ip.clone()),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
+        if let Some(v) = xff {
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         if !(trust && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -806,18 +816,32 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names; most messages need no removal at all.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the names finds the ones to drop; most messages carry
+    // none, or only `connection: keep-alive`.
+    let mut drop: SmallVec<[HeaderName; 4]> = headers
+        .keys()
+        .filter(|name| HOP_BY_HOP.contains(name))
+        .cloned()
+        .collect();
+    if drop.is_empty() {
         return;
     }
-    let named: SmallVec<[HeaderName; 4]> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for value in headers.get_all(CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            // `keep-alive` and `close` name no other header worth a lookup.
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("keep-alive")
+                || token.eq_ignore_ascii_case("close")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                drop.push(name);
+            }
+        }
+    }
+    for name in drop {
         headers.remove(name);
     }
 }
@@ -845,5 +869,63 @@ fn upstream_error_message(e: &hyper_util::client::legacy::Error) -> String {
         "upstream connection failed".into()
     } else {
         "upstream closed the connection before answering".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(*name, HeaderValue::from_static(value));
+        }
+        h
+    }
+
+    #[test]
+    fn end_to_end_headers_are_kept_untouched() {
+        let mut h = map(&[("content-type", "application/json"), ("x-api-key", "k")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(
+            h,
+            map(&[("content-type", "application/json"), ("x-api-key", "k")])
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_dropped() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Private"),
+            ("connection", "close,x-other"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("x-private", "secret"),
+            ("x-other", "secret"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, map(&[("x-kept", "yes")]));
+    }
+
+    #[test]
+    fn peer_ip_is_the_forwarded_for_value() {
+        let peer = Peer::new("[::1]:4000".parse().unwrap());
+        let mut h = HeaderMap::new();
+        set_forwarded(false, &mut h, &peer, None);
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
+        set_forwarded(
+            true,
+            &mut h,
+            &Peer::new("127.0.0.1:5".parse().unwrap()),
+            None,
+        );
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
     }
 }

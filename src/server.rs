@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use crate::body::Body;
 use crate::clock::Clock;
 use crate::config::{Backend, Policy};
-use crate::proxy::Turnstile;
+use crate::proxy::{Peer, Turnstile};
 use crate::store::{Counters, MemoryStore, RedisStore};
 
 /// How often idle counters are swept.
@@ -138,7 +138,7 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let service = TowerToHyperService::new(ProxyService {
                 app: app.clone(),
-                peer,
+                peer: Peer::new(peer),
             });
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -248,7 +248,7 @@ async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>) {
 #[derive(Clone)]
 pub struct ProxyService {
     app: Arc<Turnstile>,
-    peer: SocketAddr,
+    peer: Peer,
 }
 
 impl tower::Service<Request<Incoming>> for ProxyService {
@@ -262,7 +262,7 @@ impl tower::Service<Request<Incoming>> for ProxyService {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let app = self.app.clone();
-        let peer = self.peer;
-        Box::pin(async move { Ok(app.handle(req, peer).await) })
+        let peer = self.peer.clone();
+        Box::pin(async move { Ok(app.handle(req, &peer).await) })
     }
 }
