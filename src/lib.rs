@@ -22,6 +22,7 @@ pub mod responses;
 pub mod routing;
 pub mod server;
 pub mod store;
+pub mod upstream;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{load, ConfigError, Policy};

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST};
@@ -14,9 +13,6 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use smallvec::SmallVec;
 
 use crate::body::{Body, BodyLimits, Deadline, Guarded, Holding, Trip};
@@ -26,6 +22,7 @@ use crate::mcp;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::responses::{self, Checked, Refusal};
 use crate::store::{Counters, Lease, LimitCheck, Store, Subject};
+use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -82,7 +79,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 pub struct Live {
     /// The validated config.
     pub policy: Arc<Policy>,
-    client: Client<HttpConnector, Body>,
+    upstream: Arc<Upstream>,
     /// Per route index, then one for unmatched requests.
     route_metrics: Vec<RouteMetrics>,
 }
@@ -95,13 +92,7 @@ impl Live {
     }
 
     fn new(policy: Policy, metrics: &Metrics) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(policy.upstream.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let upstream = Upstream::new(&policy.upstream.authority, policy.upstream.connect_timeout);
         let mut route_metrics: Vec<RouteMetrics> = policy
             .routes
             .iter()
@@ -110,7 +101,7 @@ impl Live {
         route_metrics.push(metrics.route(&unmatched_label()));
         Self {
             policy: Arc::new(policy),
-            client,
+            upstream,
             route_metrics,
         }
     }
@@ -553,7 +544,7 @@ impl Turnstile {
         *request.headers_mut() = headers;
 
         let sent = std::time::Instant::now();
-        let result = tokio::time::timeout_at(deadline, live.client.request(request)).await;
+        let result = tokio::time::timeout_at(deadline, live.upstream.send(request)).await;
         live.route_metrics(route).upstream_latency(sent.elapsed());
         let response = match result {
             Err(_) => return Err(Refusal::UpstreamTimeout(timeout)),
@@ -565,7 +556,7 @@ impl Turnstile {
                         route: route.map_or_else(unmatched_label, |r| r.name.clone()),
                     });
                 }
-                return Err(Refusal::BadGateway(upstream_error_message(&e)));
+                return Err(Refusal::BadGateway(e.to_string()));
             }
             Ok(Ok(response)) => response,
         };
@@ -578,8 +569,8 @@ impl Turnstile {
     }
 }
 
-/// The upstream URI for a request: configured scheme, authority and base path,
-/// plus the path and query of the client's target.
+/// The upstream target for a request: the configured base path plus the
+/// path and query of the client's target, in origin-form.
 fn upstream_uri(up: &UpstreamSettings, original: &Uri) -> Result<Uri, Refusal> {
     {
         let pq = original.path_and_query().map_or("/", PathAndQuery::as_str);
@@ -591,12 +582,8 @@ fn upstream_uri(up: &UpstreamSettings, original: &Uri) -> Result<Uri, Refusal> {
             PathAndQuery::try_from(format!("{}{}", up.base_path, pq))
         };
         let pq = pq.map_err(|_| Refusal::BadRequest("invalid request target".into()))?;
-        Uri::builder()
-            .scheme(up.scheme.clone())
-            .authority(up.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|_| Refusal::BadRequest("invalid request target".into()))
+        // Origin-form: the connection already goes to the upstream.
+        Ok(Uri::from(pq))
     }
 }
 
@@ -843,32 +830,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in drop {
         headers.remove(name);
-    }
-}
-
-fn upstream_error_message(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error as _;
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => "upstream connection refused".into(),
-                std::io::ErrorKind::TimedOut => "upstream connect timed out".into(),
-                std::io::ErrorKind::ConnectionReset => "upstream reset the connection".into(),
-                _ => format!("upstream connection failed: {io}"),
-            };
-        }
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() {
-                return "upstream closed the connection before answering".into();
-            }
-        }
-        source = s.source();
-    }
-    if e.is_connect() {
-        "upstream connection failed".into()
-    } else {
-        "upstream closed the connection before answering".into()
     }
 }
 
