@@ -66,7 +66,7 @@ pub enum Refusal {
         route: Arc<str>,
     },
     /// 429: a limit refused.
-    #[error("{}", .0.message())]
+    #[error("{0}")]
     RateLimited(Box<RateLimited>),
     /// 502: the upstream could not be reached or failed before answering.
     #[error("{0}")]
@@ -104,15 +104,18 @@ pub struct RateLimited {
     pub concurrent: bool,
 }
 
-impl RateLimited {
-    fn message(&self) -> String {
+/// The message of a 429 body, written straight into its destination.
+impl std::fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.concurrent {
-            return format!(
+            return write!(
+                f,
                 "Too many concurrent requests: at most {} at once ({}). Retry in {} s.",
                 self.limit, self.name, self.retry_after
             );
         }
-        format!(
+        write!(
+            f,
             "Rate limit exceeded: {} requests per {} ({}). Retry in {} s.",
             self.limit, self.window, self.name, self.retry_after
         )
@@ -172,7 +175,7 @@ impl Refusal {
         out.push_str("{\"error\":\"");
         out.push_str(self.code());
         out.push_str("\",\"message\":\"");
-        json_escape_into(&self.to_string(), &mut out);
+        let _ = write!(JsonEscaped(&mut out), "{self}");
         out.push('"');
         match self {
             Refusal::PayloadTooLarge { limit, .. } => {
@@ -672,24 +675,62 @@ fn sf_string(s: &str, out: &mut String) {
 
 /// Appends `s` JSON-escaped, without surrounding quotes.
 pub fn json_escape_into(s: &str, out: &mut String) {
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    // Runs of bytes needing no escape are copied whole; every byte escaped
+    // is ASCII, so the slices below fall on character boundaries.
+    let mut start = 0;
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escaped.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(escaped);
         }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+}
+
+/// A [`std::fmt::Write`] that JSON-escapes what is written into a string,
+/// so a `Display` value lands in a JSON string without a copy in between.
+struct JsonEscaped<'a>(&'a mut String);
+
+impl std::fmt::Write for JsonEscaped<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        json_escape_into(s, self.0);
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_escaping_matches_serde_json() {
+        for s in [
+            "",
+            "plain",
+            "quote \" and backslash \\",
+            "lines\nand\r\ttabs",
+            "control \u{1} \u{1f} end",
+            "unicode é 日本 🎨 \"mixed\"",
+            "\u{7f} is not escaped",
+        ] {
+            let mut ours = String::new();
+            json_escape_into(s, &mut ours);
+            let theirs = serde_json::to_string(s).unwrap();
+            assert_eq!(format!("\"{ours}\""), theirs, "{s:?}");
+        }
+    }
 
     #[test]
     fn templates_keep_json_braces_and_fill_known_names() {
