@@ -390,11 +390,7 @@ impl Turnstile {
                 }
             }
         };
-        let rate_headers = if checked.is_empty() || !policy.headers.on_success {
-            HeaderMap::new()
-        } else {
-            responses::rate_headers(&policy.headers, &checked, now, false)
-        };
+        let with_headers = !checked.is_empty() && policy.headers.on_success;
 
         // 6-7. Forward and respond. Concurrency slots (the lease) are held
         // until the response body is dropped: sent completely, or the
@@ -406,7 +402,16 @@ impl Turnstile {
         {
             Ok(mut response) => {
                 live.route_metrics(Some(route)).forwarded();
-                response.headers_mut().extend(rate_headers);
+                if with_headers {
+                    // Straight into the response: no map of their own to merge.
+                    responses::write_rate_headers(
+                        &policy.headers,
+                        &checked,
+                        now,
+                        false,
+                        response.headers_mut(),
+                    );
+                }
                 if lease.is_empty() {
                     response
                 } else {
@@ -420,6 +425,11 @@ impl Turnstile {
                         tracing::warn!(error = %e, "could not refund a refused request");
                     }
                 }
+                let rate_headers = if with_headers {
+                    responses::rate_headers(&policy.headers, &checked, now, false)
+                } else {
+                    HeaderMap::new()
+                };
                 self.refuse(
                     live,
                     &refusal,

@@ -523,8 +523,20 @@ pub fn rate_headers(
     refused: bool,
 ) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(4 + checked.len() * 3);
+    write_rate_headers(settings, checked, now, refused, &mut h);
+    h
+}
+
+/// [`rate_headers`], inserted into `h` (replacing same-named headers).
+pub fn write_rate_headers(
+    settings: &HeaderSettings,
+    checked: &[Checked<'_>],
+    now: Nanos,
+    refused: bool,
+    h: &mut HeaderMap,
+) {
     let Some(primary) = primary_index(settings, checked, refused) else {
-        return h;
+        return;
     };
     let reset_value = |at: Nanos| match settings.reset {
         ResetFormat::Unix => num_value(at.div_ceil(SECOND)),
@@ -578,7 +590,6 @@ pub fn rate_headers(
             h.insert(HeaderName::from_static("ratelimit"), v);
         }
     }
-    h
 }
 
 /// The limit that refused (the one needing the longest wait), if any.
