@@ -30,9 +30,12 @@ named_images() {
   grep -hE '^\s+image:\s' docker/*.yaml | awk '{ print $2 }' | grep -v '\$' || true
 }
 
+is_standin() { [[ -n "$(docker image inspect -f "{{index .Config.Labels \"$label\"}}" "$1" 2>/dev/null)" ]]; }
+exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
 if [[ "${1:-}" == "--remove" ]]; then
   for image in $(named_images | sort -u) "$base"; do
-    if [[ -n "$(docker image inspect -f "{{index .Config.Labels \"$label\"}}" "$image" 2>/dev/null)" ]]; then
+    if is_standin "$image"; then
       docker rmi "$image" >/dev/null && say "removed $image"
     fi
   done
@@ -45,8 +48,6 @@ quiet_build() {
   rm -f "$2.log"
 }
 
-is_standin() { [[ -n "$(docker image inspect -f "{{index .Config.Labels \"$label\"}}" "$1" 2>/dev/null)" ]]; }
-exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
 # The first deb URI of this machine's apt sources that serves $suite.
 apt_mirror() {
