@@ -110,10 +110,18 @@ async fn serves_then_exits_cleanly_on_sigterm() {
     let first = call("GET", &url, Some("k")).await;
     assert_eq!((first.status, first.h("x-ratelimit-limit")), (200, "2"));
     let mut statuses = vec![];
+    let mut seen = vec![format!("200 reset={}", first.h("x-ratelimit-reset"))];
     for _ in 0..3 {
-        statuses.push(call("GET", &url, Some("k")).await.status);
+        let got = call("GET", &url, Some("k")).await;
+        seen.push(format!(
+            "{} remaining={} reset={}",
+            got.status,
+            got.h("x-ratelimit-remaining"),
+            got.h("x-ratelimit-reset")
+        ));
+        statuses.push(got.status);
     }
-    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?} ({seen:?})");
     assert_eq!(call("GET", &url, None).await.status, 401);
 
     let pid = child.id().to_string();
