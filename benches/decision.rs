@@ -55,6 +55,7 @@ fn checks<'a>(subject: &Subject, rules: &'a [Rule]) -> smallvec::SmallVec<[Limit
             counter: i as u64 + 1,
             rule,
             queue: None,
+            pinned: false,
         })
         .collect()
 }

@@ -36,6 +36,9 @@ else
 fi
 
 run="ts$$"
+# The admin API's token, passed to every container the way the compose files do.
+TURNSTILE_ADMIN_TOKEN="test-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+export TURNSTILE_ADMIN_TOKEN
 image="turnstile:test-$run"
 net="$run-net"
 api="$run-api"
@@ -150,6 +153,7 @@ snapshot_interval = "1h"   # only the shutdown writes it during this test
 
 [admin]
 listen = "0.0.0.0:9090"
+token_env = "TURNSTILE_ADMIN_TOKEN"
 
 [[routes]]
 name = "generate"
@@ -173,6 +177,7 @@ plan = "free"
 TOML
 
 docker run -d --name "$proxy" --network "$net" \
+  -e TURNSTILE_ADMIN_TOKEN \
   -p 127.0.0.1::8080 -p 127.0.0.1::9090 \
   -v "$work/config:/etc/turnstile:ro" -v "$work/data:/var/lib/turnstile" \
   "$image" >/dev/null
@@ -211,7 +216,7 @@ pass "4th request refused: 429, Retry-After $retry, X-RateLimit-Type daily, JSON
 write_config 5
 docker kill -s HUP "$proxy" >/dev/null
 for _ in $(seq 1 20); do
-  request GET "http://127.0.0.1:$admin/v1/usage?key=docker-test-key"
+  request GET "http://127.0.0.1:$admin/v1/usage?key=docker-test-key" -H "Authorization: Bearer $TURNSTILE_ADMIN_TOKEN"
   grep -qF '"limit":5' "$work/b" && break
   sleep 0.25
 done

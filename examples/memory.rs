@@ -59,6 +59,7 @@ fn main() {
                     counter: 1,
                     rule: &minute,
                     queue: None,
+                    pinned: false,
                 },
                 LimitCheck {
                     subject: s.clone(),
@@ -66,6 +67,7 @@ fn main() {
                     counter: 2,
                     rule: &day,
                     queue: None,
+                    pinned: false,
                 },
             ];
             store.decide_at(&checks, clock.now());

@@ -243,6 +243,7 @@ fn rows_of<'p>(policy: &'p Policy, key: &KeyView, only: Option<Per>, out: &mut V
                     counter: a.counter,
                     rule: &spec.rule,
                     queue: None,
+                    pinned: true,
                 },
             });
         }

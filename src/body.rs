@@ -4,7 +4,7 @@
 use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -112,15 +112,42 @@ impl BodyLimits {
     }
 }
 
+/// Why a request body stopped before its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyFault {
+    /// It crossed a size limit (413).
+    TooLarge(BodyTooLarge),
+    /// No byte came for `[server] body_timeout` (408).
+    Stalled(std::time::Duration),
+    /// The client's framing broke (malformed chunked encoding, connection
+    /// cut mid-body): 400, and the connection is closed.
+    Broken(String),
+}
+
+impl std::fmt::Display for BodyFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyFault::TooLarge(t) => t.fmt(f),
+            BodyFault::Stalled(d) => {
+                write!(f, "request body stalled: no data for {} s", d.as_secs_f64())
+            }
+            BodyFault::Broken(e) => write!(f, "malformed request body: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyFault {}
+
 /// Where a [`Guarded`] body records why it stopped.
-pub type Trip = Arc<OnceLock<BodyTooLarge>>;
+pub type Trip = Arc<OnceLock<BodyFault>>;
 
 pin_project! {
     /// Passes a request body through while enforcing its limits: the whole
-    /// body, and for `multipart/form-data` each part against its own
-    /// `Content-Type`. Past a limit it fails (aborting the upstream request,
-    /// which therefore never receives the over-limit bytes as a complete
-    /// request) and records why in its [`Trip`].
+    /// body, for `multipart/form-data` each part against its own
+    /// `Content-Type`, and the longest wait between two chunks. Past a limit,
+    /// on a stall or on a framing error it fails (aborting the upstream
+    /// request, which therefore never receives a complete request) and
+    /// records why in its [`Trip`].
     pub struct Guarded<B> {
         #[pin]
         inner: B,
@@ -128,12 +155,24 @@ pin_project! {
         whole: BodyTooLarge,
         parts: Option<Box<MultipartScanner>>,
         trip: Trip,
+        idle: std::time::Duration,
+        // Armed the first time the client makes us wait: bodies that arrive
+        // with their headers never touch the timer.
+        stall: Option<Pin<Box<tokio::time::Sleep>>>,
+        waiting: bool,
     }
 }
 
 impl<B> Guarded<B> {
-    /// Guards `inner`, a body sent with `content_type`, against `limits`.
-    pub fn new(inner: B, limits: &BodyLimits, content_type: Option<&str>, trip: Trip) -> Self {
+    /// Guards `inner`, a body sent with `content_type`, against `limits`,
+    /// cutting it when no chunk comes for `idle`.
+    pub fn new(
+        inner: B,
+        limits: &BodyLimits,
+        content_type: Option<&str>,
+        idle: std::time::Duration,
+        trip: Trip,
+    ) -> Self {
         let parts = content_type
             .filter(|ct| media_type(ct) == "multipart/form-data" && !limits.by_type.is_empty())
             .and_then(multipart_boundary)
@@ -144,6 +183,9 @@ impl<B> Guarded<B> {
             whole: limits.whole(content_type),
             parts,
             trip,
+            idle,
+            stall: None,
+            waiting: false,
         }
     }
 }
@@ -161,7 +203,36 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        match ready!(this.inner.poll_frame(cx)) {
+        let fail = |trip: &Trip, fault: BodyFault| {
+            let _ = trip.set(fault.clone());
+            Poll::Ready(Some(Err(Box::new(fault) as BoxError)))
+        };
+        let polled = match this.inner.poll_frame(cx) {
+            Poll::Ready(polled) => polled,
+            Poll::Pending => {
+                // The wait for the client starts now (not at the last chunk:
+                // the upstream may have been slow to ask for the next one).
+                let deadline = tokio::time::Instant::now() + *this.idle;
+                let stall = match this.stall {
+                    Some(stall) => {
+                        if !*this.waiting {
+                            stall.as_mut().reset(deadline);
+                        }
+                        stall
+                    }
+                    None => this
+                        .stall
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                *this.waiting = true;
+                return match stall.as_mut().poll(cx) {
+                    Poll::Ready(()) => fail(this.trip, BodyFault::Stalled(*this.idle)),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+        };
+        *this.waiting = false;
+        match polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
@@ -171,13 +242,15 @@ where
                         this.parts.as_mut().and_then(|p| p.feed(data))
                     };
                     if let Some(over) = over {
-                        let _ = this.trip.set(over.clone());
-                        return Poll::Ready(Some(Err(Box::new(over))));
+                        return fail(this.trip, BodyFault::TooLarge(over));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            Some(Err(e)) => {
+                let e: BoxError = e.into();
+                fail(this.trip, BodyFault::Broken(e.to_string()))
+            }
             None => Poll::Ready(None),
         }
     }

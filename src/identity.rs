@@ -72,6 +72,9 @@ pub enum AuthError {
     /// The key is marked revoked.
     #[error("API key revoked")]
     Revoked,
+    /// Two different credentials in one request.
+    #[error("ambiguous credentials: send one API key, in one place")]
+    Ambiguous,
 }
 
 /// A key's SHA-256 digest: how keys are stored and compared.
@@ -193,6 +196,8 @@ pub struct Caller {
     pub account: Option<Arc<str>>,
     /// Index of the caller's plan.
     pub plan: usize,
+    /// Whether the key is in the keys file (its counters are evicted last).
+    pub registered: bool,
 }
 
 impl IdentitySettings {
@@ -212,6 +217,7 @@ impl IdentitySettings {
                 fingerprint,
                 account: None,
                 plan,
+                registered: false,
             }),
             None => Err(AuthError::Unknown),
         };
@@ -224,6 +230,7 @@ impl IdentitySettings {
                     fingerprint,
                     account: rec.account.clone(),
                     plan: rec.plan,
+                    registered: true,
                 }),
                 None if self.unknown_key == UnknownKey::Default => default(digest),
                 None => Err(AuthError::Unknown),
@@ -231,41 +238,57 @@ impl IdentitySettings {
         }
     }
 
-    /// The key from the first configured source that is present.
+    /// The key from the first configured source that is present. Any other
+    /// credential in the request (a second `Authorization` header, a second
+    /// value of a key header or query parameter, a key in another configured
+    /// source) must be the same key: otherwise the request is ambiguous, as
+    /// the upstream might honour the one that was not counted.
     fn extract<'a>(
         &self,
         headers: &'a HeaderMap,
         query: Option<&'a str>,
     ) -> Result<Cow<'a, str>, AuthError> {
+        let mut found: Option<Cow<'a, str>> = None;
+        let mut take = |key: Result<Cow<'a, str>, AuthError>| -> Result<(), AuthError> {
+            let key = key?;
+            match &found {
+                None => found = Some(key),
+                Some(first) if *first == key => {}
+                Some(_) => return Err(AuthError::Ambiguous),
+            }
+            Ok(())
+        };
         for source in &self.sources {
             match source {
                 KeySource::Bearer => {
-                    let Some(value) = headers.get(AUTHORIZATION) else {
-                        continue;
-                    };
-                    return bearer_token(value.as_bytes()).map(Cow::Borrowed);
+                    for value in headers.get_all(AUTHORIZATION) {
+                        take(bearer_token(value.as_bytes()).map(Cow::Borrowed))?;
+                    }
                 }
                 KeySource::Header(name) => {
-                    let Some(value) = headers.get(name) else {
-                        continue;
-                    };
-                    let text = std::str::from_utf8(value.as_bytes()).unwrap_or("").trim();
-                    return checked_key(text, || format!("malformed API key in the {name} header"))
-                        .map(Cow::Borrowed);
+                    for value in headers.get_all(name) {
+                        let text = std::str::from_utf8(value.as_bytes()).unwrap_or("").trim();
+                        take(
+                            checked_key(text, || format!("malformed API key in the {name} header"))
+                                .map(Cow::Borrowed),
+                        )?;
+                    }
                 }
                 KeySource::Query(name) => {
                     let Some(query) = query else { continue };
-                    let Some((_, value)) =
-                        form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name)
-                    else {
-                        continue;
-                    };
-                    checked_key(&value, || {
-                        format!("malformed API key in the {name} query parameter")
-                    })?;
-                    return Ok(Cow::Owned(value.into_owned()));
+                    for (_, value) in
+                        form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == name)
+                    {
+                        checked_key(&value, || {
+                            format!("malformed API key in the {name} query parameter")
+                        })?;
+                        take(Ok(Cow::Owned(value.into_owned())))?;
+                    }
                 }
             }
+        }
+        if let Some(key) = found {
+            return Ok(key);
         }
         let how: Vec<String> = self.sources.iter().map(KeySource::describe).collect();
         Err(AuthError::Missing(how.join(" or ")))

@@ -5,6 +5,12 @@ use serde_json::{json, Value};
 
 use crate::config::ArgLimit;
 
+/// JSON-RPC "Invalid Request".
+pub const INVALID_REQUEST: i64 = -32600;
+
+/// JSON-RPC "Parse error".
+pub const PARSE_ERROR: i64 = -32700;
+
 /// The tool a JSON-RPC message calls: `params.name` of a `tools/call`.
 pub fn tool_call(message: &Value) -> Option<&str> {
     if message.get("method")?.as_str()? != "tools/call" {

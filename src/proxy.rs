@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST};
 use http::request::Parts;
 use http::uri::PathAndQuery;
@@ -15,11 +14,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use smallvec::SmallVec;
 
-use crate::body::{Body, BodyLimits, Deadline, Guarded, Holding, Trip};
+use crate::body::{Body, BodyFault, BodyLimits, Deadline, Guarded, Holding, Trip};
 use crate::config::{ConfigError, Format, Per, Plan, Policy, Route, Unmatched, UpstreamSettings};
-use crate::identity::Caller;
+use crate::identity::{AuthError, Caller};
+use crate::inspect::{Budget, ReadLimits, RequestBody};
 use crate::mcp;
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::refusal_log::RefusalLog;
 use crate::responses::{self, Checked, Refusal};
 use crate::store::{Counters, Lease, LimitCheck, Store, Subject};
 use crate::upstream::Upstream;
@@ -112,6 +113,9 @@ pub struct Turnstile {
     live: ArcSwap<Live>,
     store: Counters,
     metrics: Arc<Metrics>,
+    /// Bytes of bodies held for inspection (`[server] max_buffered`).
+    budget: Arc<Budget>,
+    refusal_log: RefusalLog,
 }
 
 impl std::fmt::Debug for Turnstile {
@@ -137,7 +141,10 @@ impl Turnstile {
     /// A proxy for `policy` counting in `store`.
     pub fn new(policy: Policy, store: Counters) -> Self {
         let metrics = Arc::new(Metrics::new());
+        store.memory().set_max_counters(policy.store.max_counters);
         Self {
+            budget: Budget::new(policy.server.max_buffered),
+            refusal_log: RefusalLog::new(policy.log.refusals_per_second),
             live: ArcSwap::from_pointee(Live::new(policy, &metrics)),
             store,
             metrics,
@@ -200,6 +207,11 @@ impl Turnstile {
             .iter()
             .flat_map(|p| p.by_route.iter().flatten().map(|a| a.counter))
             .collect();
+        self.budget.set_max(policy.server.max_buffered);
+        self.refusal_log.set_rate(policy.log.refusals_per_second);
+        self.store
+            .memory()
+            .set_max_counters(policy.store.max_counters);
         self.live.store(Arc::new(Live::new(policy, &self.metrics)));
         let dropped_counters = self.store.memory().retain_counters(|id| ids.contains(&id));
         ReloadReport {
@@ -209,71 +221,42 @@ impl Turnstile {
     }
 
     /// Handles one request from `peer`; every failure is already a response.
-    /// The response body carries the exchange's in-flight guard.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    /// The response body carries the exchange's in-flight guard and `held`
+    /// (the connection's activity guard), both dropped when the exchange ends.
+    pub async fn handle<T: Send + Sync + 'static>(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+        held: T,
+    ) -> Response<Body> {
         let exchange = self.metrics.exchange();
         let live = self.live.load_full();
         let response = self.pipeline(&live, req, peer).await;
-        response.map(|b| Holding::new(b, exchange).boxed())
+        response.map(|b| Holding::new(b, (exchange, held)).boxed())
     }
 
-    /// SPEC §1, steps 1 to 7.
+    /// One request in order: target check, route, identity, admission
+    /// checks, limits, forward and respond.
     async fn pipeline(&self, live: &Live, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let policy = &*live.policy;
-        let (parts, incoming) = req.into_parts();
+        let (mut parts, incoming) = req.into_parts();
         let mut body = RequestBody::Streaming(incoming);
 
-        // 1. Route match. A tool route (`mcp_tool`) needs the JSON-RPC
-        // message: the body is read (up to mcp_max_body) only then.
-        let host = request_host(&parts);
-        let mut matched = None;
-        for (i, r) in policy.routes.iter().enumerate() {
-            if !r.matcher.matches(&parts.method, host, parts.uri.path()) {
-                continue;
-            }
-            if let Some(tool) = &r.mcp_tool {
-                if parts.method != Method::POST {
-                    continue;
-                }
-                let message = match body.json(&parts.headers, policy.server.mcp_max_body).await {
-                    Ok(message) => message,
-                    Err(problem) => return self.refuse_unrouted(policy, &problem.json_rpc()),
-                };
-                if mcp::batch_calls_a_tool(message) {
-                    let refusal = Refusal::JsonRpc {
-                        status: StatusCode::BAD_REQUEST,
-                        code: -32600,
-                        message:
-                            "a JSON-RPC batch may not contain tools/call: send one call per request"
-                                .into(),
-                    };
-                    return self.refuse_unrouted(policy, &refusal);
-                }
-                if mcp::tool_call(message) != Some(tool.as_str()) {
-                    continue;
-                }
-            }
-            matched = Some(i);
-            break;
+        // 0. The target as routes see it; the upstream gets the same.
+        if let Err(refusal) = normalise_target(&mut parts) {
+            return self.refuse_unrouted(policy, &refusal);
         }
-        let Some(route_index) = matched else {
-            if policy.server.unmatched == Unmatched::Reject {
-                let refusal = Refusal::NotFound {
-                    method: parts.method.clone(),
-                    path: parts.uri.path().to_owned(),
-                };
-                return self.refuse_unrouted(policy, &refusal);
-            }
-            let forwarded = self
-                .forward(live, parts, body.into_body(), peer, None, None)
-                .await;
-            return match forwarded {
-                Ok(response) => {
-                    live.route_metrics(None).forwarded();
-                    response
-                }
-                Err(r) => self.refuse_unrouted(policy, &r),
-            };
+
+        // 1. Route match (reading the body only for tool routes, and only
+        // once the key has been checked).
+        let mut early_caller = None;
+        let route_index = match self
+            .select_route(live, &parts, &mut body, &mut early_caller)
+            .await
+        {
+            Ok(Some(i)) => i,
+            Ok(None) => return self.unmatched(live, parts, body, peer).await,
+            Err(refused) => return refused,
         };
         let route = &policy.routes[route_index];
         if !route.auth {
@@ -291,29 +274,21 @@ impl Turnstile {
         }
 
         // 2. Identity.
-        let who = match policy.identity.identify(&parts.headers, parts.uri.query()) {
-            Ok(caller) => match policy.plans.get(caller.plan) {
-                Some(plan) => Identified { plan, caller },
-                None => {
-                    let refusal = Refusal::Unauthorized(crate::identity::AuthError::Unknown);
-                    return self.refuse(live, &refusal, route, None, None, HeaderMap::new());
-                }
-            },
-            Err(e) => {
-                return self.refuse(
-                    live,
-                    &Refusal::Unauthorized(e),
-                    route,
-                    None,
-                    None,
-                    HeaderMap::new(),
-                )
+        let caller = match early_caller {
+            Some(caller) => Ok(caller),
+            None => policy.identity.identify(&parts.headers, parts.uri.query()),
+        };
+        let who = match identified(policy, caller) {
+            Ok(who) => who,
+            Err(refusal) => {
+                return self.refuse(live, &refusal, route, None, None, HeaderMap::new());
             }
         };
 
         // 3-4. Plan gating, body size (before reading the body), argument
         // limits (which read a JSON body): none of these refusals consumes quota.
-        if let Err(refusal) = check_admission(policy, route, &who, &parts.headers, &mut body).await
+        if let Err(refusal) =
+            check_admission(policy, &self.budget, route, &who, &parts.headers, &mut body).await
         {
             return self.refuse(
                 live,
@@ -337,56 +312,17 @@ impl Turnstile {
                     counter: a.counter,
                     rule: &spec.rule,
                     queue: spec.queue,
+                    pinned: who.caller.registered,
                 }
             })
             .collect();
         let (now, checked, lease): (u64, Vec<Checked<'_>>, Lease) = if checks.is_empty() {
             (0, Vec::new(), Lease::default())
         } else {
-            match self.store.decide(&checks).await {
-                Ok(d) => {
-                    let checked: Vec<Checked<'_>> = applied
-                        .iter()
-                        .map(|a| &who.plan.limits[a.limit])
-                        .zip(d.verdicts)
-                        .collect();
-                    if !d.admitted {
-                        let headers =
-                            responses::rate_headers(&policy.headers, &checked, d.now, true);
-                        let refusal = match responses::rate_limited(
-                            &checked,
-                            d.now,
-                            &route.name,
-                            &who.plan.name,
-                        ) {
-                            Some(details) => Refusal::RateLimited(Box::new(details)),
-                            None => {
-                                Refusal::StoreUnavailable("refused without a refusing limit".into())
-                            }
-                        };
-                        return self.refuse(
-                            live,
-                            &refusal,
-                            route,
-                            Some(&who),
-                            body.rpc_id(),
-                            headers,
-                        );
-                    }
-                    (d.now, checked, d.lease)
-                }
-                Err(e) => {
-                    self.metrics.store_error();
-                    tracing::error!(error = %e, "counter store failed");
-                    let refusal = Refusal::StoreUnavailable(e.to_string());
-                    return self.refuse(
-                        live,
-                        &refusal,
-                        route,
-                        Some(&who),
-                        body.rpc_id(),
-                        HeaderMap::new(),
-                    );
+            match self.decide(policy, route, &who, &checks, applied).await {
+                Ok(decided) => decided,
+                Err((refusal, headers)) => {
+                    return self.refuse(live, &refusal, route, Some(&who), body.rpc_id(), headers);
                 }
             }
         };
@@ -419,8 +355,9 @@ impl Turnstile {
                 }
             }
             Err(refusal) => {
-                if matches!(refusal, Refusal::PayloadTooLarge { .. }) && !checks.is_empty() {
-                    // Refused while streaming: a 413 consumes no quota.
+                if refusal.is_body_fault() && !checks.is_empty() {
+                    // The upstream never received the whole request: it
+                    // consumes no quota.
                     if let Err(e) = self.store.refund(&checks, now).await {
                         tracing::warn!(error = %e, "could not refund a refused request");
                     }
@@ -442,10 +379,160 @@ impl Turnstile {
         }
     }
 
-    /// A refusal before any route matched (404, JSON-RPC errors).
+    /// The first route (file order) that matches by method, host and path,
+    /// and by tool name where it has one. A tool route needs the JSON-RPC
+    /// body: before it is read, the key is checked (unless a route that
+    /// could match is public), and the caller found is kept in `caller`.
+    async fn select_route(
+        &self,
+        live: &Live,
+        parts: &Parts,
+        body: &mut RequestBody,
+        caller: &mut Option<Caller>,
+    ) -> Result<Option<usize>, Response<Body>> {
+        let policy = &*live.policy;
+        let host = request_host(parts);
+        let form = crate::path::match_form(parts.uri.path());
+        let candidates = || {
+            policy
+                .routes
+                .iter()
+                .filter(|r| r.matcher.matches(&parts.method, host, &form))
+        };
+        let any_public = candidates().any(|r| !r.auth);
+        for r in candidates() {
+            let Some(tool) = &r.mcp_tool else {
+                return Ok(Some(r.index));
+            };
+            if parts.method != Method::POST {
+                continue;
+            }
+            if caller.is_none() && !any_public {
+                let found = policy.identity.identify(&parts.headers, parts.uri.query());
+                match found {
+                    Ok(c) => *caller = Some(c),
+                    Err(e) => {
+                        let refusal = Refusal::Unauthorized(e);
+                        return Err(self.refuse(live, &refusal, r, None, None, HeaderMap::new()));
+                    }
+                }
+            }
+            let message = match body.json(&parts.headers, self.read_limits(policy)).await {
+                Ok(message) => message,
+                Err(problem) => {
+                    return Err(self.refuse_unrouted(policy, &problem.refusal(true, &r.name)));
+                }
+            };
+            if mcp::batch_calls_a_tool(message) {
+                let refusal = Refusal::JsonRpc {
+                    status: StatusCode::BAD_REQUEST,
+                    code: mcp::INVALID_REQUEST,
+                    message:
+                        "a JSON-RPC batch may not contain tools/call: send one call per request"
+                            .into(),
+                };
+                return Err(self.refuse_unrouted(policy, &refusal));
+            }
+            if mcp::tool_call(message) == Some(tool.as_str()) {
+                return Ok(Some(r.index));
+            }
+        }
+        Ok(None)
+    }
+
+    /// No route matched: 404 with `unmatched = "reject"`, else forwarded
+    /// with no identity and no limits.
+    async fn unmatched(
+        &self,
+        live: &Live,
+        parts: Parts,
+        body: RequestBody,
+        peer: &Peer,
+    ) -> Response<Body> {
+        let policy = &*live.policy;
+        if policy.server.unmatched == Unmatched::Reject {
+            let refusal = Refusal::NotFound {
+                method: parts.method.clone(),
+                path: parts.uri.path().to_owned(),
+            };
+            return self.refuse_unrouted(policy, &refusal);
+        }
+        match self
+            .forward(live, parts, body.into_body(), peer, None, None)
+            .await
+        {
+            Ok(response) => {
+                live.route_metrics(None).forwarded();
+                response
+            }
+            Err(r) => self.refuse_unrouted(policy, &r),
+        }
+    }
+
+    /// Step 5: every limit of the request decided together. Refused: the
+    /// refusal and its rate-limit headers.
+    async fn decide<'p>(
+        &self,
+        policy: &'p Policy,
+        route: &Route,
+        who: &Identified<'p>,
+        checks: &[LimitCheck<'p>],
+        applied: &'p [crate::config::AppliedLimit],
+    ) -> Result<(u64, Vec<Checked<'p>>, Lease), (Refusal, HeaderMap)> {
+        match self.store.decide(checks).await {
+            Ok(d) => {
+                let checked: Vec<Checked<'p>> = applied
+                    .iter()
+                    .map(|a| &who.plan.limits[a.limit])
+                    .zip(d.verdicts)
+                    .collect();
+                if d.admitted {
+                    return Ok((d.now, checked, d.lease));
+                }
+                let headers = responses::rate_headers(&policy.headers, &checked, d.now, true);
+                let refusal =
+                    match responses::rate_limited(&checked, d.now, &route.name, &who.plan.name) {
+                        Some(details) => Refusal::RateLimited(Box::new(details)),
+                        None => {
+                            Refusal::StoreUnavailable("refused without a refusing limit".into())
+                        }
+                    };
+                Err((refusal, headers))
+            }
+            Err(e) => {
+                self.metrics.store_error();
+                tracing::error!(error = %e, "counter store failed");
+                Err((Refusal::StoreUnavailable(e.to_string()), HeaderMap::new()))
+            }
+        }
+    }
+
+    /// How bodies are read for inspection under the config in force.
+    fn read_limits<'a>(&'a self, policy: &Policy) -> ReadLimits<'a> {
+        ReadLimits {
+            max: policy.server.mcp_max_body,
+            idle: policy.server.body_timeout,
+            budget: &self.budget,
+        }
+    }
+
+    /// Whether a refusal line may be written now (rate limited).
+    fn may_log(&self, refusal: &Refusal) -> bool {
+        self.refusal_log
+            .admit(refusal.code(), self.store.memory().now())
+    }
+
+    /// Writes the summary of refusal lines suppressed since the last call.
+    pub fn flush_refusal_log(&self) {
+        self.refusal_log.flush();
+    }
+
+    /// A refusal before any route matched (400, 404, 405, 431, JSON-RPC errors).
     fn refuse_unrouted(&self, policy: &Policy, refusal: &Refusal) -> Response<Body> {
         self.metrics.request(&unmatched_label(), refusal.code());
-        tracing::info!(status = refusal.status().as_u16(), reason = %refusal, "refused");
+        if self.may_log(refusal) {
+            tracing::info!(status = refusal.status().as_u16(), reason = %refusal, "refused");
+        }
         let ctx = responses::Context {
             templates: Some(&policy.responses),
             ..Default::default()
@@ -477,10 +564,12 @@ impl Turnstile {
             self.metrics.request(&route.name, refusal.code());
         }
         let status = refusal.status().as_u16();
-        if status >= 500 {
-            tracing::warn!(route = &*route.name, plan, key_fp, status, error = %refusal, "upstream failure");
-        } else {
-            tracing::info!(route = &*route.name, plan, key_fp, limit, status, reason = %refusal, "refused");
+        if self.may_log(refusal) {
+            if status >= 500 {
+                tracing::warn!(route = &*route.name, plan, key_fp, status, error = %refusal, "upstream failure");
+            } else {
+                tracing::info!(route = &*route.name, plan, key_fp, limit, status, reason = %refusal, "refused");
+            }
         }
         let mcp_id = (route.format == Format::Mcp).then(|| rpc_id.unwrap_or(&Value::Null));
         let ctx = responses::Context {
@@ -546,7 +635,14 @@ impl Turnstile {
         };
 
         let trip = Trip::default();
-        let body = Guarded::new(body, limits, content_type(&headers), trip.clone()).boxed();
+        let body = Guarded::new(
+            body,
+            limits,
+            content_type(&headers),
+            policy.server.body_timeout,
+            trip.clone(),
+        )
+        .boxed();
         let mut request = Request::new(body);
         *request.method_mut() = parts.method;
         *request.uri_mut() = uri;
@@ -559,14 +655,18 @@ impl Turnstile {
         let response = match result {
             Err(_) => return Err(Refusal::UpstreamTimeout(timeout)),
             Ok(Err(e)) => {
-                if let Some(over) = trip.get() {
-                    return Err(Refusal::PayloadTooLarge {
+                return Err(match trip.get() {
+                    Some(BodyFault::TooLarge(over)) => Refusal::PayloadTooLarge {
                         limit: over.limit,
                         pattern: over.pattern.clone(),
                         route: route.map_or_else(unmatched_label, |r| r.name.clone()),
-                    });
-                }
-                return Err(Refusal::BadGateway(e.to_string()));
+                    },
+                    Some(BodyFault::Stalled(idle)) => Refusal::RequestTimeout(*idle),
+                    Some(BodyFault::Broken(why)) => {
+                        Refusal::BrokenBody(format!("malformed request body: {why}"))
+                    }
+                    None => Refusal::BadGateway(e.to_string()),
+                });
             }
             Ok(Ok(response)) => response,
         };
@@ -625,9 +725,11 @@ fn set_forwarded(trust: bool, headers: &mut HeaderMap, peer: &Peer, host: Option
     }
 }
 
-/// SPEC §1 steps 3 and 4 and the argument limits of §7, in that order.
+/// Plan gating, the declared body size, then argument limits (which read
+/// the JSON body), in that order.
 async fn check_admission(
     policy: &Policy,
+    budget: &Arc<Budget>,
     route: &Route,
     who: &Identified<'_>,
     headers: &HeaderMap,
@@ -651,117 +753,72 @@ async fn check_admission(
     }
     if !route.arg_limits.is_empty() {
         let subject = route.mcp_tool.as_deref().unwrap_or(&route.name);
-        return match body.json(headers, policy.server.mcp_max_body).await {
+        let limits = ReadLimits {
+            max: policy.server.mcp_max_body,
+            idle: policy.server.body_timeout,
+            budget,
+        };
+        return match body.json(headers, limits).await {
             Ok(message) => mcp::check_args(&route.arg_limits, message, subject)
                 .map_err(Refusal::InvalidArguments),
-            Err(problem) if route.format == Format::Mcp => Err(problem.json_rpc()),
-            Err(problem) => Err(problem.plain()),
+            Err(problem) => Err(problem.refusal(route.format == Format::Mcp, &route.name)),
         };
     }
     Ok(())
 }
 
-/// The request body: streamed as it comes, or read whole once a JSON-RPC
-/// message or JSON arguments had to be inspected (then forwarded byte for byte).
-enum RequestBody {
-    Streaming(Incoming),
-    Read {
-        bytes: Bytes,
-        json: Result<Value, String>,
-    },
-    Gone,
+/// Most header fields a request may carry, HTTP/1.1 and HTTP/2 alike.
+pub const MAX_HEADERS: usize = 100;
+
+/// Checks the request target and puts its path in normal form (the
+/// upstream receives it so): CONNECT → 405, too many header fields → 431,
+/// an ambiguous path or a target that is not a path → 400.
+fn normalise_target(parts: &mut Parts) -> Result<(), Refusal> {
+    if parts.method == Method::CONNECT {
+        return Err(Refusal::MethodNotAllowed(Method::CONNECT));
+    }
+    if parts.headers.len() > MAX_HEADERS {
+        return Err(Refusal::HeadersTooLarge(format!(
+            "too many header fields ({}; at most {MAX_HEADERS})",
+            parts.headers.len()
+        )));
+    }
+    let bad = |e: crate::path::PathError| Refusal::BadRequest(e.to_string());
+    let raw = parts.uri.path();
+    if parts
+        .uri
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str() == "*")
+    {
+        return Err(bad(crate::path::PathError::NotOriginForm));
+    }
+    let normal = match crate::path::normalise(raw).map_err(bad)? {
+        std::borrow::Cow::Borrowed(_) => return Ok(()),
+        std::borrow::Cow::Owned(normal) => normal,
+    };
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{normal}?{q}"),
+        None => normal,
+    };
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.path_and_query = Some(
+        PathAndQuery::try_from(pq)
+            .map_err(|_| Refusal::BadRequest("invalid request target".into()))?,
+    );
+    parts.uri =
+        Uri::from_parts(uri).map_err(|_| Refusal::BadRequest("invalid request target".into()))?;
+    Ok(())
 }
 
-/// Why a body could not be inspected as JSON.
-enum BodyProblem {
-    TooLarge(u64),
-    Unreadable(String),
-    NotJson(String),
-}
-
-impl BodyProblem {
-    /// As a JSON-RPC error (MCP endpoints).
-    fn json_rpc(&self) -> Refusal {
-        match self {
-            BodyProblem::TooLarge(limit) => Refusal::JsonRpc {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                code: -32600,
-                message: format!(
-                    "request body exceeds {} (mcp_max_body)",
-                    crate::config::display_size(*limit)
-                ),
-            },
-            BodyProblem::Unreadable(e) => {
-                Refusal::BadRequest(format!("could not read the request body: {e}"))
-            }
-            BodyProblem::NotJson(e) => Refusal::JsonRpc {
-                status: StatusCode::BAD_REQUEST,
-                code: -32700,
-                message: format!("Parse error: {e}"),
-            },
-        }
-    }
-
-    /// As a plain refusal (JSON routes with argument limits).
-    fn plain(&self) -> Refusal {
-        match self {
-            BodyProblem::NotJson(e) => {
-                Refusal::InvalidArguments(format!("request body is not valid JSON: {e}"))
-            }
-            other => other.json_rpc(),
-        }
-    }
-}
-
-impl RequestBody {
-    /// The body parsed as JSON, reading it first (up to `limit` bytes) if needed.
-    async fn json(&mut self, headers: &HeaderMap, limit: u64) -> Result<&Value, BodyProblem> {
-        if let RequestBody::Streaming(_) = self {
-            if content_length(headers).is_some_and(|len| len > limit) {
-                return Err(BodyProblem::TooLarge(limit));
-            }
-            let RequestBody::Streaming(incoming) = std::mem::replace(self, RequestBody::Gone)
-            else {
-                return Err(BodyProblem::Unreadable("body already consumed".into()));
-            };
-            let bytes = match http_body_util::Limited::new(incoming, limit as usize)
-                .collect()
-                .await
-            {
-                Ok(collected) => collected.to_bytes(),
-                Err(e)
-                    if e.downcast_ref::<http_body_util::LengthLimitError>()
-                        .is_some() =>
-                {
-                    return Err(BodyProblem::TooLarge(limit))
-                }
-                Err(e) => return Err(BodyProblem::Unreadable(e.to_string())),
-            };
-            let json = serde_json::from_slice(&bytes).map_err(|e| e.to_string());
-            *self = RequestBody::Read { bytes, json };
-        }
-        match self {
-            RequestBody::Read { json: Ok(v), .. } => Ok(v),
-            RequestBody::Read { json: Err(e), .. } => Err(BodyProblem::NotJson(e.clone())),
-            _ => Err(BodyProblem::Unreadable("body already consumed".into())),
-        }
-    }
-
-    /// The JSON-RPC id, when the body was read and is a JSON object.
-    fn rpc_id(&self) -> Option<&Value> {
-        match self {
-            RequestBody::Read { json: Ok(v), .. } => Some(v.get("id").unwrap_or(&Value::Null)),
-            _ => None,
-        }
-    }
-
-    /// The body to forward.
-    fn into_body(self) -> Body {
-        match self {
-            RequestBody::Streaming(incoming) => incoming.map_err(Into::into).boxed(),
-            RequestBody::Read { bytes, .. } => crate::body::full(bytes),
-            RequestBody::Gone => crate::body::empty(),
-        }
+/// The caller with its plan, or the 401 to answer.
+fn identified(
+    policy: &Policy,
+    caller: Result<Caller, AuthError>,
+) -> Result<Identified<'_>, Refusal> {
+    let caller = caller.map_err(Refusal::Unauthorized)?;
+    match policy.plans.get(caller.plan) {
+        Some(plan) => Ok(Identified { plan, caller }),
+        None => Err(Refusal::Unauthorized(AuthError::Unknown)),
     }
 }
 

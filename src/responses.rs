@@ -77,6 +77,32 @@ pub enum Refusal {
     /// 504: the upstream did not answer in time.
     #[error("upstream did not answer within {} s", .0.as_secs_f64())]
     UpstreamTimeout(Duration),
+    /// 400, connection closed: the request body's framing broke while it
+    /// was streamed (malformed chunked encoding, cut short).
+    #[error("{0}")]
+    BrokenBody(String),
+    /// 405: a method turnstile never forwards (CONNECT).
+    #[error("{0} is not supported: turnstile forwards requests, it does not open tunnels")]
+    MethodNotAllowed(Method),
+    /// 408: the request body stalled for `[server] body_timeout`.
+    #[error("request body stalled: no data for {} s", .0.as_secs_f64())]
+    RequestTimeout(Duration),
+    /// 415: a body that must be read for a decision came compressed.
+    #[error(
+        "Content-Encoding {encoding} is not accepted on route {route}: send the body uncompressed"
+    )]
+    UnsupportedEncoding {
+        /// The `Content-Encoding` sent.
+        encoding: String,
+        /// Route name (or the path, before a route is known).
+        route: Arc<str>,
+    },
+    /// 431: more header fields than HTTP/1.1 accepts.
+    #[error("{0}")]
+    HeadersTooLarge(String),
+    /// 503: bodies held for inspection would exceed `[server] max_buffered`.
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 /// The refusing limit of a 429, with every figure its body and template need.
@@ -149,6 +175,12 @@ impl Refusal {
             Refusal::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Refusal::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::BrokenBody(_) => StatusCode::BAD_REQUEST,
+            Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Refusal::UnsupportedEncoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Refusal::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -166,7 +198,29 @@ impl Refusal {
             Refusal::BadGateway(_) => "bad_gateway",
             Refusal::StoreUnavailable(_) => "store_unavailable",
             Refusal::UpstreamTimeout(_) => "upstream_timeout",
+            Refusal::BrokenBody(_) => "bad_request",
+            Refusal::MethodNotAllowed(_) => "method_not_allowed",
+            Refusal::RequestTimeout(_) => "request_timeout",
+            Refusal::UnsupportedEncoding { .. } => "unsupported_media_type",
+            Refusal::HeadersTooLarge(_) => "headers_too_large",
+            Refusal::Overloaded(_) => "overloaded",
         }
+    }
+
+    /// Whether the connection must be closed after this answer: what the
+    /// client sent next can no longer be told apart from this request.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, Refusal::BrokenBody(_))
+    }
+
+    /// Whether the request body failed on its way (too large, stalled,
+    /// broken): the upstream never received the whole request, so the
+    /// exchange gives back the quota it took.
+    pub fn is_body_fault(&self) -> bool {
+        matches!(
+            self,
+            Refusal::PayloadTooLarge { .. } | Refusal::RequestTimeout(_) | Refusal::BrokenBody(_)
+        )
     }
 
     /// The default JSON body (SPEC §5).
@@ -451,7 +505,19 @@ pub fn refusal(refusal: &Refusal, ctx: &Context<'_>, rate_headers: HeaderMap) ->
         Refusal::RateLimited(r) => {
             headers.insert(RETRY_AFTER, num_value(r.retry_after));
         }
+        Refusal::Overloaded(_) => {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        Refusal::MethodNotAllowed(_) => {
+            headers.insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
         _ => {}
+    }
+    if refusal.closes_connection() {
+        headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }

@@ -1,5 +1,7 @@
-//! Route matching (SPEC §1 step 1): method, path pattern and host, first match
-//! in file order. Patterns are parsed once at config load.
+//! Route matching: method, path pattern and host, first match in file order.
+//! Patterns are parsed once at config load and compared with a path in
+//! [`crate::path::match_form`]; literal segments ignore ASCII case unless the
+//! pattern was parsed case-sensitive, and a `GET` route also matches `HEAD`.
 
 use http::Method;
 
@@ -18,11 +20,18 @@ enum Segment {
 pub struct PathPattern {
     segments: Vec<Segment>,
     prefix: bool,
+    case_sensitive: bool,
 }
 
 impl PathPattern {
-    /// Parses a pattern; the message says what is wrong.
+    /// Parses a pattern whose literal segments ignore ASCII case; the message
+    /// says what is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
+        Self::parse_with_case(text, false)
+    }
+
+    /// Parses a pattern; `case_sensitive`: literal segments must match exactly.
+    pub fn parse_with_case(text: &str, case_sensitive: bool) -> Result<Self, String> {
         let Some(rest) = text.strip_prefix('/') else {
             return Err(format!("path {text:?} must start with '/'"));
         };
@@ -50,10 +59,14 @@ impl PathPattern {
                 }
             }
         }
-        Ok(Self { segments, prefix })
+        Ok(Self {
+            segments,
+            prefix,
+            case_sensitive,
+        })
     }
 
-    /// Whether `path` (no query string) matches.
+    /// Whether `path` (in match form, no query string) matches.
     pub fn matches(&self, path: &str) -> bool {
         let Some(mut rest) = path.strip_prefix('/') else {
             return false;
@@ -64,7 +77,8 @@ impl PathPattern {
                 None => (rest, None),
             };
             let ok = match seg {
-                Segment::Literal(lit) => head == lit,
+                Segment::Literal(lit) if self.case_sensitive => head == lit,
+                Segment::Literal(lit) => head.eq_ignore_ascii_case(lit),
                 Segment::Param => !head.is_empty(),
             };
             if !ok {
@@ -95,7 +109,7 @@ impl RouteMatcher {
     /// Whether the request matches. `host` is the request's Host (any port is ignored).
     pub fn matches(&self, method: &Method, host: Option<&str>, path: &str) -> bool {
         if let Some(m) = &self.method {
-            if m != method {
+            if m != method && !(*m == Method::GET && *method == Method::HEAD) {
                 return false;
             }
         }
@@ -123,18 +137,6 @@ pub fn strip_port(host: &str) -> &str {
     }
 }
 
-/// Index of the first matcher (file order) that matches the request.
-pub fn first_match<'a>(
-    matchers: impl IntoIterator<Item = &'a RouteMatcher>,
-    method: &Method,
-    host: Option<&str>,
-    path: &str,
-) -> Option<usize> {
-    matchers
-        .into_iter()
-        .position(|m| m.matches(method, host, path))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +151,10 @@ mod tests {
         assert!(!p("/v1/files").matches("/v1/files/"));
         assert!(!p("/v1/files").matches("/v1/files/x"));
         assert!(!p("/v1/files").matches("/v1/file"));
+        assert!(p("/v1/files").matches("/V1/Files"));
+        let exact = PathPattern::parse_with_case("/v1/files", true).unwrap();
+        assert!(!exact.matches("/V1/Files"));
+        assert!(exact.matches("/v1/files"));
         assert!(p("/").matches("/"));
         assert!(!p("/").matches("/x"));
     }
@@ -191,6 +197,13 @@ mod tests {
         };
         assert!(m.matches(&Method::POST, Some("API.example.com:8443"), "/v1/x"));
         assert!(!m.matches(&Method::GET, Some("api.example.com"), "/v1/x"));
+        let get = RouteMatcher {
+            method: Some(Method::GET),
+            ..m.clone()
+        };
+        assert!(get.matches(&Method::HEAD, Some("api.example.com"), "/v1/x"));
+        let lower = Method::from_bytes(b"get").unwrap();
+        assert!(!get.matches(&lower, Some("api.example.com"), "/v1/x"));
         assert!(!m.matches(&Method::POST, Some("other.com"), "/v1/x"));
         assert!(!m.matches(&Method::POST, None, "/v1/x"));
         assert_eq!(strip_port("[::1]:8080"), "[::1]");

@@ -16,15 +16,17 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
 
-use crate::body::Body;
+use crate::body::{Body, Holding};
 use crate::clock::Clock;
 use crate::config::{Backend, Policy};
 use crate::proxy::{Peer, Turnstile};
 use crate::store::{Counters, MemoryStore, RedisStore};
+use http_body_util::BodyExt;
 
 /// How often idle counters are swept.
 const EVICT_EVERY: Duration = Duration::from_secs(10);
@@ -105,30 +107,44 @@ impl Server {
             app,
         } = self;
         let policy = app.policy();
+        let limits = ConnLimits::of(&policy);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(policy.server.header_timeout)
+            .max_headers(crate::proxy::MAX_HEADERS)
             .max_buf_size(64 * 1024);
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(64 * 1024);
         let builder = Arc::new(builder);
-        let graceful = GracefulShutdown::new();
+        let (stop, stopping) = watch::channel(false);
+        let max_connections = policy.server.max_connections.min(u32::MAX as usize);
+        let permits = Arc::new(Semaphore::new(max_connections));
 
         let background = spawn_background(app.clone());
-        let admin_task = admin.map(|l| tokio::spawn(serve_admin(l, app.clone())));
+        let admin_task = admin.map(|l| tokio::spawn(serve_admin(l, app.clone(), stopping.clone())));
 
         tokio::pin!(shutdown);
+        let mut accept_errors = AcceptErrors::default();
         loop {
+            // Past max_connections, new connections wait in the backlog.
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                () = &mut shutdown => break,
+            };
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
+                        // Out of file descriptors and the like: back off and
+                        // keep serving the connections already open.
+                        accept_errors.failed(&e);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -136,18 +152,19 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            let activity = Activity::new();
             let service = TowerToHyperService::new(ProxyService {
                 app: app.clone(),
                 peer: Peer::new(peer),
+                activity: activity.clone(),
             });
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
-            let conn = graceful.watch(conn);
+            let stopping = stopping.clone();
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
-                }
+                supervise(conn, |c| c.graceful_shutdown(), &activity, limits, stopping).await;
+                drop(permit);
             });
         }
         drop(listener);
@@ -156,10 +173,9 @@ impl Server {
             grace_secs = grace.as_secs_f64(),
             "shutting down: draining in-flight exchanges"
         );
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        let _ = stop.send(true);
+        let drained = permits.acquire_many(max_connections as u32);
+        if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!("shutdown grace expired with exchanges still in flight");
         }
         for task in background.into_iter().chain(admin_task) {
@@ -167,6 +183,182 @@ impl Server {
         }
         write_snapshot(&app).await;
         Ok(())
+    }
+}
+
+/// Accept failures, logged at most once a second.
+#[derive(Default)]
+struct AcceptErrors {
+    last_logged: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    fn failed(&mut self, e: &std::io::Error) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_logged
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            error = %e,
+            suppressed = self.suppressed,
+            "accept failed: open connections keep being served, retrying (raise ulimit -n or lower [server] max_connections)"
+        );
+        self.last_logged = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// The time bounds of one client connection.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    /// From accept to the first complete request head.
+    header_timeout: Duration,
+    /// With no exchange in flight.
+    idle_timeout: Duration,
+}
+
+impl ConnLimits {
+    fn of(policy: &Policy) -> Self {
+        Self {
+            header_timeout: policy.server.header_timeout,
+            idle_timeout: policy.server.idle_timeout,
+        }
+    }
+}
+
+/// What one connection is doing, shared by its exchanges and its watchdog.
+#[derive(Debug)]
+pub struct Activity {
+    opened: tokio::time::Instant,
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `opened` of the last exchange's end.
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            opened: tokio::time::Instant::now(),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// An exchange begins; it ends when the guard is dropped.
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    /// When the connection is next due to be looked at, and what it will
+    /// be found to be if nothing happens until then.
+    fn due(&self, limits: ConnLimits) -> (tokio::time::Instant, Idle) {
+        if self.requests.load(Ordering::Relaxed) == 0 {
+            return (self.opened + limits.header_timeout, Idle::Silent);
+        }
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return (
+                tokio::time::Instant::now() + limits.idle_timeout,
+                Idle::Busy,
+            );
+        }
+        let last = self.opened + Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
+        (last + limits.idle_timeout, Idle::Idle)
+    }
+}
+
+/// What a connection was found doing at its due time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// No request since accept within `header_timeout`.
+    Silent,
+    /// No exchange in flight for `idle_timeout`.
+    Idle,
+    /// Exchanges in flight.
+    Busy,
+}
+
+/// One exchange in flight on a connection.
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let ms = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_end_ms.fetch_max(ms, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Drives one connection to its end, closing it when it sent no request
+/// within `header_timeout` of being accepted (silent clients, half an
+/// HTTP/2 preface), when it has had no exchange in flight for
+/// `idle_timeout` (HTTP/1.1 keep-alive and HTTP/2 alike), and draining it
+/// (`drain`: finish what is in flight, then close) on shutdown.
+async fn supervise<C, E>(
+    conn: C,
+    drain: impl Fn(Pin<&mut C>),
+    activity: &Activity,
+    limits: ConnLimits,
+    mut stopping: watch::Receiver<bool>,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    // Once drained, an idle connection gets this long to close by itself.
+    const LINGER: Duration = Duration::from_secs(1);
+    let mut drained_at: Option<tokio::time::Instant> = None;
+    if *stopping.borrow() {
+        drain(conn.as_mut());
+        drained_at = Some(tokio::time::Instant::now());
+    }
+    loop {
+        let (due, found) = activity.due(limits);
+        let due = match drained_at {
+            Some(at) if found != Idle::Busy => due.min(at + LINGER),
+            _ => due,
+        };
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = stopping.changed(), if drained_at.is_none() => {
+                if changed.is_err() || *stopping.borrow() {
+                    drain(conn.as_mut());
+                    drained_at = Some(tokio::time::Instant::now());
+                }
+            }
+            () = tokio::time::sleep_until(due) => {
+                // Re-read: an exchange may have begun or ended meanwhile.
+                let now = tokio::time::Instant::now();
+                let (due, found) = activity.due(limits);
+                match (found, drained_at) {
+                    (Idle::Busy, _) => {}
+                    (Idle::Silent, _) if due <= now => {
+                        tracing::debug!("closing a connection that sent no request within header_timeout");
+                        return;
+                    }
+                    (_, Some(at)) if at + LINGER <= now => return,
+                    (_, Some(_)) => {}
+                    (_, None) if due <= now => {
+                        drain(conn.as_mut());
+                        drained_at = Some(now);
+                    }
+                    (_, None) => {}
+                }
+            }
+        }
     }
 }
 
@@ -225,21 +417,43 @@ pub async fn write_snapshot(app: &Arc<Turnstile>) {
     }
 }
 
-async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>) {
+async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>, stopping: watch::Receiver<bool>) {
+    let policy = app.policy();
+    let limits = ConnLimits::of(&policy);
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(policy.server.header_timeout)
+        .max_headers(crate::proxy::MAX_HEADERS);
+    let builder = Arc::new(builder);
+    let mut accept_errors = AcceptErrors::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                accept_errors.failed(&e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let app = app.clone();
+        let activity = Activity::new();
+        let in_service = activity.clone();
+        let service = service_fn(move |req| {
+            let app = app.clone();
+            let busy = in_service.begin();
+            async move {
+                let response = crate::admin::handle(&app, req).await;
+                Ok::<_, Infallible>(response.map(|b| Holding::new(b, busy).boxed()))
+            }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let stopping = stopping.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(crate::admin::handle(&app, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            supervise(conn, |c| c.graceful_shutdown(), &activity, limits, stopping).await;
         });
     }
 }
@@ -249,6 +463,7 @@ async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>) {
 pub struct ProxyService {
     app: Arc<Turnstile>,
     peer: Peer,
+    activity: Arc<Activity>,
 }
 
 impl tower::Service<Request<Incoming>> for ProxyService {
@@ -263,6 +478,7 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let app = self.app.clone();
         let peer = self.peer.clone();
-        Box::pin(async move { Ok(app.handle(req, &peer).await) })
+        let busy = self.activity.begin();
+        Box::pin(async move { Ok(app.handle(req, &peer, busy).await) })
     }
 }

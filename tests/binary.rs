@@ -256,6 +256,7 @@ fn docker_example_configs_are_valid() {
             .arg("check")
             .arg("--config")
             .arg(format!("{}/{config}", env!("CARGO_MANIFEST_DIR")))
+            .env("TURNSTILE_ADMIN_TOKEN", "test-admin-token")
             .output()
             .unwrap();
         assert!(

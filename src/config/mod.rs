@@ -111,6 +111,16 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// How much of a JSON body is read to route MCP tool calls or check arguments.
     pub mcp_max_body: u64,
+    /// Route patterns compare ASCII letters exactly (default: case ignored).
+    pub case_sensitive_paths: bool,
+    /// An open connection with no exchange in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// A request body stalling this long between bytes is cut (408).
+    pub body_timeout: Duration,
+    /// Most client connections open at once; more wait in the accept backlog.
+    pub max_connections: usize,
+    /// Most bytes of request bodies held for inspection at once (503 past it).
+    pub max_buffered: u64,
 }
 
 /// Validated `[store]` settings.
@@ -122,6 +132,15 @@ pub struct StoreSettings {
     pub snapshot: Option<PathBuf>,
     /// How often the snapshot is written.
     pub snapshot_interval: Duration,
+    /// Most counters kept in memory; past it the least valuable are evicted.
+    pub max_counters: usize,
+}
+
+/// Validated `[log]` settings.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// Most refusal log lines a second before they are summarised.
+    pub refusals_per_second: u32,
 }
 
 /// Validated `[admin]` settings.
@@ -353,6 +372,8 @@ pub struct Policy {
     pub store: StoreSettings,
     /// `[admin]`; `None`: no admin listener.
     pub admin: Option<AdminSettings>,
+    /// `[log]`.
+    pub log: LogSettings,
     /// Routes in file order.
     pub routes: Vec<Route>,
     /// Plans by name order.
@@ -407,6 +428,14 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         backend: compile_backend(src, &raw.store)?,
         snapshot: raw.store.snapshot.as_ref().map(|p| base.join(p.get_ref())),
         snapshot_interval: duration(src, &raw.store.snapshot_interval, Duration::from_secs(5))?,
+        max_counters: match &raw.store.max_counters {
+            None => 1_000_000,
+            Some(n) if *n.get_ref() >= 1 => *n.get_ref() as usize,
+            Some(n) => return Err(src.at(n.span(), "max_counters must be at least 1")),
+        },
+    };
+    let log = LogSettings {
+        refusals_per_second: raw.log.refusals_per_second.unwrap_or(100),
     };
     if store.snapshot_interval.is_zero() {
         let span = raw
@@ -419,18 +448,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
     }
     let admin = match &raw.admin {
         None => None,
-        Some(a) => Some(AdminSettings {
-            listen: match &a.listen {
-                None => SocketAddr::from(([127, 0, 0, 1], 9090)),
-                Some(s) => s.get_ref().parse().map_err(|_| {
-                    src.at(
-                        s.span(),
-                        format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()),
-                    )
-                })?,
-            },
-            token: a.token.clone().filter(|t| !t.is_empty()),
-        }),
+        Some(a) => Some(compile_admin(src, a, base)?),
     };
 
     let mut global = ResponseSet::default();
@@ -514,6 +532,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         headers,
         store,
         admin,
+        log,
         routes,
         plans,
         responses: global,
@@ -582,6 +601,77 @@ fn compile_backend(src: &Source, raw: &RawStore) -> Result<Backend, ConfigError>
     }))
 }
 
+fn compile_admin(src: &Source, a: &RawAdmin, base: &Path) -> Result<AdminSettings, ConfigError> {
+    let listen = match &a.listen {
+        None => SocketAddr::from(([127, 0, 0, 1], 9090)),
+        Some(s) => s.get_ref().parse().map_err(|_| {
+            src.at(
+                s.span(),
+                format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()),
+            )
+        })?,
+    };
+    let mut token = a.token.clone().filter(|t| !t.is_empty());
+    if let Some(file) = &a.token_file {
+        let path = base.join(file.get_ref());
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            src.at(
+                file.span(),
+                format!("cannot read token_file {}: {e}", path.display()),
+            )
+        })?;
+        token = Some(text.trim().to_owned()).filter(|t| !t.is_empty());
+        if token.is_none() {
+            return Err(src.at(
+                file.span(),
+                format!("token_file {} is empty", path.display()),
+            ));
+        }
+    }
+    if let Some(var) = &a.token_env {
+        token = std::env::var(var.get_ref())
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        if token.is_none() {
+            return Err(src.at(
+                var.span(),
+                format!(
+                    "token_env: the environment variable {} is unset or empty",
+                    var.get_ref()
+                ),
+            ));
+        }
+    }
+    let sources = [
+        a.token.is_some(),
+        a.token_file.is_some(),
+        a.token_env.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() > 1 {
+        let span = a
+            .token_file
+            .as_ref()
+            .or(a.token_env.as_ref())
+            .map(|s| s.span())
+            .unwrap_or(0..0);
+        return Err(src.at(
+            span,
+            "give the admin token one way: token, token_file or token_env",
+        ));
+    }
+    if token.is_none() && !listen.ip().is_loopback() && !a.insecure.unwrap_or(false) {
+        let span = a.listen.as_ref().map(|s| s.span()).unwrap_or(0..0);
+        return Err(src.at(
+            span,
+            format!(
+                "the admin API on {listen} is reachable from other hosts without a token: set token_env, token_file or token, or insecure = true if that is on purpose"
+            ),
+        ));
+    }
+    Ok(AdminSettings { listen, token })
+}
+
 fn compile_server(src: &Source, raw: &RawServer) -> Result<ServerSettings, ConfigError> {
     let listen = match &raw.listen {
         None => SocketAddr::from(([0, 0, 0, 0], 8080)),
@@ -606,6 +696,15 @@ fn compile_server(src: &Source, raw: &RawServer) -> Result<ServerSettings, Confi
         trust_forwarded: raw.trust_forwarded.unwrap_or(false),
         shutdown_grace: duration(src, &raw.shutdown_grace, Duration::from_secs(30))?,
         mcp_max_body: size(src, &raw.mcp_max_body, 1_000_000)?,
+        case_sensitive_paths: raw.case_sensitive_paths.unwrap_or(false),
+        idle_timeout: duration(src, &raw.idle_timeout, Duration::from_secs(60))?,
+        body_timeout: duration(src, &raw.body_timeout, Duration::from_secs(30))?,
+        max_connections: match &raw.max_connections {
+            None => 10_000,
+            Some(n) if *n.get_ref() >= 1 => *n.get_ref() as usize,
+            Some(n) => return Err(src.at(n.span(), "max_connections must be at least 1")),
+        },
+        max_buffered: size(src, &raw.max_buffered, 256_000_000)?,
     })
 }
 
@@ -719,7 +818,8 @@ fn compile_route(
                 .map_err(|_| src.at(m.span(), format!("invalid method {:?}", m.get_ref())))?,
         ),
     };
-    let path = PathPattern::parse(r.path.get_ref()).map_err(|m| src.at(r.path.span(), m))?;
+    let path = PathPattern::parse_with_case(r.path.get_ref(), server.case_sensitive_paths)
+        .map_err(|m| src.at(r.path.span(), m))?;
     let host = r
         .host
         .as_ref()

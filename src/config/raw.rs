@@ -29,6 +29,14 @@ pub struct RawConfig {
     pub plans: BTreeMap<String, Spanned<RawPlan>>,
     pub responses: Option<RawResponses>,
     pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub refusals_per_second: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -36,6 +44,9 @@ pub struct RawConfig {
 pub struct RawAdmin {
     pub listen: Option<Spanned<String>>,
     pub token: Option<String>,
+    pub token_file: Option<Spanned<String>>,
+    pub token_env: Option<Spanned<String>>,
+    pub insecure: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -48,6 +59,11 @@ pub struct RawServer {
     pub trust_forwarded: Option<bool>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub mcp_max_body: Option<Spanned<RawSize>>,
+    pub case_sensitive_paths: Option<bool>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub body_timeout: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<u32>>,
+    pub max_buffered: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -114,6 +130,7 @@ pub struct RawStore {
     pub timeout: Option<Spanned<String>>,
     pub on_error: Option<RawOnError>,
     pub lease: Option<Spanned<String>>,
+    pub max_counters: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -10,7 +10,7 @@
 //! waiters are served in arrival order and newcomers cannot jump the queue.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
@@ -62,6 +62,8 @@ impl Counter {
 struct Counters {
     /// Set when the sweeper removed this entry from the map: holders retry.
     evicted: bool,
+    /// The subject is in the keys file: evicted last under memory pressure.
+    pinned: bool,
     /// Most subjects hold one or two counters: kept inline.
     list: SmallVec<[Counter; 2]>,
 }
@@ -89,6 +91,12 @@ struct Inner {
     map: DashMap<Subject, Handle, foldhash::fast::RandomState>,
     clock: Arc<dyn Clock>,
     live: AtomicUsize,
+    /// `[store] max_counters`.
+    max_counters: AtomicUsize,
+    /// One eviction pass at a time.
+    evicting: AtomicBool,
+    /// Counters dropped to stay under `max_counters`, ever.
+    evicted: AtomicU64,
 }
 
 /// Counters held in this process. Clones share the same counters.
@@ -195,6 +203,58 @@ impl Inner {
         }
     }
 
+    /// Past `max_counters`, drops whole subjects until a tenth of the cap is
+    /// free again: keys that are not in the keys file first, and among those
+    /// the ones whose windows end soonest. Subjects holding concurrency slots
+    /// or waiters are kept. Must not be called with a subject locked.
+    fn enforce_cap(&self) {
+        let max = self.max_counters.load(Ordering::Relaxed);
+        if self.live.load(Ordering::Relaxed) <= max || self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let target = max - max / 10;
+        let mut candidates: Vec<(bool, Nanos, Subject)> = Vec::new();
+        for entry in self.map.iter() {
+            let g = lock(entry.value());
+            let busy = g.list.iter().any(|c| {
+                c.expires_at == Nanos::MAX || c.waiters.as_ref().is_some_and(|w| !w.is_empty())
+            });
+            if !busy {
+                let ends = g.list.iter().map(|c| c.expires_at).max().unwrap_or(0);
+                candidates.push((g.pinned, ends, entry.key().clone()));
+            }
+        }
+        candidates.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut dropped = 0;
+        for (_, _, subject) in candidates {
+            if self.live.load(Ordering::Relaxed) <= target {
+                break;
+            }
+            self.map.remove_if(&subject, |_, handle| {
+                let mut g = lock(handle);
+                let busy = g.list.iter().any(|c| c.expires_at == Nanos::MAX);
+                if busy {
+                    return false;
+                }
+                g.evicted = true;
+                let n = g.list.len();
+                g.list.clear();
+                self.live.fetch_sub(n, Ordering::Relaxed);
+                dropped += n;
+                true
+            });
+        }
+        self.evicted.fetch_add(dropped as u64, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                max_counters = max,
+                "counter memory full: evicted the counters closest to expiring ([store] max_counters)"
+            );
+        }
+        self.evicting.store(false, Ordering::Release);
+    }
+
     /// One decision under lock. `reserved`: a check whose slot was handed to
     /// this request by the queue (already counted).
     fn attempt(
@@ -212,6 +272,7 @@ impl Inner {
             let mut slots: SmallVec<[(usize, usize); 4]> = SmallVec::new();
             let mut verdicts = Verdicts::new();
             for (i, (c, &g)) in checks.iter().zip(owner).enumerate() {
+                guards[g].pinned |= c.pinned;
                 let s = guards[g].slot(c.counter, c.rule, &self.live);
                 let counter = &mut guards[g].list[s];
                 let verdict = if reserved_check == Some(i) {
@@ -351,6 +412,9 @@ impl MemoryStore {
                 map: DashMap::with_hasher(foldhash::fast::RandomState::default()),
                 clock,
                 live: AtomicUsize::new(0),
+                max_counters: AtomicUsize::new(usize::MAX),
+                evicting: AtomicBool::new(false),
+                evicted: AtomicU64::new(0),
             }),
         }
     }
@@ -358,6 +422,17 @@ impl MemoryStore {
     /// "Now" as this store's clock tells it.
     pub fn now(&self) -> Nanos {
         self.inner.clock.now()
+    }
+
+    /// Sets `[store] max_counters`: past it, counters are evicted.
+    pub fn set_max_counters(&self, max: usize) {
+        self.inner.max_counters.store(max.max(1), Ordering::Relaxed);
+        self.inner.enforce_cap();
+    }
+
+    /// Counters evicted to stay under `max_counters`, since start.
+    pub fn evicted_counters(&self) -> u64 {
+        self.inner.evicted.load(Ordering::Relaxed)
     }
 
     /// Number of counters held.
@@ -396,7 +471,9 @@ impl MemoryStore {
 
     /// Decides at an explicit time, without queueing (a queued limit refuses).
     pub fn decide_at(&self, checks: &[LimitCheck<'_>], now: Nanos) -> Decision {
-        match self.inner.attempt(checks, now, None) {
+        let attempt = self.inner.attempt(checks, now, None);
+        self.inner.enforce_cap();
+        match attempt {
             Attempt::Done(d) => d,
             Attempt::Queued { refused, .. } => refused,
         }
@@ -525,6 +602,7 @@ impl MemoryStore {
             }
         }
         self.inner.live.fetch_add(restored, Ordering::Relaxed);
+        self.inner.enforce_cap();
         Ok(restored)
     }
 
@@ -561,7 +639,9 @@ impl Store for MemoryStore {
         let mut deadline = None;
         loop {
             let now = self.inner.clock.now();
-            let (refused, rx, check) = match self.inner.attempt(checks, now, Some(&mut reserved)) {
+            let attempt = self.inner.attempt(checks, now, Some(&mut reserved));
+            self.inner.enforce_cap();
+            let (refused, rx, check) = match attempt {
                 Attempt::Done(d) => return Ok(d),
                 Attempt::Queued { refused, rx, check } => (refused, rx, check),
             };

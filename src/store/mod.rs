@@ -64,6 +64,9 @@ pub struct LimitCheck<'a> {
     pub rule: &'a Rule,
     /// Concurrency limits only: wait for a slot instead of refusing at once.
     pub queue: Option<QueueSpec>,
+    /// The subject is in the keys file: under memory pressure its counters
+    /// are evicted last.
+    pub pinned: bool,
 }
 
 /// A concurrency limit's waiting queue.

@@ -26,6 +26,7 @@ fn all_or_nothing_across_limits_and_subjects() {
                 counter: 1,
                 rule: &minute,
                 queue: None,
+                pinned: false,
             },
             LimitCheck {
                 group: key(0),
@@ -33,6 +34,7 @@ fn all_or_nothing_across_limits_and_subjects() {
                 counter: 2,
                 rule: &daily,
                 queue: None,
+                pinned: false,
             },
         ]
     };
@@ -65,6 +67,7 @@ fn idle_counters_are_evicted_after_their_window() {
             counter: 1,
             rule: &minute,
             queue: None,
+            pinned: false,
         }];
         store.decide_at(&c, clock.now());
     }
@@ -94,6 +97,7 @@ fn concurrent_threads_never_over_admit() {
                         counter: 9,
                         rule: &rule,
                         queue: None,
+                        pinned: false,
                     }];
                     if store.decide_at(&c, clock.now()).admitted {
                         admitted.fetch_add(1, Ordering::Relaxed);
@@ -122,6 +126,7 @@ async fn a_panicking_exchange_gives_its_slot_back() {
             counter: 5,
             rule: &rule,
             queue: None,
+            pinned: false,
         }]
     };
     let d = store.decide(&check()).await.unwrap();
@@ -155,6 +160,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             counter: 5,
             rule: &rule,
             queue,
+            pinned: false,
         }])
         .await
         .unwrap();
@@ -171,6 +177,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             counter: 5,
             rule: &rule,
             queue,
+            pinned: false,
         }])
         .await
         .unwrap()
@@ -187,6 +194,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             counter: 5,
             rule: &rule,
             queue: None,
+            pinned: false,
         }],
         clock.now(),
     );
@@ -221,6 +229,7 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
             counter: 1,
             rule: &minute,
             queue: None,
+            pinned: false,
         },
         LimitCheck {
             group: key(0),
@@ -228,6 +237,7 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
             counter: 2,
             rule: &daily,
             queue: None,
+            pinned: false,
         },
         LimitCheck {
             group: key(0),
@@ -235,6 +245,7 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
             counter: 3,
             rule: &slots,
             queue: None,
+            pinned: false,
         },
     ];
     let held = store.decide_at(&checks, clock.now());
@@ -285,6 +296,7 @@ fn reset_and_retain_keep_slots_in_use() {
             counter: 1,
             rule: &minute,
             queue: None,
+            pinned: false,
         },
         LimitCheck {
             group: key(0),
@@ -292,6 +304,7 @@ fn reset_and_retain_keep_slots_in_use() {
             counter: 3,
             rule: &slots,
             queue: None,
+            pinned: false,
         },
     ];
     let held = store.decide_at(&checks, clock.now());
