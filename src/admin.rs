@@ -52,6 +52,7 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
                 queued: store.queued() as u64,
                 slots: store.slots_in_flight(),
                 store_up: app.store().health().up,
+                evicted: store.evicted_counters(),
             };
             let mut r = Response::new(full(app.metrics().render(figures)));
             r.headers_mut().insert(

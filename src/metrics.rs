@@ -52,6 +52,7 @@ pub struct Metrics {
     upstream_latency: Family<RouteLabels, Histogram>,
     in_flight: Gauge,
     counters: Gauge,
+    evicted: Counter,
     queued: Gauge,
     slots: Gauge,
     reloads: Family<OutcomeLabels, Counter>,
@@ -83,6 +84,8 @@ pub struct StoreFigures {
     pub slots: u64,
     /// Whether the counter store answers.
     pub store_up: bool,
+    /// Counters evicted to stay under `[store] max_counters`, since start.
+    pub evicted: u64,
 }
 
 impl Metrics {
@@ -120,6 +123,12 @@ impl Metrics {
             "tracked_counters",
             "Limit counters held in memory",
             counters.clone(),
+        );
+        let evicted = Counter::default();
+        registry.register(
+            "counters_evicted",
+            "Counters evicted to stay under [store] max_counters",
+            evicted.clone(),
         );
         let queued = Gauge::default();
         registry.register(
@@ -164,6 +173,7 @@ impl Metrics {
             upstream_latency,
             in_flight,
             counters,
+            evicted,
             queued,
             slots,
             reloads,
@@ -234,6 +244,8 @@ impl Metrics {
     /// The Prometheus text exposition, with store figures read now.
     pub fn render(&self, figures: StoreFigures) -> String {
         self.counters.set(figures.counters as i64);
+        self.evicted
+            .inc_by(figures.evicted.saturating_sub(self.evicted.get()));
         self.queued.set(figures.queued as i64);
         self.slots.set(figures.slots as i64);
         self.store_up.set(i64::from(figures.store_up));

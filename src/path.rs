@@ -34,6 +34,10 @@ pub enum PathError {
     /// Decoded bytes that are not UTF-8 (overlong forms included).
     #[error("the path does not decode to UTF-8")]
     NotUtf8,
+    /// A segment starting or ending with an encoded space, which servers
+    /// that trim names would read as another path.
+    #[error("a path segment starts or ends with an encoded space")]
+    EdgeSpace,
     /// `..` segments climbing above the root.
     #[error("the path climbs above the root with '..'")]
     Climbs,
@@ -138,6 +142,13 @@ pub fn normalise(raw: &str) -> Result<Cow<'_, str>, PathError> {
     }
     // Only ASCII was added to the input's own (UTF-8) bytes.
     let text = String::from_utf8(text).map_err(|_| PathError::NotUtf8)?;
+    let edge_space = |seg: &str| {
+        let name = without_params(seg);
+        name.starts_with("%20") || name.ends_with("%20")
+    };
+    if text.split('/').any(edge_space) {
+        return Err(PathError::EdgeSpace);
+    }
     // Resolve dot segments and merge empty ones.
     let mut out: Vec<&str> = Vec::new();
     let mut trailing = false;
@@ -265,6 +276,8 @@ mod tests {
             ("/v1/../../x", PathError::Climbs),
             ("/v1/%2e%2e/%2e%2e/x", PathError::Climbs),
             ("/..;x/v1", PathError::Climbs),
+            ("/v1/x%20", PathError::EdgeSpace),
+            ("/v1/%20x/y", PathError::EdgeSpace),
         ] {
             assert_eq!(n(raw), Err(why), "{raw}");
         }
@@ -273,6 +286,7 @@ mod tests {
     #[test]
     fn reserved_escapes_are_kept_upper_cased() {
         assert_eq!(n("/a%3fb%20c").unwrap(), "/a%3Fb%20c");
+        assert_eq!(n("/my%20file.png").unwrap(), "/my%20file.png");
         assert_eq!(n("/caf%C3%A9").unwrap(), "/caf%C3%A9");
         assert_eq!(n("/a/..").unwrap(), "/");
         assert_eq!(n("/a/b/..").unwrap(), "/a/");

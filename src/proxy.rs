@@ -161,6 +161,11 @@ impl Turnstile {
         &self.store
     }
 
+    /// Bytes of request bodies held for inspection right now.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.budget.used()
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
@@ -770,9 +775,9 @@ async fn check_admission(
 /// Most header fields a request may carry, HTTP/1.1 and HTTP/2 alike.
 pub const MAX_HEADERS: usize = 100;
 
-/// Checks the request target and puts its path in normal form (the
-/// upstream receives it so): CONNECT → 405, too many header fields → 431,
-/// an ambiguous path or a target that is not a path → 400.
+/// Checks the request line and framing and puts the path in normal form
+/// (the upstream receives it so): CONNECT → 405, too many header fields →
+/// 431, an ambiguous path or a target that is not a path → 400.
 fn normalise_target(parts: &mut Parts) -> Result<(), Refusal> {
     if parts.method == Method::CONNECT {
         return Err(Refusal::MethodNotAllowed(Method::CONNECT));

@@ -260,24 +260,24 @@ impl Activity {
 
     /// When the connection is next due to be looked at, and what it will
     /// be found to be if nothing happens until then.
-    fn due(&self, limits: ConnLimits) -> (tokio::time::Instant, Idle) {
+    fn due(&self, limits: ConnLimits) -> (tokio::time::Instant, Found) {
         if self.requests.load(Ordering::Relaxed) == 0 {
-            return (self.opened + limits.header_timeout, Idle::Silent);
+            return (self.opened + limits.header_timeout, Found::Silent);
         }
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return (
                 tokio::time::Instant::now() + limits.idle_timeout,
-                Idle::Busy,
+                Found::Busy,
             );
         }
         let last = self.opened + Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
-        (last + limits.idle_timeout, Idle::Idle)
+        (last + limits.idle_timeout, Found::Idle)
     }
 }
 
 /// What a connection was found doing at its due time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Idle {
+enum Found {
     /// No request since accept within `header_timeout`.
     Silent,
     /// No exchange in flight for `idle_timeout`.
@@ -323,7 +323,7 @@ async fn supervise<C, E>(
     loop {
         let (due, found) = activity.due(limits);
         let due = match drained_at {
-            Some(at) if found != Idle::Busy => due.min(at + LINGER),
+            Some(at) if found != Found::Busy => due.min(at + LINGER),
             _ => due,
         };
         tokio::select! {
@@ -344,8 +344,8 @@ async fn supervise<C, E>(
                 let now = tokio::time::Instant::now();
                 let (due, found) = activity.due(limits);
                 match (found, drained_at) {
-                    (Idle::Busy, _) => {}
-                    (Idle::Silent, _) if due <= now => {
+                    (Found::Busy, _) => {}
+                    (Found::Silent, _) if due <= now => {
                         tracing::debug!("closing a connection that sent no request within header_timeout");
                         return;
                     }
@@ -377,6 +377,14 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
             );
         }
     })];
+    let log_app = app.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            log_app.flush_refusal_log();
+        }
+    }));
     if let Counters::Redis(redis) = app.store() {
         tasks.push(redis.spawn_renewal());
     }

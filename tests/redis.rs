@@ -532,3 +532,78 @@ async fn admin_usage_and_reset_read_and_write_redis() {
     let metrics = call("GET", &a.admin("/metrics"), None).await.body;
     assert!(metrics.contains("turnstile_store_up 0"), "{metrics}");
 }
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} failed");
+}
+
+/// Redis counts for key `k` as the admin API reads them (from Redis).
+async fn redis_used(admin: &str) -> i64 {
+    let r = call("GET", &format!("{admin}/v1/usage?key=k"), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["counters"][0]["used"].as_i64().unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_taken_by_the_local_fallback_are_added_to_redis_when_it_answers_again() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let admin_port = free_port();
+    let config = MODES
+        .replace("{redis}", &redis.url())
+        .replace("{mode}", "local")
+        .replace("requests = 5", "requests = 20")
+        .replace(
+            "[store]",
+            &format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[store]"),
+        );
+    let p = Proxy::start(&config, &up).await;
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    for _ in 0..3 {
+        assert_eq!(call("GET", &p.url("/gen"), Some("k")).await.status, 200);
+    }
+    assert_eq!(redis_used(&admin).await, 3);
+
+    // Redis stalls (SIGSTOP): the local fallback admits four on its own.
+    signal(&redis.child, "-STOP");
+    for _ in 0..4 {
+        assert_eq!(call("GET", &p.url("/gen"), Some("k")).await.status, 200);
+    }
+    signal(&redis.child, "-CONT");
+
+    // Once the breaker lets a request through to Redis again, the four are
+    // added: 3 + 1 + 4 = 8, not the 4 a forgetful fallback would leave. The
+    // script that timed out when Redis stalled may also have run once Redis
+    // resumed: 9 then (counted twice, never under-counted).
+    // The admin usage call goes to Redis too: once it answers, the breaker is closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = call("GET", &format!("{admin}/v1/usage?key=k"), None).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis never came back: {}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(call("GET", &p.url("/gen"), Some("k")).await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let used = redis_used(&admin).await;
+        if (8..=9).contains(&used) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis holds {used} counts, expected 8 (3 + 1 + the fallback's 4)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -190,3 +190,54 @@ fn shipped_examples_are_valid() {
         assert!(!policy.table().is_empty());
     }
 }
+
+#[test]
+fn an_admin_api_reachable_from_other_hosts_needs_a_token() {
+    let open = format!("{BASE}\n[admin]\nlisten = \"0.0.0.0:9090\"\n");
+    let (line, col, message) = err_at(&open);
+    let listen_line = open.lines().position(|l| l.starts_with("listen")).unwrap() + 1;
+    assert_eq!((line, col), (listen_line, 10), "{message}");
+    assert!(message.contains("without a token"), "{message}");
+    assert!(load_text(&format!("{open}insecure = true\n")).is_ok());
+    assert!(load_text(&format!("{open}token = \"s3cret\"\n")).is_ok());
+    // Loopback needs none.
+    assert!(load_text(&format!("{BASE}\n[admin]\nlisten = \"127.0.0.1:9090\"\n")).is_ok());
+    // From a file beside the config, or from the environment.
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "admin-token", "from-a-file\n");
+    let path = write(
+        &dir,
+        "t.toml",
+        &format!("{open}token_file = \"admin-token\"\n"),
+    );
+    let policy = load(&path).unwrap();
+    assert_eq!(policy.admin.unwrap().token.as_deref(), Some("from-a-file"));
+    let missing = format!("{open}token_env = \"TURNSTILE_TEST_UNSET_TOKEN_VAR\"\n");
+    let (_, _, message) = err_at(&missing);
+    assert!(
+        message.contains("TURNSTILE_TEST_UNSET_TOKEN_VAR"),
+        "{message}"
+    );
+}
+
+#[test]
+fn hardening_settings_have_defaults_and_take_values() {
+    let policy = load_text(BASE).unwrap();
+    assert_eq!(policy.server.idle_timeout, Duration::from_secs(60));
+    assert_eq!(policy.server.body_timeout, Duration::from_secs(30));
+    assert_eq!(policy.server.max_connections, 10_000);
+    assert_eq!(policy.server.max_buffered, 256_000_000);
+    assert!(!policy.server.case_sensitive_paths);
+    assert_eq!(policy.store.max_counters, 1_000_000);
+    assert_eq!(policy.log.refusals_per_second, 100);
+    let text = format!(
+        "[server]\nidle_timeout = \"5s\"\nbody_timeout = \"2s\"\nmax_connections = 10\nmax_buffered = \"1MiB\"\ncase_sensitive_paths = true\n[store]\nmax_counters = 7\n[log]\nrefusals_per_second = 3\n{BASE}"
+    );
+    let policy = load_text(&text).unwrap();
+    assert_eq!(policy.server.max_buffered, 1 << 20);
+    assert_eq!(policy.server.max_connections, 10);
+    assert_eq!(policy.store.max_counters, 7);
+    assert_eq!(policy.log.refusals_per_second, 3);
+    let (_, _, message) = err_at(&format!("[server]\nmax_connections = 0\n{BASE}"));
+    assert!(message.contains("at least 1"), "{message}");
+}

@@ -224,7 +224,7 @@ impl Inner {
                 candidates.push((g.pinned, ends, entry.key().clone()));
             }
         }
-        candidates.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        candidates.sort_unstable_by_key(|c| (c.0, c.1));
         let mut dropped = 0;
         for (_, _, subject) in candidates {
             if self.live.load(Ordering::Relaxed) <= target {

@@ -105,7 +105,22 @@ struct Inner {
     held: DashMap<String, Vec<String>>,
     /// Per-instance counters for `on_error = "local"`.
     fallback: MemoryStore,
+    /// What the fallback admitted, by counter key, not yet added to Redis.
+    unsynced: std::sync::Mutex<std::collections::HashMap<String, Unsynced>>,
+    /// Set while `unsynced` has entries (read on every decision).
+    has_unsynced: AtomicBool,
+    reconciling: AtomicBool,
+    reconcile: Script,
     clock: Arc<dyn Clock>,
+}
+
+/// Local admissions of one counter while Redis was unreachable.
+#[derive(Debug, Clone, Copy)]
+struct Unsynced {
+    rule: (u8, u64, u64),
+    count: u64,
+    /// The last one, microseconds.
+    at_us: u64,
 }
 
 /// Counters in Redis. Clones share the connection and the breaker.
@@ -300,6 +315,10 @@ impl RedisStore {
             seq: AtomicU64::new(0),
             held: DashMap::new(),
             fallback: MemoryStore::new(clock.clone()),
+            unsynced: std::sync::Mutex::new(std::collections::HashMap::new()),
+            has_unsynced: AtomicBool::new(false),
+            reconciling: AtomicBool::new(false),
+            reconcile: Script::new(include_str!("lua/reconcile.lua")),
             clock,
         });
         Self { inner }
@@ -400,7 +419,13 @@ impl RedisStore {
         error: StoreError,
     ) -> Result<Decision, StoreError> {
         match self.inner.settings.on_error {
-            OnError::Local => self.inner.fallback.decide(checks).await,
+            OnError::Local => {
+                let decision = self.inner.fallback.decide(checks).await?;
+                if decision.admitted {
+                    self.remember_unsynced(checks, decision.now);
+                }
+                Ok(decision)
+            }
             OnError::Allow => Ok(Decision {
                 now: self.inner.clock.now(),
                 admitted: true,
@@ -409,6 +434,82 @@ impl RedisStore {
             }),
             OnError::Deny => Err(error),
         }
+    }
+
+    /// Notes a request the local fallback admitted, to add to Redis later.
+    fn remember_unsynced(&self, checks: &[LimitCheck<'_>], now: Nanos) {
+        let inner = &self.inner;
+        let mut unsynced = inner
+            .unsynced
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for c in checks.iter().filter(|c| !c.rule.is_concurrency()) {
+            let entry = unsynced.entry(inner.key(c)).or_insert(Unsynced {
+                rule: rule_args(c.rule),
+                count: 0,
+                at_us: 0,
+            });
+            entry.count += 1;
+            entry.at_us = entry.at_us.max(now / 1_000);
+        }
+        inner.has_unsynced.store(true, Ordering::Release);
+    }
+
+    /// Once Redis answers again, adds what the fallback admitted meanwhile
+    /// (in the background; one reconciliation at a time). Entries that could
+    /// not be sent are kept for the next try.
+    fn reconcile_soon(&self) {
+        let inner = &self.inner;
+        if !inner.has_unsynced.load(Ordering::Acquire)
+            || inner.reconciling.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            let inner = &store.inner;
+            let pending: Vec<(String, Unsynced)> = {
+                let mut unsynced = inner
+                    .unsynced
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                inner.has_unsynced.store(false, Ordering::Release);
+                unsynced.drain().collect()
+            };
+            let mut added = 0;
+            let mut failed = Vec::new();
+            let now_us = inner.clock.now() / 1_000;
+            for (key, u) in pending {
+                let mut inv = inner.reconcile.prepare_invoke();
+                inv.key(&key)
+                    .arg(u.rule.0)
+                    .arg(u.rule.1)
+                    .arg(u.rule.2)
+                    .arg(u.count)
+                    .arg(now_us.saturating_sub(u.at_us));
+                match inner.call::<i64>(inv).await {
+                    Ok(_) => added += u.count,
+                    Err(_) => failed.push((key, u)),
+                }
+            }
+            if !failed.is_empty() {
+                let mut unsynced = inner
+                    .unsynced
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                for (key, u) in failed {
+                    let e = unsynced.entry(key).or_insert(Unsynced { count: 0, ..u });
+                    e.count += u.count;
+                    e.at_us = e.at_us.max(u.at_us);
+                }
+                inner.has_unsynced.store(true, Ordering::Release);
+            }
+            tracing::info!(
+                added,
+                "redis is back: counts taken by the local fallback added to redis"
+            );
+            inner.reconciling.store(false, Ordering::Release);
+        });
     }
 
     /// The limits' figures without counting anything (admin usage).
@@ -466,6 +567,7 @@ impl Store for RedisStore {
                 Ok(d) => d,
                 Err(e) => return self.fall_back(checks, e).await,
             };
+            self.reconcile_soon();
             if d.admitted {
                 return Ok(d);
             }

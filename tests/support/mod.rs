@@ -416,21 +416,47 @@ impl Binary {
             .replace("{port}", &port.to_string())
             .replace("{admin_port}", &admin_port.to_string());
         std::fs::write(dir.join("turnstile.toml"), config).unwrap();
-        Self::spawn(dir, port, admin_port).await
+        Self::spawn(dir, port, admin_port, None).await
+    }
+
+    /// As [`Binary::start`], with at most `nofile` open file descriptors
+    /// (`ulimit -n`).
+    pub async fn start_limited(
+        dir: &std::path::Path,
+        config: &str,
+        upstream: &Upstream,
+        nofile: u32,
+    ) -> Self {
+        let (port, admin_port) = (free_port(), free_port());
+        let config = config
+            .replace("{upstream}", &upstream.url())
+            .replace("{port}", &port.to_string())
+            .replace("{admin_port}", &admin_port.to_string());
+        std::fs::write(dir.join("turnstile.toml"), config).unwrap();
+        Self::spawn(dir, port, admin_port, Some(nofile)).await
     }
 
     /// Starts the binary again on the config already in `dir`.
     pub async fn restart(dir: &std::path::Path, port: u16, admin_port: u16) -> Self {
-        Self::spawn(dir, port, admin_port).await
+        Self::spawn(dir, port, admin_port, None).await
     }
 
-    async fn spawn(dir: &std::path::Path, port: u16, admin_port: u16) -> Self {
+    async fn spawn(dir: &std::path::Path, port: u16, admin_port: u16, nofile: Option<u32>) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("turnstile.log"))
             .unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        let mut command = match nofile {
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_turnstile")),
+            Some(n) => {
+                let mut c = std::process::Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\"")])
+                    .arg(env!("CARGO_BIN_EXE_turnstile"));
+                c
+            }
+        };
+        let child = command
             .arg("--config")
             .arg(dir.join("turnstile.toml"))
             .args(["--log-format", "json"])

@@ -323,3 +323,55 @@ fn reset_and_retain_keep_slots_in_use() {
     assert_eq!(store.slots_in_flight(), 0);
     assert_eq!(store.retain_counters(|id| id == 1), 1);
 }
+
+#[test]
+fn a_flood_of_distinct_keys_stays_under_max_counters_keeping_registered_keys() {
+    let clock = ManualClock::at_secs(1_000_000);
+    let store = MemoryStore::new(Arc::new(clock.clone()));
+    store.set_max_counters(10_000);
+    let daily = Rule::Fixed {
+        requests: 5,
+        window: Window::Span(86_400 * SECOND),
+    };
+    let minute = Rule::Fixed {
+        requests: 5,
+        window: Window::Span(60 * SECOND),
+    };
+    let check = |subject: Subject, rule, pinned| LimitCheck {
+        group: subject.clone(),
+        subject,
+        counter: 1,
+        rule,
+        queue: None,
+        pinned,
+    };
+    let paying = Subject::Account("paying".into());
+    assert!(
+        store
+            .decide_at(&[check(paying.clone(), &daily, true)], clock.now())
+            .admitted
+    );
+    let subject = |i: u32| {
+        let mut d = [0u8; 16];
+        d[..4].copy_from_slice(&i.to_le_bytes());
+        Subject::Key(d)
+    };
+    for i in 0..100_000u32 {
+        // Half of the flood holds minute windows (sooner to expire).
+        let rule = if i % 2 == 0 { &minute } else { &daily };
+        store.decide_at(&[check(subject(i), rule, false)], clock.now());
+        assert!(store.live_counters() <= 10_000);
+    }
+    assert!(store.evicted_counters() >= 90_000);
+    // The registered subject's count survived every pass.
+    assert!(matches!(
+        store.peek(&paying, 1),
+        Some(CounterState::Fixed { count: 1, .. })
+    ));
+    // Among the flood, the longest-lived windows were kept longest.
+    let recent_daily = (99_000..100_000)
+        .filter(|i| i % 2 == 1)
+        .filter(|&i| store.peek(&subject(i), 1).is_some())
+        .count();
+    assert!(recent_daily > 0);
+}
