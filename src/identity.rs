@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
+use smallvec::SmallVec;
 
 /// Where a key may be found, tried in configured order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,15 +259,25 @@ impl IdentitySettings {
             }
             Ok(())
         };
+        // Without a repeated header name (the usual case) one lookup per
+        // source finds every value.
+        let repeated = headers.len() != headers.keys_len();
+        let values = |name: &HeaderName| -> SmallVec<[&'a HeaderValue; 1]> {
+            if repeated {
+                headers.get_all(name).iter().collect()
+            } else {
+                headers.get(name).into_iter().collect()
+            }
+        };
         for source in &self.sources {
             match source {
                 KeySource::Bearer => {
-                    for value in headers.get_all(AUTHORIZATION) {
+                    for value in values(&AUTHORIZATION) {
                         take(bearer_token(value.as_bytes()).map(Cow::Borrowed))?;
                     }
                 }
                 KeySource::Header(name) => {
-                    for value in headers.get_all(name) {
+                    for value in values(name) {
                         let text = std::str::from_utf8(value.as_bytes()).unwrap_or("").trim();
                         take(
                             checked_key(text, || format!("malformed API key in the {name} header"))

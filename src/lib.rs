@@ -12,6 +12,7 @@ pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod config;
+pub mod conn;
 pub mod example_api;
 pub mod identity;
 pub mod inspect;

@@ -71,29 +71,68 @@ fn dot_segment(segment: &str) -> Option<bool> {
     }
 }
 
+/// What a path byte asks of [`already_normal`].
+const PLAIN: u8 = 0;
+const SLASH: u8 = 1;
+const PERCENT: u8 = 2;
+const SEMICOLON: u8 = 3;
+const BACKSLASH: u8 = 4;
+const CONTROL: u8 = 5;
+
+/// Byte classes, so the common byte costs one table load and one compare.
+static CLASS: [u8; 256] = {
+    let mut t = [PLAIN; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = CONTROL;
+        b += 1;
+    }
+    t[0x7f] = CONTROL;
+    t[b'/' as usize] = SLASH;
+    t[b'%' as usize] = PERCENT;
+    t[b';' as usize] = SEMICOLON;
+    t[b'\\' as usize] = BACKSLASH;
+    t
+};
+
 /// True when `path` needs no change: no escapes, no backslash or control
-/// character, no empty or dot segment (except one trailing slash).
+/// character, no empty or dot segment (except one trailing slash). One pass
+/// over the bytes: this runs for every request.
 fn already_normal(path: &str) -> Result<bool, PathError> {
-    let mut escaped = false;
-    for &b in path.as_bytes() {
-        match b {
-            b'%' => escaped = true,
-            b'\\' => return Err(PathError::Backslash),
-            0..=0x1f | 0x7f => return Err(PathError::Control),
-            _ => {}
+    let bytes = path.as_bytes();
+    let mut normal = true;
+    let mut params = false;
+    // Start of the current segment (just after its '/').
+    let mut start = 1;
+    let segment_ends = |start: usize, end: usize, params: bool| {
+        let seg = &bytes[start..end];
+        // Only a segment starting with '.' can be a dot segment.
+        !(seg.first() == Some(&b'.') && (seg.len() <= 2 || params) && is_dot_segment(seg))
+    };
+    for (i, &b) in bytes.iter().enumerate().skip(1) {
+        match CLASS[usize::from(b)] {
+            PLAIN => {}
+            SLASH => {
+                normal &= i > start && segment_ends(start, i, params);
+                start = i + 1;
+                params = false;
+            }
+            SEMICOLON => params = true,
+            PERCENT => normal = false,
+            BACKSLASH => return Err(PathError::Backslash),
+            _ => return Err(PathError::Control),
         }
     }
-    if escaped {
-        return Ok(false);
-    }
-    let mut segments = path[1..].split('/').peekable();
-    while let Some(seg) = segments.next() {
-        let last = segments.peek().is_none();
-        if (seg.is_empty() && !last) || dot_segment(seg).is_some() {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    Ok(normal && segment_ends(start, bytes.len(), params))
+}
+
+/// `.` or `..`, with or without path parameters.
+fn is_dot_segment(segment: &[u8]) -> bool {
+    let name = match segment.iter().position(|&b| b == b';') {
+        Some(i) => &segment[..i],
+        None => segment,
+    };
+    name == b"." || name == b".."
 }
 
 /// The path in normal form, or why it is refused. Idempotent: a normal path
@@ -184,7 +223,7 @@ pub fn match_form(normal: &str) -> Cow<'_, str> {
         Some(t) if !t.is_empty() => t,
         _ => normal,
     };
-    if !trimmed.contains(';') {
+    if !trimmed.as_bytes().contains(&b';') {
         return Cow::Borrowed(trimmed);
     }
     // A segment that was only parameters disappears, as servlet containers

@@ -404,7 +404,6 @@ impl Turnstile {
                 .iter()
                 .filter(|r| r.matcher.matches(&parts.method, host, &form))
         };
-        let any_public = candidates().any(|r| !r.auth);
         for r in candidates() {
             let Some(tool) = &r.mcp_tool else {
                 return Ok(Some(r.index));
@@ -412,7 +411,7 @@ impl Turnstile {
             if parts.method != Method::POST {
                 continue;
             }
-            if caller.is_none() && !any_public {
+            if caller.is_none() && !candidates().any(|r| !r.auth) {
                 let found = policy.identity.identify(&parts.headers, parts.uri.query());
                 match found {
                     Ok(c) => *caller = Some(c),

@@ -17,13 +17,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::body::{Body, Holding};
 use crate::clock::Clock;
 use crate::config::{Backend, Policy};
+use crate::conn::{self, Activity, ConnLimits, Watched};
 use crate::proxy::{Peer, Turnstile};
 use crate::store::{Counters, MemoryStore, RedisStore};
 use http_body_util::BodyExt;
@@ -107,7 +107,7 @@ impl Server {
             app,
         } = self;
         let policy = app.policy();
-        let limits = ConnLimits::of(&policy);
+        let limits = ConnLimits::of(&policy.server);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -158,12 +158,11 @@ impl Server {
                 peer: Peer::new(peer),
                 activity: activity.clone(),
             });
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
+            let io = TokioIo::new(Watched::new(stream, activity, limits));
+            let conn = builder.serve_connection(io, service).into_owned();
             let stopping = stopping.clone();
             tokio::spawn(async move {
-                supervise(conn, |c| c.graceful_shutdown(), &activity, limits, stopping).await;
+                conn::serve(conn, |c| c.graceful_shutdown(), stopping).await;
                 drop(permit);
             });
         }
@@ -210,155 +209,6 @@ impl AcceptErrors {
         );
         self.last_logged = Some(now);
         self.suppressed = 0;
-    }
-}
-
-/// The time bounds of one client connection.
-#[derive(Debug, Clone, Copy)]
-struct ConnLimits {
-    /// From accept to the first complete request head.
-    header_timeout: Duration,
-    /// With no exchange in flight.
-    idle_timeout: Duration,
-}
-
-impl ConnLimits {
-    fn of(policy: &Policy) -> Self {
-        Self {
-            header_timeout: policy.server.header_timeout,
-            idle_timeout: policy.server.idle_timeout,
-        }
-    }
-}
-
-/// What one connection is doing, shared by its exchanges and its watchdog.
-#[derive(Debug)]
-pub struct Activity {
-    opened: tokio::time::Instant,
-    requests: AtomicU64,
-    in_flight: AtomicUsize,
-    /// Milliseconds after `opened` of the last exchange's end.
-    last_end_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            opened: tokio::time::Instant::now(),
-            requests: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            last_end_ms: AtomicU64::new(0),
-        })
-    }
-
-    /// An exchange begins; it ends when the guard is dropped.
-    fn begin(self: &Arc<Self>) -> Busy {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        Busy(self.clone())
-    }
-
-    /// When the connection is next due to be looked at, and what it will
-    /// be found to be if nothing happens until then.
-    fn due(&self, limits: ConnLimits) -> (tokio::time::Instant, Found) {
-        if self.requests.load(Ordering::Relaxed) == 0 {
-            return (self.opened + limits.header_timeout, Found::Silent);
-        }
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return (
-                tokio::time::Instant::now() + limits.idle_timeout,
-                Found::Busy,
-            );
-        }
-        let last = self.opened + Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
-        (last + limits.idle_timeout, Found::Idle)
-    }
-}
-
-/// What a connection was found doing at its due time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Found {
-    /// No request since accept within `header_timeout`.
-    Silent,
-    /// No exchange in flight for `idle_timeout`.
-    Idle,
-    /// Exchanges in flight.
-    Busy,
-}
-
-/// One exchange in flight on a connection.
-pub struct Busy(Arc<Activity>);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let ms = self.0.opened.elapsed().as_millis() as u64;
-        self.0.last_end_ms.fetch_max(ms, Ordering::Relaxed);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Drives one connection to its end, closing it when it sent no request
-/// within `header_timeout` of being accepted (silent clients, half an
-/// HTTP/2 preface), when it has had no exchange in flight for
-/// `idle_timeout` (HTTP/1.1 keep-alive and HTTP/2 alike), and draining it
-/// (`drain`: finish what is in flight, then close) on shutdown.
-async fn supervise<C, E>(
-    conn: C,
-    drain: impl Fn(Pin<&mut C>),
-    activity: &Activity,
-    limits: ConnLimits,
-    mut stopping: watch::Receiver<bool>,
-) where
-    C: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    tokio::pin!(conn);
-    // Once drained, an idle connection gets this long to close by itself.
-    const LINGER: Duration = Duration::from_secs(1);
-    let mut drained_at: Option<tokio::time::Instant> = None;
-    if *stopping.borrow() {
-        drain(conn.as_mut());
-        drained_at = Some(tokio::time::Instant::now());
-    }
-    loop {
-        let (due, found) = activity.due(limits);
-        let due = match drained_at {
-            Some(at) if found != Found::Busy => due.min(at + LINGER),
-            _ => due,
-        };
-        tokio::select! {
-            ended = conn.as_mut() => {
-                if let Err(e) = ended {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            changed = stopping.changed(), if drained_at.is_none() => {
-                if changed.is_err() || *stopping.borrow() {
-                    drain(conn.as_mut());
-                    drained_at = Some(tokio::time::Instant::now());
-                }
-            }
-            () = tokio::time::sleep_until(due) => {
-                // Re-read: an exchange may have begun or ended meanwhile.
-                let now = tokio::time::Instant::now();
-                let (due, found) = activity.due(limits);
-                match (found, drained_at) {
-                    (Found::Busy, _) => {}
-                    (Found::Silent, _) if due <= now => {
-                        tracing::debug!("closing a connection that sent no request within header_timeout");
-                        return;
-                    }
-                    (_, Some(at)) if at + LINGER <= now => return,
-                    (_, Some(_)) => {}
-                    (_, None) if due <= now => {
-                        drain(conn.as_mut());
-                        drained_at = Some(now);
-                    }
-                    (_, None) => {}
-                }
-            }
-        }
     }
 }
 
@@ -427,7 +277,7 @@ pub async fn write_snapshot(app: &Arc<Turnstile>) {
 
 async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>, stopping: watch::Receiver<bool>) {
     let policy = app.policy();
-    let limits = ConnLimits::of(&policy);
+    let limits = ConnLimits::of(&policy.server);
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
@@ -456,13 +306,10 @@ async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>, stopping: watch
                 Ok::<_, Infallible>(response.map(|b| Holding::new(b, busy).boxed()))
             }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let io = TokioIo::new(Watched::new(stream, activity, limits));
+        let conn = builder.serve_connection(io, service).into_owned();
         let stopping = stopping.clone();
-        tokio::spawn(async move {
-            supervise(conn, |c| c.graceful_shutdown(), &activity, limits, stopping).await;
-        });
+        tokio::spawn(conn::serve(conn, |c| c.graceful_shutdown(), stopping));
     }
 }
 

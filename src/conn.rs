@@ -1,0 +1,237 @@
+//! One client connection's bounds in time: a connection that sends no
+//! request within `header_timeout` of being accepted (silent clients, half
+//! an HTTP/2 preface) is closed, and so is one with no exchange in flight for
+//! `idle_timeout` (HTTP/1.1 keep-alive and HTTP/2 alike, the admin listener
+//! too). On shutdown a connection is drained: what is in flight finishes,
+//! then it closes.
+//!
+//! The clock is looked at where a connection waits for its client: reads
+//! that find nothing to read while no exchange is in flight ([`Watched`]).
+//! An exchange in progress costs one timestamp when it ends, nothing more.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+/// The time bounds of one client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// From accept to the first complete request head.
+    pub header_timeout: Duration,
+    /// With no exchange in flight.
+    pub idle_timeout: Duration,
+}
+
+impl ConnLimits {
+    /// The bounds `[server]` sets.
+    pub fn of(server: &crate::config::ServerSettings) -> Self {
+        Self {
+            header_timeout: server.header_timeout,
+            idle_timeout: server.idle_timeout,
+        }
+    }
+}
+
+/// What one connection is doing, shared by its exchanges and its reads.
+#[derive(Debug)]
+pub struct Activity {
+    opened: Instant,
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `opened` of the last exchange's end.
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    /// A connection accepted now.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            opened: Instant::now(),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// An exchange begins; it ends when the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    /// Whether an exchange is in flight.
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// When a connection with nothing in flight is to be closed.
+    fn idle_deadline(&self, limits: ConnLimits) -> Instant {
+        if self.requests.load(Ordering::Relaxed) == 0 {
+            return self.opened + limits.header_timeout;
+        }
+        let last = Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
+        self.opened + last + limits.idle_timeout
+    }
+}
+
+/// One exchange in flight on a connection; dropping it ends the exchange.
+#[derive(Debug)]
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let ms = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_end_ms.fetch_max(ms, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project! {
+    /// A client socket that fails its reads (closing the connection) once
+    /// the connection has waited for its client past [`ConnLimits`].
+    pub struct Watched<T> {
+        #[pin]
+        io: T,
+        activity: Arc<Activity>,
+        limits: ConnLimits,
+        // Created at the first wait; reset only when the deadline moved
+        // earlier or when it fired early. `registered`: polled since, so its
+        // waker is set and `is_elapsed` tells whether it fired.
+        timer: Option<Pin<Box<Sleep>>>,
+        registered: bool,
+    }
+}
+
+impl<T> Watched<T> {
+    /// Watches `io`, a connection whose exchanges report to `activity`.
+    pub fn new(io: T, activity: Arc<Activity>, limits: ConnLimits) -> Self {
+        Self {
+            io,
+            activity,
+            limits,
+            timer: None,
+            registered: false,
+        }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if let Poll::Ready(read) = this.io.poll_read(cx, buf) {
+            return Poll::Ready(read);
+        }
+        if this.activity.busy() {
+            return Poll::Pending;
+        }
+        let due = this.activity.idle_deadline(*this.limits);
+        let timer = match this.timer {
+            Some(timer) => {
+                if due < timer.deadline() {
+                    timer.as_mut().reset(due);
+                    *this.registered = false;
+                }
+                timer
+            }
+            None => {
+                *this.registered = false;
+                this.timer.insert(Box::pin(tokio::time::sleep_until(due)))
+            }
+        };
+        loop {
+            if *this.registered && !timer.is_elapsed() {
+                return Poll::Pending;
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                *this.registered = true;
+                return Poll::Pending;
+            }
+            // Fired: closed, unless the deadline moved on meanwhile.
+            let due = this.activity.idle_deadline(*this.limits);
+            if due <= Instant::now() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection idle past header_timeout / idle_timeout",
+                )));
+            }
+            timer.as_mut().reset(due);
+            *this.registered = false;
+        }
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+/// Drives one connection to its end; on shutdown (`stopping` turning true
+/// or its sender gone) drains it with `drain`: in-flight exchanges finish,
+/// then it closes.
+pub async fn serve<C, E>(conn: C, drain: impl Fn(Pin<&mut C>), mut stopping: watch::Receiver<bool>)
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let mut drained = *stopping.borrow();
+    if drained {
+        drain(conn.as_mut());
+    }
+    loop {
+        tokio::select! {
+            biased;
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = stopping.changed(), if !drained => {
+                if changed.is_err() || *stopping.borrow() {
+                    drain(conn.as_mut());
+                    drained = true;
+                }
+            }
+        }
+    }
+}
