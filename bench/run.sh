@@ -13,6 +13,8 @@
 #   cold    1,000,000 distinct keys (cold counters)
 #
 # Usage: bench/run.sh [--smoke]   (--smoke: 1 run of 1 s each, for CI)
+# BASELINE=/path/to/an/older/turnstile adds it as a target ("baseline", 1
+# worker), to measure a change against the build before it in the same run.
 # Traffic goes to 127.0.0.1 only; every run is bounded; everything started
 # here is stopped on exit.
 set -euo pipefail
@@ -44,7 +46,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 
-up=$(free_port); ngx=$(free_port); hap=$(free_port); ts1=$(free_port); ts2=$(free_port)
+up=$(free_port); ngx=$(free_port); hap=$(free_port); ts1=$(free_port); ts2=$(free_port); base=$(free_port)
+BASELINE=${BASELINE:-}
+targets="upstream nginx haproxy turnstile turnstile-2w${BASELINE:+ baseline}"
 
 # The fast upstream: nginx answering 200 itself.
 mkdir -p "$work/up" "$work/ngx"
@@ -143,7 +147,13 @@ start_proxies() { # scenario
   taskset -c 0 haproxy -q -f "$work/haproxy.cfg" & proxy_pids+=($!)
   RUST_LOG=off taskset -c 0 ./target/release/turnstile --threads 1 --config "$work/t1.toml" & proxy_pids+=($!)
   RUST_LOG=off taskset -c 0,1 ./target/release/turnstile --threads 2 --config "$work/t2.toml" & proxy_pids+=($!)
-  for p in $ngx $hap $ts1 $ts2; do wait_port "$p"; done
+  local ports="$ngx $hap $ts1 $ts2"
+  if [ -n "$BASELINE" ]; then
+    turnstile_conf "$base" "$minute" "$keys" > "$work/tb.toml"
+    RUST_LOG=off taskset -c 0 "$BASELINE" --threads 1 --config "$work/tb.toml" & proxy_pids+=($!)
+    ports="$ports $base"
+  fi
+  for p in $ports; do wait_port "$p"; done
 }
 stop_proxies() { for p in "${proxy_pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${proxy_pids[@]}"; do wait "$p" 2>/dev/null || true; done; }
 
@@ -164,10 +174,10 @@ for scenario in $SCENARIOS; do
   [ "$scenario" = refuse ] && lua=bench/one-key.lua
   [ "$scenario" = cold ] && lua=bench/keys-1m.lua
   # Warm-up: first requests of every target (and the refuse path's one admission).
-  for p in $up $ngx $hap $ts1 $ts2; do taskset -c 1 wrk -t1 -c8 -d1s -s "$lua" "http://127.0.0.1:$p/" >/dev/null 2>&1; done
+  for p in $up $ngx $hap $ts1 $ts2 ${BASELINE:+$base}; do taskset -c 1 wrk -t1 -c8 -d1s -s "$lua" "http://127.0.0.1:$p/" >/dev/null 2>&1; done
   for r in $(seq "$REPEAT"); do
-    for target in upstream nginx haproxy turnstile turnstile-2w; do
-      case $target in upstream) p=$up;; nginx) p=$ngx;; haproxy) p=$hap;; turnstile) p=$ts1;; turnstile-2w) p=$ts2;; esac
+    for target in $targets; do
+      case $target in upstream) p=$up;; nginx) p=$ngx;; haproxy) p=$hap;; turnstile) p=$ts1;; turnstile-2w) p=$ts2;; baseline) p=$base;; esac
       [ "$scenario" = refuse ] && [ "$target" = upstream ] && continue
       echo "$scenario $target $(measure "$p" "$lua")" >> "$results"
     done
@@ -178,7 +188,7 @@ done
 printf '\n%-8s %-13s %10s %9s %9s %8s   %s\n' scenario target 'req/s' 'p50 ms' 'p99 ms' 'non-2xx' 'turnstile (1 worker) vs this'
 for scenario in $SCENARIOS; do
   ts_rps=$(awk -v s="$scenario" '$1==s && $2=="turnstile" {print $3}' "$results" | median)
-  for target in upstream nginx haproxy turnstile turnstile-2w; do
+  for target in $targets; do
     rows=$(awk -v s="$scenario" -v t="$target" '$1==s && $2==t' "$results")
     [ -z "$rows" ] && continue
     rps=$(echo "$rows" | awk '{print $3}' | median)
