@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use turnstile::clock::{Clock, ManualClock, SECOND};
-use turnstile::limits::{Rule, Window};
+use turnstile::limits::{Bucket, Fixed, Rolling, Rule, Window};
 use turnstile::store::{LimitCheck, MemoryStore, Subject};
 
 const MANY: u32 = 1_000_000;
@@ -30,18 +30,18 @@ fn key(i: u32) -> Subject {
 
 fn rules() -> [Rule; 3] {
     [
-        Rule::Fixed {
+        Rule::Fixed(Fixed {
             requests: u32::MAX,
             window: Window::Span(60 * SECOND),
-        },
-        Rule::Rolling {
+        }),
+        Rule::Rolling(Rolling {
             requests: u32::MAX,
             window: 3600 * SECOND,
-        },
-        Rule::Bucket {
+        }),
+        Rule::Bucket(Bucket {
             burst: u32::MAX,
             interval: 1,
-        },
+        }),
     ]
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use turnstile::clock::{Clock, ManualClock, SECOND};
-use turnstile::limits::{Rule, Window};
+use turnstile::limits::{Fixed, Rule, Window};
 use turnstile::store::{LimitCheck, MemoryStore, Subject};
 
 fn rss_bytes() -> u64 {
@@ -40,14 +40,14 @@ fn main() {
         .unwrap_or(1_000_000);
     let clock = ManualClock::at_secs(1_777_996_810);
     let store = MemoryStore::new(Arc::new(clock.clone()));
-    let minute = Rule::Fixed {
+    let minute = Rule::Fixed(Fixed {
         requests: 100,
         window: Window::Span(60 * SECOND),
-    };
-    let day = Rule::Fixed {
+    });
+    let day = Rule::Fixed(Fixed {
         requests: 10_000,
         window: Window::Span(86_400 * SECOND),
-    };
+    });
     let baseline = rss_bytes();
     let fill = |from: u64| {
         for i in from..from + keys {

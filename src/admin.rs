@@ -14,7 +14,6 @@ use crate::body::{full, Body};
 use crate::clock::SECOND;
 use crate::config::{LimitSpec, Per, Policy};
 use crate::identity::{self, Fingerprint, KeyDigest, UnknownKey};
-use crate::limits::Rule;
 use crate::metrics::StoreFigures;
 use crate::proxy::Turnstile;
 use crate::store::{LimitCheck, StoreError, Subject};
@@ -262,7 +261,7 @@ async fn render_rows(app: &Turnstile, rows: &[Row<'_>]) -> Result<Vec<Value>, St
             let mut entry = json!({
                 "name": &*row.spec.name,
                 "route": row.route,
-                "kind": kind_name(&row.spec.rule),
+                "kind": row.spec.rule.kind_name(),
                 "limit": row.spec.rule.shown_limit(),
             });
             if let Some(fp) = &row.per_key {
@@ -286,15 +285,6 @@ fn store_error(e: StoreError) -> Response<Body> {
         "store_unavailable",
         &e.to_string(),
     )
-}
-
-fn kind_name(rule: &Rule) -> &'static str {
-    match rule {
-        Rule::Fixed { .. } => "fixed",
-        Rule::Rolling { .. } => "rolling",
-        Rule::Bucket { .. } => "bucket",
-        Rule::Concurrency { .. } => "concurrency",
-    }
 }
 
 async fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {

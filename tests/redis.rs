@@ -607,3 +607,38 @@ async fn counts_taken_by_the_local_fallback_are_added_to_redis_when_it_answers_a
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_refused_while_streaming_gives_its_quota_back_in_redis() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = EXACT
+        .replace("{redis}", &redis.url())
+        .replace("[store]", "[server]\nbody_timeout = \"200ms\"\n\n[store]");
+    let p = Proxy::start(&config, &up).await;
+    for (path, limit) in [("/fixed", "37"), ("/rolling", "41"), ("/bucket", "23")] {
+        // A body that stalls after its first bytes: admitted, counted, then
+        // cut (408) before the upstream had it whole; the count is given back.
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer refund-key\r\nContent-Length: 50\r\n\r\n0123456789").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 408"), "{path}: {out}");
+        let r = call("GET", &p.url(path), Some("refund-key")).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.h("x-ratelimit-limit"), limit, "{path}");
+        let remaining: u32 = r.h("x-ratelimit-remaining").parse().unwrap();
+        let full: u32 = limit.parse().unwrap();
+        assert_eq!(
+            remaining,
+            full - 1,
+            "{path}: the stalled request stayed counted"
+        );
+    }
+}

@@ -22,7 +22,7 @@ use toml::Spanned;
 use crate::body::BodyLimits;
 use crate::clock::{Nanos, SECOND};
 use crate::identity::{self, IdentitySettings, KeyRecord, KeyRegistry, KeySource, UnknownKey};
-use crate::limits::{Rule, Window};
+use crate::limits::{Bucket, Concurrency, Fixed, Rolling, Rule, Window};
 use crate::responses::{
     HeaderSettings, HeaderTrio, ResetFormat, ResponseSet, Template, RESPONSE_NAMES,
 };
@@ -255,30 +255,15 @@ impl LimitSpec {
     /// The window in seconds (for `RateLimit-Policy`'s `w`): a bucket's is the
     /// time to refill a full burst.
     pub fn window_secs(&self, now: Nanos) -> u64 {
-        match self.rule {
-            Rule::Fixed { window, .. } => window.len_secs(now),
-            Rule::Rolling { window, .. } => window / SECOND,
-            Rule::Bucket { burst, interval } => (interval * burst as u64).div_ceil(SECOND),
-            Rule::Concurrency { .. } => 0,
-        }
+        self.rule.window_secs(now)
     }
 
     fn summary(&self) -> String {
-        match self.rule {
-            Rule::Fixed { requests, .. } => {
-                format!("{} {}/{}", self.name, requests, self.window_text)
-            }
-            Rule::Rolling { requests, .. } => {
-                format!("{} {}/rolling {}", self.name, requests, self.window_text)
-            }
-            Rule::Bucket { burst, .. } => {
-                format!("{} bucket {} burst {}", self.name, self.window_text, burst)
-            }
-            Rule::Concurrency { max, .. } => {
-                let queue = if self.queue.is_some() { " +queue" } else { "" };
-                format!("{} {} at once{queue}", self.name, max)
-            }
-        }
+        let queue = if self.queue.is_some() { " +queue" } else { "" };
+        format!(
+            "{}{queue}",
+            self.rule.summary(&self.name, &self.window_text)
+        )
     }
 }
 
@@ -1026,11 +1011,11 @@ fn compile_plan(
                     Window::Span(d.as_secs() * SECOND)
                 };
                 let rule = match (kind, window) {
-                    (RawKind::Rolling, Window::Span(len)) => Rule::Rolling {
+                    (RawKind::Rolling, Window::Span(len)) => Rule::Rolling(Rolling {
                         requests,
                         window: len,
-                    },
-                    _ => Rule::Fixed { requests, window },
+                    }),
+                    _ => Rule::Fixed(Fixed { requests, window }),
                 };
                 (rule, text.to_owned())
             }
@@ -1048,7 +1033,7 @@ fn compile_plan(
                     None => 1,
                 };
                 (
-                    Rule::Bucket { burst, interval },
+                    Rule::Bucket(Bucket { burst, interval }),
                     r.get_ref().trim().to_owned(),
                 )
             }
@@ -1068,10 +1053,10 @@ fn compile_plan(
                     queue = Some(QueueSpec { max_wait, max_len });
                 }
                 (
-                    Rule::Concurrency {
+                    Rule::Concurrency(Concurrency {
                         max,
                         retry_after: retry_after.as_nanos() as u64,
-                    },
+                    }),
                     "concurrent".to_owned(),
                 )
             }

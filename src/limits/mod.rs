@@ -3,12 +3,22 @@
 //! Every kind splits a decision in two steps so that a request covered by
 //! several limits can be decided atomically by a store: [`Rule::evaluate`]
 //! looks without counting, [`Rule::record`] counts an admitted request.
+//! One module per kind (its parameters and its [`LimitKind`] maths); the
+//! `kinds!` list below registers them.
 
+mod bucket;
 mod calendar;
+mod concurrency;
+mod fixed;
+mod kind;
 mod rolling;
 
+pub use bucket::Bucket;
 pub use calendar::{format_rfc3339, month_bounds};
-pub use rolling::RollingLog;
+pub use concurrency::Concurrency;
+pub use fixed::Fixed;
+pub use kind::LimitKind;
+pub use rolling::{Rolling, RollingLog};
 
 use crate::clock::{Nanos, SECOND};
 
@@ -41,38 +51,116 @@ impl Window {
     }
 }
 
-/// One limit's rule with its numbers, validated at config load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rule {
-    /// At most `requests` per epoch-aligned window.
-    Fixed {
-        /// Requests admitted per window (at least 1).
-        requests: u32,
-        /// The window.
-        window: Window,
-    },
-    /// At most `requests` in any interval of `window` (whole seconds).
-    Rolling {
-        /// Requests admitted per interval (at least 1).
-        requests: u32,
-        /// The interval length in nanoseconds, a whole number of seconds.
-        window: Nanos,
-    },
-    /// GCRA token bucket: one token every `interval`, at most `burst` saved.
-    Bucket {
-        /// Bucket capacity in requests (at least 1).
-        burst: u32,
-        /// Time to earn one token, in nanoseconds (at least 1).
-        interval: Nanos,
-    },
-    /// At most `max` exchanges in flight; a slot is taken by
-    /// [`record`](Rule::record) and given back by [`release`](Rule::release).
-    Concurrency {
-        /// Slots (at least 1).
-        max: u32,
-        /// What a refusal's `Retry-After` says, in nanoseconds.
-        retry_after: Nanos,
-    },
+/// Registers the limit kinds: each becomes a variant of [`Rule`] holding its
+/// parameters, and every [`Rule`] method dispatches to its [`LimitKind`]
+/// implementation. Adding a kind: its module, one line here, its
+/// [`CounterState`] variant (appended), its Lua fragment.
+macro_rules! kinds {
+    ($($variant:ident($kind:ty)),* $(,)?) => {
+        /// One limit's rule with its numbers, validated at config load.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Rule {
+            $(
+                #[doc = concat!("See [`", stringify!($kind), "`].")]
+                $variant($kind),
+            )*
+        }
+
+        impl Rule {
+            /// A fresh counter for this rule.
+            pub fn new_state(&self) -> CounterState {
+                match self { $(Rule::$variant(k) => k.new_state(),)* }
+            }
+
+            /// Whether `state` was made for this kind of rule.
+            pub fn fits(&self, state: &CounterState) -> bool {
+                match self { $(Rule::$variant(_) => <$kind>::fits(state),)* }
+            }
+
+            /// The kind's name (`fixed`, `rolling`, `bucket`, `concurrency`).
+            pub fn kind_name(&self) -> &'static str {
+                match self { $(Rule::$variant(_) => <$kind>::NAME,)* }
+            }
+
+            /// Whether an admission holds a slot for the whole exchange.
+            pub fn is_concurrency(&self) -> bool {
+                match self { $(Rule::$variant(_) => <$kind>::HOLDS_SLOT,)* }
+            }
+
+            /// The limit shown in headers: `requests`, or `burst` for a bucket.
+            pub fn shown_limit(&self) -> u32 {
+                match self { $(Rule::$variant(k) => k.shown_limit(),)* }
+            }
+
+            /// The window in seconds at `now` (`RateLimit-Policy`'s `w`).
+            pub fn window_secs(&self, now: Nanos) -> u64 {
+                match self { $(Rule::$variant(k) => k.window_secs(now),)* }
+            }
+
+            /// One line for `turnstile check`.
+            pub fn summary(&self, name: &str, window_text: &str) -> String {
+                match self { $(Rule::$variant(k) => k.summary(name, window_text),)* }
+            }
+
+            /// `(kind number, a, b)` for the Redis decision script.
+            pub fn redis_args(&self) -> (u8, u64, u64) {
+                match self {
+                    $(Rule::$variant(k) => {
+                        let (a, b) = k.redis_args();
+                        (<$kind>::REDIS_KIND, a, b)
+                    })*
+                }
+            }
+
+            /// Decides whether one more request at `now` fits, without
+            /// counting it. May drop expired history from `state` (never
+            /// changes what it admits).
+            pub fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict {
+                self.fit(state);
+                match self { $(Rule::$variant(k) => k.evaluate(state, now),)* }
+            }
+
+            /// Counts one admitted request at `now`. Call only after every
+            /// limit of the request admitted it.
+            pub fn record(&self, state: &mut CounterState, now: Nanos) {
+                self.fit(state);
+                match self { $(Rule::$variant(k) => k.record(state, now),)* }
+            }
+
+            /// Takes back one request counted at `at` (a request refused
+            /// after admission, e.g. a streamed body over its size limit). A
+            /// window that has moved on since is left alone; slots are given
+            /// back by [`release`](Rule::release) instead.
+            pub fn unrecord(&self, state: &mut CounterState, at: Nanos) {
+                if self.fits(state) {
+                    match self { $(Rule::$variant(k) => k.unrecord(state, at),)* }
+                }
+            }
+
+            /// Gives back one slot (the exchange ended). No-op for window kinds.
+            pub fn release(&self, state: &mut CounterState) {
+                if self.fits(state) {
+                    match self { $(Rule::$variant(k) => k.release(state),)* }
+                }
+            }
+
+            /// When `state` no longer holds anything this rule would count:
+            /// after that the counter may be evicted without changing any decision.
+            pub fn expires_at(&self, state: &CounterState) -> Nanos {
+                if !self.fits(state) {
+                    return 0;
+                }
+                match self { $(Rule::$variant(k) => k.expires_at(state),)* }
+            }
+        }
+    };
+}
+
+kinds! {
+    Fixed(Fixed),
+    Rolling(Rolling),
+    Bucket(Bucket),
+    Concurrency(Concurrency),
 }
 
 /// What a counter holds between requests.
@@ -121,7 +209,13 @@ pub struct Verdict {
 impl Verdict {
     /// The verdict of a counting limit holding `used` of `limit`: admitted
     /// while there is room; when refused, admissible again at `retry_at`.
-    fn of_count(limit: u32, used: u32, now: Nanos, reset_at: Nanos, retry_at: Nanos) -> Self {
+    pub(crate) fn of_count(
+        limit: u32,
+        used: u32,
+        now: Nanos,
+        reset_at: Nanos,
+        retry_at: Nanos,
+    ) -> Self {
         let admitted = used < limit;
         Self {
             admitted,
@@ -148,206 +242,11 @@ impl Verdict {
 }
 
 impl Rule {
-    /// A fresh counter for this rule.
-    pub fn new_state(&self) -> CounterState {
-        match self {
-            Rule::Fixed { .. } => CounterState::Fixed {
-                window_start: 0,
-                count: 0,
-            },
-            Rule::Rolling { .. } => CounterState::Rolling(Box::default()),
-            Rule::Bucket { .. } => CounterState::Bucket { tat: 0 },
-            Rule::Concurrency { .. } => CounterState::Concurrency { in_flight: 0 },
-        }
-    }
-
-    /// Whether `state` was made for this kind of rule.
-    pub fn fits(&self, state: &CounterState) -> bool {
-        matches!(
-            (self, state),
-            (Rule::Fixed { .. }, CounterState::Fixed { .. })
-                | (Rule::Rolling { .. }, CounterState::Rolling(_))
-                | (Rule::Bucket { .. }, CounterState::Bucket { .. })
-                | (Rule::Concurrency { .. }, CounterState::Concurrency { .. })
-        )
-    }
-
-    /// The limit shown in headers: `requests`, or `burst` for a bucket.
-    pub fn shown_limit(&self) -> u32 {
-        match *self {
-            Rule::Fixed { requests, .. } | Rule::Rolling { requests, .. } => requests,
-            Rule::Bucket { burst, .. } => burst,
-            Rule::Concurrency { max, .. } => max,
-        }
-    }
-
-    /// Whether this is a concurrency limit (held for the whole exchange).
-    pub fn is_concurrency(&self) -> bool {
-        matches!(self, Rule::Concurrency { .. })
-    }
-
-    /// Decides whether one more request at `now` fits, without counting it.
-    /// May drop expired history from `state` (never changes what it admits).
-    pub fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict {
+    /// A state of another kind (a reload changed the kind) starts afresh.
+    fn fit(&self, state: &mut CounterState) {
         if !self.fits(state) {
             *state = self.new_state();
         }
-        match (*self, state) {
-            (
-                Rule::Fixed { requests, window },
-                CounterState::Fixed {
-                    window_start,
-                    count,
-                },
-            ) => {
-                let (start, end) = window.bounds(now);
-                let used = if *window_start == start { *count } else { 0 };
-                Verdict::of_count(requests, used, now, end, end)
-            }
-            (Rule::Rolling { requests, window }, CounterState::Rolling(log)) => {
-                log.prune(now, window);
-                let used = log.total();
-                let oldest_exit = log
-                    .oldest_exit(window)
-                    .unwrap_or_else(|| RollingLog::exit_of(now, window));
-                let retry_at = if used < requests {
-                    now
-                } else {
-                    log.exit_when_count_drops_by(used + 1 - requests, window)
-                };
-                Verdict::of_count(requests, used, now, oldest_exit, retry_at)
-            }
-            (Rule::Bucket { burst, interval }, CounterState::Bucket { tat }) => {
-                let tolerance = interval * burst as Nanos;
-                let tat = (*tat).max(now);
-                let next_tat = tat + interval;
-                let admitted = next_tat <= now + tolerance;
-                if admitted {
-                    let remaining = ((now + tolerance - next_tat) / interval) as u32;
-                    Verdict {
-                        admitted,
-                        limit: burst,
-                        used: burst - remaining,
-                        remaining,
-                        reset_at: next_tat,
-                        retry_at: now,
-                    }
-                } else {
-                    Verdict {
-                        admitted,
-                        limit: burst,
-                        used: burst,
-                        remaining: 0,
-                        reset_at: tat,
-                        retry_at: next_tat - tolerance,
-                    }
-                }
-            }
-            (Rule::Concurrency { max, retry_after }, CounterState::Concurrency { in_flight }) => {
-                let (reset_at, retry_at) = if *in_flight < max {
-                    (now, now)
-                } else {
-                    (now + retry_after, now + retry_after)
-                };
-                Verdict::of_count(max, *in_flight, now, reset_at, retry_at)
-            }
-            // `fits` was ensured above.
-            _ => unreachable_verdict(now),
-        }
-    }
-
-    /// Counts one admitted request at `now`. Call only after every limit of
-    /// the request admitted it.
-    pub fn record(&self, state: &mut CounterState, now: Nanos) {
-        if !self.fits(state) {
-            *state = self.new_state();
-        }
-        match (*self, state) {
-            (
-                Rule::Fixed { window, .. },
-                CounterState::Fixed {
-                    window_start,
-                    count,
-                },
-            ) => {
-                let (start, _) = window.bounds(now);
-                if *window_start != start {
-                    *window_start = start;
-                    *count = 0;
-                }
-                *count = count.saturating_add(1);
-            }
-            (Rule::Rolling { .. }, CounterState::Rolling(log)) => log.push(now),
-            (Rule::Bucket { interval, .. }, CounterState::Bucket { tat }) => {
-                *tat = (*tat).max(now) + interval;
-            }
-            (Rule::Concurrency { .. }, CounterState::Concurrency { in_flight }) => {
-                *in_flight = in_flight.saturating_add(1);
-            }
-            _ => {}
-        }
-    }
-
-    /// Gives back one concurrency slot (the exchange ended). No-op for window kinds.
-    pub fn release(&self, state: &mut CounterState) {
-        if let CounterState::Concurrency { in_flight } = state {
-            *in_flight = in_flight.saturating_sub(1);
-        }
-    }
-
-    /// Takes back one request counted at `at` (a request refused after
-    /// admission, e.g. a streamed body over its size limit). A window that has
-    /// moved on since is left alone; concurrency slots are given back by
-    /// [`release`](Rule::release) instead.
-    pub fn unrecord(&self, state: &mut CounterState, at: Nanos) {
-        match (*self, state) {
-            (
-                Rule::Fixed { window, .. },
-                CounterState::Fixed {
-                    window_start,
-                    count,
-                },
-            ) if *window_start == window.bounds(at).0 => {
-                *count = count.saturating_sub(1);
-            }
-            (Rule::Rolling { .. }, CounterState::Rolling(log)) => log.remove(at),
-            (Rule::Bucket { interval, .. }, CounterState::Bucket { tat }) => {
-                *tat = tat.saturating_sub(interval);
-            }
-            _ => {}
-        }
-    }
-
-    /// When `state` no longer holds anything this rule would count: after that
-    /// the counter may be evicted without changing any decision.
-    pub fn expires_at(&self, state: &CounterState) -> Nanos {
-        match (*self, state) {
-            (Rule::Fixed { window, .. }, CounterState::Fixed { window_start, .. }) => {
-                window.bounds(*window_start).1
-            }
-            (Rule::Rolling { window, .. }, CounterState::Rolling(log)) => {
-                log.newest_exit(window).unwrap_or(0)
-            }
-            (Rule::Bucket { .. }, CounterState::Bucket { tat }) => *tat,
-            // Never evicted while a slot is held.
-            (Rule::Concurrency { .. }, CounterState::Concurrency { in_flight })
-                if *in_flight > 0 =>
-            {
-                Nanos::MAX
-            }
-            _ => 0,
-        }
-    }
-}
-
-fn unreachable_verdict(now: Nanos) -> Verdict {
-    Verdict {
-        admitted: false,
-        limit: 0,
-        used: 0,
-        remaining: 0,
-        reset_at: now + SECOND,
-        retry_at: now + SECOND,
     }
 }
 

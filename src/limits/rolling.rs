@@ -7,7 +7,84 @@
 
 use std::collections::VecDeque;
 
+use super::{CounterState, LimitKind, Verdict};
 use crate::clock::{Nanos, SECOND};
+
+/// `kind = "rolling"`: at most `requests` in any interval of `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rolling {
+    /// Requests admitted per interval (at least 1).
+    pub requests: u32,
+    /// The interval length in nanoseconds, a whole number of seconds.
+    pub window: Nanos,
+}
+
+impl LimitKind for Rolling {
+    const NAME: &'static str = "rolling";
+    const REDIS_KIND: u8 = 2;
+
+    fn new_state(&self) -> CounterState {
+        CounterState::Rolling(Box::default())
+    }
+
+    fn fits(state: &CounterState) -> bool {
+        matches!(state, CounterState::Rolling(_))
+    }
+
+    fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict {
+        let Rolling { requests, window } = *self;
+        let CounterState::Rolling(log) = state else {
+            return Verdict::of_count(requests, 0, now, RollingLog::exit_of(now, window), now);
+        };
+        log.prune(now, window);
+        let used = log.total();
+        let oldest_exit = log
+            .oldest_exit(window)
+            .unwrap_or_else(|| RollingLog::exit_of(now, window));
+        let retry_at = if used < requests {
+            now
+        } else {
+            log.exit_when_count_drops_by(used + 1 - requests, window)
+        };
+        Verdict::of_count(requests, used, now, oldest_exit, retry_at)
+    }
+
+    fn record(&self, state: &mut CounterState, now: Nanos) {
+        if let CounterState::Rolling(log) = state {
+            log.push(now);
+        }
+    }
+
+    fn unrecord(&self, state: &mut CounterState, at: Nanos) {
+        if let CounterState::Rolling(log) = state {
+            log.remove(at);
+        }
+    }
+
+    fn expires_at(&self, state: &CounterState) -> Nanos {
+        match state {
+            CounterState::Rolling(log) => log.newest_exit(self.window).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    fn shown_limit(&self) -> u32 {
+        self.requests
+    }
+
+    fn window_secs(&self, _now: Nanos) -> u64 {
+        self.window / SECOND
+    }
+
+    fn summary(&self, name: &str, window_text: &str) -> String {
+        format!("{name} {}/rolling {window_text}", self.requests)
+    }
+
+    /// `(requests, window seconds)`.
+    fn redis_args(&self) -> (u64, u64) {
+        (u64::from(self.requests), self.window / SECOND)
+    }
+}
 
 /// Admission counts per whole second, oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

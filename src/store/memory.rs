@@ -23,7 +23,7 @@ use smallvec::SmallVec;
 
 use super::{Decision, Lease, LimitCheck, SnapshotError, Store, StoreError, Subject, Verdicts};
 use crate::clock::{Clock, Nanos};
-use crate::limits::{CounterState, Rule, Verdict};
+use crate::limits::{Concurrency, CounterState, Rule, Verdict};
 
 /// Requests waiting for a concurrency slot, oldest first.
 type Waiters = VecDeque<oneshot::Sender<Slot>>;
@@ -280,7 +280,7 @@ impl Inner {
                 } else {
                     let mut v = c.rule.evaluate(&mut counter.state, now);
                     // Newcomers queue behind waiting requests.
-                    if let Rule::Concurrency { retry_after, .. } = c.rule {
+                    if let Rule::Concurrency(Concurrency { retry_after, .. }) = c.rule {
                         if v.admitted && counter.live_waiters() > 0 {
                             let at = now + retry_after;
                             v = Verdict {

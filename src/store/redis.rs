@@ -2,7 +2,8 @@
 //!
 //! Each request is one round trip: `decide.lua` (EVALSHA, reloaded on
 //! NOSCRIPT) evaluates every limit on the Redis server's clock and counts only
-//! if all admit. Keys carry expiries tied to their windows, and the keys of
+//! if all admit. Each limit kind's Redis side is one fragment in
+//! `lua/kinds/`, assembled into the scripts at build time. Keys carry expiries tied to their windows, and the keys of
 //! one account share a hash tag so the script runs on Redis Cluster too.
 //! Concurrency slots are leases: entries with an expiry that this instance
 //! renews while the exchange lives, so a killed instance's slots free
@@ -24,7 +25,24 @@ use sha2::{Digest, Sha256};
 use super::{Decision, Lease, LimitCheck, MemoryStore, Store, StoreError, Subject, Verdicts};
 use crate::clock::{Clock, Nanos};
 use crate::config::{OnError, RedisSettings};
-use crate::limits::{Rule, Verdict, Window};
+use crate::limits::Verdict;
+
+/// A server-side script: the shared prelude, then one fragment per limit
+/// kind (each registers its functions under its kind number, the
+/// `REDIS_KIND` of its Rust module), then the script's own body. Adding a
+/// kind: its fragment in `lua/kinds/` and one line here.
+macro_rules! with_kinds {
+    ($body:literal) => {
+        concat!(
+            include_str!("lua/prelude.lua"),
+            include_str!("lua/kinds/fixed.lua"),
+            include_str!("lua/kinds/rolling.lua"),
+            include_str!("lua/kinds/bucket.lua"),
+            include_str!("lua/kinds/concurrency.lua"),
+            include_str!($body),
+        )
+    };
+}
 
 /// How long the breaker stays open before one request probes Redis again.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
@@ -275,22 +293,6 @@ impl Inner {
     }
 }
 
-/// `(kind, a, b)` of a rule, as the Lua scripts read them.
-fn rule_args(rule: &Rule) -> (u8, u64, u64) {
-    match *rule {
-        Rule::Fixed { requests, window } => {
-            let secs = match window {
-                Window::Span(len) => len / crate::clock::SECOND,
-                Window::Month => 0,
-            };
-            (1, requests as u64, secs)
-        }
-        Rule::Rolling { requests, window } => (2, requests as u64, window / crate::clock::SECOND),
-        Rule::Bucket { burst, interval } => (3, burst as u64, (interval / 1_000).max(1)),
-        Rule::Concurrency { max, retry_after } => (4, max as u64, retry_after / 1_000),
-    }
-}
-
 impl RedisStore {
     /// A store for `settings`; connects on first use, so turnstile starts
     /// (and follows `on_error`) even while Redis is down.
@@ -308,8 +310,8 @@ impl RedisStore {
                 open_until_ms: AtomicU64::new(0),
                 probing: AtomicBool::new(false),
             },
-            decide: Script::new(include_str!("lua/decide.lua")),
-            refund: Script::new(include_str!("lua/refund.lua")),
+            decide: Script::new(with_kinds!("lua/decide.lua")),
+            refund: Script::new(with_kinds!("lua/refund.lua")),
             renew: Script::new(include_str!("lua/renew.lua")),
             instance,
             seq: AtomicU64::new(0),
@@ -318,7 +320,7 @@ impl RedisStore {
             unsynced: std::sync::Mutex::new(std::collections::HashMap::new()),
             has_unsynced: AtomicBool::new(false),
             reconciling: AtomicBool::new(false),
-            reconcile: Script::new(include_str!("lua/reconcile.lua")),
+            reconcile: Script::new(with_kinds!("lua/reconcile.lua")),
             clock,
         });
         Self { inner }
@@ -384,7 +386,7 @@ impl RedisStore {
             .arg(&lease_id)
             .arg(inner.settings.lease.as_millis() as u64);
         for c in checks {
-            let (kind, a, b) = rule_args(c.rule);
+            let (kind, a, b) = c.rule.redis_args();
             inv.arg(kind).arg(a).arg(b);
         }
         let out: Vec<i64> = inner.call(inv).await?;
@@ -445,7 +447,7 @@ impl RedisStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         for c in checks.iter().filter(|c| !c.rule.is_concurrency()) {
             let entry = unsynced.entry(inner.key(c)).or_insert(Unsynced {
-                rule: rule_args(c.rule),
+                rule: c.rule.redis_args(),
                 count: 0,
                 at_us: 0,
             });
@@ -598,7 +600,7 @@ impl Store for RedisStore {
         }
         inv.arg(at / 1_000);
         for c in checks {
-            let (kind, a, b) = rule_args(c.rule);
+            let (kind, a, b) = c.rule.redis_args();
             inv.arg(kind).arg(a).arg(b);
         }
         inner.call::<i64>(inv).await.map(|_| ())

@@ -1,6 +1,6 @@
 use super::*;
 use crate::clock::{ManualClock, SECOND};
-use crate::limits::Window;
+use crate::limits::{Concurrency, Fixed, Rolling, Window};
 
 fn key(n: u8) -> Subject {
     Subject::Key([n; 16])
@@ -10,14 +10,14 @@ fn key(n: u8) -> Subject {
 fn all_or_nothing_across_limits_and_subjects() {
     let clock = ManualClock::at_secs(1_000_020);
     let store = MemoryStore::new(Arc::new(clock.clone()));
-    let minute = Rule::Fixed {
+    let minute = Rule::Fixed(Fixed {
         requests: 3,
         window: Window::Span(60 * SECOND),
-    };
-    let daily = Rule::Fixed {
+    });
+    let daily = Rule::Fixed(Fixed {
         requests: 4,
         window: Window::Span(86_400 * SECOND),
-    };
+    });
     let checks = |who: Subject| {
         vec![
             LimitCheck {
@@ -56,10 +56,10 @@ fn all_or_nothing_across_limits_and_subjects() {
 fn idle_counters_are_evicted_after_their_window() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
-    let minute = Rule::Fixed {
+    let minute = Rule::Fixed(Fixed {
         requests: 3,
         window: Window::Span(60 * SECOND),
-    };
+    });
     for n in 0..100 {
         let c = [LimitCheck {
             group: key(0),
@@ -82,10 +82,10 @@ fn idle_counters_are_evicted_after_their_window() {
 fn concurrent_threads_never_over_admit() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
-    let rule = Rule::Rolling {
+    let rule = Rule::Rolling(Rolling {
         requests: 97,
         window: 60 * SECOND,
-    };
+    });
     let admitted = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..8 {
@@ -115,10 +115,10 @@ fn concurrent_threads_never_over_admit() {
 async fn a_panicking_exchange_gives_its_slot_back() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
-    let rule = Rule::Concurrency {
+    let rule = Rule::Concurrency(Concurrency {
         max: 1,
         retry_after: SECOND,
-    };
+    });
     let check = || {
         [LimitCheck {
             group: key(0),
@@ -145,10 +145,10 @@ async fn a_panicking_exchange_gives_its_slot_back() {
 async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
-    let rule = Rule::Concurrency {
+    let rule = Rule::Concurrency(Concurrency {
         max: 1,
         retry_after: SECOND,
-    };
+    });
     let queue = Some(crate::store::QueueSpec {
         max_wait: std::time::Duration::from_secs(30),
         max_len: 10,
@@ -167,10 +167,10 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
     assert!(held.admitted);
     let s2 = store.clone();
     let waiter = tokio::spawn(async move {
-        let rule = Rule::Concurrency {
+        let rule = Rule::Concurrency(Concurrency {
             max: 1,
             retry_after: SECOND,
-        };
+        });
         s2.decide(&[LimitCheck {
             group: key(0),
             subject: key(1),
@@ -210,18 +210,18 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
 fn snapshots_restore_live_counters_and_drop_expired_ones() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
-    let minute = Rule::Fixed {
+    let minute = Rule::Fixed(Fixed {
         requests: 3,
         window: Window::Span(60 * SECOND),
-    };
-    let daily = Rule::Fixed {
+    });
+    let daily = Rule::Fixed(Fixed {
         requests: 3,
         window: Window::Span(86_400 * SECOND),
-    };
-    let slots = Rule::Concurrency {
+    });
+    let slots = Rule::Concurrency(Concurrency {
         max: 1,
         retry_after: SECOND,
-    };
+    });
     let checks = [
         LimitCheck {
             group: key(0),
@@ -281,14 +281,14 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
 fn reset_and_retain_keep_slots_in_use() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
-    let minute = Rule::Fixed {
+    let minute = Rule::Fixed(Fixed {
         requests: 3,
         window: Window::Span(60 * SECOND),
-    };
-    let slots = Rule::Concurrency {
+    });
+    let slots = Rule::Concurrency(Concurrency {
         max: 1,
         retry_after: SECOND,
-    };
+    });
     let checks = [
         LimitCheck {
             group: key(0),
@@ -329,14 +329,14 @@ fn a_flood_of_distinct_keys_stays_under_max_counters_keeping_registered_keys() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
     store.set_max_counters(10_000);
-    let daily = Rule::Fixed {
+    let daily = Rule::Fixed(Fixed {
         requests: 5,
         window: Window::Span(86_400 * SECOND),
-    };
-    let minute = Rule::Fixed {
+    });
+    let minute = Rule::Fixed(Fixed {
         requests: 5,
         window: Window::Span(60 * SECOND),
-    };
+    });
     let check = |subject: Subject, rule, pinned| LimitCheck {
         group: subject.clone(),
         subject,
