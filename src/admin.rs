@@ -45,7 +45,7 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
             )
         }
         (&Method::GET, "/metrics") => {
-            let store = app.store().memory();
+            let store = app.store().in_process();
             let figures = StoreFigures {
                 counters: store.live_counters() as u64,
                 queued: store.queued() as u64,

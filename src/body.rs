@@ -138,7 +138,7 @@ impl std::fmt::Display for BodyFault {
 
 impl std::error::Error for BodyFault {}
 
-/// Where a [`Guarded`] body records why it stopped.
+/// Where a [`LimitedBody`] body records why it stopped.
 pub type Trip = Arc<OnceLock<BodyFault>>;
 
 pin_project! {
@@ -148,7 +148,7 @@ pin_project! {
     /// on a stall or on a framing error it fails (aborting the upstream
     /// request, which therefore never receives a complete request) and
     /// records why in its [`Trip`].
-    pub struct Guarded<B> {
+    pub struct LimitedBody<B> {
         #[pin]
         inner: B,
         seen: u64,
@@ -163,7 +163,7 @@ pin_project! {
     }
 }
 
-impl<B> Guarded<B> {
+impl<B> LimitedBody<B> {
     /// Guards `inner`, a body sent with `content_type`, against `limits`,
     /// cutting it when no chunk comes for `idle`.
     pub fn new(
@@ -190,7 +190,7 @@ impl<B> Guarded<B> {
     }
 }
 
-impl<B> HttpBody for Guarded<B>
+impl<B> HttpBody for LimitedBody<B>
 where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -451,21 +451,21 @@ pin_project! {
     /// body once it has been sent completely, or when the exchange ends any
     /// other way (client gone, upstream error), so a concurrency lease held
     /// here lasts exactly as long as the exchange.
-    pub struct Holding<B, T> {
+    pub struct WithGuard<B, T> {
         #[pin]
         inner: B,
         held: T,
     }
 }
 
-impl<B, T> Holding<B, T> {
+impl<B, T> WithGuard<B, T> {
     /// Wraps `inner`, holding `held` until the body is dropped.
     pub fn new(inner: B, held: T) -> Self {
         Self { inner, held }
     }
 }
 
-impl<B: HttpBody, T> HttpBody for Holding<B, T> {
+impl<B: HttpBody, T> HttpBody for WithGuard<B, T> {
     type Data = B::Data;
     type Error = B::Error;
 

@@ -109,6 +109,8 @@ pin_project! {
         // waker is set and `is_elapsed` tells whether it fired.
         timer: Option<Pin<Box<Sleep>>>,
         registered: bool,
+        // The activity's request count when the deadline was last computed.
+        seen: u64,
     }
 }
 
@@ -121,6 +123,7 @@ impl<T> Watched<T> {
             limits,
             timer: None,
             registered: false,
+            seen: 0,
         }
     }
 }
@@ -138,9 +141,14 @@ impl<T: AsyncRead> AsyncRead for Watched<T> {
         if this.activity.busy() {
             return Poll::Pending;
         }
-        let due = this.activity.idle_deadline(*this.limits);
+        // The deadline can only have moved earlier if an exchange happened
+        // since it was last looked at.
+        let requests = this.activity.requests.load(Ordering::Relaxed);
         let timer = match this.timer {
+            Some(timer) if *this.seen == requests => timer,
             Some(timer) => {
+                *this.seen = requests;
+                let due = this.activity.idle_deadline(*this.limits);
                 if due < timer.deadline() {
                     timer.as_mut().reset(due);
                     *this.registered = false;
@@ -148,7 +156,9 @@ impl<T: AsyncRead> AsyncRead for Watched<T> {
                 timer
             }
             None => {
+                *this.seen = requests;
                 *this.registered = false;
+                let due = this.activity.idle_deadline(*this.limits);
                 this.timer.insert(Box::pin(tokio::time::sleep_until(due)))
             }
         };

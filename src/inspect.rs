@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
 
-use crate::body::{Body, Holding};
+use crate::body::{Body, WithGuard};
 use crate::responses::Refusal;
 
 /// Bytes of request bodies held for inspection, all requests together.
@@ -169,7 +169,8 @@ pub enum RequestBody {
     Gone,
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+/// The declared `Content-Length`, if it is a number.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(CONTENT_LENGTH)?
         .to_str()
@@ -258,7 +259,7 @@ impl RequestBody {
         match self {
             RequestBody::Streaming(incoming) => incoming.map_err(Into::into).boxed(),
             RequestBody::Read { bytes, held, .. } => {
-                Holding::new(crate::body::full(bytes), held).boxed()
+                WithGuard::new(crate::body::full(bytes), held).boxed()
             }
             RequestBody::Gone => crate::body::empty(),
         }

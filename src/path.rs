@@ -95,11 +95,33 @@ static CLASS: [u8; 256] = {
     t
 };
 
+/// Bytes that send a path to the full check in [`already_normal`].
+static SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = CLASS[b] != PLAIN && CLASS[b] != SLASH || b == b'.' as usize;
+        b += 1;
+    }
+    t
+};
+
 /// True when `path` needs no change: no escapes, no backslash or control
 /// character, no empty or dot segment (except one trailing slash). One pass
 /// over the bytes: this runs for every request.
 fn already_normal(path: &str) -> Result<bool, PathError> {
     let bytes = path.as_bytes();
+    // Most paths have none of `% \\ ; .`, no control character and no `//`:
+    // one table load and two compares a byte settle them.
+    let mut prev = b'/';
+    let plain = bytes[1..].iter().all(|&b| {
+        let ok = !(SPECIAL[usize::from(b)] || b == b'/' && prev == b'/');
+        prev = b;
+        ok
+    });
+    if plain {
+        return Ok(true);
+    }
     let mut normal = true;
     let mut params = false;
     // Start of the current segment (just after its '/').

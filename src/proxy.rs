@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -14,15 +14,15 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use smallvec::SmallVec;
 
-use crate::body::{Body, BodyFault, BodyLimits, Deadline, Guarded, Holding, Trip};
+use crate::body::{Body, BodyFault, BodyLimits, Deadline, LimitedBody, Trip, WithGuard};
 use crate::config::{ConfigError, Format, Per, Plan, Policy, Route, Unmatched, UpstreamSettings};
 use crate::identity::{AuthError, Caller};
-use crate::inspect::{Budget, ReadLimits, RequestBody};
+use crate::inspect::{content_length, Budget, ReadLimits, RequestBody};
 use crate::mcp;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::refusal_log::RefusalLog;
 use crate::responses::{self, Checked, Refusal};
-use crate::store::{Counters, Lease, LimitCheck, Store, Subject};
+use crate::store::{CounterStore, Lease, LimitCheck, Store, Subject};
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
 use serde_json::Value;
@@ -31,7 +31,7 @@ use std::collections::HashSet;
 /// What a reload did.
 #[derive(Debug, Clone, Default)]
 pub struct ReloadReport {
-    /// Counters of limits that no longer exist, dropped.
+    /// CounterStore of limits that no longer exist, dropped.
     pub dropped_counters: usize,
     /// Settings that changed but only take effect after a restart.
     pub restart_needed: Vec<&'static str>,
@@ -111,7 +111,7 @@ impl Live {
 /// The proxy: the live config, the counters and the metrics.
 pub struct Turnstile {
     live: ArcSwap<Live>,
-    store: Counters,
+    store: CounterStore,
     metrics: Arc<Metrics>,
     /// Bytes of bodies held for inspection (`[server] max_buffered`).
     budget: Arc<Budget>,
@@ -139,9 +139,11 @@ fn unmatched_label() -> Arc<str> {
 
 impl Turnstile {
     /// A proxy for `policy` counting in `store`.
-    pub fn new(policy: Policy, store: Counters) -> Self {
+    pub fn new(policy: Policy, store: CounterStore) -> Self {
         let metrics = Arc::new(Metrics::new());
-        store.memory().set_max_counters(policy.store.max_counters);
+        store
+            .in_process()
+            .set_max_counters(policy.store.max_counters);
         Self {
             budget: Budget::new(policy.server.max_buffered),
             refusal_log: RefusalLog::new(policy.log.refusals_per_second),
@@ -157,7 +159,7 @@ impl Turnstile {
     }
 
     /// The counter store.
-    pub fn store(&self) -> &Counters {
+    pub fn store(&self) -> &CounterStore {
         &self.store
     }
 
@@ -190,7 +192,7 @@ impl Turnstile {
         }
     }
 
-    /// Puts `policy` in force. Counters whose identity is unchanged keep their
+    /// Puts `policy` in force. CounterStore whose identity is unchanged keep their
     /// counts; counters of removed limits are dropped; slots in use are kept.
     pub fn apply(&self, policy: Policy) -> ReloadReport {
         let old = self.policy();
@@ -215,10 +217,13 @@ impl Turnstile {
         self.budget.set_max(policy.server.max_buffered);
         self.refusal_log.set_rate(policy.log.refusals_per_second);
         self.store
-            .memory()
+            .in_process()
             .set_max_counters(policy.store.max_counters);
         self.live.store(Arc::new(Live::new(policy, &self.metrics)));
-        let dropped_counters = self.store.memory().retain_counters(|id| ids.contains(&id));
+        let dropped_counters = self
+            .store
+            .in_process()
+            .retain_counters(|id| ids.contains(&id));
         ReloadReport {
             dropped_counters,
             restart_needed,
@@ -237,7 +242,7 @@ impl Turnstile {
         let exchange = self.metrics.exchange();
         let live = self.live.load_full();
         let response = self.pipeline(&live, req, peer).await;
-        response.map(|b| Holding::new(b, (exchange, held)).boxed())
+        response.map(|b| WithGuard::new(b, (exchange, held)).boxed())
     }
 
     /// One request in order: target check, route, identity, admission
@@ -356,7 +361,7 @@ impl Turnstile {
                 if lease.is_empty() {
                     response
                 } else {
-                    response.map(|b| Holding::new(b, lease).boxed())
+                    response.map(|b| WithGuard::new(b, lease).boxed())
                 }
             }
             Err(refusal) => {
@@ -487,8 +492,11 @@ impl Turnstile {
             Ok(d) => {
                 let checked: Vec<Checked<'p>> = applied
                     .iter()
-                    .map(|a| &who.plan.limits[a.limit])
                     .zip(d.verdicts)
+                    .map(|(a, verdict)| Checked {
+                        spec: &who.plan.limits[a.limit],
+                        verdict,
+                    })
                     .collect();
                 if d.admitted {
                     return Ok((d.now, checked, d.lease));
@@ -522,8 +530,17 @@ impl Turnstile {
 
     /// Whether a refusal line may be written now (rate limited).
     fn may_log(&self, refusal: &Refusal) -> bool {
+        // With refusal lines filtered out there is nothing to rate limit.
+        let enabled = if refusal.status().is_server_error() {
+            tracing::enabled!(tracing::Level::WARN)
+        } else {
+            tracing::enabled!(tracing::Level::INFO)
+        };
+        if !enabled {
+            return false;
+        }
         self.refusal_log
-            .admit(refusal.code(), self.store.memory().now())
+            .admit(refusal.code(), self.store.in_process().now())
     }
 
     /// Writes the summary of refusal lines suppressed since the last call.
@@ -639,7 +656,7 @@ impl Turnstile {
         };
 
         let trip = Trip::default();
-        let body = Guarded::new(
+        let body = LimitedBody::new(
             body,
             limits,
             content_type(&headers),
@@ -860,16 +877,6 @@ fn request_host_header(headers: &HeaderMap, uri: &Uri) -> Option<HeaderValue> {
 
 fn content_type(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::CONTENT_TYPE)?.to_str().ok()
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Removes hop-by-hop headers, including those named in `Connection`.

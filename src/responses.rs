@@ -579,7 +579,13 @@ pub struct HeaderSettings {
 }
 
 /// One limit of the request with its verdict.
-pub type Checked<'a> = (&'a LimitSpec, Verdict);
+#[derive(Debug, Clone, Copy)]
+pub struct Checked<'a> {
+    /// The limit.
+    pub spec: &'a LimitSpec,
+    /// What it decided for this request.
+    pub verdict: Verdict,
+}
 
 /// The rate-limit headers of SPEC §6 for one request. `refused` marks a 429.
 pub fn rate_headers(
@@ -608,14 +614,14 @@ pub fn write_rate_headers(
         ResetFormat::Unix => num_value(at.div_ceil(SECOND)),
         ResetFormat::Seconds => num_value(secs_until_ceil(now, at)),
     };
-    let (spec, v) = &checked[primary];
+    let Checked { spec, verdict: v } = checked[primary];
     h.insert(settings.main.limit.clone(), num_value(v.limit as u64));
     h.insert(
         settings.main.remaining.clone(),
         num_value(v.remaining as u64),
     );
     h.insert(settings.main.reset.clone(), reset_value(v.reset_at));
-    for (spec, v) in checked {
+    for Checked { spec, verdict: v } in checked {
         if let Some(trio) = &spec.headers {
             h.insert(trio.limit.clone(), num_value(v.limit as u64));
             h.insert(trio.remaining.clone(), num_value(v.remaining as u64));
@@ -623,7 +629,7 @@ pub fn write_rate_headers(
         }
     }
     if refused {
-        if let Some((spec, _)) = refusing(checked) {
+        if let Some(Checked { spec, .. }) = refusing(checked) {
             if let Ok(v) = HeaderValue::from_str(&spec.name) {
                 h.insert(settings.kind.clone(), v);
             }
@@ -632,7 +638,8 @@ pub fn write_rate_headers(
     if settings.ietf {
         let mut policy = String::new();
         // Concurrency caps are not quotas over time: they have no place in RateLimit-Policy.
-        for (spec, v) in checked.iter().filter(|(s, _)| !s.rule.is_concurrency()) {
+        for Checked { spec, verdict: v } in checked.iter().filter(|c| !c.spec.rule.is_concurrency())
+        {
             if !policy.is_empty() {
                 policy.push_str(", ");
             }
@@ -662,9 +669,9 @@ pub fn write_rate_headers(
 pub fn refusing<'a, 'b>(checked: &'a [Checked<'b>]) -> Option<&'a Checked<'b>> {
     checked
         .iter()
-        .filter(|(_, v)| !v.admitted)
+        .filter(|c| !c.verdict.admitted)
         .reduce(|best, c| {
-            if c.1.retry_at > best.1.retry_at {
+            if c.verdict.retry_at > best.verdict.retry_at {
                 c
             } else {
                 best
@@ -680,7 +687,7 @@ fn primary_index(
     if let Some(name) = &settings.primary {
         let pinned = checked
             .iter()
-            .position(|(s, _)| &*s.name == name.as_str() && !s.rule.is_concurrency());
+            .position(|c| &*c.spec.name == name.as_str() && !c.spec.rule.is_concurrency());
         if let Some(i) = pinned {
             return Some(i);
         }
@@ -690,11 +697,11 @@ fn primary_index(
         return checked.iter().position(|c| std::ptr::eq(c, worst));
     }
     let mut best: Option<usize> = None;
-    for (i, (spec, v)) in checked.iter().enumerate() {
+    for (i, Checked { spec, verdict: v }) in checked.iter().enumerate() {
         if spec.rule.is_concurrency() {
             continue;
         }
-        if best.is_none_or(|b| v.remaining < checked[b].1.remaining) {
+        if best.is_none_or(|b| v.remaining < checked[b].verdict.remaining) {
             best = Some(i);
         }
     }
@@ -708,11 +715,11 @@ pub fn rate_limited(
     route: &Arc<str>,
     plan: &Arc<str>,
 ) -> Option<RateLimited> {
-    let (spec, v) = refusing(checked)?;
+    let Checked { spec, verdict: v } = *refusing(checked)?;
     let retry_at = checked
         .iter()
-        .filter(|(_, v)| !v.admitted)
-        .map(|(_, v)| v.retry_at)
+        .filter(|c| !c.verdict.admitted)
+        .map(|c| c.verdict.retry_at)
         .max()
         .unwrap_or(v.retry_at);
     Some(RateLimited {

@@ -20,12 +20,12 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::body::{Body, Holding};
+use crate::body::{Body, WithGuard};
 use crate::clock::Clock;
 use crate::config::{Backend, Policy};
 use crate::conn::{self, Activity, ConnLimits, Watched};
 use crate::proxy::{Peer, Turnstile};
-use crate::store::{Counters, MemoryStore, RedisStore};
+use crate::store::{CounterStore, MemoryStore, RedisStore};
 use http_body_util::BodyExt;
 
 /// How often idle counters are swept.
@@ -57,10 +57,12 @@ impl Server {
             None => None,
         };
         let store = match &policy.store.backend {
-            Backend::Memory => Counters::Memory(MemoryStore::new(clock)),
-            Backend::Redis(settings) => Counters::Redis(RedisStore::new(settings.clone(), clock)),
+            Backend::Memory => CounterStore::Memory(MemoryStore::new(clock)),
+            Backend::Redis(settings) => {
+                CounterStore::Redis(RedisStore::new(settings.clone(), clock))
+            }
         };
-        if let (Some(path), Counters::Memory(store)) = (&policy.store.snapshot, &store) {
+        if let (Some(path), CounterStore::Memory(store)) = (&policy.store.snapshot, &store) {
             match store.load_snapshot(path) {
                 Ok(n) => {
                     tracing::info!(snapshot = %path.display(), counters = n, "counters restored")
@@ -214,7 +216,7 @@ impl AcceptErrors {
 
 /// Eviction of idle counters, and periodic snapshots when configured.
 fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
-    let store = app.store().memory().clone();
+    let store = app.store().in_process().clone();
     let mut tasks = vec![tokio::spawn(async move {
         let mut tick = tokio::time::interval(EVICT_EVERY);
         loop {
@@ -235,7 +237,7 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
             log_app.flush_refusal_log();
         }
     }));
-    if let Counters::Redis(redis) = app.store() {
+    if let CounterStore::Redis(redis) = app.store() {
         tasks.push(redis.spawn_renewal());
     }
     if app.policy().store.snapshot.is_some() {
@@ -254,7 +256,7 @@ pub async fn write_snapshot(app: &Arc<Turnstile>) {
     let Some(path) = app.policy().store.snapshot.clone() else {
         return;
     };
-    let Counters::Memory(store) = app.store().clone() else {
+    let CounterStore::Memory(store) = app.store().clone() else {
         return;
     };
     let target = path.clone();
@@ -303,7 +305,7 @@ async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>, stopping: watch
             let busy = in_service.begin();
             async move {
                 let response = crate::admin::handle(&app, req).await;
-                Ok::<_, Infallible>(response.map(|b| Holding::new(b, busy).boxed()))
+                Ok::<_, Infallible>(response.map(|b| WithGuard::new(b, busy).boxed()))
             }
         });
         let io = TokioIo::new(Watched::new(stream, activity, limits));

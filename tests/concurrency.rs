@@ -59,7 +59,7 @@ async fn at_most_max_in_flight_and_refusals_name_the_limit() {
         tasks.iter().filter(|t| t.is_finished()).count() == 45
     })
     .await;
-    assert_eq!(p.app.store().memory().slots_in_flight(), 5);
+    assert_eq!(p.app.store().in_process().slots_in_flight(), 5);
     up.release(50);
     let mut got = Vec::new();
     for t in tasks {
@@ -83,7 +83,7 @@ async fn at_most_max_in_flight_and_refusals_name_the_limit() {
     let ok = got.iter().find(|g| g.status == 200).unwrap();
     assert_eq!(ok.h("x-ratelimit-limit"), "100000");
     eventually("all slots released", || {
-        p.app.store().memory().slots_in_flight() == 0
+        p.app.store().in_process().slots_in_flight() == 0
     })
     .await;
 }
@@ -103,7 +103,7 @@ async fn window_and_concurrency_refusals_consume_nothing_of_each_other() {
     up.release(1);
     assert_eq!(held.await.unwrap().status, 200);
     eventually("slot released", || {
-        p.app.store().memory().slots_in_flight() == 0
+        p.app.store().in_process().slots_in_flight() == 0
     })
     .await;
     let r = call("GET", &p.url("/x"), Some("k")).await;
@@ -111,7 +111,7 @@ async fn window_and_concurrency_refusals_consume_nothing_of_each_other() {
     // Refused by the window: no slot is taken.
     let r = call("GET", &p.url("/x"), Some("k")).await;
     assert_eq!((r.status, r.h("x-ratelimit-type")), (429, "minute"));
-    assert_eq!(p.app.store().memory().slots_in_flight(), 0);
+    assert_eq!(p.app.store().in_process().slots_in_flight(), 0);
 }
 
 const QUEUED: &str = r#"
@@ -137,7 +137,7 @@ async fn queued_requests_are_served_in_arrival_order_and_a_full_queue_refuses() 
     let mut waiting = Vec::new();
     for n in 1..=3 {
         waiting.push(spawn_call(p.url(&format!("/hold?n={n}")), "k"));
-        eventually("queued", || p.app.store().memory().queued() == n).await;
+        eventually("queued", || p.app.store().in_process().queued() == n).await;
     }
     let r = call("GET", &p.url("/hold?n=4"), Some("k")).await;
     assert_eq!(
@@ -180,11 +180,11 @@ async fn a_queued_request_gives_up_after_max_wait() {
         waited >= Duration::from_millis(200),
         "refused after {waited:?}, before max_wait"
     );
-    assert_eq!(p.app.store().memory().queued(), 0);
+    assert_eq!(p.app.store().in_process().queued(), 0);
     up.release(1);
     assert_eq!(first.await.unwrap().status, 200);
     eventually("slot released", || {
-        p.app.store().memory().slots_in_flight() == 0
+        p.app.store().in_process().slots_in_flight() == 0
     })
     .await;
 }
@@ -196,21 +196,21 @@ async fn a_client_that_leaves_the_queue_does_not_take_a_slot() {
     let first = spawn_call(p.url("/hold?n=0"), "k");
     eventually("first held", || up.hits() == 1).await;
     let leaver = spawn_call(p.url("/hold?n=gone"), "k");
-    eventually("leaver queued", || p.app.store().memory().queued() == 1).await;
+    eventually("leaver queued", || p.app.store().in_process().queued() == 1).await;
     leaver.abort(); // drops the client connection
     eventually("leaver left the queue", || {
-        p.app.store().memory().queued() == 0
+        p.app.store().in_process().queued() == 0
     })
     .await;
     let stayer = spawn_call(p.url("/hold?n=2"), "k");
-    eventually("stayer queued", || p.app.store().memory().queued() == 1).await;
+    eventually("stayer queued", || p.app.store().in_process().queued() == 1).await;
     up.release(2);
     assert_eq!(first.await.unwrap().status, 200);
     assert_eq!(stayer.await.unwrap().status, 200);
     let order: Vec<String> = up.seen().iter().map(|s| s.uri.clone()).collect();
     assert_eq!(order, ["/hold?n=0", "/hold?n=2"]);
     eventually("slots released", || {
-        p.app.store().memory().slots_in_flight() == 0
+        p.app.store().in_process().slots_in_flight() == 0
     })
     .await;
 }
@@ -298,7 +298,7 @@ async fn a_fault_storm_leaks_no_slot() {
         up.hits()
     );
     eventually("every slot given back", || {
-        p.app.store().memory().slots_in_flight() == 0
+        p.app.store().in_process().slots_in_flight() == 0
     })
     .await;
     // Exactly `max` parallel requests are admitted again.

@@ -570,7 +570,7 @@ async fn memory_stays_bounded_under_a_flood_of_distinct_keys() {
         let r = call("POST", &url, Some(&format!("flood-{i}"))).await;
         assert_eq!(r.status, 200);
     }
-    let store = p.app.store().memory();
+    let store = p.app.store().in_process();
     assert!(
         store.live_counters() <= 50,
         "{} counters held",

@@ -243,6 +243,7 @@ impl Verdict {
 
 impl Rule {
     /// A state of another kind (a reload changed the kind) starts afresh.
+    #[inline]
     fn fit(&self, state: &mut CounterState) {
         if !self.fits(state) {
             *state = self.new_state();

@@ -59,7 +59,7 @@ impl Counter {
 }
 
 #[derive(Debug, Default)]
-struct Counters {
+struct SubjectCounters {
     /// Set when the sweeper removed this entry from the map: holders retry.
     evicted: bool,
     /// The subject is in the keys file: evicted last under memory pressure.
@@ -68,7 +68,7 @@ struct Counters {
     list: SmallVec<[Counter; 2]>,
 }
 
-impl Counters {
+impl SubjectCounters {
     fn slot(&mut self, id: u64, rule: &Rule, live: &AtomicUsize) -> usize {
         if let Some(i) = self.list.iter().position(|c| c.id == id) {
             return i;
@@ -79,9 +79,9 @@ impl Counters {
     }
 }
 
-type Handle = Arc<Mutex<Counters>>;
+type Handle = Arc<Mutex<SubjectCounters>>;
 
-fn lock(h: &Handle) -> MutexGuard<'_, Counters> {
+fn lock(h: &Handle) -> MutexGuard<'_, SubjectCounters> {
     // A panic while holding the lock cannot leave a counter half-written in a
     // way that matters more than losing the request: keep serving.
     h.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -95,11 +95,11 @@ struct Inner {
     max_counters: AtomicUsize,
     /// One eviction pass at a time.
     evicting: AtomicBool,
-    /// Counters dropped to stay under `max_counters`, ever.
+    /// SubjectCounters dropped to stay under `max_counters`, ever.
     evicted: AtomicU64,
 }
 
-/// Counters held in this process. Clones share the same counters.
+/// SubjectCounters held in this process. Clones share the same counters.
 #[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
@@ -162,7 +162,7 @@ impl Inner {
     fn with_locked<R>(
         &self,
         checks: &[LimitCheck<'_>],
-        f: impl FnOnce(&mut [MutexGuard<'_, Counters>], &[usize]) -> R,
+        f: impl FnOnce(&mut [MutexGuard<'_, SubjectCounters>], &[usize]) -> R,
     ) -> R {
         // Fast path, one subject (most requests): lock its counters while the
         // map's shard is read-locked. No Arc traffic, no allocation. Safe: a
@@ -194,7 +194,8 @@ impl Inner {
             .collect();
         loop {
             let handles: Vec<Handle> = subjects.iter().map(|s| self.handle(s)).collect();
-            let mut guards: Vec<MutexGuard<'_, Counters>> = handles.iter().map(lock).collect();
+            let mut guards: Vec<MutexGuard<'_, SubjectCounters>> =
+                handles.iter().map(lock).collect();
             if guards.iter().any(|g| g.evicted) {
                 // The sweeper removed an entry between lookup and lock: look up again.
                 continue;
@@ -430,7 +431,7 @@ impl MemoryStore {
         self.inner.enforce_cap();
     }
 
-    /// Counters evicted to stay under `max_counters`, since start.
+    /// SubjectCounters evicted to stay under `max_counters`, since start.
     pub fn evicted_counters(&self) -> u64 {
         self.inner.evicted.load(Ordering::Relaxed)
     }

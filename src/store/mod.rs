@@ -152,7 +152,7 @@ pub trait Store: Send + Sync + 'static {
 
 /// The configured counter store.
 #[derive(Debug, Clone)]
-pub enum Counters {
+pub enum CounterStore {
     /// In this process.
     Memory(MemoryStore),
     /// In Redis, shared by every instance.
@@ -170,24 +170,24 @@ pub struct StoreHealth {
     pub refusing_when_down: bool,
 }
 
-impl Counters {
+impl CounterStore {
     /// The in-process counters: the memory backend, or Redis's local fallback.
-    pub fn memory(&self) -> &MemoryStore {
+    pub fn in_process(&self) -> &MemoryStore {
         match self {
-            Counters::Memory(m) => m,
-            Counters::Redis(r) => r.fallback(),
+            CounterStore::Memory(m) => m,
+            CounterStore::Redis(r) => r.fallback(),
         }
     }
 
     /// Backend and state.
     pub fn health(&self) -> StoreHealth {
         match self {
-            Counters::Memory(_) => StoreHealth {
+            CounterStore::Memory(_) => StoreHealth {
                 backend: "memory",
                 up: true,
                 refusing_when_down: false,
             },
-            Counters::Redis(r) => StoreHealth {
+            CounterStore::Redis(r) => StoreHealth {
                 backend: "redis",
                 up: r.is_up(),
                 refusing_when_down: r.on_error() == crate::config::OnError::Deny,
@@ -198,32 +198,32 @@ impl Counters {
     /// The figures of `checks` without counting (admin usage), uncounted.
     pub async fn usage(&self, checks: &[LimitCheck<'_>]) -> Result<Vec<Verdict>, StoreError> {
         match self {
-            Counters::Memory(m) => Ok(m.usage(checks)),
-            Counters::Redis(r) => r.usage(checks).await,
+            CounterStore::Memory(m) => Ok(m.usage(checks)),
+            CounterStore::Redis(r) => r.usage(checks).await,
         }
     }
 
     /// Resets the window counters of `checks`; returns how many existed.
     pub async fn reset(&self, checks: &[LimitCheck<'_>]) -> Result<usize, StoreError> {
         match self {
-            Counters::Memory(m) => Ok(m.reset_counters(checks)),
-            Counters::Redis(r) => r.reset(checks).await,
+            CounterStore::Memory(m) => Ok(m.reset_counters(checks)),
+            CounterStore::Redis(r) => r.reset(checks).await,
         }
     }
 }
 
-impl Store for Counters {
+impl Store for CounterStore {
     async fn decide(&self, checks: &[LimitCheck<'_>]) -> Result<Decision, StoreError> {
         match self {
-            Counters::Memory(m) => m.decide(checks).await,
-            Counters::Redis(r) => r.decide(checks).await,
+            CounterStore::Memory(m) => m.decide(checks).await,
+            CounterStore::Redis(r) => r.decide(checks).await,
         }
     }
 
     async fn refund(&self, checks: &[LimitCheck<'_>], at: Nanos) -> Result<(), StoreError> {
         match self {
-            Counters::Memory(m) => m.refund(checks, at).await,
-            Counters::Redis(r) => r.refund(checks, at).await,
+            CounterStore::Memory(m) => m.refund(checks, at).await,
+            CounterStore::Redis(r) => r.refund(checks, at).await,
         }
     }
 }

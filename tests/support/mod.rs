@@ -410,13 +410,7 @@ impl Binary {
     /// Writes `config` (with `{upstream}`, `{port}`, `{admin_port}` filled in)
     /// to `dir/turnstile.toml` and starts the binary; waits until it listens.
     pub async fn start(dir: &std::path::Path, config: &str, upstream: &Upstream) -> Self {
-        let (port, admin_port) = (free_port(), free_port());
-        let config = config
-            .replace("{upstream}", &upstream.url())
-            .replace("{port}", &port.to_string())
-            .replace("{admin_port}", &admin_port.to_string());
-        std::fs::write(dir.join("turnstile.toml"), config).unwrap();
-        Self::spawn(dir, port, admin_port, None).await
+        Self::start_with_nofile(dir, config, upstream, None).await
     }
 
     /// As [`Binary::start`], with at most `nofile` open file descriptors
@@ -427,13 +421,22 @@ impl Binary {
         upstream: &Upstream,
         nofile: u32,
     ) -> Self {
+        Self::start_with_nofile(dir, config, upstream, Some(nofile)).await
+    }
+
+    async fn start_with_nofile(
+        dir: &std::path::Path,
+        config: &str,
+        upstream: &Upstream,
+        nofile: Option<u32>,
+    ) -> Self {
         let (port, admin_port) = (free_port(), free_port());
         let config = config
             .replace("{upstream}", &upstream.url())
             .replace("{port}", &port.to_string())
             .replace("{admin_port}", &admin_port.to_string());
         std::fs::write(dir.join("turnstile.toml"), config).unwrap();
-        Self::spawn(dir, port, admin_port, Some(nofile)).await
+        Self::spawn(dir, port, admin_port, nofile).await
     }
 
     /// Starts the binary again on the config already in `dir`.
