@@ -12,8 +12,9 @@ use serde_json::{json, Value};
 
 use crate::body::{full, Body};
 use crate::clock::SECOND;
-use crate::config::{LimitSpec, Per, Policy};
+use crate::config::Policy;
 use crate::identity::{self, Fingerprint, KeyDigest, UnknownKey};
+use crate::limits::{LimitSpec, Per};
 use crate::metrics::StoreFigures;
 use crate::proxy::Turnstile;
 use crate::store::{LimitCheck, StoreError, Subject};
@@ -186,13 +187,6 @@ fn account_keys(policy: &Policy, account: &str) -> Vec<KeyView> {
     out
 }
 
-fn subject_of(per: Per, key: &KeyView) -> Subject {
-    match (per, &key.account) {
-        (Per::Account, Some(a)) => Subject::Account(a.clone()),
-        _ => Subject::key(&key.digest),
-    }
-}
-
 /// One counter of a key's plan, ready to be read or reset.
 struct Row<'p> {
     spec: &'p LimitSpec,
@@ -224,13 +218,10 @@ fn rows_of<'p>(policy: &'p Policy, key: &KeyView, only: Option<Per>, out: &mut V
             if only.is_some_and(|o| o != per) {
                 continue;
             }
-            let subject = subject_of(spec.per, key);
+            let subject = Subject::counted(spec.per, &key.digest, key.account.as_ref());
             let per_key = (matches!(subject, Subject::Key(_)) && key.account.is_some())
                 .then(|| Fingerprint::of(&key.digest));
-            let group = match &key.account {
-                Some(a) => Subject::Account(a.clone()),
-                None => Subject::key(&key.digest),
-            };
+            let group = Subject::group(&key.digest, key.account.as_ref());
             out.push(Row {
                 spec,
                 route: spec

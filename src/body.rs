@@ -30,6 +30,24 @@ pub fn empty() -> Body {
     full(Bytes::new())
 }
 
+/// Renders a byte count the way operators write it: `10 MB`, `20 MiB`, or `1234 bytes`.
+pub fn display_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 6] = [
+        (1 << 30, "GiB"),
+        (1_000_000_000, "GB"),
+        (1 << 20, "MiB"),
+        (1_000_000, "MB"),
+        (1 << 10, "KiB"),
+        (1_000, "KB"),
+    ];
+    for (unit, name) in UNITS {
+        if bytes >= unit && bytes % unit == 0 {
+            return format!("{} {name}", bytes / unit);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
 /// A route's body limits: the whole body, and by content type
 /// (`image/png`, `image/*`, `*/*`; the most specific pattern wins).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

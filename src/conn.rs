@@ -31,16 +31,6 @@ pub struct ConnLimits {
     pub idle_timeout: Duration,
 }
 
-impl ConnLimits {
-    /// The bounds `[server]` sets.
-    pub fn of(server: &crate::config::ServerSettings) -> Self {
-        Self {
-            header_timeout: server.header_timeout,
-            idle_timeout: server.idle_timeout,
-        }
-    }
-}
-
 /// What one connection is doing, shared by its exchanges and its reads.
 #[derive(Debug)]
 pub struct Activity {

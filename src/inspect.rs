@@ -119,7 +119,7 @@ impl BodyProblem {
                 code: crate::mcp::INVALID_REQUEST,
                 message: format!(
                     "request body exceeds {} (mcp_max_body)",
-                    crate::config::display_size(*limit)
+                    crate::body::display_size(*limit)
                 ),
             },
             BodyProblem::TooLarge(limit) => Refusal::PayloadTooLarge {
@@ -141,7 +141,7 @@ impl BodyProblem {
             BodyProblem::Stalled(idle) => Refusal::RequestTimeout(*idle),
             BodyProblem::Overloaded(max) => Refusal::Overloaded(format!(
                 "too many request bodies are held for inspection (max_buffered {}): retry shortly",
-                crate::config::display_size(*max)
+                crate::body::display_size(*max)
             )),
             BodyProblem::Encoded(encoding) => Refusal::UnsupportedEncoding {
                 encoding: encoding.clone(),

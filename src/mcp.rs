@@ -3,7 +3,16 @@
 
 use serde_json::{json, Value};
 
-use crate::config::ArgLimit;
+/// A limit on the size of JSON values (`arg_limits`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArgLimit {
+    /// RFC 6901 pointers into the whole body.
+    pub pointers: Vec<String>,
+    /// Fewest characters (Unicode scalar values) in total.
+    pub min_chars: Option<u64>,
+    /// Most characters in total.
+    pub max_chars: Option<u64>,
+}
 
 /// JSON-RPC "Invalid Request".
 pub const INVALID_REQUEST: i64 = -32600;

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use smallvec::SmallVec;
 
 use crate::body::{Body, BodyFault, BodyLimits, Deadline, LimitedBody, Trip, WithGuard};
-use crate::config::{ConfigError, Format, Per, Plan, Policy, Route, Unmatched, UpstreamSettings};
+use crate::config::{ConfigError, Format, Plan, Policy, Route, Unmatched, UpstreamSettings};
 use crate::identity::{AuthError, Caller};
 use crate::inspect::{content_length, Budget, ReadLimits, RequestBody};
 use crate::mcp;
@@ -317,8 +317,12 @@ impl Turnstile {
             .map(|a| {
                 let spec = &who.plan.limits[a.limit];
                 LimitCheck {
-                    subject: subject(spec.per, &who.caller),
-                    group: group(&who.caller),
+                    subject: Subject::counted(
+                        spec.per,
+                        &who.caller.digest,
+                        who.caller.account.as_ref(),
+                    ),
+                    group: Subject::group(&who.caller.digest, who.caller.account.as_ref()),
                     counter: a.counter,
                     rule: &spec.rule,
                     queue: spec.queue,
@@ -840,22 +844,6 @@ fn identified(
     match policy.plans.get(caller.plan) {
         Some(plan) => Ok(Identified { plan, caller }),
         None => Err(Refusal::Unauthorized(AuthError::Unknown)),
-    }
-}
-
-/// The caller's group: its account, or its key when it has none.
-pub fn group(caller: &Caller) -> Subject {
-    match &caller.account {
-        Some(account) => Subject::Account(account.clone()),
-        None => Subject::key(&caller.digest),
-    }
-}
-
-/// Which subject a limit counts for this caller.
-fn subject(per: Per, caller: &Caller) -> Subject {
-    match (per, &caller.account) {
-        (Per::Account, Some(account)) => Subject::Account(account.clone()),
-        _ => Subject::key(&caller.digest),
     }
 }
 

@@ -12,9 +12,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 
 use crate::body::{full, Body};
 use crate::clock::{secs_until_ceil, Nanos, SECOND};
-use crate::config::LimitSpec;
 use crate::identity::AuthError;
 use crate::limits::{format_rfc3339, Verdict};
+use crate::limits::{HeaderTrio, LimitSpec};
 
 /// Why turnstile answers a request itself. Each variant maps to exactly one response.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +56,7 @@ pub enum Refusal {
         message: String,
     },
     /// 413: the body exceeds the route's limit.
-    #[error("body exceeds {}{} on route {route}", crate::config::display_size(*limit), pattern.as_ref().map(|p| format!(" for {p}")).unwrap_or_default())]
+    #[error("body exceeds {}{} on route {route}", crate::body::display_size(*limit), pattern.as_ref().map(|p| format!(" for {p}")).unwrap_or_default())]
     PayloadTooLarge {
         /// The limit in bytes.
         limit: u64,
@@ -533,32 +533,6 @@ pub enum ResetFormat {
     Unix,
     /// Seconds from now.
     Seconds,
-}
-
-/// Names of a `-Limit/-Remaining/-Reset` header trio.
-#[derive(Debug, Clone)]
-pub struct HeaderTrio {
-    /// `{prefix}-Limit`.
-    pub limit: HeaderName,
-    /// `{prefix}-Remaining`.
-    pub remaining: HeaderName,
-    /// `{prefix}-Reset`.
-    pub reset: HeaderName,
-}
-
-impl HeaderTrio {
-    /// The trio for `prefix`; fails if the prefix is not a valid header name.
-    pub fn new(prefix: &str) -> Result<Self, String> {
-        let name = |suffix: &str| {
-            HeaderName::from_bytes(format!("{prefix}-{suffix}").as_bytes())
-                .map_err(|_| format!("invalid header prefix {prefix:?}"))
-        };
-        Ok(Self {
-            limit: name("Limit")?,
-            remaining: name("Remaining")?,
-            reset: name("Reset")?,
-        })
-    }
 }
 
 /// Validated `[headers]` settings.

@@ -109,7 +109,10 @@ impl Server {
             app,
         } = self;
         let policy = app.policy();
-        let limits = ConnLimits::of(&policy.server);
+        let limits = ConnLimits {
+            header_timeout: policy.server.header_timeout,
+            idle_timeout: policy.server.idle_timeout,
+        };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -279,7 +282,10 @@ pub async fn write_snapshot(app: &Arc<Turnstile>) {
 
 async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>, stopping: watch::Receiver<bool>) {
     let policy = app.policy();
-    let limits = ConnLimits::of(&policy.server);
+    let limits = ConnLimits {
+        header_timeout: policy.server.header_timeout,
+        idle_timeout: policy.server.idle_timeout,
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()

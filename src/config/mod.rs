@@ -19,17 +19,18 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+pub use crate::body::display_size;
 use crate::body::BodyLimits;
-use crate::clock::{Nanos, SECOND};
+use crate::clock::SECOND;
 use crate::identity::{self, IdentitySettings, KeyRecord, KeyRegistry, KeySource, UnknownKey};
 use crate::limits::{Bucket, Concurrency, Fixed, Rolling, Rule, Window};
-use crate::responses::{
-    HeaderSettings, HeaderTrio, ResetFormat, ResponseSet, Template, RESPONSE_NAMES,
-};
+pub use crate::limits::{HeaderTrio, LimitSpec, Per, QueueSpec};
+pub use crate::mcp::ArgLimit;
+use crate::responses::{HeaderSettings, ResetFormat, ResponseSet, Template, RESPONSE_NAMES};
 use crate::routing::{PathPattern, RouteMatcher};
-use crate::store::QueueSpec;
+pub use crate::store::{OnError, RedisSettings};
 use raw::*;
-pub use units::{display_size, parse_duration, parse_rate, parse_size, RawSize};
+pub use units::{parse_duration, parse_rate, parse_size, RawSize};
 
 /// A config problem, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,80 +194,6 @@ pub enum Backend {
     Redis(RedisSettings),
 }
 
-/// `[store]` settings of the Redis backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisSettings {
-    /// `redis://host:port/db` (with `cluster`, any node of the cluster).
-    pub url: String,
-    /// Whether `url` is a Redis Cluster node.
-    pub cluster: bool,
-    /// Prefix of every key turnstile writes.
-    pub prefix: String,
-    /// Longest wait for one decision before `on_error` applies.
-    pub timeout: Duration,
-    /// What to do while Redis cannot decide.
-    pub on_error: OnError,
-    /// Lifetime of a concurrency slot not renewed by its instance.
-    pub lease: Duration,
-}
-
-/// `[store] on_error`: behaviour while Redis is unreachable or too slow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnError {
-    /// Enforce the limits per instance, in memory.
-    Local,
-    /// Forward without limits.
-    Allow,
-    /// Refuse with 503 `store_unavailable`.
-    Deny,
-}
-
-/// Which subject a limit counts for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Per {
-    /// Each API key its own counter.
-    Key,
-    /// Keys of one account share the counter.
-    Account,
-}
-
-/// One validated limit of a plan.
-#[derive(Debug, Clone)]
-pub struct LimitSpec {
-    /// Shown in `X-RateLimit-Type`.
-    pub name: Arc<str>,
-    /// The maths and numbers.
-    pub rule: Rule,
-    /// Who is counted.
-    pub per: Per,
-    /// Window as written (`30m`, `month`), or the rate for buckets (`10/s`).
-    pub window_text: Arc<str>,
-    /// Extra `{headers}-Limit/-Remaining/-Reset` trio.
-    pub headers: Option<HeaderTrio>,
-    /// Routes as written, for the `check` table.
-    pub routes_text: String,
-    /// Whether each route has its own counter.
-    pub per_route: bool,
-    /// Concurrency limits only: wait for a slot instead of refusing at once.
-    pub queue: Option<QueueSpec>,
-}
-
-impl LimitSpec {
-    /// The window in seconds (for `RateLimit-Policy`'s `w`): a bucket's is the
-    /// time to refill a full burst.
-    pub fn window_secs(&self, now: Nanos) -> u64 {
-        self.rule.window_secs(now)
-    }
-
-    fn summary(&self) -> String {
-        let queue = if self.queue.is_some() { " +queue" } else { "" };
-        format!(
-            "{}{queue}",
-            self.rule.summary(&self.name, &self.window_text)
-        )
-    }
-}
-
 /// A limit as applied to one route: which limit, and its counter id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppliedLimit {
@@ -296,17 +223,6 @@ pub enum Format {
     Json,
     /// MCP tool errors: HTTP 200 JSON-RPC results with `isError` (SPEC §7); 401 stays 401.
     Mcp,
-}
-
-/// A limit on the size of JSON values (SPEC §7 argument limits).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArgLimit {
-    /// RFC 6901 pointers into the whole body.
-    pub pointers: Vec<String>,
-    /// Fewest characters (Unicode scalar values) in total.
-    pub min_chars: Option<u64>,
-    /// Most characters in total.
-    pub max_chars: Option<u64>,
 }
 
 /// A validated route.

@@ -38,24 +38,6 @@ pub fn parse_size(raw: &RawSize) -> Result<u64, String> {
     }
 }
 
-/// Renders a byte count the way operators write it: `10 MB`, `20 MiB`, or `1234 bytes`.
-pub fn display_size(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 6] = [
-        (1 << 30, "GiB"),
-        (1_000_000_000, "GB"),
-        (1 << 20, "MiB"),
-        (1_000_000, "MB"),
-        (1 << 10, "KiB"),
-        (1_000, "KB"),
-    ];
-    for (unit, name) in UNITS {
-        if bytes >= unit && bytes % unit == 0 {
-            return format!("{} {name}", bytes / unit);
-        }
-    }
-    format!("{bytes} bytes")
-}
-
 /// Parses a bucket rate `"10/s"`, `"300/m"`, `"1000/h"`, `"5/10s"` into
 /// (requests, period).
 pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
@@ -83,6 +65,7 @@ pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::display_size;
 
     #[test]
     fn durations_as_in_the_spec() {

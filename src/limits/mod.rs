@@ -12,6 +12,7 @@ mod concurrency;
 mod fixed;
 mod kind;
 mod rolling;
+mod spec;
 
 pub use bucket::Bucket;
 pub use calendar::{format_rfc3339, month_bounds};
@@ -19,6 +20,7 @@ pub use concurrency::Concurrency;
 pub use fixed::Fixed;
 pub use kind::LimitKind;
 pub use rolling::{Rolling, RollingLog};
+pub use spec::{HeaderTrio, LimitSpec, Per, QueueSpec};
 
 use crate::clock::{Nanos, SECOND};
 

@@ -17,7 +17,8 @@ pub use snapshot::SnapshotError;
 
 use crate::clock::Nanos;
 use crate::identity::KeyDigest;
-use crate::limits::{Rule, Verdict};
+pub use crate::limits::QueueSpec;
+use crate::limits::{Per, Rule, Verdict};
 
 /// Who a counter counts for.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -35,6 +36,21 @@ impl Subject {
         let mut short = [0u8; 16];
         short.copy_from_slice(&digest[..16]);
         Subject::Key(short)
+    }
+
+    /// Whom a limit counted `per` key or account counts, for the key with
+    /// `digest` in `account` (a key without an account is its own).
+    pub fn counted(per: Per, digest: &KeyDigest, account: Option<&Arc<str>>) -> Self {
+        match (per, account) {
+            (Per::Account, Some(account)) => Subject::Account(account.clone()),
+            _ => Subject::key(digest),
+        }
+    }
+
+    /// The group every counter of one request belongs to: the account, or
+    /// the key when it has none.
+    pub fn group(digest: &KeyDigest, account: Option<&Arc<str>>) -> Self {
+        Self::counted(Per::Account, digest, account)
     }
 }
 
@@ -69,13 +85,32 @@ pub struct LimitCheck<'a> {
     pub pinned: bool,
 }
 
-/// A concurrency limit's waiting queue.
+/// `[store]` settings of the Redis backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` (with `cluster`, any node of the cluster).
+    pub url: String,
+    /// Whether `url` is a Redis Cluster node.
+    pub cluster: bool,
+    /// Prefix of every key turnstile writes.
+    pub prefix: String,
+    /// Longest wait for one decision before `on_error` applies.
+    pub timeout: Duration,
+    /// What to do while Redis cannot decide.
+    pub on_error: OnError,
+    /// Lifetime of a concurrency slot not renewed by its instance.
+    pub lease: Duration,
+}
+
+/// `[store] on_error`: behaviour while Redis is unreachable or too slow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueSpec {
-    /// Longest wait for a slot before the request is refused.
-    pub max_wait: Duration,
-    /// Most requests waiting at once; a full queue refuses at once.
-    pub max_len: usize,
+pub enum OnError {
+    /// Enforce the limits per instance, in memory.
+    Local,
+    /// Forward without limits.
+    Allow,
+    /// Refuse with 503 `store_unavailable`.
+    Deny,
 }
 
 /// The concurrency slots an admitted request holds. Dropping the lease gives
@@ -190,7 +225,7 @@ impl CounterStore {
             CounterStore::Redis(r) => StoreHealth {
                 backend: "redis",
                 up: r.is_up(),
-                refusing_when_down: r.on_error() == crate::config::OnError::Deny,
+                refusing_when_down: r.on_error() == OnError::Deny,
             },
         }
     }

@@ -23,8 +23,8 @@ use redis::{FromRedisValue, Script, ScriptInvocation};
 use sha2::{Digest, Sha256};
 
 use super::{Decision, Lease, LimitCheck, MemoryStore, Store, StoreError, Subject, Verdicts};
+use super::{OnError, RedisSettings};
 use crate::clock::{Clock, Nanos};
-use crate::config::{OnError, RedisSettings};
 use crate::limits::Verdict;
 
 /// A server-side script: the shared prelude, then one fragment per limit

@@ -1,0 +1,93 @@
+//! A validated limit of a plan: its rule and everything around it that the
+//! config says (who is counted, its extra headers, its queue). Built by
+//! `config`, read by the stores, the pipeline and the renderer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::Rule;
+use crate::clock::Nanos;
+
+/// Which subject a limit counts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Per {
+    /// Each API key its own counter.
+    Key,
+    /// Keys of one account share the counter.
+    Account,
+}
+
+/// One validated limit of a plan.
+#[derive(Debug, Clone)]
+pub struct LimitSpec {
+    /// Shown in `X-RateLimit-Type`.
+    pub name: Arc<str>,
+    /// The maths and numbers.
+    pub rule: Rule,
+    /// Who is counted.
+    pub per: Per,
+    /// Window as written (`30m`, `month`), or the rate for buckets (`10/s`).
+    pub window_text: Arc<str>,
+    /// Extra `{headers}-Limit/-Remaining/-Reset` trio.
+    pub headers: Option<HeaderTrio>,
+    /// Routes as written, for the `check` table.
+    pub routes_text: String,
+    /// Whether each route has its own counter.
+    pub per_route: bool,
+    /// Concurrency limits only: wait for a slot instead of refusing at once.
+    pub queue: Option<QueueSpec>,
+}
+
+impl LimitSpec {
+    /// The window in seconds (for `RateLimit-Policy`'s `w`): a bucket's is the
+    /// time to refill a full burst.
+    pub fn window_secs(&self, now: Nanos) -> u64 {
+        self.rule.window_secs(now)
+    }
+
+    /// One line for `turnstile check`.
+    pub fn summary(&self) -> String {
+        let queue = if self.queue.is_some() { " +queue" } else { "" };
+        format!(
+            "{}{queue}",
+            self.rule.summary(&self.name, &self.window_text)
+        )
+    }
+}
+
+/// A concurrency limit's waiting queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// Longest wait for a slot before the request is refused.
+    pub max_wait: Duration,
+    /// Most requests waiting at once; a full queue refuses at once.
+    pub max_len: usize,
+}
+
+/// Names of a `-Limit/-Remaining/-Reset` header trio.
+#[derive(Debug, Clone)]
+pub struct HeaderTrio {
+    /// `{prefix}-Limit`.
+    pub limit: HeaderName,
+    /// `{prefix}-Remaining`.
+    pub remaining: HeaderName,
+    /// `{prefix}-Reset`.
+    pub reset: HeaderName,
+}
+
+impl HeaderTrio {
+    /// The trio for `prefix`; fails if the prefix is not a valid header name.
+    pub fn new(prefix: &str) -> Result<Self, String> {
+        let name = |suffix: &str| {
+            HeaderName::from_bytes(format!("{prefix}-{suffix}").as_bytes())
+                .map_err(|_| format!("invalid header prefix {prefix:?}"))
+        };
+        Ok(Self {
+            limit: name("Limit")?,
+            remaining: name("Remaining")?,
+            reset: name("Reset")?,
+        })
+    }
+}
