@@ -270,17 +270,7 @@ impl Turnstile {
         };
         let route = &policy.routes[route_index];
         if !route.auth {
-            let rpc_id = body.rpc_id().cloned();
-            return match self
-                .forward(live, parts, body.into_body(), peer, Some(route), None)
-                .await
-            {
-                Ok(response) => {
-                    live.route_metrics(Some(route)).forwarded();
-                    response
-                }
-                Err(r) => self.refuse(live, &r, route, None, rpc_id.as_ref(), HeaderMap::new()),
-            };
+            return self.forward_public(live, parts, body, peer, route).await;
         }
 
         // 2. Identity.
@@ -312,24 +302,7 @@ impl Turnstile {
 
         // 5. Limits, decided together.
         let applied = &who.plan.by_route[route_index];
-        let checks: SmallVec<[LimitCheck<'_>; 4]> = applied
-            .iter()
-            .map(|a| {
-                let spec = &who.plan.limits[a.limit];
-                LimitCheck {
-                    subject: Subject::counted(
-                        spec.per,
-                        &who.caller.digest,
-                        who.caller.account.as_ref(),
-                    ),
-                    group: Subject::group(&who.caller.digest, who.caller.account.as_ref()),
-                    counter: a.counter,
-                    rule: &spec.rule,
-                    queue: spec.queue,
-                    pinned: who.caller.registered,
-                }
-            })
-            .collect();
+        let checks = limit_checks(&who, applied);
         let (now, checked, lease): (u64, Vec<Checked<'_>>, Lease) = if checks.is_empty() {
             (0, Vec::new(), Lease::default())
         } else {
@@ -340,14 +313,43 @@ impl Turnstile {
                 }
             }
         };
-        let with_headers = !checked.is_empty() && policy.headers.on_success;
+        // 6-7. Forward and respond.
+        let admitted = Admitted {
+            now,
+            checks,
+            checked,
+            lease,
+        };
+        self.forward_admitted(live, parts, body, peer, route, &who, admitted)
+            .await
+    }
 
-        // 6-7. Forward and respond. Concurrency slots (the lease) are held
-        // until the response body is dropped: sent completely, or the
-        // exchange ended any other way.
+    /// Steps 6 and 7 for an admitted request: forwarded, answered with the
+    /// rate-limit headers. Concurrency slots (the lease) are held until the
+    /// response body is dropped: sent completely, or the exchange ended any
+    /// other way. A body fault gives the quota back.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_admitted(
+        &self,
+        live: &Live,
+        parts: Parts,
+        body: RequestBody,
+        peer: &Peer,
+        route: &Route,
+        who: &Identified<'_>,
+        admitted: Admitted<'_>,
+    ) -> Response<Body> {
+        let policy = &*live.policy;
+        let Admitted {
+            now,
+            checks,
+            checked,
+            lease,
+        } = admitted;
+        let with_headers = !checked.is_empty() && policy.headers.on_success;
         let rpc_id = body.rpc_id().cloned();
         match self
-            .forward(live, parts, body.into_body(), peer, Some(route), Some(&who))
+            .forward(live, parts, body.into_body(), peer, Some(route), Some(who))
             .await
         {
             Ok(mut response) => {
@@ -385,11 +387,33 @@ impl Turnstile {
                     live,
                     &refusal,
                     route,
-                    Some(&who),
+                    Some(who),
                     rpc_id.as_ref(),
                     rate_headers,
                 )
             }
+        }
+    }
+
+    /// A public route (`auth = false`): forwarded with no identity and no limits.
+    async fn forward_public(
+        &self,
+        live: &Live,
+        parts: Parts,
+        body: RequestBody,
+        peer: &Peer,
+        route: &Route,
+    ) -> Response<Body> {
+        let rpc_id = body.rpc_id().cloned();
+        match self
+            .forward(live, parts, body.into_body(), peer, Some(route), None)
+            .await
+        {
+            Ok(response) => {
+                live.route_metrics(Some(route)).forwarded();
+                response
+            }
+            Err(r) => self.refuse(live, &r, route, None, rpc_id.as_ref(), HeaderMap::new()),
         }
     }
 
@@ -748,6 +772,41 @@ fn set_forwarded(trust: bool, headers: &mut HeaderMap, peer: &Peer, host: Option
             }
         }
     }
+}
+
+/// What step 5 decided for an admitted request.
+struct Admitted<'p> {
+    /// When it was decided.
+    now: u64,
+    /// The checks it was decided with (for a refund).
+    checks: SmallVec<[LimitCheck<'p>; 4]>,
+    /// Each limit with its verdict (for the headers).
+    checked: Vec<Checked<'p>>,
+    /// The concurrency slots it holds.
+    lease: Lease,
+}
+
+/// The counters of a request: one per limit of the caller's plan that
+/// covers the route.
+fn limit_checks<'p>(
+    who: &Identified<'p>,
+    applied: &'p [crate::config::AppliedLimit],
+) -> SmallVec<[LimitCheck<'p>; 4]> {
+    let caller = &who.caller;
+    applied
+        .iter()
+        .map(|a| {
+            let spec = &who.plan.limits[a.limit];
+            LimitCheck {
+                subject: Subject::counted(spec.per, &caller.digest, caller.account.as_ref()),
+                group: Subject::group(&caller.digest, caller.account.as_ref()),
+                counter: a.counter,
+                rule: &spec.rule,
+                queue: spec.queue,
+                pinned: caller.registered,
+            }
+        })
+        .collect()
 }
 
 /// Plan gating, the declared body size, then argument limits (which read

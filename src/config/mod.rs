@@ -853,6 +853,164 @@ fn positive(src: &Source, v: &Spanned<i64>, what: &str) -> Result<u32, ConfigErr
         })
 }
 
+/// A fixed or rolling window: `"month"` (fixed only) or a whole number of
+/// seconds, at least one.
+fn parse_window(src: &Source, w: &Spanned<String>, rolling: bool) -> Result<Window, ConfigError> {
+    let text = w.get_ref().trim();
+    if text == "month" {
+        if rolling {
+            return Err(src.at(
+                w.span(),
+                "a rolling window cannot be \"month\": use e.g. \"30d\"",
+            ));
+        }
+        return Ok(Window::Month);
+    }
+    let d = parse_duration(text).map_err(|m| src.at(w.span(), m))?;
+    if d.subsec_nanos() != 0 || d.as_secs() == 0 {
+        return Err(src.at(
+            w.span(),
+            format!("window {text:?} must be a whole number of seconds, at least 1s"),
+        ));
+    }
+    Ok(Window::Span(d.as_secs() * SECOND))
+}
+
+/// A concurrency limit's `queue = { max_wait, max_len }` (`max_len` 100 by default).
+fn compile_queue(src: &Source, q: &RawQueue) -> Result<QueueSpec, ConfigError> {
+    let max_wait =
+        parse_duration(q.max_wait.get_ref()).map_err(|m| src.at(q.max_wait.span(), m))?;
+    let max_len = match &q.max_len {
+        Some(n) => positive(src, n, "max_len")? as usize,
+        None => 100,
+    };
+    Ok(QueueSpec { max_wait, max_len })
+}
+
+/// The rule of one limit, its window as written, and its queue: the
+/// fields of its kind required, those of other kinds refused.
+fn compile_rule(
+    src: &Source,
+    lspan: Range<usize>,
+    l: &RawLimit,
+) -> Result<(Rule, String, Option<QueueSpec>), ConfigError> {
+    let lname = l.name.get_ref();
+    let kind = l.kind.unwrap_or(RawKind::Fixed);
+    let missing = |field: &str| {
+        src.at(
+            lspan.clone(),
+            format!("limit {lname:?} ({}) needs `{field}`", kind.as_str()),
+        )
+    };
+    let forbid = |fields: &[(&str, bool)]| -> Result<(), ConfigError> {
+        match fields.iter().find(|(_, present)| *present) {
+            Some((field, _)) => Err(src.at(
+                lspan.clone(),
+                format!(
+                    "limit {lname:?}: `{field}` does not apply to a {} limit",
+                    kind.as_str()
+                ),
+            )),
+            None => Ok(()),
+        }
+    };
+    let window_fields = [
+        ("requests", l.requests.is_some()),
+        ("window", l.window.is_some()),
+    ];
+    let bucket_fields = [("rate", l.rate.is_some()), ("burst", l.burst.is_some())];
+    let concurrency_fields = [
+        ("max", l.max.is_some()),
+        ("retry_after", l.retry_after.is_some()),
+        ("queue", l.queue.is_some()),
+    ];
+    let mut queue = None;
+    let (rule, window_text) = match kind {
+        RawKind::Fixed | RawKind::Rolling => {
+            forbid(&bucket_fields)?;
+            forbid(&concurrency_fields)?;
+            let requests = positive(
+                src,
+                l.requests.as_ref().ok_or_else(|| missing("requests"))?,
+                "requests",
+            )?;
+            let w = l.window.as_ref().ok_or_else(|| missing("window"))?;
+            let text = w.get_ref().trim();
+            let window = parse_window(src, w, kind == RawKind::Rolling)?;
+            let rule = match (kind, window) {
+                (RawKind::Rolling, Window::Span(len)) => Rule::Rolling(Rolling {
+                    requests,
+                    window: len,
+                }),
+                _ => Rule::Fixed(Fixed { requests, window }),
+            };
+            (rule, text.to_owned())
+        }
+        RawKind::Bucket => {
+            forbid(&window_fields)?;
+            forbid(&concurrency_fields)?;
+            let r = l.rate.as_ref().ok_or_else(|| missing("rate"))?;
+            let (count, period) = parse_rate(r.get_ref()).map_err(|m| src.at(r.span(), m))?;
+            let interval = (period.as_nanos() / count as u128) as u64;
+            if interval == 0 {
+                return Err(src.at(r.span(), "rate is too high"));
+            }
+            let burst = match &l.burst {
+                Some(b) => positive(src, b, "burst")?,
+                None => 1,
+            };
+            (
+                Rule::Bucket(Bucket { burst, interval }),
+                r.get_ref().trim().to_owned(),
+            )
+        }
+        RawKind::Concurrency => {
+            forbid(&window_fields)?;
+            forbid(&bucket_fields)?;
+            let max = positive(src, l.max.as_ref().ok_or_else(|| missing("max"))?, "max")?;
+            let retry_after = duration(src, &l.retry_after, Duration::from_secs(1))?;
+            if let Some(q) = &l.queue {
+                queue = Some(compile_queue(src, q.get_ref())?);
+            }
+            (
+                Rule::Concurrency(Concurrency {
+                    max,
+                    retry_after: retry_after.as_nanos() as u64,
+                }),
+                "concurrent".to_owned(),
+            )
+        }
+    };
+    Ok((rule, window_text, queue))
+}
+
+/// The routes a limit covers (indices) and its `routes` as written, for the
+/// counter identity and the `check` table.
+fn covered_routes(
+    src: &Source,
+    routes: &[Route],
+    l: &RawLimit,
+) -> Result<(Vec<usize>, String), ConfigError> {
+    Ok(match &l.routes {
+        None => ((0..routes.len()).collect(), "*".into()),
+        Some(sel) => match sel.get_ref() {
+            RawRouteSet::One(s) if s == "*" => ((0..routes.len()).collect(), "*".into()),
+            RawRouteSet::One(s) => (vec![route_index(src, routes, s, sel.span())?], s.clone()),
+            RawRouteSet::Many(list) => {
+                let mut idx = Vec::new();
+                for s in list {
+                    idx.push(route_index(src, routes, s, sel.span())?);
+                }
+                let sorted: BTreeSet<&String> = list.iter().collect();
+                (
+                    idx,
+                    sorted.into_iter().cloned().collect::<Vec<_>>().join(","),
+                )
+            }
+        },
+    })
+}
+
 fn compile_plan(
     src: &Source,
     name: &str,
@@ -866,135 +1024,8 @@ fn compile_plan(
         let l = l.get_ref();
         let lname = l.name.get_ref();
         let kind = l.kind.unwrap_or(RawKind::Fixed);
-        let missing = |field: &str| {
-            src.at(
-                lspan.clone(),
-                format!("limit {lname:?} ({}) needs `{field}`", kind.as_str()),
-            )
-        };
-        let forbid = |fields: &[(&str, bool)]| -> Result<(), ConfigError> {
-            match fields.iter().find(|(_, present)| *present) {
-                Some((field, _)) => Err(src.at(
-                    lspan.clone(),
-                    format!(
-                        "limit {lname:?}: `{field}` does not apply to a {} limit",
-                        kind.as_str()
-                    ),
-                )),
-                None => Ok(()),
-            }
-        };
-        let window_fields = [
-            ("requests", l.requests.is_some()),
-            ("window", l.window.is_some()),
-        ];
-        let bucket_fields = [("rate", l.rate.is_some()), ("burst", l.burst.is_some())];
-        let concurrency_fields = [
-            ("max", l.max.is_some()),
-            ("retry_after", l.retry_after.is_some()),
-            ("queue", l.queue.is_some()),
-        ];
-        let mut queue = None;
-        let (rule, window_text) = match kind {
-            RawKind::Fixed | RawKind::Rolling => {
-                forbid(&bucket_fields)?;
-                forbid(&concurrency_fields)?;
-                let requests = positive(
-                    src,
-                    l.requests.as_ref().ok_or_else(|| missing("requests"))?,
-                    "requests",
-                )?;
-                let w = l.window.as_ref().ok_or_else(|| missing("window"))?;
-                let text = w.get_ref().trim();
-                let window = if text == "month" {
-                    if kind == RawKind::Rolling {
-                        return Err(src.at(
-                            w.span(),
-                            "a rolling window cannot be \"month\": use e.g. \"30d\"",
-                        ));
-                    }
-                    Window::Month
-                } else {
-                    let d = parse_duration(text).map_err(|m| src.at(w.span(), m))?;
-                    if d.subsec_nanos() != 0 || d.as_secs() == 0 {
-                        return Err(src.at(
-                            w.span(),
-                            format!(
-                                "window {text:?} must be a whole number of seconds, at least 1s"
-                            ),
-                        ));
-                    }
-                    Window::Span(d.as_secs() * SECOND)
-                };
-                let rule = match (kind, window) {
-                    (RawKind::Rolling, Window::Span(len)) => Rule::Rolling(Rolling {
-                        requests,
-                        window: len,
-                    }),
-                    _ => Rule::Fixed(Fixed { requests, window }),
-                };
-                (rule, text.to_owned())
-            }
-            RawKind::Bucket => {
-                forbid(&window_fields)?;
-                forbid(&concurrency_fields)?;
-                let r = l.rate.as_ref().ok_or_else(|| missing("rate"))?;
-                let (count, period) = parse_rate(r.get_ref()).map_err(|m| src.at(r.span(), m))?;
-                let interval = (period.as_nanos() / count as u128) as u64;
-                if interval == 0 {
-                    return Err(src.at(r.span(), "rate is too high"));
-                }
-                let burst = match &l.burst {
-                    Some(b) => positive(src, b, "burst")?,
-                    None => 1,
-                };
-                (
-                    Rule::Bucket(Bucket { burst, interval }),
-                    r.get_ref().trim().to_owned(),
-                )
-            }
-            RawKind::Concurrency => {
-                forbid(&window_fields)?;
-                forbid(&bucket_fields)?;
-                let max = positive(src, l.max.as_ref().ok_or_else(|| missing("max"))?, "max")?;
-                let retry_after = duration(src, &l.retry_after, Duration::from_secs(1))?;
-                if let Some(q) = &l.queue {
-                    let q = q.get_ref();
-                    let max_wait = parse_duration(q.max_wait.get_ref())
-                        .map_err(|m| src.at(q.max_wait.span(), m))?;
-                    let max_len = match &q.max_len {
-                        Some(n) => positive(src, n, "max_len")? as usize,
-                        None => 100,
-                    };
-                    queue = Some(QueueSpec { max_wait, max_len });
-                }
-                (
-                    Rule::Concurrency(Concurrency {
-                        max,
-                        retry_after: retry_after.as_nanos() as u64,
-                    }),
-                    "concurrent".to_owned(),
-                )
-            }
-        };
-        let (covered, routes_text): (Vec<usize>, String) = match &l.routes {
-            None => ((0..routes.len()).collect(), "*".into()),
-            Some(sel) => match sel.get_ref() {
-                RawRouteSet::One(s) if s == "*" => ((0..routes.len()).collect(), "*".into()),
-                RawRouteSet::One(s) => (vec![route_index(src, routes, s, sel.span())?], s.clone()),
-                RawRouteSet::Many(list) => {
-                    let mut idx = Vec::new();
-                    for s in list {
-                        idx.push(route_index(src, routes, s, sel.span())?);
-                    }
-                    let sorted: BTreeSet<&String> = list.iter().collect();
-                    (
-                        idx,
-                        sorted.into_iter().cloned().collect::<Vec<_>>().join(","),
-                    )
-                }
-            },
-        };
+        let (rule, window_text, queue) = compile_rule(src, lspan, l)?;
+        let (covered, routes_text) = covered_routes(src, routes, l)?;
         let headers = match &l.headers {
             None => None,
             Some(h) => Some(HeaderTrio::new(h.get_ref()).map_err(|m| src.at(h.span(), m))?),
