@@ -386,7 +386,7 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json_response(status, &json!({ "error": code, "message": message }))
+    crate::responses::error_response(status, code, message)
 }
 
 /// What `turnstile health` found.

@@ -522,6 +522,23 @@ pub fn refusal(refusal: &Refusal, ctx: &Context<'_>, rate_headers: HeaderMap) ->
     response
 }
 
+/// A JSON error answer that is not a refusal of a proxied request (the admin
+/// API's): `{"error":CODE,"message":MESSAGE}`, escaped like every refusal body.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let mut body = String::with_capacity(32 + code.len() + message.len());
+    body.push_str("{\"error\":\"");
+    json_escape_into(code, &mut body);
+    body.push_str("\",\"message\":\"");
+    json_escape_into(message, &mut body);
+    body.push_str("\"}");
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
 fn plan_list(plans: &[Arc<str>]) -> String {
     plans.iter().map(|p| &**p).collect::<Vec<_>>().join(" or ")
 }

@@ -118,6 +118,7 @@ pub struct Slot {
     store: Option<Arc<Inner>>,
     subject: Subject,
     counter: u64,
+    rule: Rule,
 }
 
 impl std::fmt::Debug for Slot {
@@ -131,7 +132,7 @@ impl std::fmt::Debug for Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(store) = self.store.take() {
-            store.release(&self.subject, self.counter);
+            store.release(&self.subject, self.counter, self.rule);
         }
     }
 }
@@ -344,6 +345,7 @@ impl Inner {
                         store: Some(self.clone()),
                         subject: c.subject.clone(),
                         counter: c.counter,
+                        rule: *c.rule,
                     }) as Box<dyn Send + Sync>);
                 }
             }
@@ -363,7 +365,7 @@ impl Inner {
     }
 
     /// Gives a slot back, or hands it to the oldest live waiter.
-    fn release(self: &Arc<Self>, subject: &Subject, counter: u64) {
+    fn release(self: &Arc<Self>, subject: &Subject, counter: u64, rule: Rule) {
         let handle = self.handle(subject);
         let mut g = lock(&handle);
         let Some(c) = g.list.iter_mut().find(|c| c.id == counter) else {
@@ -374,6 +376,7 @@ impl Inner {
                 store: Some(self.clone()),
                 subject: subject.clone(),
                 counter,
+                rule,
             };
             match waiter.send(slot) {
                 Ok(()) => return,
@@ -381,10 +384,8 @@ impl Inner {
                 Err(mut slot) => slot.store = None,
             }
         }
-        if let CounterState::Concurrency { in_flight } = &mut c.state {
-            *in_flight = in_flight.saturating_sub(1);
-            c.expires_at = if *in_flight > 0 { Nanos::MAX } else { 0 };
-        }
+        rule.release(&mut c.state);
+        c.expires_at = rule.expires_at(&c.state);
     }
 }
 
