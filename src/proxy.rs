@@ -658,30 +658,7 @@ impl Turnstile {
 
         let uri = upstream_uri(up, &parts.uri)?;
         let mut headers = parts.headers;
-        let original_host = request_host_header(&headers, &parts.uri);
-        strip_hop_by_hop(&mut headers);
-        headers.remove(&up.account_header);
-        headers.remove(&up.plan_header);
-        if let Some(who) = who {
-            let account = match &who.caller.account {
-                Some(name) => HeaderValue::from_str(name).ok(),
-                None => HeaderValue::from_str(who.caller.fingerprint.as_str()).ok(),
-            };
-            if let Some(account) = account {
-                headers.insert(up.account_header.clone(), account);
-            }
-            headers.insert(up.plan_header.clone(), who.plan.header_value.clone());
-        }
-        set_forwarded(
-            policy.server.trust_forwarded,
-            &mut headers,
-            peer,
-            original_host.as_ref(),
-        );
-        match original_host {
-            Some(h) if up.preserve_host => headers.insert(HOST, h),
-            _ => headers.insert(HOST, up.host_header.clone()),
-        };
+        upstream_headers(policy, &mut headers, &parts.uri, peer, who);
 
         let trip = Trip::default();
         let body = LimitedBody::new(
@@ -726,6 +703,43 @@ impl Turnstile {
             Deadline::new(body, deadline).boxed(),
         ))
     }
+}
+
+/// The request headers as the upstream gets them: hop-by-hop headers and
+/// spoofed account/plan headers removed, the caller's account and plan set,
+/// `X-Forwarded-*` and `Host` as configured.
+fn upstream_headers(
+    policy: &Policy,
+    headers: &mut HeaderMap,
+    uri: &Uri,
+    peer: &Peer,
+    who: Option<&Identified<'_>>,
+) {
+    let up = &policy.upstream;
+    let original_host = request_host_header(headers, uri);
+    strip_hop_by_hop(headers);
+    headers.remove(&up.account_header);
+    headers.remove(&up.plan_header);
+    if let Some(who) = who {
+        let account = match &who.caller.account {
+            Some(name) => HeaderValue::from_str(name).ok(),
+            None => HeaderValue::from_str(who.caller.fingerprint.as_str()).ok(),
+        };
+        if let Some(account) = account {
+            headers.insert(up.account_header.clone(), account);
+        }
+        headers.insert(up.plan_header.clone(), who.plan.header_value.clone());
+    }
+    set_forwarded(
+        policy.server.trust_forwarded,
+        headers,
+        peer,
+        original_host.as_ref(),
+    );
+    match original_host {
+        Some(h) if up.preserve_host => headers.insert(HOST, h),
+        _ => headers.insert(HOST, up.host_header.clone()),
+    };
 }
 
 /// The upstream target for a request: the configured base path plus the

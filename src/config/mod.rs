@@ -325,28 +325,10 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
     let server = compile_server(src, &raw.server)?;
     let upstream = compile_upstream(src, &raw.upstream)?;
     let headers = compile_headers(src, &raw.headers)?;
-    let store = StoreSettings {
-        backend: compile_backend(src, &raw.store)?,
-        snapshot: raw.store.snapshot.as_ref().map(|p| base.join(p.get_ref())),
-        snapshot_interval: duration(src, &raw.store.snapshot_interval, Duration::from_secs(5))?,
-        max_counters: match &raw.store.max_counters {
-            None => 1_000_000,
-            Some(n) if *n.get_ref() >= 1 => *n.get_ref() as usize,
-            Some(n) => return Err(src.at(n.span(), "max_counters must be at least 1")),
-        },
-    };
+    let store = compile_store(src, &raw.store, base)?;
     let log = LogSettings {
         refusals_per_second: raw.log.refusals_per_second.unwrap_or(100),
     };
-    if store.snapshot_interval.is_zero() {
-        let span = raw
-            .store
-            .snapshot_interval
-            .as_ref()
-            .map(|s| s.span())
-            .unwrap_or(0..0);
-        return Err(src.at(span, "snapshot_interval must be above zero"));
-    }
     let admin = match &raw.admin {
         None => None,
         Some(a) => Some(compile_admin(src, a, base)?),
@@ -358,20 +340,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
     }
     let global = Arc::new(global);
 
-    let mut routes = Vec::with_capacity(raw.routes.len());
-    let mut names = HashSet::new();
-    for r in &raw.routes {
-        let r = r.get_ref();
-        if !names.insert(r.name.get_ref().clone()) {
-            return Err(src.at(
-                r.name.span(),
-                format!("duplicate route name {:?}", r.name.get_ref()),
-            ));
-        }
-        let mut route = compile_route(src, r, &server, &upstream, &global)?;
-        route.index = routes.len();
-        routes.push(route);
-    }
+    let mut routes = compile_routes(src, &raw.routes, &server, &upstream, &global)?;
 
     let plan_names: Vec<&String> = raw.plans.keys().collect();
     let mut plans = Vec::with_capacity(raw.plans.len());
@@ -387,25 +356,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
             by_route: vec![Vec::new(); routes.len()],
         });
     }
-    for (route, raw_route) in routes.iter_mut().zip(&raw.routes) {
-        let Some(names) = &raw_route.get_ref().plans else {
-            continue;
-        };
-        let mut allowed = Vec::new();
-        for name in names.get_ref() {
-            let index = plan_index(&plans, name)
-                .filter(|_| !plan_names.is_empty())
-                .ok_or_else(|| {
-                    src.at(
-                        names.span(),
-                        format!("unknown plan {name:?}: plans are {}", list(&plan_names)),
-                    )
-                })?;
-            allowed.push(index);
-            route.plan_names.push(plans[index].name.clone());
-        }
-        route.plans = Some(allowed);
-    }
+    gate_routes(src, &mut routes, &raw.routes, &plans, &plan_names)?;
     if let Some(primary) = &headers.primary {
         let known = plans
             .iter()
@@ -438,6 +389,84 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         plans,
         responses: global,
     })
+}
+
+/// `[store]`.
+fn compile_store(src: &Source, raw: &RawStore, base: &Path) -> Result<StoreSettings, ConfigError> {
+    let store = StoreSettings {
+        backend: compile_backend(src, raw)?,
+        snapshot: raw.snapshot.as_ref().map(|p| base.join(p.get_ref())),
+        snapshot_interval: duration(src, &raw.snapshot_interval, Duration::from_secs(5))?,
+        max_counters: match &raw.max_counters {
+            None => 1_000_000,
+            Some(n) if *n.get_ref() >= 1 => *n.get_ref() as usize,
+            Some(n) => return Err(src.at(n.span(), "max_counters must be at least 1")),
+        },
+    };
+    if store.snapshot_interval.is_zero() {
+        let span = raw
+            .snapshot_interval
+            .as_ref()
+            .map(|s| s.span())
+            .unwrap_or(0..0);
+        return Err(src.at(span, "snapshot_interval must be above zero"));
+    }
+    Ok(store)
+}
+
+/// Every `[[routes]]` entry in file order; names must be unique.
+fn compile_routes(
+    src: &Source,
+    raw: &[Spanned<RawRoute>],
+    server: &ServerSettings,
+    upstream: &UpstreamSettings,
+    global: &Arc<ResponseSet>,
+) -> Result<Vec<Route>, ConfigError> {
+    let mut routes = Vec::with_capacity(raw.len());
+    let mut names = HashSet::new();
+    for r in raw {
+        let r = r.get_ref();
+        if !names.insert(r.name.get_ref().clone()) {
+            return Err(src.at(
+                r.name.span(),
+                format!("duplicate route name {:?}", r.name.get_ref()),
+            ));
+        }
+        let mut route = compile_route(src, r, server, upstream, global)?;
+        route.index = routes.len();
+        routes.push(route);
+    }
+    Ok(routes)
+}
+
+/// Plan gating: each route's `plans = [...]` resolved to plan indices.
+fn gate_routes(
+    src: &Source,
+    routes: &mut [Route],
+    raw: &[Spanned<RawRoute>],
+    plans: &[Plan],
+    plan_names: &[&String],
+) -> Result<(), ConfigError> {
+    for (route, raw_route) in routes.iter_mut().zip(raw) {
+        let Some(names) = &raw_route.get_ref().plans else {
+            continue;
+        };
+        let mut allowed = Vec::new();
+        for name in names.get_ref() {
+            let index = plan_index(plans, name)
+                .filter(|_| !plan_names.is_empty())
+                .ok_or_else(|| {
+                    src.at(
+                        names.span(),
+                        format!("unknown plan {name:?}: plans are {}", list(plan_names)),
+                    )
+                })?;
+            allowed.push(index);
+            route.plan_names.push(plans[index].name.clone());
+        }
+        route.plans = Some(allowed);
+    }
+    Ok(())
 }
 
 fn compile_backend(src: &Source, raw: &RawStore) -> Result<Backend, ConfigError> {
