@@ -14,10 +14,10 @@ use crate::body::{full, Body};
 use crate::clock::SECOND;
 use crate::config::Policy;
 use crate::identity::{self, Fingerprint, KeyDigest, UnknownKey};
-use crate::limits::{LimitSpec, Per};
+use crate::limits::{LimitSpec, Per, Rule};
 use crate::metrics::StoreFigures;
 use crate::proxy::Turnstile;
-use crate::store::{LimitCheck, StoreError, Subject};
+use crate::store::{JobCounter, LimitCheck, StoreError, Subject};
 
 /// Answers one admin request.
 pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
@@ -53,6 +53,8 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
                 slots: store.slots_in_flight(),
                 store_up: app.store().health().up,
                 evicted: store.evicted_counters(),
+                jobs_in_progress: app.store().jobs_in_progress(),
+                jobs_expired: app.store().jobs_expired(),
             };
             let mut r = Response::new(full(app.metrics().render(figures)));
             r.headers_mut().insert(
@@ -79,6 +81,7 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
             match (method, p) {
                 (&Method::GET, "/v1/usage") => usage(app, &policy, query).await,
                 (&Method::DELETE, "/v1/usage") => reset(app, &policy, query).await,
+                (&Method::DELETE, "/v1/jobs") => end_job(app, &policy, query).await,
                 (&Method::POST, "/v1/reload") => match app.reload() {
                     Ok(report) => json_response(
                         StatusCode::OK,
@@ -241,14 +244,50 @@ fn rows_of<'p>(policy: &'p Policy, key: &KeyView, only: Option<Per>, out: &mut V
     }
 }
 
+impl Row<'_> {
+    /// The row's counter as a jobs counter, if it is one.
+    fn job_counter(&self) -> Option<JobCounter> {
+        matches!(self.spec.rule, Rule::Jobs(_)).then(|| JobCounter {
+            subject: self.check.subject.clone(),
+            group: self.check.group.clone(),
+            counter: self.check.counter,
+            rule: self.spec.rule,
+        })
+    }
+}
+
+/// The jobs in progress of a jobs row, as the usage output lists them.
+async fn jobs_of(app: &Turnstile, row: &Row<'_>) -> Result<Option<Value>, StoreError> {
+    let Some(counter) = row.job_counter() else {
+        return Ok(None);
+    };
+    let jobs = app.store().jobs(&counter).await?;
+    Ok(Some(Value::Array(
+        jobs.iter()
+            .map(|j| {
+                json!({
+                    "id": &*j.id,
+                    "started": j.started / SECOND,
+                    "expires": j.expires.div_ceil(SECOND),
+                })
+            })
+            .collect(),
+    )))
+}
+
 /// The rows as JSON, with their figures read from the store.
 async fn render_rows(app: &Turnstile, rows: &[Row<'_>]) -> Result<Vec<Value>, StoreError> {
     let checks: Vec<LimitCheck<'_>> = rows.iter().map(|r| r.check.clone()).collect();
     let verdicts = app.store().usage(&checks).await?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    for row in rows {
+        jobs.push(jobs_of(app, row).await?);
+    }
     Ok(rows
         .iter()
         .zip(verdicts)
-        .map(|(row, v)| {
+        .zip(jobs)
+        .map(|((row, v), jobs)| {
             let mut entry = json!({
                 "name": &*row.spec.name,
                 "route": row.route,
@@ -258,7 +297,10 @@ async fn render_rows(app: &Turnstile, rows: &[Row<'_>]) -> Result<Vec<Value>, St
             if let Some(fp) = &row.per_key {
                 entry["key"] = json!(fp.as_str());
             }
-            if row.spec.rule.is_concurrency() {
+            if let Rule::Jobs(_) = row.spec.rule {
+                entry["in_progress"] = json!(v.used);
+                entry["jobs"] = jobs.unwrap_or_default();
+            } else if row.spec.rule.holds_slot() {
                 entry["in_flight"] = json!(v.used);
             } else {
                 entry["used"] = json!(v.used);
@@ -341,24 +383,27 @@ async fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> 
     }
 }
 
-async fn reset(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
+/// The counters a reset or a job ending addresses: a key's own (per-key)
+/// counters, or an account's shared ones and those of each of its keys.
+fn target_rows<'p>(policy: &'p Policy, query: &str) -> Result<Vec<Row<'p>>, Box<Response<Body>>> {
     let mut rows = Vec::new();
     match target(query) {
-        None => return no_target(),
+        None => return Err(Box::new(no_target())),
         Some(Target::Key(digest)) => {
             let Some(key) = key_view(policy, digest) else {
-                return error(StatusCode::NOT_FOUND, "not_found", "unknown API key");
+                let r = error(StatusCode::NOT_FOUND, "not_found", "unknown API key");
+                return Err(Box::new(r));
             };
             rows_of(policy, &key, Some(Per::Key), &mut rows);
         }
         Some(Target::Account(account)) => {
             let keys = account_keys(policy, &account);
             if keys.is_empty() {
-                return error(
+                return Err(Box::new(error(
                     StatusCode::NOT_FOUND,
                     "not_found",
                     &format!("no key belongs to account {account:?}"),
-                );
+                )));
             }
             for (i, key) in keys.iter().enumerate() {
                 if i == 0 {
@@ -368,6 +413,46 @@ async fn reset(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> 
             }
         }
     }
+    Ok(rows)
+}
+
+/// `DELETE /v1/jobs?key=K&id=ID` (or `account=A`): ends one job in progress.
+async fn end_job(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
+    let Some(id) = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, v)| k == "id" && !v.is_empty())
+        .map(|(_, v)| v.into_owned())
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "expected ?key=KEY&id=JOB or ?account=ACCOUNT&id=JOB",
+        );
+    };
+    let rows = match target_rows(policy, query) {
+        Ok(rows) => rows,
+        Err(r) => return *r,
+    };
+    let counters: Vec<JobCounter> = rows.iter().filter_map(Row::job_counter).collect();
+    match app.store().end_job(&counters, &id).await {
+        Ok(true) => {
+            app.metrics().job_ended(crate::jobs::Ended::Admin);
+            tracing::info!(job = %id, "job ended through the admin API");
+            json_response(StatusCode::OK, &json!({ "ended": id }))
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no job {id:?} in progress for this key or account"),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn reset(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
+    let rows = match target_rows(policy, query) {
+        Ok(rows) => rows,
+        Err(r) => return *r,
+    };
     let checks: Vec<LimitCheck<'_>> = rows.iter().map(|r| r.check.clone()).collect();
     let reset = match app.store().reset(&checks).await {
         Ok(n) => n,

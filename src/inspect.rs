@@ -246,6 +246,14 @@ impl RequestBody {
         }
     }
 
+    /// The body as JSON, if it was read and parsed.
+    pub fn parsed(&self) -> Option<&Value> {
+        match self {
+            RequestBody::Read { json: Ok(v), .. } => Some(v),
+            _ => None,
+        }
+    }
+
     /// The JSON-RPC id, when the body was read and is a JSON object.
     pub fn rpc_id(&self) -> Option<&Value> {
         match self {

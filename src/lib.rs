@@ -16,6 +16,7 @@ pub mod conn;
 pub mod example_api;
 pub mod identity;
 pub mod inspect;
+pub mod jobs;
 pub mod json;
 pub mod limits;
 pub mod mcp;
@@ -27,7 +28,9 @@ pub mod responses;
 pub mod routing;
 pub mod server;
 pub mod store;
+pub mod tap;
 pub mod upstream;
+pub mod values;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{load, ConfigError, Policy};

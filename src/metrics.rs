@@ -44,6 +44,22 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HowLabels {
+    how: &'static str,
+}
+
+/// Registers `metric` under `name` and returns it (metrics are shared handles).
+fn register<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 /// Every metric turnstile exports.
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +71,8 @@ pub struct Metrics {
     evicted: Counter,
     queued: Gauge,
     slots: Gauge,
+    jobs_in_progress: Gauge,
+    jobs_ended: Family<HowLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
     snapshots: Family<OutcomeLabels, Counter>,
     store_errors: Counter,
@@ -86,101 +104,92 @@ pub struct StoreFigures {
     pub store_up: bool,
     /// Counters evicted to stay under `[store] max_counters`, since start.
     pub evicted: u64,
+    /// Jobs in progress (see `CounterStore::jobs_in_progress`).
+    pub jobs_in_progress: i64,
+    /// Jobs expired since start.
+    pub jobs_expired: u64,
 }
 
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("turnstile");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
+        let mut r = Registry::with_prefix("turnstile");
+        let reg = &mut r;
+        let requests = register(
+            reg,
             "requests",
             "Requests by route and decision (forwarded, or the refusal's error code)",
-            requests.clone(),
+            Family::<RequestLabels, Counter>::default(),
         );
-        let refusals = Family::<LimitLabels, Counter>::default();
-        registry.register(
+        let refusals = register(
+            reg,
             "rate_limited",
             "429 refusals by route and refusing limit",
-            refusals.clone(),
+            Family::<LimitLabels, Counter>::default(),
         );
-        let upstream_latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 16))
-        });
-        registry.register(
+        let upstream_latency = register(
+            reg,
             "upstream_latency_seconds",
             "Time from forwarding a request to the upstream's response headers",
-            upstream_latency.clone(),
-        );
-        let in_flight = Gauge::default();
-        registry.register(
-            "in_flight_exchanges",
-            "Exchanges being handled (until the response body is sent)",
-            in_flight.clone(),
-        );
-        let counters = Gauge::default();
-        registry.register(
-            "tracked_counters",
-            "Limit counters held in memory",
-            counters.clone(),
-        );
-        let evicted = Counter::default();
-        registry.register(
-            "counters_evicted",
-            "Counters evicted to stay under [store] max_counters",
-            evicted.clone(),
-        );
-        let queued = Gauge::default();
-        registry.register(
-            "queued_requests",
-            "Requests waiting for a concurrency slot",
-            queued.clone(),
-        );
-        let slots = Gauge::default();
-        registry.register(
-            "concurrency_slots_in_use",
-            "Concurrency slots taken",
-            slots.clone(),
-        );
-        let reloads = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "reloads",
-            "Config reloads by outcome (ok, error)",
-            reloads.clone(),
-        );
-        let snapshots = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "snapshots",
-            "Counter snapshots written by outcome (ok, error)",
-            snapshots.clone(),
-        );
-        let store_errors = Counter::default();
-        registry.register(
-            "store_errors",
-            "Decisions the counter store could not make",
-            store_errors.clone(),
-        );
-        let store_up = Gauge::default();
-        registry.register(
-            "store_up",
-            "1 while the counter store answers (redis: circuit closed), else 0",
-            store_up.clone(),
+            Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
         );
         Self {
-            registry,
             requests,
             refusals,
             upstream_latency,
-            in_flight,
-            counters,
-            evicted,
-            queued,
-            slots,
-            reloads,
-            snapshots,
-            store_errors,
-            store_up,
+            in_flight: register(
+                reg,
+                "in_flight_exchanges",
+                "Exchanges being handled (until the response body is sent)",
+                Gauge::default(),
+            ),
+            counters: register(reg, "tracked_counters", "Limit counters held in memory", Gauge::default()),
+            evicted: register(
+                reg,
+                "counters_evicted",
+                "Counters evicted to stay under [store] max_counters",
+                Counter::default(),
+            ),
+            queued: register(reg, "queued_requests", "Requests waiting for a concurrency slot", Gauge::default()),
+            slots: register(reg, "concurrency_slots_in_use", "Concurrency slots taken", Gauge::default()),
+            jobs_in_progress: register(
+                reg,
+                "jobs_in_progress",
+                "Jobs in progress (redis: started minus ended as seen by this instance; sum over instances)",
+                Gauge::default(),
+            ),
+            jobs_ended: register(
+                reg,
+                "jobs_ended",
+                "Jobs ended, by how (done, cancelled, expired, admin)",
+                Family::<HowLabels, Counter>::default(),
+            ),
+            reloads: register(reg, "reloads", "Config reloads by outcome (ok, error)", Family::default()),
+            snapshots: register(
+                reg,
+                "snapshots",
+                "Counter snapshots written by outcome (ok, error)",
+                Family::default(),
+            ),
+            store_errors: register(reg, "store_errors", "Decisions the counter store could not make", Counter::default()),
+            store_up: register(
+                reg,
+                "store_up",
+                "1 while the counter store answers (redis: circuit closed), else 0",
+                Gauge::default(),
+            ),
+            registry: r,
         }
+    }
+
+    /// Counts one job ended (`done`, `cancelled`, `admin`; expiries are
+    /// read from the store at scrape time).
+    pub fn job_ended(&self, how: crate::jobs::Ended) {
+        self.jobs_ended
+            .get_or_create(&HowLabels { how: how.label() })
+            .inc();
     }
 
     /// Counts one request's outcome: `"forwarded"` or a refusal code.
@@ -249,6 +258,12 @@ impl Metrics {
         self.queued.set(figures.queued as i64);
         self.slots.set(figures.slots as i64);
         self.store_up.set(i64::from(figures.store_up));
+        self.jobs_in_progress.set(figures.jobs_in_progress);
+        let expired = self.jobs_ended.get_or_create(&HowLabels {
+            how: crate::jobs::Ended::Expired.label(),
+        });
+        expired.inc_by(figures.jobs_expired.saturating_sub(expired.get()));
+        drop(expired);
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             let _ = writeln!(out, "# encoding failed");

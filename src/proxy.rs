@@ -18,12 +18,13 @@ use crate::body::{Body, BodyFault, BodyLimits, Deadline, LimitedBody, Trip, With
 use crate::config::{ConfigError, Format, Plan, Policy, Route, Unmatched, UpstreamSettings};
 use crate::identity::{AuthError, Caller};
 use crate::inspect::{content_length, Budget, ReadLimits, RequestBody};
+use crate::jobs;
 use crate::mcp;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::refusal_log::RefusalLog;
 use crate::responses::{self, Checked, Refusal};
 use crate::store::{CounterStore, Lease, LimitCheck, Store, Subject};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamError};
 use arc_swap::ArcSwap;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -344,12 +345,21 @@ impl Turnstile {
             now,
             checks,
             checked,
-            lease,
+            mut lease,
         } = admitted;
         let with_headers = !checked.is_empty() && policy.headers.on_success;
         let rpc_id = body.rpc_id().cloned();
+        let watcher = self.job_watcher(policy, route, who, &parts, &body, &mut lease);
         match self
-            .forward(live, parts, body.into_body(), peer, Some(route), Some(who))
+            .forward(
+                live,
+                parts,
+                body.into_body(),
+                peer,
+                Some(route),
+                Some(who),
+                watcher,
+            )
             .await
         {
             Ok(mut response) => {
@@ -406,7 +416,7 @@ impl Turnstile {
     ) -> Response<Body> {
         let rpc_id = body.rpc_id().cloned();
         match self
-            .forward(live, parts, body.into_body(), peer, Some(route), None)
+            .forward(live, parts, body.into_body(), peer, Some(route), None, None)
             .await
         {
             Ok(response) => {
@@ -495,7 +505,7 @@ impl Turnstile {
             return self.refuse_unrouted(policy, &refusal);
         }
         match self
-            .forward(live, parts, body.into_body(), peer, None, None)
+            .forward(live, parts, body.into_body(), peer, None, None, None)
             .await
         {
             Ok(response) => {
@@ -545,6 +555,39 @@ impl Turnstile {
                 Err((Refusal::StoreUnavailable(e.to_string()), HeaderMap::new()))
             }
         }
+    }
+
+    /// What this exchange watches its answer for (SPEC §11): the pending
+    /// job slots its admission took (out of `lease`), or the job its status
+    /// poll or cancel names.
+    fn job_watcher(
+        &self,
+        policy: &Policy,
+        route: &Route,
+        who: &Identified<'_>,
+        parts: &Parts,
+        body: &RequestBody,
+        lease: &mut Lease,
+    ) -> Option<jobs::Watcher> {
+        if matches!(route.job, jobs::JobRole::None) {
+            return None;
+        }
+        let caller = &who.caller;
+        let watch = jobs::watch(
+            &route.job,
+            &route.matcher.path,
+            parts,
+            body.parsed(),
+            lease.take_jobs(),
+            || jobs::counters(who.plan, &caller.digest, caller.account.as_ref()),
+        )?;
+        Some(jobs::Watcher {
+            watch,
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            max: policy.server.mcp_max_body,
+            rpc_id: body.rpc_id().cloned(),
+        })
     }
 
     /// How bodies are read for inspection under the config in force.
@@ -630,7 +673,11 @@ impl Turnstile {
         responses::refusal(refusal, &ctx, headers)
     }
 
-    /// Streams the request to the upstream and its response back.
+    /// Streams the request to the upstream and its response back. With a
+    /// job `watcher`, the exchange with the upstream runs on as its own task
+    /// even if the client goes away (SPEC §11.2: the job runs whether or not
+    /// anyone waits for the answer).
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         live: &Live,
@@ -639,6 +686,7 @@ impl Turnstile {
         peer: &Peer,
         route: Option<&Route>,
         who: Option<&Identified<'_>>,
+        watcher: Option<jobs::Watcher>,
     ) -> Result<Response<Body>, Refusal> {
         let policy = &*live.policy;
         let up = &policy.upstream;
@@ -676,33 +724,54 @@ impl Turnstile {
         *request.headers_mut() = headers;
 
         let sent = std::time::Instant::now();
-        let result = tokio::time::timeout_at(deadline, live.upstream.send(request)).await;
-        live.route_metrics(route).upstream_latency(sent.elapsed());
-        let response = match result {
-            Err(_) => return Err(Refusal::UpstreamTimeout(timeout)),
-            Ok(Err(e)) => {
-                return Err(match trip.get() {
-                    Some(BodyFault::TooLarge(over)) => Refusal::PayloadTooLarge {
-                        limit: over.limit,
-                        pattern: over.pattern.clone(),
-                        route: route.map_or_else(unmatched_label, |r| r.name.clone()),
-                    },
-                    Some(BodyFault::Stalled(idle)) => Refusal::RequestTimeout(*idle),
-                    Some(BodyFault::Broken(why)) => {
-                        Refusal::BrokenBody(format!("malformed request body: {why}"))
-                    }
-                    None => Refusal::BadGateway(e.to_string()),
-                });
+        let has_watcher = watcher.is_some();
+        let upstream = live.upstream.clone();
+        let exchange = async move {
+            match tokio::time::timeout_at(deadline, upstream.send(request)).await {
+                Err(_) => Err(None),
+                Ok(Err(e)) => Err(Some(e)),
+                Ok(Ok(response)) => {
+                    let response = streamed_back(response, deadline);
+                    Ok(match watcher {
+                        Some(w) => w.answer(response).await,
+                        None => response,
+                    })
+                }
             }
-            Ok(Ok(response)) => response,
         };
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            Deadline::new(body, deadline).boxed(),
-        ))
+        let result = if has_watcher {
+            tokio::spawn(exchange)
+                .await
+                .unwrap_or_else(|e| Err(Some(UpstreamError::Task(e.to_string()))))
+        } else {
+            exchange.await
+        };
+        live.route_metrics(route).upstream_latency(sent.elapsed());
+        match result {
+            Ok(response) => Ok(response),
+            Err(None) => Err(Refusal::UpstreamTimeout(timeout)),
+            Err(Some(e)) => Err(match trip.get() {
+                Some(BodyFault::TooLarge(over)) => Refusal::PayloadTooLarge {
+                    limit: over.limit,
+                    pattern: over.pattern.clone(),
+                    route: route.map_or_else(unmatched_label, |r| r.name.clone()),
+                },
+                Some(BodyFault::Stalled(idle)) => Refusal::RequestTimeout(*idle),
+                Some(BodyFault::Broken(why)) => {
+                    Refusal::BrokenBody(format!("malformed request body: {why}"))
+                }
+                None => Refusal::BadGateway(e.to_string()),
+            }),
+        }
     }
+}
+
+/// The upstream's answer as the client gets it: hop-by-hop headers removed,
+/// the body bounded by the exchange's deadline.
+fn streamed_back(response: Response<Incoming>, deadline: tokio::time::Instant) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Deadline::new(body, deadline).boxed())
 }
 
 /// The request headers as the upstream gets them: hop-by-hop headers and
@@ -849,7 +918,7 @@ async fn check_admission(
             route: route.name.clone(),
         });
     }
-    if !route.arg_limits.is_empty() {
+    if !route.arg_limits.is_empty() || route.job.needs_request_json() {
         let subject = route.mcp_tool.as_deref().unwrap_or(&route.name);
         let limits = ReadLimits {
             max: policy.server.mcp_max_body,

@@ -126,19 +126,40 @@ pub struct RateLimited {
     pub route: Arc<str>,
     /// Plan name.
     pub plan: Arc<str>,
-    /// Whether the refusing limit is a concurrency limit.
-    pub concurrent: bool,
+    /// What the refusing limit counts.
+    pub counts: Counts,
+}
+
+/// What a refusing limit counts, for the wording of its refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counts {
+    /// Requests (or cost) over time.
+    Requests,
+    /// Exchanges in flight.
+    Concurrent,
+    /// Generations in progress (SPEC §11).
+    Jobs,
 }
 
 /// The message of a 429 body, written straight into its destination.
 impl std::fmt::Display for RateLimited {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.concurrent {
-            return write!(
-                f,
-                "Too many concurrent requests: at most {} at once ({}). Retry in {} s.",
-                self.limit, self.name, self.retry_after
-            );
+        match self.counts {
+            Counts::Concurrent => {
+                return write!(
+                    f,
+                    "Too many concurrent requests: at most {} at once ({}). Retry in {} s.",
+                    self.limit, self.name, self.retry_after
+                );
+            }
+            Counts::Jobs => {
+                return write!(
+                    f,
+                    "Too many generations in progress: at most {} at once ({}). Retry in {} s.",
+                    self.limit, self.name, self.retry_after
+                );
+            }
+            Counts::Requests => {}
         }
         write!(
             f,
@@ -421,8 +442,12 @@ impl Refusal {
     /// The text of an MCP tool error for this refusal.
     fn mcp_text(&self) -> String {
         match self {
-            Refusal::RateLimited(r) if r.concurrent => format!(
+            Refusal::RateLimited(r) if r.counts == Counts::Concurrent => format!(
                 "Too many requests at once (at most {}). Try again in {} s.",
+                r.limit, r.retry_after
+            ),
+            Refusal::RateLimited(r) if r.counts == Counts::Jobs => format!(
+                "Too many generations in progress (at most {}). Try again in {} s.",
                 r.limit, r.retry_after
             ),
             Refusal::RateLimited(r) => {
@@ -629,8 +654,7 @@ pub fn write_rate_headers(
     if settings.ietf {
         let mut policy = String::new();
         // Concurrency caps are not quotas over time: they have no place in RateLimit-Policy.
-        for Checked { spec, verdict: v } in checked.iter().filter(|c| !c.spec.rule.is_concurrency())
-        {
+        for Checked { spec, verdict: v } in checked.iter().filter(|c| !c.spec.rule.holds_slot()) {
             if !policy.is_empty() {
                 policy.push_str(", ");
             }
@@ -678,7 +702,7 @@ fn primary_index(
     if let Some(name) = &settings.primary {
         let pinned = checked
             .iter()
-            .position(|c| &*c.spec.name == name.as_str() && !c.spec.rule.is_concurrency());
+            .position(|c| &*c.spec.name == name.as_str() && !c.spec.rule.holds_slot());
         if let Some(i) = pinned {
             return Some(i);
         }
@@ -689,7 +713,7 @@ fn primary_index(
     }
     let mut best: Option<usize> = None;
     for (i, Checked { spec, verdict: v }) in checked.iter().enumerate() {
-        if spec.rule.is_concurrency() {
+        if spec.rule.holds_slot() {
             continue;
         }
         if best.is_none_or(|b| v.remaining < checked[b].verdict.remaining) {
@@ -723,7 +747,11 @@ pub fn rate_limited(
         window: spec.window_text.clone(),
         route: route.clone(),
         plan: plan.clone(),
-        concurrent: spec.rule.is_concurrency(),
+        counts: match spec.rule {
+            crate::limits::Rule::Jobs(_) => Counts::Jobs,
+            rule if rule.holds_slot() => Counts::Concurrent,
+            _ => Counts::Requests,
+        },
     })
 }
 
@@ -824,7 +852,7 @@ mod tests {
             window: "1m".into(),
             route: "r".into(),
             plan: "p".into(),
-            concurrent: false,
+            counts: Counts::Requests,
         }));
         let mut set = ResponseSet::default();
         set.set("rate_limited", Arc::new(t));

@@ -11,7 +11,7 @@ enum Segment {
     /// Must equal the request's segment.
     Literal(String),
     /// `{name}`: any one non-empty segment.
-    Param,
+    Param(String),
 }
 
 /// A compiled path pattern: exact `/v1/files`, parameters `/v1/files/{id}`,
@@ -49,7 +49,7 @@ impl PathPattern {
                     ));
                 }
                 if seg.starts_with('{') && seg.ends_with('}') && seg.len() > 2 {
-                    segments.push(Segment::Param);
+                    segments.push(Segment::Param(seg[1..seg.len() - 1].to_owned()));
                 } else if seg.contains(['{', '}']) {
                     return Err(format!(
                         "path {text:?}: a parameter must be a whole segment, as \"{{id}}\""
@@ -79,7 +79,7 @@ impl PathPattern {
             let ok = match seg {
                 Segment::Literal(lit) if self.case_sensitive => head == lit,
                 Segment::Literal(lit) => head.eq_ignore_ascii_case(lit),
-                Segment::Param => !head.is_empty(),
+                Segment::Param(_) => !head.is_empty(),
             };
             if !ok {
                 return false;
@@ -91,6 +91,25 @@ impl PathPattern {
         }
         // Every segment matched and the path goes deeper: `rest` is what follows.
         self.prefix && !rest.is_empty()
+    }
+}
+
+impl PathPattern {
+    /// Whether the pattern has a `{name}` segment.
+    pub fn has_param(&self, name: &str) -> bool {
+        self.segments
+            .iter()
+            .any(|s| matches!(s, Segment::Param(p) if p == name))
+    }
+
+    /// The segment of `path` (in match form, already matched by this
+    /// pattern) at the pattern's `{name}`.
+    pub fn param<'a>(&self, path: &'a str, name: &str) -> Option<&'a str> {
+        let at = self
+            .segments
+            .iter()
+            .position(|s| matches!(s, Segment::Param(p) if p == name))?;
+        path.strip_prefix('/')?.split('/').nth(at)
     }
 }
 

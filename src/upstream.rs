@@ -48,6 +48,9 @@ pub enum UpstreamError {
     /// request body failed while being sent).
     #[error("upstream closed the connection before answering")]
     Closed,
+    /// The task running the exchange failed (a panic while reading the answer).
+    #[error("upstream exchange failed: {0}")]
+    Task(String),
 }
 
 impl UpstreamError {

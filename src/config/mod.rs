@@ -23,12 +23,14 @@ pub use crate::body::display_size;
 use crate::body::BodyLimits;
 use crate::clock::SECOND;
 use crate::identity::{self, IdentitySettings, KeyRecord, KeyRegistry, KeySource, UnknownKey};
-use crate::limits::{Bucket, Concurrency, Fixed, Rolling, Rule, Window};
+use crate::jobs::JobRole;
+use crate::limits::{Bucket, Concurrency, Fixed, Jobs, Rolling, Rule, Window};
 pub use crate::limits::{HeaderTrio, LimitSpec, Per, QueueSpec};
 pub use crate::mcp::ArgLimit;
 use crate::responses::{HeaderSettings, ResetFormat, ResponseSet, Template, RESPONSE_NAMES};
 use crate::routing::{PathPattern, RouteMatcher};
 pub use crate::store::{OnError, RedisSettings};
+use crate::values::{Side, ValueSource};
 use raw::*;
 pub use units::{parse_duration, parse_rate, parse_size, RawSize};
 
@@ -252,6 +254,8 @@ pub struct Route {
     pub plan_names: Vec<Arc<str>>,
     /// Rules on JSON argument sizes.
     pub arg_limits: Vec<ArgLimit>,
+    /// What the route's answers mean for jobs in progress (SPEC §11).
+    pub job: JobRole,
     /// Refusal templates in force (route over global).
     pub responses: Arc<ResponseSet>,
 }
@@ -765,7 +769,6 @@ fn compile_route(
     Ok(Route {
         index: 0,
         name: r.name.get_ref().as_str().into(),
-        matcher: RouteMatcher { method, path, host },
         body: BodyLimits {
             max: size(src, &r.max_body, server.max_body)?,
             by_type: by_type(src, r.max_body_by_type.as_ref())?,
@@ -781,8 +784,59 @@ fn compile_route(
         plans: None,
         plan_names: Vec::new(),
         arg_limits: arg_limits(src, r.arg_limits.as_deref())?,
+        job: job_role(src, r, &path)?,
+        matcher: RouteMatcher { method, path, host },
         responses,
     })
+}
+
+/// The route's `job`, `job_status` or `job_cancel` (at most one).
+fn job_role(src: &Source, r: &RawRoute, pattern: &PathPattern) -> Result<JobRole, ConfigError> {
+    let source = |s: &Spanned<String>, side: Side| {
+        ValueSource::parse(s.get_ref(), side, pattern).map_err(|m| src.at(s.span(), m))
+    };
+    let mut roles = Vec::new();
+    if let Some(j) = &r.job {
+        roles.push((
+            j.span(),
+            JobRole::Submit {
+                id: source(&j.get_ref().id, Side::Response)?,
+            },
+        ));
+    }
+    if let Some(j) = &r.job_status {
+        let raw = j.get_ref();
+        if raw.done.get_ref().is_empty() {
+            return Err(src.at(raw.done.span(), "`done` lists at least one state"));
+        }
+        roles.push((
+            j.span(),
+            JobRole::Status {
+                id: source(&raw.id, Side::Request)?,
+                state: source(&raw.state, Side::Response)?,
+                done: raw.done.get_ref().clone(),
+            },
+        ));
+    }
+    if let Some(j) = &r.job_cancel {
+        roles.push((
+            j.span(),
+            JobRole::Cancel {
+                id: source(&j.get_ref().id, Side::Request)?,
+            },
+        ));
+    }
+    match roles.len() {
+        0 => Ok(JobRole::None),
+        1 => Ok(roles.remove(0).1),
+        _ => Err(src.at(
+            roles[1].0.clone(),
+            format!(
+                "route {:?}: `job`, `job_status` and `job_cancel` exclude each other",
+                r.name.get_ref()
+            ),
+        )),
+    }
 }
 
 fn arg_limits(
@@ -953,11 +1007,13 @@ fn compile_rule(
         ("retry_after", l.retry_after.is_some()),
         ("queue", l.queue.is_some()),
     ];
+    let jobs_fields = [("max_duration", l.max_duration.is_some())];
     let mut queue = None;
     let (rule, window_text) = match kind {
         RawKind::Fixed | RawKind::Rolling => {
             forbid(&bucket_fields)?;
             forbid(&concurrency_fields)?;
+            forbid(&jobs_fields)?;
             let requests = positive(
                 src,
                 l.requests.as_ref().ok_or_else(|| missing("requests"))?,
@@ -978,6 +1034,7 @@ fn compile_rule(
         RawKind::Bucket => {
             forbid(&window_fields)?;
             forbid(&concurrency_fields)?;
+            forbid(&jobs_fields)?;
             let r = l.rate.as_ref().ok_or_else(|| missing("rate"))?;
             let (count, period) = parse_rate(r.get_ref()).map_err(|m| src.at(r.span(), m))?;
             let interval = (period.as_nanos() / count as u128) as u64;
@@ -996,6 +1053,7 @@ fn compile_rule(
         RawKind::Concurrency => {
             forbid(&window_fields)?;
             forbid(&bucket_fields)?;
+            forbid(&jobs_fields)?;
             let max = positive(src, l.max.as_ref().ok_or_else(|| missing("max"))?, "max")?;
             let retry_after = duration(src, &l.retry_after, Duration::from_secs(1))?;
             if let Some(q) = &l.queue {
@@ -1007,6 +1065,25 @@ fn compile_rule(
                     retry_after: retry_after.as_nanos() as u64,
                 }),
                 "concurrent".to_owned(),
+            )
+        }
+        RawKind::Jobs => {
+            forbid(&window_fields)?;
+            forbid(&bucket_fields)?;
+            forbid(&[("queue", l.queue.is_some())])?;
+            let max = positive(src, l.max.as_ref().ok_or_else(|| missing("max"))?, "max")?;
+            let retry_after = duration(src, &l.retry_after, Duration::from_secs(5))?;
+            let max_duration = duration(src, &l.max_duration, Duration::from_secs(3600))?;
+            if max_duration.is_zero() {
+                return Err(missing("max_duration above zero"));
+            }
+            (
+                Rule::Jobs(Jobs {
+                    max,
+                    max_duration: max_duration.as_nanos() as u64,
+                    retry_after: retry_after.as_nanos() as u64,
+                }),
+                "jobs".to_owned(),
             )
         }
     };
@@ -1053,7 +1130,7 @@ fn compile_plan(
         let l = l.get_ref();
         let lname = l.name.get_ref();
         let kind = l.kind.unwrap_or(RawKind::Fixed);
-        let (rule, window_text, queue) = compile_rule(src, lspan, l)?;
+        let (rule, window_text, queue) = compile_rule(src, lspan.clone(), l)?;
         let (covered, routes_text) = covered_routes(src, routes, l)?;
         let headers = match &l.headers {
             None => None,
@@ -1064,12 +1141,21 @@ fn compile_plan(
         // The counter's identity leaves out the numbers a reload may change.
         let identity_window = match kind {
             RawKind::Fixed | RawKind::Rolling => window_text.as_str(),
-            RawKind::Bucket | RawKind::Concurrency => "",
+            RawKind::Bucket | RawKind::Concurrency | RawKind::Jobs => "",
         };
         let index = limits.len();
         for r in covered {
             if !routes[r].auth {
                 continue;
+            }
+            if kind == RawKind::Jobs && !matches!(routes[r].job, JobRole::Submit { .. }) {
+                return Err(src.at(
+                    lspan.clone(),
+                    format!(
+                        "limit {lname:?} counts jobs, but route {:?} does not say where its answer names one: add `job = {{ id = \"json:/id\" }}` to the route",
+                        &*routes[r].name
+                    ),
+                ));
             }
             if by_route[r]
                 .iter()

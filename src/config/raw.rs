@@ -164,6 +164,25 @@ pub struct RawRoute {
     pub format: Option<RawFormat>,
     pub plans: Option<Spanned<Vec<String>>>,
     pub arg_limits: Option<Vec<Spanned<RawArgLimit>>>,
+    pub job: Option<Spanned<RawJob>>,
+    pub job_status: Option<Spanned<RawJobStatus>>,
+    pub job_cancel: Option<Spanned<RawJob>>,
+}
+
+/// `job = { id = "..." }` and `job_cancel = { id = "..." }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJob {
+    pub id: Spanned<String>,
+}
+
+/// `job_status = { id, state, done }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJobStatus {
+    pub id: Spanned<String>,
+    pub state: Spanned<String>,
+    pub done: Spanned<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -203,6 +222,7 @@ pub enum RawKind {
     Rolling,
     Bucket,
     Concurrency,
+    Jobs,
 }
 
 impl RawKind {
@@ -212,6 +232,7 @@ impl RawKind {
             RawKind::Rolling => "rolling",
             RawKind::Bucket => "bucket",
             RawKind::Concurrency => "concurrency",
+            RawKind::Jobs => "jobs",
         }
     }
 }
@@ -246,6 +267,7 @@ pub struct RawLimit {
     pub retry_after: Option<Spanned<String>>,
     pub queue: Option<Spanned<RawQueue>>,
     pub headers: Option<Spanned<String>>,
+    pub max_duration: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,6 +10,7 @@ mod bucket;
 mod calendar;
 mod concurrency;
 mod fixed;
+mod jobs;
 mod kind;
 mod rolling;
 mod spec;
@@ -18,6 +19,7 @@ pub use bucket::Bucket;
 pub use calendar::{format_rfc3339, month_bounds};
 pub use concurrency::Concurrency;
 pub use fixed::Fixed;
+pub use jobs::{Job, Jobs, JobsState};
 pub use kind::LimitKind;
 pub use rolling::{Rolling, RollingLog};
 pub use spec::{HeaderTrio, LimitSpec, Per, QueueSpec};
@@ -79,13 +81,13 @@ macro_rules! kinds {
                 match self { $(Rule::$variant(_) => <$kind>::fits(state),)* }
             }
 
-            /// The kind's name (`fixed`, `rolling`, `bucket`, `concurrency`).
+            /// The kind's name (`fixed`, `rolling`, `bucket`, `concurrency`, `jobs`).
             pub fn kind_name(&self) -> &'static str {
                 match self { $(Rule::$variant(_) => <$kind>::NAME,)* }
             }
 
             /// Whether an admission holds a slot for the whole exchange.
-            pub fn is_concurrency(&self) -> bool {
+            pub fn holds_slot(&self) -> bool {
                 match self { $(Rule::$variant(_) => <$kind>::HOLDS_SLOT,)* }
             }
 
@@ -163,6 +165,7 @@ kinds! {
     Rolling(Rolling),
     Bucket(Bucket),
     Concurrency(Concurrency),
+    Jobs(Jobs),
 }
 
 /// What a counter holds between requests.
@@ -188,6 +191,21 @@ pub enum CounterState {
         /// Slots taken.
         in_flight: u32,
     },
+    /// Submissions in flight and jobs in progress (boxed: it holds ids).
+    Jobs(Box<JobsState>),
+}
+
+impl CounterState {
+    /// Whether this counter holds something that is not a count over time
+    /// (a concurrency slot, a pending submission, a job): such counters are
+    /// never evicted under memory pressure.
+    pub fn holds(&self) -> bool {
+        match self {
+            CounterState::Concurrency { in_flight } => *in_flight > 0,
+            CounterState::Jobs(j) => j.in_progress() > 0,
+            _ => false,
+        }
+    }
 }
 
 /// One limit's verdict for one request, with what the headers need.

@@ -21,9 +21,12 @@ use std::path::Path;
 use super::snapshot::{self, SavedCounter, SavedSubject};
 use smallvec::SmallVec;
 
-use super::{Decision, Lease, LimitCheck, SnapshotError, Store, StoreError, Subject, Verdicts};
+use super::{
+    Decision, JobClaim, JobCounter, Lease, LimitCheck, SnapshotError, Store, StoreError, Subject,
+    Verdicts,
+};
 use crate::clock::{Clock, Nanos};
-use crate::limits::{Concurrency, CounterState, Rule, Verdict};
+use crate::limits::{Concurrency, CounterState, Job, Rule, Verdict};
 
 /// Requests waiting for a concurrency slot, oldest first.
 type Waiters = VecDeque<oneshot::Sender<Slot>>;
@@ -97,6 +100,8 @@ struct Inner {
     evicting: AtomicBool,
     /// SubjectCounters dropped to stay under `max_counters`, ever.
     evicted: AtomicU64,
+    /// Jobs whose `max_duration` passed, ever.
+    jobs_expired: AtomicU64,
 }
 
 /// SubjectCounters held in this process. Clones share the same counters.
@@ -218,9 +223,10 @@ impl Inner {
         let mut candidates: Vec<(bool, Nanos, Subject)> = Vec::new();
         for entry in self.map.iter() {
             let g = lock(entry.value());
-            let busy = g.list.iter().any(|c| {
-                c.expires_at == Nanos::MAX || c.waiters.as_ref().is_some_and(|w| !w.is_empty())
-            });
+            let busy = g
+                .list
+                .iter()
+                .any(|c| c.state.holds() || c.waiters.as_ref().is_some_and(|w| !w.is_empty()));
             if !busy {
                 let ends = g.list.iter().map(|c| c.expires_at).max().unwrap_or(0);
                 candidates.push((g.pinned, ends, entry.key().clone()));
@@ -234,7 +240,7 @@ impl Inner {
             }
             self.map.remove_if(&subject, |_, handle| {
                 let mut g = lock(handle);
-                let busy = g.list.iter().any(|c| c.expires_at == Nanos::MAX);
+                let busy = g.list.iter().any(|c| c.state.holds());
                 if busy {
                     return false;
                 }
@@ -277,6 +283,12 @@ impl Inner {
                 guards[g].pinned |= c.pinned;
                 let s = guards[g].slot(c.counter, c.rule, &self.live);
                 let counter = &mut guards[g].list[s];
+                if let Rule::Jobs(jobs) = c.rule {
+                    let gone = jobs.expire(&mut counter.state, now) as u64;
+                    if gone > 0 {
+                        self.jobs_expired.fetch_add(gone, Ordering::Relaxed);
+                    }
+                }
                 let verdict = if reserved_check == Some(i) {
                     held_verdict(c.rule, &counter.state, now)
                 } else {
@@ -334,19 +346,24 @@ impl Inner {
                 return Attempt::Done(refused);
             }
             let mut lease = Vec::new();
+            let mut jobs = Vec::new();
             for (i, (c, &(g, s))) in checks.iter().zip(&slots).enumerate() {
                 let counter = &mut guards[g].list[s];
                 if reserved_check != Some(i) {
                     c.rule.record(&mut counter.state, now);
                 }
                 counter.expires_at = c.rule.expires_at(&counter.state);
-                if c.rule.is_concurrency() {
-                    lease.push(Box::new(Slot {
+                if c.rule.holds_slot() {
+                    let slot = Slot {
                         store: Some(self.clone()),
                         subject: c.subject.clone(),
                         counter: c.counter,
                         rule: *c.rule,
-                    }) as Box<dyn Send + Sync>);
+                    };
+                    match c.rule {
+                        Rule::Jobs(_) => jobs.push(JobClaim::memory(slot)),
+                        _ => lease.push(Box::new(slot) as Box<dyn Send + Sync>),
+                    }
                 }
             }
             // The handed-over slot now belongs to the lease.
@@ -359,7 +376,7 @@ impl Inner {
                 now,
                 admitted,
                 verdicts,
-                lease: Lease::new(lease),
+                lease: Lease::new(lease).with_jobs(jobs),
             })
         })
     }
@@ -387,6 +404,43 @@ impl Inner {
         rule.release(&mut c.state);
         c.expires_at = rule.expires_at(&c.state);
     }
+}
+
+impl Slot {
+    /// Turns this pending submission into job `id` (SPEC §11.2); the slot
+    /// then belongs to the job, not to the exchange.
+    pub(super) fn bind_job(mut self, id: &str) {
+        let (Some(store), Rule::Jobs(jobs)) = (self.store.take(), self.rule) else {
+            return;
+        };
+        let now = store.clock.now();
+        let handle = store.handle(&self.subject);
+        let mut g = lock(&handle);
+        if let Some(c) = g.list.iter_mut().find(|c| c.id == self.counter) {
+            jobs.bind(&mut c.state, id, now);
+            c.expires_at = self.rule.expires_at(&c.state);
+        }
+    }
+}
+
+/// One counter as a snapshot keeps it: window counters while they last,
+/// jobs without the submissions still pending (they belong to this process).
+fn saved_counter(c: &Counter, now: Nanos) -> Option<SavedCounter> {
+    let (state, expires_at) = match &c.state {
+        CounterState::Concurrency { .. } => return None,
+        CounterState::Jobs(j) => {
+            let jobs: Vec<Job> = j.jobs.iter().filter(|j| j.expires > now).cloned().collect();
+            let expires_at = jobs.iter().map(|j| j.expires).max()?;
+            let state = crate::limits::JobsState { pending: 0, jobs };
+            (CounterState::Jobs(Box::new(state)), expires_at)
+        }
+        state => (state.clone(), c.expires_at),
+    };
+    (expires_at > now).then_some(SavedCounter {
+        id: c.id,
+        expires_at,
+        state,
+    })
 }
 
 /// The verdict of a concurrency limit whose slot this request already holds.
@@ -417,6 +471,7 @@ impl MemoryStore {
                 max_counters: AtomicUsize::new(usize::MAX),
                 evicting: AtomicBool::new(false),
                 evicted: AtomicU64::new(0),
+                jobs_expired: AtomicU64::new(0),
             }),
         }
     }
@@ -506,7 +561,7 @@ impl MemoryStore {
     /// concurrency slots are kept. Returns how many counters were reset.
     pub fn reset_counters(&self, checks: &[LimitCheck<'_>]) -> usize {
         let mut dropped = 0;
-        for c in checks.iter().filter(|c| !c.rule.is_concurrency()) {
+        for c in checks.iter().filter(|c| !c.rule.holds_slot()) {
             let Some(handle) = self.inner.map.get(&c.subject).map(|h| h.clone()) else {
                 continue;
             };
@@ -548,8 +603,9 @@ impl MemoryStore {
         dropped
     }
 
-    /// Every window counter still live, for a snapshot (concurrency slots
-    /// belong to this process's exchanges and are not saved).
+    /// Every window counter and job still live, for a snapshot (concurrency
+    /// slots and pending submissions belong to this process's exchanges and
+    /// are not saved).
     pub fn saved(&self) -> Vec<SavedSubject> {
         let now = self.inner.clock.now();
         let mut out = Vec::new();
@@ -558,14 +614,7 @@ impl MemoryStore {
             let counters: Vec<SavedCounter> = g
                 .list
                 .iter()
-                .filter(|c| {
-                    c.expires_at > now && !matches!(c.state, CounterState::Concurrency { .. })
-                })
-                .map(|c| SavedCounter {
-                    id: c.id,
-                    expires_at: c.expires_at,
-                    state: c.state.clone(),
-                })
+                .filter_map(|c| saved_counter(c, now))
                 .collect();
             if !counters.is_empty() {
                 out.push(SavedSubject {
@@ -575,6 +624,53 @@ impl MemoryStore {
             }
         }
         out
+    }
+
+    /// Ends job `id` in whichever of `counters` holds it; true if one did.
+    pub fn end_job(&self, counters: &[JobCounter], id: &str) -> bool {
+        let mut ended = false;
+        for c in counters {
+            let Rule::Jobs(jobs) = c.rule else { continue };
+            let Some(handle) = self.inner.map.get(&c.subject).map(|h| h.clone()) else {
+                continue;
+            };
+            let mut g = lock(&handle);
+            if let Some(counter) = g.list.iter_mut().find(|x| x.id == c.counter) {
+                if jobs.end(&mut counter.state, id) {
+                    counter.expires_at = c.rule.expires_at(&counter.state);
+                    ended = true;
+                }
+            }
+        }
+        ended
+    }
+
+    /// The jobs in progress on one counter, oldest first.
+    pub fn jobs(&self, counter: &JobCounter) -> Vec<Job> {
+        let now = self.now();
+        match self.peek(&counter.subject, counter.counter) {
+            Some(CounterState::Jobs(j)) => j.jobs.into_iter().filter(|j| j.expires > now).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Jobs in progress, summed over every counter (for metrics).
+    pub fn jobs_in_progress(&self) -> u64 {
+        let now = self.now();
+        let mut total = 0;
+        for entry in self.inner.map.iter() {
+            for c in &lock(entry.value()).list {
+                if let CounterState::Jobs(j) = &c.state {
+                    total += j.jobs.iter().filter(|j| j.expires > now).count() as u64;
+                }
+            }
+        }
+        total
+    }
+
+    /// Jobs whose `max_duration` passed before they were seen ending, since start.
+    pub fn jobs_expired(&self) -> u64 {
+        self.inner.jobs_expired.load(Ordering::Relaxed)
     }
 
     /// Writes every live window counter to `path` atomically. Returns how many.
@@ -613,11 +709,17 @@ impl MemoryStore {
     pub fn evict_expired(&self) -> usize {
         let now = self.inner.clock.now();
         let mut dropped = 0;
+        let mut jobs_expired = 0;
         self.inner.map.retain(|_, handle| {
             let mut g = lock(handle);
             let before = g.list.len();
-            g.list
-                .retain_mut(|c| c.expires_at > now || c.live_waiters() > 0);
+            g.list.retain_mut(|c| {
+                let keep = c.expires_at > now || c.live_waiters() > 0;
+                if let (false, CounterState::Jobs(j)) = (keep, &c.state) {
+                    jobs_expired += j.jobs.len() as u64;
+                }
+                keep
+            });
             dropped += before - g.list.len();
             if g.list.is_empty() {
                 g.evicted = true;
@@ -627,6 +729,9 @@ impl MemoryStore {
             }
         });
         self.inner.live.fetch_sub(dropped, Ordering::Relaxed);
+        self.inner
+            .jobs_expired
+            .fetch_add(jobs_expired, Ordering::Relaxed);
         // Give the table's memory back once most of it is idle.
         if self.inner.map.capacity() > 4 * self.inner.map.len().max(1024) {
             self.inner.map.shrink_to_fit();

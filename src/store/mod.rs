@@ -18,7 +18,7 @@ pub use snapshot::SnapshotError;
 use crate::clock::Nanos;
 use crate::identity::KeyDigest;
 pub use crate::limits::QueueSpec;
-use crate::limits::{Per, Rule, Verdict};
+use crate::limits::{Job, Per, Rule, Verdict};
 
 /// Who a counter counts for.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -113,34 +113,125 @@ pub enum OnError {
     Deny,
 }
 
-/// The concurrency slots an admitted request holds. Dropping the lease gives
-/// them back, however the exchange ends (completion, error, client gone,
-/// panic unwinding), so a slot can never leak.
+/// The slots an admitted request holds: concurrency slots, and the pending
+/// submissions of jobs limits. Dropping the lease gives them back, however
+/// the exchange ends (completion, error, client gone, panic unwinding), so
+/// a slot can never leak; a job claim taken out of it ([`Lease::take_jobs`])
+/// gives its slot back the same way unless it is bound to a job.
 #[derive(Default)]
 pub struct Lease {
     slots: Vec<Box<dyn Send + Sync>>,
+    jobs: Vec<JobClaim>,
 }
 
 impl Lease {
     /// A lease over slots whose own `Drop` releases them.
     pub fn new(slots: Vec<Box<dyn Send + Sync>>) -> Self {
-        Self { slots }
+        Self {
+            slots,
+            jobs: Vec::new(),
+        }
+    }
+
+    /// The same lease with pending job submissions.
+    pub fn with_jobs(mut self, jobs: Vec<JobClaim>) -> Self {
+        self.jobs = jobs;
+        self
+    }
+
+    /// The pending job submissions, for the exchange to bind or drop.
+    pub fn take_jobs(&mut self) -> Vec<JobClaim> {
+        std::mem::take(&mut self.jobs)
     }
 
     /// Number of slots held.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.slots.len() + self.jobs.len()
     }
 
     /// Whether no slot is held.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.slots.is_empty() && self.jobs.is_empty()
     }
 }
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Lease({} slots)", self.slots.len())
+        write!(
+            f,
+            "Lease({} slots, {} jobs)",
+            self.slots.len(),
+            self.jobs.len()
+        )
+    }
+}
+
+/// One pending job submission (SPEC §11.2): the jobs slot a submission took
+/// at admission. [`JobClaim::bind`] makes it the slot of the job the
+/// upstream named; dropping it unbound gives the slot back.
+pub struct JobClaim(ClaimKind);
+
+enum ClaimKind {
+    Memory(memory::Slot),
+    Redis(redis::RedisClaim),
+}
+
+impl JobClaim {
+    fn memory(slot: memory::Slot) -> Self {
+        Self(ClaimKind::Memory(slot))
+    }
+
+    /// The slot now belongs to job `id`, until it ends or expires.
+    pub async fn bind(self, id: &str) -> Result<(), StoreError> {
+        match self.0 {
+            ClaimKind::Memory(slot) => {
+                slot.bind_job(id);
+                Ok(())
+            }
+            ClaimKind::Redis(claim) => claim.bind(id).await,
+        }
+    }
+}
+
+impl std::fmt::Debug for JobClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobClaim")
+    }
+}
+
+/// A jobs counter of one subject, owned: for work that outlives the
+/// request that found it (ending a job when its status poll answers).
+#[derive(Debug, Clone)]
+pub struct JobCounter {
+    /// Whose counter.
+    pub subject: Subject,
+    /// The caller's group (see [`LimitCheck::group`]).
+    pub group: Subject,
+    /// Which counter of that subject.
+    pub counter: u64,
+    /// A `Rule::Jobs`.
+    pub rule: Rule,
+}
+
+impl JobCounter {
+    /// The counter as a check (for the stores' key and lock helpers).
+    pub fn check(&self) -> LimitCheck<'_> {
+        LimitCheck {
+            subject: self.subject.clone(),
+            group: self.group.clone(),
+            counter: self.counter,
+            rule: &self.rule,
+            queue: None,
+            pinned: false,
+        }
+    }
+
+    /// `max_duration` of its rule.
+    pub fn max_duration(&self) -> Nanos {
+        match self.rule {
+            Rule::Jobs(j) => j.max_duration,
+            _ => 0,
+        }
     }
 }
 
@@ -243,6 +334,42 @@ impl CounterStore {
         match self {
             CounterStore::Memory(m) => Ok(m.reset_counters(checks)),
             CounterStore::Redis(r) => r.reset(checks).await,
+        }
+    }
+}
+
+impl CounterStore {
+    /// Ends job `id` in whichever of `counters` holds it (SPEC §11.3);
+    /// true if one did. Ids the subject does not hold change nothing.
+    pub async fn end_job(&self, counters: &[JobCounter], id: &str) -> Result<bool, StoreError> {
+        match self {
+            CounterStore::Memory(m) => Ok(m.end_job(counters, id)),
+            CounterStore::Redis(r) => r.end_job(counters, id).await,
+        }
+    }
+
+    /// The jobs in progress on one counter, oldest first.
+    pub async fn jobs(&self, counter: &JobCounter) -> Result<Vec<Job>, StoreError> {
+        match self {
+            CounterStore::Memory(m) => Ok(m.jobs(counter)),
+            CounterStore::Redis(r) => r.jobs(counter).await,
+        }
+    }
+
+    /// Jobs in progress (memory: all of them; Redis: the jobs this instance
+    /// saw start minus those it saw end, so the sum over instances is the total).
+    pub fn jobs_in_progress(&self) -> i64 {
+        match self {
+            CounterStore::Memory(m) => m.jobs_in_progress() as i64,
+            CounterStore::Redis(r) => r.jobs_in_progress(),
+        }
+    }
+
+    /// Jobs whose `max_duration` passed before anyone saw them end, since start.
+    pub fn jobs_expired(&self) -> u64 {
+        match self {
+            CounterStore::Memory(m) => m.jobs_expired(),
+            CounterStore::Redis(r) => r.jobs_expired() + r.fallback().jobs_expired(),
         }
     }
 }

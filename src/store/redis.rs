@@ -11,7 +11,7 @@
 //! timeout to every request: while open, `on_error` applies at once and one
 //! probe at a time checks whether Redis is back.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,10 +22,13 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, Script, ScriptInvocation};
 use sha2::{Digest, Sha256};
 
-use super::{Decision, Lease, LimitCheck, MemoryStore, Store, StoreError, Subject, Verdicts};
+use super::{
+    Decision, JobClaim, JobCounter, Lease, LimitCheck, MemoryStore, Store, StoreError, Subject,
+    Verdicts,
+};
 use super::{OnError, RedisSettings};
 use crate::clock::{Clock, Nanos};
-use crate::limits::Verdict;
+use crate::limits::{Job, Rule, Verdict};
 
 /// A server-side script: the shared prelude, then one fragment per limit
 /// kind (each registers its functions under its kind number, the
@@ -39,6 +42,7 @@ macro_rules! with_kinds {
             include_str!("lua/kinds/rolling.lua"),
             include_str!("lua/kinds/bucket.lua"),
             include_str!("lua/kinds/concurrency.lua"),
+            include_str!("lua/kinds/jobs.lua"),
             include_str!($body),
         )
     };
@@ -117,10 +121,16 @@ struct Inner {
     decide: Script,
     refund: Script,
     renew: Script,
+    job: Script,
     instance: String,
     seq: AtomicU64,
-    /// Leases held by this instance's exchanges: lease id → slot keys.
-    held: DashMap<String, Vec<String>>,
+    /// What this instance renews, by handle: a lease's member (its id, or
+    /// `<id>:j` for a pending job submission) and the keys holding it.
+    held: DashMap<u64, (String, Vec<String>)>,
+    /// Jobs this instance saw start minus those it saw end or expire.
+    jobs_gauge: AtomicI64,
+    /// Jobs found expired by this instance's decisions.
+    jobs_expired: AtomicU64,
     /// Per-instance counters for `on_error = "local"`.
     fallback: MemoryStore,
     /// What the fallback admitted, by counter key, not yet added to Redis.
@@ -158,15 +168,56 @@ impl std::fmt::Debug for RedisStore {
 /// A concurrency lease held in Redis; dropping it releases the slots.
 struct RedisLease {
     store: Arc<Inner>,
-    id: String,
+    handle: u64,
 }
 
 impl Drop for RedisLease {
     fn drop(&mut self) {
-        let Some((id, keys)) = self.store.held.remove(&self.id) else {
+        self.store.release(self.handle);
+    }
+}
+
+/// A pending job submission held in Redis (see `lua/kinds/jobs.lua`).
+pub(super) struct RedisClaim {
+    store: Arc<Inner>,
+    handle: u64,
+    key: String,
+    member: String,
+    max_duration_ms: u64,
+}
+
+impl RedisClaim {
+    /// Replaces the pending member with job `id`, expiring on Redis's clock.
+    pub(super) async fn bind(self, id: &str) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        // No longer renewed or released: the script replaces it.
+        store.held.remove(&self.handle);
+        let mut inv = store.job.prepare_invoke();
+        inv.key(&self.key)
+            .arg("bind")
+            .arg(id)
+            .arg(&self.member)
+            .arg(self.max_duration_ms);
+        store.call::<i64>(inv).await?;
+        store.jobs_gauge.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for RedisClaim {
+    fn drop(&mut self) {
+        self.store.release(self.handle);
+    }
+}
+
+impl Inner {
+    /// Releases what `handle` holds (if it still does), in the background;
+    /// if Redis is unreachable the lease expires on its own.
+    fn release(self: &Arc<Self>, handle: u64) {
+        let Some((_, (id, keys))) = self.held.remove(&handle) else {
             return;
         };
-        let store = self.store.clone();
+        let store = self.clone();
         // Released in the background; if Redis is unreachable the lease expires.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
@@ -313,9 +364,12 @@ impl RedisStore {
             decide: Script::new(with_kinds!("lua/decide.lua")),
             refund: Script::new(with_kinds!("lua/refund.lua")),
             renew: Script::new(include_str!("lua/renew.lua")),
+            job: Script::new(include_str!("lua/job.lua")),
             instance,
             seq: AtomicU64::new(0),
             held: DashMap::new(),
+            jobs_gauge: AtomicI64::new(0),
+            jobs_expired: AtomicU64::new(0),
             fallback: MemoryStore::new(clock.clone()),
             unsynced: std::sync::Mutex::new(std::collections::HashMap::new()),
             has_unsynced: AtomicBool::new(false),
@@ -335,11 +389,8 @@ impl RedisStore {
             let lease_ms = inner.settings.lease.as_millis() as u64;
             loop {
                 tokio::time::sleep(every).await;
-                let held: Vec<(String, Vec<String>)> = inner
-                    .held
-                    .iter()
-                    .map(|e| (e.key().clone(), e.value().clone()))
-                    .collect();
+                let held: Vec<(String, Vec<String>)> =
+                    inner.held.iter().map(|e| e.value().clone()).collect();
                 for (id, keys) in held {
                     for key in keys {
                         let mut inv = inner.renew.prepare_invoke();
@@ -390,28 +441,52 @@ impl RedisStore {
             inv.arg(kind).arg(a).arg(b);
         }
         let out: Vec<i64> = inner.call(inv).await?;
-        parse_decision(&out, checks.len()).map(|(admitted, now, verdicts)| {
+        let (admitted, now, expired, verdicts) = parse_decision(&out, checks.len())?;
+        if expired > 0 {
+            inner.jobs_expired.fetch_add(expired, Ordering::Relaxed);
+            inner
+                .jobs_gauge
+                .fetch_sub(expired as i64, Ordering::Relaxed);
+        }
+        let mut lease = Lease::default();
+        if admitted && !dry_run {
             let slots: Vec<String> = checks
                 .iter()
                 .zip(&keys)
-                .filter(|(c, _)| c.rule.is_concurrency())
+                .filter(|(c, _)| c.rule.holds_slot() && !matches!(c.rule, Rule::Jobs(_)))
                 .map(|(_, k)| k.clone())
                 .collect();
-            let lease = if admitted && !dry_run && !slots.is_empty() {
-                inner.held.insert(lease_id.clone(), slots);
-                Lease::new(vec![Box::new(RedisLease {
+            if !slots.is_empty() {
+                let handle = inner.seq.fetch_add(1, Ordering::Relaxed);
+                inner.held.insert(handle, (lease_id.clone(), slots));
+                lease = Lease::new(vec![Box::new(RedisLease {
                     store: inner.clone(),
-                    id: lease_id,
-                })])
-            } else {
-                Lease::default()
-            };
-            Decision {
-                now,
-                admitted,
-                verdicts,
-                lease,
+                    handle,
+                })]);
             }
+            let mut jobs = Vec::new();
+            for (c, key) in checks.iter().zip(keys) {
+                let Rule::Jobs(rule) = c.rule else { continue };
+                let handle = inner.seq.fetch_add(1, Ordering::Relaxed);
+                let member = format!("{lease_id}:j");
+                inner
+                    .held
+                    .insert(handle, (member.clone(), vec![key.clone()]));
+                jobs.push(JobClaim(super::ClaimKind::Redis(RedisClaim {
+                    store: inner.clone(),
+                    handle,
+                    key,
+                    member,
+                    max_duration_ms: rule.max_duration / 1_000_000,
+                })));
+            }
+            lease = lease.with_jobs(jobs);
+        }
+        Ok(Decision {
+            now,
+            admitted,
+            verdicts,
+            lease,
         })
     }
 
@@ -445,7 +520,7 @@ impl RedisStore {
             .unsynced
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for c in checks.iter().filter(|c| !c.rule.is_concurrency()) {
+        for c in checks.iter().filter(|c| !c.rule.holds_slot()) {
             let entry = unsynced.entry(inner.key(c)).or_insert(Unsynced {
                 rule: c.rule.redis_args(),
                 count: 0,
@@ -524,7 +599,7 @@ impl RedisStore {
     pub async fn reset(&self, checks: &[LimitCheck<'_>]) -> Result<usize, StoreError> {
         let inner = &self.inner;
         let mut deleted = 0;
-        for c in checks.iter().filter(|c| !c.rule.is_concurrency()) {
+        for c in checks.iter().filter(|c| !c.rule.holds_slot()) {
             let Some(mut conn) = inner.connection().await else {
                 return Err(StoreError("cannot connect to redis".into()));
             };
@@ -539,15 +614,81 @@ impl RedisStore {
     }
 }
 
-fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, Verdicts), StoreError> {
-    if out.len() != 2 + 6 * n {
+/// `(admitted, now, jobs expired, verdicts)` from the decide script's reply.
+impl RedisStore {
+    /// Ends job `id` in whichever of `counters` holds it; true if one did.
+    pub async fn end_job(&self, counters: &[JobCounter], id: &str) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        let mut ended = false;
+        for c in counters {
+            let mut inv = inner.job.prepare_invoke();
+            inv.key(inner.key(&c.check())).arg("end").arg(id);
+            if inner.call::<i64>(inv).await? > 0 {
+                inner.jobs_gauge.fetch_sub(1, Ordering::Relaxed);
+                ended = true;
+            }
+        }
+        Ok(ended)
+    }
+
+    /// The jobs in progress on one counter, oldest first.
+    pub async fn jobs(&self, counter: &JobCounter) -> Result<Vec<Job>, StoreError> {
+        let inner = &self.inner;
+        let Some(mut conn) = inner.connection().await else {
+            return Err(StoreError("cannot connect to redis".into()));
+        };
+        let cmd = redis::cmd("ZRANGE")
+            .arg(inner.key(&counter.check()))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .to_owned();
+        let query = async {
+            match &mut conn {
+                Conn::Single(x) => cmd.query_async::<Vec<(String, f64)>>(x).await,
+                Conn::Cluster(x) => cmd.query_async::<Vec<(String, f64)>>(x).await,
+            }
+        };
+        let members = tokio::time::timeout(inner.settings.timeout, query)
+            .await
+            .map_err(|_| StoreError("redis timed out".into()))?
+            .map_err(|e| StoreError(e.to_string()))?;
+        let now = inner.clock.now();
+        let duration = counter.max_duration();
+        Ok(members
+            .into_iter()
+            .filter_map(|(member, score)| {
+                let id = member.strip_prefix("j:")?;
+                let expires = (score.max(0.0) as u64).saturating_mul(1_000_000);
+                (expires > now).then(|| Job {
+                    id: id.into(),
+                    started: expires.saturating_sub(duration),
+                    expires,
+                })
+            })
+            .collect())
+    }
+
+    /// Jobs this instance saw start minus those it saw end or expire.
+    pub fn jobs_in_progress(&self) -> i64 {
+        self.inner.jobs_gauge.load(Ordering::Relaxed)
+    }
+
+    /// Jobs this instance's decisions found expired, since start.
+    pub fn jobs_expired(&self) -> u64 {
+        self.inner.jobs_expired.load(Ordering::Relaxed)
+    }
+}
+
+fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, u64, Verdicts), StoreError> {
+    if out.len() != 3 + 6 * n {
         return Err(StoreError(format!(
             "unexpected reply from the decide script ({} values)",
             out.len()
         )));
     }
     let us = |v: i64| (v.max(0) as u64) * 1_000;
-    let verdicts = out[2..]
+    let verdicts = out[3..]
         .chunks(6)
         .map(|v| Verdict {
             admitted: v[0] == 1,
@@ -558,7 +699,7 @@ fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, Verdicts), Stor
             retry_at: us(v[5]),
         })
         .collect();
-    Ok((out[0] == 1, us(out[1]), verdicts))
+    Ok((out[0] == 1, us(out[1]), out[2].max(0) as u64, verdicts))
 }
 
 impl Store for RedisStore {
@@ -579,7 +720,7 @@ impl Store for RedisStore {
                 .filter(|&i| !d.verdicts[i].admitted)
                 .collect();
             let queue = match refusing[..] {
-                [i] if checks[i].rule.is_concurrency() => checks[i].queue,
+                [i] if checks[i].rule.holds_slot() => checks[i].queue,
                 _ => None,
             };
             let Some(q) = queue else { return Ok(d) };

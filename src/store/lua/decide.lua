@@ -2,7 +2,8 @@
 -- KEYS[i]: the counter key of check i (all keys share one hash tag).
 -- ARGV: dry_run (1 = evaluate only), lease id, lease ms, then per check:
 --   kind number, a, b (see the kind fragments).
--- Returns: all_admitted, now_us, then per check the six verdict numbers.
+-- Returns: all_admitted, now_us, jobs expired, then per check the six
+-- verdict numbers.
 local dry = ARGV[1] == '1'
 lease_id = ARGV[2]
 lease_ms = tonumber(ARGV[3])
@@ -27,7 +28,7 @@ if all == 1 and not dry then
   end
 end
 
-local out = {all, now}
+local out = {all, now, jobs_expired}
 for i = 1, #KEYS do
   for j = 1, 6 do out[#out + 1] = verdicts[i][j] end
 end

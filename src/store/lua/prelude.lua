@@ -15,6 +15,8 @@ local now = tonumber(t[1]) * SEC + tonumber(t[2])
 local now_ms = math.floor(now / 1000)
 -- Set by decide.lua for the kinds that hold slots.
 local lease_id, lease_ms = '', 0
+-- Jobs whose max_duration passed, found while deciding (kinds/jobs.lua).
+local jobs_expired = 0
 local KINDS = {}
 
 -- A counting verdict: room while used < limit.
