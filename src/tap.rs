@@ -256,10 +256,21 @@ impl HttpBody for Tap {
                 if !this.reading() {
                     return Poll::Ready(Some(Ok(frame)));
                 }
-                let scan = match frame.data_ref() {
+                let mut scan = match frame.data_ref() {
                     Some(data) => this.scanner.feed(data),
                     None => Scan::More,
                 };
+                // The last bytes of a body of known length: the client may
+                // consider the answer complete once it has them, so the
+                // document is handed over before they are passed on.
+                if matches!(scan, Scan::More) && this.scanner.framing == Framing::Json {
+                    let body = this.inner.as_ref();
+                    let complete =
+                        body.is_some_and(|b| b.is_end_stream() || b.size_hint().exact() == Some(0));
+                    if complete {
+                        scan = Scan::Done(this.scanner.finish());
+                    }
+                }
                 match scan {
                     Scan::More => Poll::Ready(Some(Ok(frame))),
                     Scan::Done(doc) => {

@@ -193,3 +193,34 @@ async fn seed_003_keys_gating_and_60_per_minute_through_a_real_mcp_client() {
     assert_eq!(step(&lines, "gated")[0]["is_error"], false, "{lines:#?}");
     drop(server);
 }
+
+#[tokio::test]
+async fn seed_000_generations_at_once_are_jobs_through_a_real_mcp_client() {
+    let server = McpServer::start().await;
+    let p = Proxy::start_example("kubeez.toml", &server.upstream().await).await;
+    let lines = client(&p, "kz-token-laptop", "kubeez_jobs").await;
+    assert!(step(&lines, "failed").is_empty(), "{lines:#?}");
+    let music = step(&lines, "music");
+    assert_eq!(music.len(), 6);
+    for (i, m) in music[..5].iter().enumerate() {
+        assert_eq!(m["is_error"], false, "{m}");
+        assert_eq!(
+            m["structured"]["generation_id"],
+            format!("music-{}", i + 1),
+            "the SDK's structured result passed through whole"
+        );
+    }
+    // Five generations in progress: the SDK's SSE answers named five jobs.
+    assert_eq!(music[5]["is_error"], true);
+    assert_eq!(
+        music[5]["text"],
+        "Too many generations in progress (at most 5). Try again in 5 s."
+    );
+    assert_eq!(
+        step(&lines, "status")[0]["structured"]["status"],
+        "completed"
+    );
+    let after = step(&lines, "music_after_done")[0];
+    assert_eq!(after["is_error"], false, "music-1 was done: {after}");
+    assert_eq!(after["structured"]["generation_id"], "music-6");
+}

@@ -642,3 +642,96 @@ async fn a_body_refused_while_streaming_gives_its_quota_back_in_redis() {
         );
     }
 }
+
+const JOBS: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[store]
+backend = "redis"
+url = "{redis}"
+timeout = "2s"
+
+[[routes]]
+name = "gen"
+method = "POST"
+path = "/gen"
+job = { id = "json:/id" }
+
+[[routes]]
+name = "status"
+method = "GET"
+path = "/gen/status"
+job_status = { id = "query:id", state = "json:/status", done = ["completed"] }
+
+[plans.p]
+[[plans.p.limits]]
+name = "video-jobs"
+kind = "jobs"
+max = 3
+routes = ["gen"]
+"#;
+
+fn redis_cli(redis: &Redis, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_shared_by_every_instance_and_expire_on_redis_time() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = JOBS.replace("{redis}", &redis.url());
+    let nodes = instances(&config, &up, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // 30 submissions at once over both instances: exactly 3 jobs.
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let url = nodes[i % 2].url("/gen");
+            tokio::spawn(async move { call("POST", &url, Some("k")).await.status })
+        })
+        .collect();
+    assert_eq!(
+        statuses(tasks).await,
+        [(200, 3), (429, 27)].into_iter().collect()
+    );
+    assert_eq!(up.hits(), 3);
+    // A poll answered through B ends a job submitted through either.
+    let ids: Vec<String> = (1..=3).map(|n| format!("job-{n}")).collect();
+    let r = call(
+        "GET",
+        &b.url(&format!("/gen/status?id={}&state=completed", ids[0])),
+        Some("k"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(call("POST", &a.url("/gen"), Some("k")).await.status, 200);
+    assert_eq!(call("POST", &b.url("/gen"), Some("k")).await.status, 429);
+
+    // max_duration is counted on Redis's clock: move one job's expiry into
+    // the past and the next decision frees its slot (and counts it expired).
+    let keys = redis_cli(&redis, &["--scan", "--pattern", "*"]);
+    let key = keys.lines().next().expect("a jobs key");
+    let members = redis_cli(&redis, &["zrange", key, "0", "-1"]);
+    assert_eq!(
+        members.lines().filter(|m| m.starts_with("j:")).count(),
+        3,
+        "{members}"
+    );
+    assert_eq!(redis_cli(&redis, &["zadd", key, "XX", "1", "j:job-2"]), "0");
+    assert_eq!(call("POST", &b.url("/gen"), Some("k")).await.status, 200);
+    assert_eq!(
+        a.app.store().jobs_expired() + b.app.store().jobs_expired(),
+        1
+    );
+    assert_eq!(call("POST", &a.url("/gen"), Some("k")).await.status, 429);
+    // The jobs gauges of the instances add up to the jobs in progress.
+    assert_eq!(
+        a.app.store().jobs_in_progress() + b.app.store().jobs_in_progress(),
+        3
+    );
+}

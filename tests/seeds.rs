@@ -333,28 +333,21 @@ async fn tool_call(p: &Proxy, path: &str, token: &str, tool: &str) -> Got {
 }
 
 #[tokio::test]
-async fn seed_000_concurrency_caps_per_account_and_tool() {
+async fn seed_000_generations_at_once_per_account_and_tool_are_jobs() {
     let up = Upstream::start().await;
-    let p = std::sync::Arc::new(Proxy::start_example("kubeez.toml", &up).await);
-    let mut held = Vec::new();
+    let p = Proxy::start_example("kubeez.toml", &up).await;
     for i in 0..5 {
-        // Both tokens of the account share the cap of 5.
+        // Both tokens of the account share the cap of 5; each answer names a job.
         let token = if i % 2 == 0 {
             "kz-token-laptop"
         } else {
             "kz-token-ci"
         };
-        let p = p.clone();
-        held.push(tokio::spawn(async move {
-            tool_call(&p, "/mcp?hold", token, "generate_music").await
-        }));
+        let r = tool_call(&p, "/mcp?jobs", token, "generate_music").await;
+        assert!(r.body.contains(&format!("job-{}", i + 1)), "{}", r.body);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while up.hits() < 5 {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let r = tool_call(&p, "/mcp", "kz-token-ci", "generate_music").await;
+    // The generations run on after their answers: the sixth is refused.
+    let r = tool_call(&p, "/mcp?jobs", "kz-token-ci", "generate_music").await;
     assert_eq!(
         (r.status, r.h("x-ratelimit-type"), r.h("retry-after")),
         (200, "concurrent", "5")
@@ -362,18 +355,25 @@ async fn seed_000_concurrency_caps_per_account_and_tool() {
     assert_eq!(r.json()["result"]["isError"], true);
     assert_eq!(
         r.json()["result"]["content"][0]["text"],
-        "Too many requests at once (at most 5). Try again in 5 s."
+        "Too many generations in progress (at most 5). Try again in 5 s."
     );
     // generate_dialogue has a cap of its own.
-    let r = tool_call(&p, "/mcp", "kz-token-ci", "generate_dialogue").await;
+    let r = tool_call(&p, "/mcp?jobs", "kz-token-ci", "generate_dialogue").await;
     assert_eq!((r.status, r.h("x-ratelimit-limit")), (200, "10"));
-    assert!(r.json().get("result").is_none(), "forwarded: {}", r.body);
-    up.release(5);
-    for h in held {
-        assert_eq!(h.await.unwrap().status, 200);
-    }
-    // The per-minute budget of generate_music (10) counted the 5 admitted, not the refused one.
-    let r = tool_call(&p, "/mcp", "kz-token-laptop", "generate_music").await;
+    assert!(r.body.contains("job-6"), "forwarded: {}", r.body);
+    // A status poll that says "completed" frees that job's slot at once.
+    let body = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"get_music_status","arguments":{"generation_id":"job-3","state":"completed"}}}"#;
+    let r = send(
+        req("POST", &p.url("/mcp?jobs"))
+            .header("authorization", "Bearer kz-token-laptop")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap(),
+    )
+    .await;
+    assert!(r.body.contains("completed"), "{}", r.body);
+    let r = tool_call(&p, "/mcp?jobs", "kz-token-laptop", "generate_music").await;
+    // The per-minute budget of generate_music (10) counted the 6 admitted, not the refused one.
     assert_eq!(
         (
             r.status,
@@ -382,4 +382,5 @@ async fn seed_000_concurrency_caps_per_account_and_tool() {
         ),
         (200, "10", "4")
     );
+    assert!(r.body.contains("job-7"), "{}", r.body);
 }

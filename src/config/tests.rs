@@ -241,3 +241,61 @@ fn hardening_settings_have_defaults_and_take_values() {
     let (_, _, message) = err_at(&format!("[server]\nmax_connections = 0\n{BASE}"));
     assert!(message.contains("at least 1"), "{message}");
 }
+
+#[test]
+fn jobs_limits_and_job_routes_are_validated_with_positions() {
+    let jobs_limit = "\n[plans.p]\n[[plans.p.limits]]\nname = \"jobs\"\nkind = \"jobs\"\nmax = 5\nroutes = [\"gen\"]\n";
+    // The submission route must say where its answer names the job.
+    let (line, _, msg) = err_at(&format!("{BASE}{jobs_limit}"));
+    assert_eq!(line, 15, "the limit's table");
+    assert!(
+        msg.contains("route \"gen\" does not say where its answer names one"),
+        "{msg}"
+    );
+
+    let submit = BASE.replace(
+        "path = \"/v1/gen\"",
+        "path = \"/v1/gen\"\njob = { id = \"json:/id\" }",
+    );
+    let p = load_text(&format!("{submit}{jobs_limit}")).unwrap();
+    let Rule::Jobs(j) = p.plans[0].limits[0].rule else {
+        panic!("not a jobs rule")
+    };
+    assert_eq!(
+        (j.max, j.max_duration, j.retry_after),
+        (5, 3600 * SECOND, 5 * SECOND),
+        "max_duration 1h and retry_after 5s by default"
+    );
+
+    for (route_line, expected) in [
+        (
+            "job_status = { id = \"path:nope\", state = \"json:/s\", done = [\"done\"] }",
+            "no {nope} segment",
+        ),
+        (
+            "job_status = { id = \"path:id\", state = \"query:s\", done = [\"done\"] }",
+            "an upstream answer has no query",
+        ),
+        (
+            "job_status = { id = \"path:id\", state = \"json:/s\", done = [] }",
+            "at least one state",
+        ),
+        ("job_cancel = { id = \"json:id\" }", "starts with '/'"),
+        (
+            "job = { id = \"json:/id\" }\njob_cancel = { id = \"path:id\" }",
+            "exclude each other",
+        ),
+    ] {
+        let text = BASE.replace(
+            "path = \"/v1/status/{id}\"",
+            &format!("path = \"/v1/status/{{id}}\"\n{route_line}"),
+        );
+        let (line, _, msg) = err_at(&text);
+        assert!(line >= 13, "{line}: {msg}");
+        assert!(msg.contains(expected), "{route_line}: {msg}");
+    }
+    let queued = format!("{submit}{jobs_limit}queue = {{ max_wait = \"1s\" }}\n");
+    assert!(err_at(&queued)
+        .2
+        .contains("`queue` does not apply to a jobs limit"));
+}

@@ -46,6 +46,14 @@ async def main():
                     emit(step="balance", **outcome(await session.call_tool("get_balance", {})))
                     r = await session.call_tool("render_with_progress", {"steps": 3})
                     emit(step="progress", logs=logs, session=session_id(), **outcome(r))
+                elif scenario == "kubeez_jobs":
+                    for i in range(6):
+                        r = await session.call_tool("generate_music", {"prompt": f"song {i}"})
+                        emit(step="music", n=i, structured=r.structuredContent, **outcome(r))
+                    r = await session.call_tool("get_music_status", {"generation_id": "music-1"})
+                    emit(step="status", structured=r.structuredContent, **outcome(r))
+                    r = await session.call_tool("generate_music", {"prompt": "one more"})
+                    emit(step="music_after_done", structured=r.structuredContent, **outcome(r))
                 elif scenario == "rfn":
                     emit(step="gated", **outcome(await session.call_tool("generate_content", {"topic": "shoes"})))
                     for i in range(70):

@@ -25,6 +25,22 @@ def generate_media(prompt: str) -> str:
     return f"media for {prompt!r} queued"
 
 
+music_jobs = {"next": 0}
+
+
+@server.tool()
+def generate_music(prompt: str) -> dict[str, str]:
+    """Start a music generation: answers at once with its id (seed 000's asynchronous jobs)."""
+    music_jobs["next"] += 1
+    return {"generation_id": f"music-{music_jobs['next']}", "status": "queued"}
+
+
+@server.tool()
+def get_music_status(generation_id: str) -> dict[str, str]:
+    """A generation's state: every job is complete by the time it is asked about."""
+    return {"generation_id": generation_id, "status": "completed"}
+
+
 @server.tool()
 def get_balance() -> str:
     """Credits left."""

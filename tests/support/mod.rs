@@ -46,6 +46,8 @@ struct UpstreamState {
     gate: Semaphore,
     /// Signals the second chunk of `/sse`.
     sse_next: Notify,
+    /// Ids handed out by the job endpoints.
+    jobs: AtomicUsize,
 }
 
 /// A fake generation API recording everything it receives.
@@ -56,6 +58,14 @@ struct UpstreamState {
 /// - `/reset`: sends a chunk, then cuts the connection mid-body;
 /// - `/status/{code}`: answers with that status and a JSON body;
 /// - `/hop`: answers with hop-by-hop headers that must not reach the client;
+/// - `POST /gen`: starts a job, `{"id":"job-N","status":"queued"}` (query
+///   `hold`: after the gate opens; `noid`: no id; `fail`: 500; `location`:
+///   the id in `Location` only); `GET /gen/status?id=ID&state=S` answers
+///   `{"id":ID,"status":S}`; `POST /gen/{id}/cancel` answers 200 (`fail`: 404);
+/// - `POST /mcp-gen` (or `/mcp?jobs`): a JSON-RPC tool call answered as SSE
+///   (a progress notification, then the result): `generate_*` tools give a
+///   new id as `structuredContent.job_id` and `.generation_id`, any other
+///   tool echoes `arguments.state` for the id it is given;
 /// - anything else: 200 `{"ok":true}` after reading the whole body.
 #[derive(Clone)]
 pub struct Upstream {
@@ -74,6 +84,7 @@ impl Upstream {
             hits: AtomicUsize::new(0),
             gate: Semaphore::new(0),
             sse_next: Notify::new(),
+            jobs: AtomicUsize::new(0),
         });
         let s = state.clone();
         tokio::spawn(async move {
@@ -159,7 +170,10 @@ async fn serve(
         body: body.clone(),
     });
     let hold = path == "/hold" || parts.uri.query().is_some_and(|q| q.contains("hold"));
-    let response = if hold {
+    let jobs_mcp = path == "/mcp" && parts.uri.query().is_some_and(|q| q.contains("jobs"));
+    let response = if path.starts_with("/gen") || path == "/mcp-gen" || jobs_mcp {
+        jobs_api(&s, &path, parts.uri.query().unwrap_or(""), &body).await
+    } else if hold {
         s.gate.acquire().await.unwrap().forget();
         json(200, "{\"held\":true}")
     } else if path == "/sse" {
@@ -207,6 +221,73 @@ async fn serve(
     };
     s.in_flight.fetch_sub(1, Ordering::SeqCst);
     Ok(response)
+}
+
+/// The fake asynchronous generation API (see [`Upstream`]).
+async fn jobs_api(s: &UpstreamState, path: &str, query: &str, body: &[u8]) -> Response<Body> {
+    let has = |flag: &str| query.split('&').any(|p| p == flag);
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|p| p.strip_prefix(&format!("{name}=")))
+            .unwrap_or("")
+            .to_owned()
+    };
+    if path == "/gen" {
+        if has("hold") {
+            s.gate.acquire().await.unwrap().forget();
+        }
+        if has("fail") {
+            return json(500, "{\"error\":\"overloaded\"}");
+        }
+        if has("noid") {
+            return json(200, "{\"status\":\"queued\"}");
+        }
+        let id = format!("job-{}", s.jobs.fetch_add(1, Ordering::SeqCst) + 1);
+        if has("location") {
+            let mut r = json(202, "{}");
+            r.headers_mut().insert("location", id.parse().unwrap());
+            return r;
+        }
+        return json(200, &format!("{{\"id\":\"{id}\",\"status\":\"queued\"}}"));
+    }
+    if path == "/gen/status" {
+        let body = serde_json::json!({"id": param("id"), "status": param("state")});
+        return json(200, &body.to_string());
+    }
+    if path.ends_with("/cancel") {
+        return if has("fail") {
+            json(404, "{\"error\":\"unknown job\"}")
+        } else {
+            json(200, "{\"cancelled\":true}")
+        };
+    }
+    // /mcp-gen: JSON-RPC over SSE.
+    let call: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let args = &call["params"]["arguments"];
+    let name = call["params"]["name"].as_str().unwrap_or("");
+    let content = if name.starts_with("generate_") {
+        let id = format!("job-{}", s.jobs.fetch_add(1, Ordering::SeqCst) + 1);
+        serde_json::json!({"job_id": id, "generation_id": id})
+    } else {
+        let id = if args["job_id"].is_null() {
+            &args["generation_id"]
+        } else {
+            &args["job_id"]
+        };
+        serde_json::json!({"job_id": id, "generation_id": id, "status": args["state"]})
+    };
+    let result = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": call["id"],
+        "result": {"content": [{"type": "text", "text": "ok"}], "structuredContent": content},
+    });
+    let progress = r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progress":1}}"#;
+    let text = format!("event: message\ndata: {progress}\n\nevent: message\ndata: {result}\n\n");
+    let mut r = Response::new(full(text));
+    r.headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
+    r
 }
 
 fn json(status: u16, body: &str) -> Response<Body> {
