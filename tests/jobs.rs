@@ -248,8 +248,8 @@ async fn a_client_gone_before_its_request_was_sent_in_full_frees_the_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_submissions_at_once_start_exactly_max_jobs() {
     let up = Upstream::start().await;
-    let p = std::sync::Arc::new(Proxy::start(&CONFIG.replace("max = 2", "max = 5"), &up).await);
-    let tasks: Vec<_> = (0..40)
+    let p = std::sync::Arc::new(Proxy::start(&CONFIG.replace("max = 2", "max = 3"), &up).await);
+    let tasks: Vec<_> = (0..50)
         .map(|_| {
             let url = p.url("/gen");
             tokio::spawn(async move { call("POST", &url, Some("k")).await.status })
@@ -259,9 +259,50 @@ async fn many_submissions_at_once_start_exactly_max_jobs() {
     for t in tasks {
         statuses.push(t.await.unwrap());
     }
-    assert_eq!(tally(statuses), [(200, 5), (429, 35)].into_iter().collect());
-    assert_eq!(up.hits(), 5);
-    assert_eq!(p.app.store().jobs_in_progress(), 5);
+    assert_eq!(tally(statuses), [(200, 3), (429, 47)].into_iter().collect());
+    assert_eq!(up.hits(), 3);
+    assert_eq!(p.app.store().jobs_in_progress(), 3);
+}
+
+#[tokio::test]
+async fn a_window_refusal_takes_no_job_slot() {
+    let up = Upstream::start().await;
+    let p = Proxy::start(&CONFIG.replace("requests = 100", "requests = 2"), &up).await;
+    assert_eq!(submit(&p, "", "k").await.status, 200);
+    assert_eq!(poll(&p, "job-1", "completed", "k").await.status, 200);
+    assert_eq!(submit(&p, "", "k").await.status, 200);
+    let r = submit(&p, "", "k").await;
+    assert_eq!((r.status, r.h("x-ratelimit-type")), (429, "minute"));
+    // One job in progress: the minute's refusal left the second slot free.
+    assert_eq!(p.app.store().jobs_in_progress(), 1);
+    p.advance_secs(60);
+    assert_eq!(submit(&p, "", "k").await.status, 200);
+    assert_eq!(
+        submit(&p, "", "k").await.json()["rate_limit"]["name"],
+        "video-jobs"
+    );
+}
+
+#[tokio::test]
+async fn ended_jobs_are_counted_by_how_they_ended() {
+    let up = Upstream::start().await;
+    let p = Proxy::start(CONFIG, &up).await;
+    submit(&p, "", "k").await;
+    submit(&p, "", "k").await;
+    poll(&p, "job-1", "failed", "k").await;
+    call("POST", &p.url("/gen/job-2/cancel"), Some("k")).await;
+    let figures = turnstile::metrics::StoreFigures {
+        jobs_in_progress: p.app.store().jobs_in_progress(),
+        ..Default::default()
+    };
+    let text = p.app.metrics().render(figures);
+    for line in [
+        "turnstile_jobs_ended_total{how=\"done\"} 1",
+        "turnstile_jobs_ended_total{how=\"cancelled\"} 1",
+        "turnstile_jobs_in_progress 0",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
 }
 
 const MCP: &str = r#"

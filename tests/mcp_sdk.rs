@@ -42,11 +42,17 @@ struct McpServer {
 
 impl McpServer {
     async fn start() -> Self {
+        Self::start_answering("sse").await
+    }
+
+    /// `"sse"` (the SDK's default: each answer an SSE stream) or `"json"`.
+    async fn start_answering(mode: &str) -> Self {
         require_sdk().await;
         let port = free_port();
         let child = Command::new("python3")
             .arg(script("server.py"))
             .arg(port.to_string())
+            .arg(mode)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -196,22 +202,28 @@ async fn seed_003_keys_gating_and_60_per_minute_through_a_real_mcp_client() {
 
 #[tokio::test]
 async fn seed_000_generations_at_once_are_jobs_through_a_real_mcp_client() {
-    let server = McpServer::start().await;
+    for mode in ["sse", "json"] {
+        generations_are_jobs(mode).await;
+    }
+}
+
+async fn generations_are_jobs(mode: &str) {
+    let server = McpServer::start_answering(mode).await;
     let p = Proxy::start_example("kubeez.toml", &server.upstream().await).await;
     let lines = client(&p, "kz-token-laptop", "kubeez_jobs").await;
     assert!(step(&lines, "failed").is_empty(), "{lines:#?}");
     let music = step(&lines, "music");
     assert_eq!(music.len(), 6);
     for (i, m) in music[..5].iter().enumerate() {
-        assert_eq!(m["is_error"], false, "{m}");
+        assert_eq!(m["is_error"], false, "{mode}: {m}");
         assert_eq!(
             m["structured"]["generation_id"],
             format!("music-{}", i + 1),
             "the SDK's structured result passed through whole"
         );
     }
-    // Five generations in progress: the SDK's SSE answers named five jobs.
-    assert_eq!(music[5]["is_error"], true);
+    // Five generations in progress: the SDK's answers named five jobs.
+    assert_eq!(music[5]["is_error"], true, "{mode}: {}", music[5]);
     assert_eq!(
         music[5]["text"],
         "Too many generations in progress (at most 5). Try again in 5 s."

@@ -1,6 +1,7 @@
 """A real MCP server (official Python SDK, streamable HTTP) for turnstile's tests.
 
-Usage: python3 server.py PORT
+Usage: python3 server.py PORT [json]
+(`json`: answer each request with one JSON response instead of an SSE stream)
 Tools mirror seeds 000 and 003: generation tools, status tools, a tool that
 streams progress, and generate_content (plan-gated in mcp-keys.toml).
 """
@@ -10,7 +11,10 @@ import sys
 from mcp.server.fastmcp import Context, FastMCP
 
 port = int(sys.argv[1])
-server = FastMCP("turnstile-test-upstream", host="127.0.0.1", port=port, log_level="WARNING")
+json_response = len(sys.argv) > 2 and sys.argv[2] == "json"
+server = FastMCP(
+    "turnstile-test-upstream", host="127.0.0.1", port=port, log_level="WARNING", json_response=json_response
+)
 
 
 @server.tool()
