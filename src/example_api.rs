@@ -5,15 +5,19 @@
 //! It answers:
 //! - `POST /v1/images/generations` → `{"id":"job_N","status":"queued",...}`
 //! - `GET /v1/jobs/{id}` → the job, succeeded
+//! - `POST /v1/videos` → `{"id":"vid_N","status":"queued"}`: an asynchronous
+//!   generation that runs for [`VIDEO_TAKES`]; `GET /v1/videos/{id}` says
+//!   `processing`, then `completed`; `POST /v1/videos/{id}/cancel` cancels it
 //! - `GET /v1/events` → a server-sent event stream of 5 progress events
 //! - `GET /health` → `{"status":"ok"}`
 //!
 //! Every JSON answer echoes the account and plan turnstile sent upstream.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,10 +32,51 @@ use tokio::sync::mpsc;
 
 use crate::body::{full, Body, BoxError};
 
+/// How long an example video generation runs.
+pub const VIDEO_TAKES: Duration = Duration::from_secs(20);
+
+/// Videos remembered at most (a demo: the oldest finished ones are forgotten).
+const MAX_VIDEOS: usize = 10_000;
+
+/// The example API's state: ids handed out, and when each video started.
+#[derive(Default)]
+struct State {
+    ids: AtomicU64,
+    videos: Mutex<HashMap<String, tokio::time::Instant>>,
+}
+
+impl State {
+    fn start_video(&self) -> String {
+        let id = format!("vid_{}", self.ids.fetch_add(1, Ordering::Relaxed) + 1);
+        let mut videos = self.videos.lock().unwrap_or_else(|p| p.into_inner());
+        if videos.len() >= MAX_VIDEOS {
+            videos.retain(|_, started| started.elapsed() < VIDEO_TAKES);
+        }
+        videos.insert(id.clone(), tokio::time::Instant::now());
+        id
+    }
+
+    /// `processing` or `completed`; `None` for an unknown or cancelled id.
+    fn video_status(&self, id: &str) -> Option<&'static str> {
+        let videos = self.videos.lock().unwrap_or_else(|p| p.into_inner());
+        let started = videos.get(id)?;
+        Some(if started.elapsed() < VIDEO_TAKES {
+            "processing"
+        } else {
+            "completed"
+        })
+    }
+
+    fn cancel_video(&self, id: &str) -> bool {
+        let mut videos = self.videos.lock().unwrap_or_else(|p| p.into_inner());
+        videos.remove(id).is_some()
+    }
+}
+
 /// Serves the example API on `listener` until the task is dropped; a
 /// failing connection never stops the accept loop.
 pub async fn serve(listener: TcpListener) -> std::io::Result<()> {
-    let jobs = Arc::new(AtomicU64::new(0));
+    let jobs = Arc::new(State::default());
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -51,10 +96,7 @@ pub async fn serve(listener: TcpListener) -> std::io::Result<()> {
     }
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    jobs: Arc<AtomicU64>,
-) -> Result<Response<Body>, Infallible> {
+async fn handle(req: Request<Incoming>, jobs: Arc<State>) -> Result<Response<Body>, Infallible> {
     let header = |name: &str| {
         req.headers()
             .get(name)
@@ -73,7 +115,7 @@ async fn handle(
     let _ = req.into_body().collect().await;
     let response = match (method.as_str(), path.as_str()) {
         ("POST", "/v1/images/generations") => {
-            let id = jobs.fetch_add(1, Ordering::Relaxed) + 1;
+            let id = jobs.ids.fetch_add(1, Ordering::Relaxed) + 1;
             json(
                 StatusCode::OK,
                 format!("{{\"id\":\"job_{id}\",\"status\":\"queued\",{who}}}"),
@@ -86,6 +128,21 @@ async fn handle(
                 format!("{{\"id\":{id},\"status\":\"succeeded\",{who}}}"),
             )
         }
+        ("POST", "/v1/videos") => {
+            let id = jobs.start_video();
+            json(
+                StatusCode::OK,
+                format!("{{\"id\":\"{id}\",\"status\":\"queued\",{who}}}"),
+            )
+        }
+        ("GET", p) if p.starts_with("/v1/videos/") => {
+            let id = &p["/v1/videos/".len()..];
+            video_answer(id, jobs.video_status(id), &who)
+        }
+        ("POST", p) if p.starts_with("/v1/videos/") && p.ends_with("/cancel") => {
+            let id = &p["/v1/videos/".len()..p.len() - "/cancel".len()];
+            video_answer(id, jobs.cancel_video(id).then_some("cancelled"), &who)
+        }
         ("GET", "/v1/events") => events(),
         (_, "/health") => json(StatusCode::OK, "{\"status\":\"ok\"}".into()),
         _ => json(
@@ -97,6 +154,20 @@ async fn handle(
         ),
     };
     Ok(response)
+}
+
+fn video_answer(id: &str, status: Option<&str>, who: &str) -> Response<Body> {
+    let id = serde_json::Value::from(id);
+    match status {
+        Some(status) => json(
+            StatusCode::OK,
+            format!("{{\"id\":{id},\"status\":\"{status}\",{who}}}"),
+        ),
+        None => json(
+            StatusCode::NOT_FOUND,
+            format!("{{\"error\":\"no such video\",\"id\":{id}}}"),
+        ),
+    }
 }
 
 fn json(status: StatusCode, body: String) -> Response<Body> {
@@ -187,6 +258,33 @@ mod tests {
             "GET /nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         )
         .await;
+        assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn videos_run_for_a_while_and_can_be_cancelled() {
+        let addr = start().await;
+        let post = |path: &str| {
+            format!(
+                "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+        };
+        let get_req =
+            |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let out = get(addr, &post("/v1/videos")).await;
+        assert!(
+            out.contains("{\"id\":\"vid_1\",\"status\":\"queued\""),
+            "{out}"
+        );
+        let out = get(addr, &get_req("/v1/videos/vid_1")).await;
+        assert!(out.contains("\"status\":\"processing\""), "{out}");
+        tokio::time::advance(VIDEO_TAKES).await;
+        let out = get(addr, &get_req("/v1/videos/vid_1")).await;
+        assert!(out.contains("\"status\":\"completed\""), "{out}");
+        get(addr, &post("/v1/videos")).await;
+        let out = get(addr, &post("/v1/videos/vid_2/cancel")).await;
+        assert!(out.contains("\"status\":\"cancelled\""), "{out}");
+        let out = get(addr, &get_req("/v1/videos/vid_2")).await;
         assert!(out.starts_with("HTTP/1.1 404"), "{out}");
     }
 

@@ -539,3 +539,38 @@ async fn admin_lists_and_ends_jobs_metrics_count_them_and_a_restart_keeps_them()
         "{metrics}"
     );
 }
+
+/// The quickstart's config in front of the bundled example API, whose
+/// videos really run (for 20 s of the example API's clock).
+#[tokio::test]
+async fn the_quickstart_counts_videos_in_progress() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let config = std::fs::read_to_string(root.join("turnstile.toml"))
+        .unwrap()
+        .replace("listen = \"127.0.0.1:8080\"", "")
+        .replace("url = \"http://127.0.0.1:9000\"", "url = \"{upstream}\"")
+        .replace("snapshot = \"../state/counters.bin\"", "")
+        .replace("listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"");
+    let keys = std::fs::read_to_string(root.join("keys.toml")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut api = Upstream::start().await;
+    api.addr = listener.local_addr().unwrap();
+    tokio::spawn(turnstile::example_api::serve(listener));
+    let p = Proxy::start_with(&config, &api, &[("keys.toml", &keys)]).await;
+    let key = "demo-free-key";
+    let video = |p: &Proxy| {
+        let url = p.url("/v1/videos");
+        async move { call("POST", &url, Some(key)).await }
+    };
+    assert_eq!(video(&p).await.json()["id"], "vid_1");
+    assert_eq!(video(&p).await.json()["id"], "vid_2");
+    let r = video(&p).await;
+    assert_eq!((r.status, r.h("x-ratelimit-type")), (429, "videos"));
+    let r = call("GET", &p.url("/v1/videos/vid_1"), Some(key)).await;
+    assert_eq!(r.json()["status"], "processing");
+    assert_eq!(video(&p).await.status, 429, "still processing");
+    let r = call("POST", &p.url("/v1/videos/vid_1/cancel"), Some(key)).await;
+    assert_eq!(r.json()["status"], "cancelled");
+    assert_eq!(video(&p).await.json()["id"], "vid_3");
+    assert_eq!(video(&p).await.status, 429);
+}
