@@ -2,14 +2,15 @@
 //! 1 and 3 limits; fixed, rolling, bucket; 1 key and 1,000,000 keys; and
 //! two threads contending for one key.
 
+use std::future::Future as _;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use turnstile::clock::{Clock, ManualClock, SECOND};
-use turnstile::limits::{Bucket, Fixed, Rolling, Rule, Window};
-use turnstile::store::{LimitCheck, MemoryStore, Subject};
+use turnstile::limits::{Bucket, Fixed, Jobs, Rolling, Rule, Window};
+use turnstile::store::{JobCounter, LimitCheck, MemoryStore, Subject};
 
 const MANY: u32 = 1_000_000;
 /// 2026-05-05T16:00:10Z
@@ -78,6 +79,40 @@ fn decision(c: &mut Criterion) {
         let cs = checks(&k, set);
         group.bench_function(format!("{name}, 1 key"), |b| {
             b.iter(|| black_box(s.decide_at(black_box(&cs), NOW)))
+        });
+    }
+
+    // A job's whole life next to the same three limits: admitted (pending
+    // slot), bound to the id the answer names, ended by its status poll.
+    {
+        let s = store();
+        let k = key(7);
+        let mut with_jobs = all.to_vec();
+        with_jobs.push(Rule::Jobs(Jobs {
+            max: 5,
+            max_duration: 3600 * SECOND,
+            retry_after: 5 * SECOND,
+        }));
+        let cs = checks(&k, &with_jobs);
+        let ended = [JobCounter {
+            subject: k.clone(),
+            group: k.clone(),
+            counter: 4,
+            rule: with_jobs[3],
+        }];
+        let waker = std::task::Waker::noop();
+        group.bench_function("3 limits + jobs (admit, bind, end), 1 key", |b| {
+            b.iter(|| {
+                let mut d = s.decide_at(black_box(&cs), NOW);
+                for claim in d.lease.take_jobs() {
+                    let mut bind = std::pin::pin!(claim.bind("gen_0123456789"));
+                    let polled = bind
+                        .as_mut()
+                        .poll(&mut std::task::Context::from_waker(waker));
+                    assert!(polled.is_ready(), "the memory store binds at once");
+                }
+                black_box(s.end_job(&ended, "gen_0123456789"))
+            })
         });
     }
 

@@ -3,7 +3,12 @@
 //! Fills the memory store with 1,000,000 keys × 2 limits (a minute and a
 //! day), reports RSS and bytes per live counter, then lets both windows pass,
 //! evicts, and reports RSS again. Numbers from /proc/self/status (Linux).
+//!
+//! `cargo run --release --example memory -- jobs 200000` instead holds 5 jobs
+//! in progress for each of 200,000 keys (1,000,000 jobs, 20-character ids)
+//! and reports bytes per job.
 
+use std::future::Future as _;
 use std::sync::Arc;
 
 /// The allocator of the `turnstile` binary, so the figures are the binary's.
@@ -11,7 +16,7 @@ use std::sync::Arc;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use turnstile::clock::{Clock, ManualClock, SECOND};
-use turnstile::limits::{Fixed, Rule, Window};
+use turnstile::limits::{Fixed, Jobs, Rule, Window};
 use turnstile::store::{LimitCheck, MemoryStore, Subject};
 
 fn rss_bytes() -> u64 {
@@ -33,9 +38,63 @@ fn key(i: u64) -> Subject {
     Subject::Key(d)
 }
 
+/// Holds 5 jobs in progress for each of `keys` keys.
+fn jobs(keys: u64) {
+    let clock = ManualClock::at_secs(1_777_996_810);
+    let store = MemoryStore::new(Arc::new(clock.clone()));
+    let rule = Rule::Jobs(Jobs {
+        max: 5,
+        max_duration: 3600 * SECOND,
+        retry_after: 5 * SECOND,
+    });
+    let waker = std::task::Waker::noop();
+    let baseline = rss_bytes();
+    for i in 0..keys {
+        let s = key(i);
+        let check = [LimitCheck {
+            subject: s.clone(),
+            group: s,
+            counter: 1,
+            rule: &rule,
+            queue: None,
+            pinned: false,
+        }];
+        for j in 0..5 {
+            let mut d = store.decide_at(&check, clock.now());
+            for claim in d.lease.take_jobs() {
+                let id = format!("gen_{i:010}_{j:05}");
+                let mut bind = std::pin::pin!(claim.bind(&id));
+                let _ = bind
+                    .as_mut()
+                    .poll(&mut std::task::Context::from_waker(waker));
+            }
+        }
+    }
+    let held = store.jobs_in_progress();
+    let full = rss_bytes();
+    println!(
+        "baseline RSS            {:>8.1} MiB",
+        baseline as f64 / 1048576.0
+    );
+    println!(
+        "RSS with {held} jobs     {:>8.1} MiB ({keys} keys × 5)",
+        full as f64 / 1048576.0
+    );
+    println!(
+        "bytes per job           {:>8.1}",
+        (full - baseline) as f64 / held as f64
+    );
+}
+
 fn main() {
-    let keys: u64 = std::env::args()
-        .nth(1)
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == "jobs") {
+        args.next();
+        jobs(args.next().and_then(|a| a.parse().ok()).unwrap_or(200_000));
+        return;
+    }
+    let keys: u64 = args
+        .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     let clock = ManualClock::at_secs(1_777_996_810);

@@ -188,7 +188,7 @@ pub fn watch(
 impl Watcher {
     /// Acts on the upstream's answer head, and taps its body when the value
     /// is in it. Anything but a 2xx: pending slots are given back, no job ends.
-    pub async fn answer(self, response: Response<Body>) -> Response<Body> {
+    pub async fn answer(mut self, response: Response<Body>) -> Response<Body> {
         if !response.status().is_success() {
             return response;
         }
@@ -212,12 +212,12 @@ impl Watcher {
         };
         let (parts, body) = response.into_parts();
         let max = self.max;
-        let rpc_id = self.rpc_id.clone();
-        let headers = parts.headers.clone();
+        let rpc_id = self.rpc_id.take();
+        // The value is in the document: the answer's headers are not needed.
         let reader: Reader = Box::new(move |doc: Option<Value>| -> Option<Follow> {
             let doc = doc?;
             Some(Box::pin(async move {
-                self.act(Some(&headers), Some(&doc)).await;
+                self.act(None, Some(&doc)).await;
             }))
         });
         Response::from_parts(parts, Tap::new(body, framing, max, rpc_id, reader).boxed())
