@@ -65,45 +65,49 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
             );
             r
         }
-        (_, p) if p.starts_with("/v1/") => {
-            let policy = app.policy();
-            if !authorized(&policy, &req) {
-                let mut r = error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "admin token required: Authorization: Bearer <token>",
-                );
-                r.headers_mut()
-                    .insert("www-authenticate", HeaderValue::from_static("Bearer"));
-                return r;
-            }
-            let query = req.uri().query().unwrap_or("");
-            match (method, p) {
-                (&Method::GET, "/v1/usage") => usage(app, &policy, query).await,
-                (&Method::DELETE, "/v1/usage") => reset(app, &policy, query).await,
-                (&Method::DELETE, "/v1/jobs") => end_job(app, &policy, query).await,
-                (&Method::POST, "/v1/reload") => match app.reload() {
-                    Ok(report) => json_response(
-                        StatusCode::OK,
-                        &json!({
-                            "status": "reloaded",
-                            "dropped_counters": report.dropped_counters,
-                            "restart_needed": report.restart_needed,
-                        }),
-                    ),
-                    Err(e) => error(StatusCode::BAD_REQUEST, "invalid_config", &e.to_string()),
-                },
-                _ => error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    &format!("no admin endpoint {method} {p}"),
-                ),
-            }
-        }
+        (_, p) if p.starts_with("/v1/") => v1(app, &req).await,
         _ => error(
             StatusCode::NOT_FOUND,
             "not_found",
             &format!("no admin endpoint {method} {path}"),
+        ),
+    }
+}
+
+/// The `/v1/*` calls, behind the admin token.
+async fn v1(app: &Arc<Turnstile>, req: &Request<Incoming>) -> Response<Body> {
+    let (method, p) = (req.method(), req.uri().path());
+    let policy = app.policy();
+    if !authorized(&policy, req) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "admin token required: Authorization: Bearer <token>",
+        );
+        r.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let query = req.uri().query().unwrap_or("");
+    match (method, p) {
+        (&Method::GET, "/v1/usage") => usage(app, &policy, query).await,
+        (&Method::DELETE, "/v1/usage") => reset(app, &policy, query).await,
+        (&Method::DELETE, "/v1/jobs") => end_job(app, &policy, query).await,
+        (&Method::POST, "/v1/reload") => match app.reload() {
+            Ok(report) => json_response(
+                StatusCode::OK,
+                &json!({
+                    "status": "reloaded",
+                    "dropped_counters": report.dropped_counters,
+                    "restart_needed": report.restart_needed,
+                }),
+            ),
+            Err(e) => error(StatusCode::BAD_REQUEST, "invalid_config", &e.to_string()),
+        },
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no admin endpoint {method} {p}"),
         ),
     }
 }

@@ -689,39 +689,10 @@ impl Turnstile {
         watcher: Option<jobs::Watcher>,
     ) -> Result<Response<Body>, Refusal> {
         let policy = &*live.policy;
-        let up = &policy.upstream;
-        let unmatched_limits;
-        let limits = match route {
-            Some(r) => &r.body,
-            None => {
-                unmatched_limits = BodyLimits {
-                    max: policy.server.max_body,
-                    by_type: Vec::new(),
-                };
-                &unmatched_limits
-            }
-        };
-        let timeout = route.map_or(up.timeout, |r| r.timeout);
+        let timeout = route.map_or(policy.upstream.timeout, |r| r.timeout);
         let deadline = tokio::time::Instant::now() + timeout;
-
-        let uri = upstream_uri(up, &parts.uri)?;
-        let mut headers = parts.headers;
-        upstream_headers(policy, &mut headers, &parts.uri, peer, who);
-
         let trip = Trip::default();
-        let body = LimitedBody::new(
-            body,
-            limits,
-            content_type(&headers),
-            policy.server.body_timeout,
-            trip.clone(),
-        )
-        .boxed();
-        let mut request = Request::new(body);
-        *request.method_mut() = parts.method;
-        *request.uri_mut() = uri;
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = headers;
+        let request = upstream_request(policy, parts, body, peer, route, who, trip.clone())?;
 
         let sent = std::time::Instant::now();
         let has_watcher = watcher.is_some();
@@ -764,6 +735,48 @@ impl Turnstile {
             }),
         }
     }
+}
+
+/// The request as the upstream gets it: its target and headers rewritten,
+/// its body under the route's size limits and stall timer (`trip` records
+/// why the body failed, if it does).
+fn upstream_request(
+    policy: &Policy,
+    parts: Parts,
+    body: Body,
+    peer: &Peer,
+    route: Option<&Route>,
+    who: Option<&Identified<'_>>,
+    trip: Trip,
+) -> Result<Request<Body>, Refusal> {
+    let unmatched_limits;
+    let limits = match route {
+        Some(r) => &r.body,
+        None => {
+            unmatched_limits = BodyLimits {
+                max: policy.server.max_body,
+                by_type: Vec::new(),
+            };
+            &unmatched_limits
+        }
+    };
+    let uri = upstream_uri(&policy.upstream, &parts.uri)?;
+    let mut headers = parts.headers;
+    upstream_headers(policy, &mut headers, &parts.uri, peer, who);
+    let body = LimitedBody::new(
+        body,
+        limits,
+        content_type(&headers),
+        policy.server.body_timeout,
+        trip,
+    )
+    .boxed();
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Ok(request)
 }
 
 /// The upstream's answer as the client gets it: hop-by-hop headers removed,

@@ -113,18 +113,7 @@ impl Server {
             header_timeout: policy.server.header_timeout,
             idle_timeout: policy.server.idle_timeout,
         };
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(policy.server.header_timeout)
-            .max_headers(crate::proxy::MAX_HEADERS)
-            .max_buf_size(64 * 1024);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(64 * 1024);
-        let builder = Arc::new(builder);
+        let builder = Arc::new(connection_builder(&policy));
         let (stop, stopping) = watch::channel(false);
         let max_connections = policy.server.max_connections.min(u32::MAX as usize);
         let permits = Arc::new(Semaphore::new(max_connections));
@@ -172,21 +161,43 @@ impl Server {
             });
         }
         drop(listener);
-        let grace = app.policy().server.shutdown_grace;
-        tracing::info!(
-            grace_secs = grace.as_secs_f64(),
-            "shutting down: draining in-flight exchanges"
-        );
         let _ = stop.send(true);
-        let drained = permits.acquire_many(max_connections as u32);
-        if tokio::time::timeout(grace, drained).await.is_err() {
-            tracing::warn!("shutdown grace expired with exchanges still in flight");
-        }
+        drain(&app, &permits, max_connections).await;
         for task in background.into_iter().chain(admin_task) {
             task.abort();
         }
         write_snapshot(&app).await;
         Ok(())
+    }
+}
+
+/// HTTP/1.1 and HTTP/2 settings of the proxy listener.
+fn connection_builder(policy: &crate::config::Policy) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(policy.server.header_timeout)
+        .max_headers(crate::proxy::MAX_HEADERS)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(64 * 1024);
+    builder
+}
+
+/// Waits up to `shutdown_grace` for every connection (each holds one of the
+/// `max` permits) to finish its exchanges.
+async fn drain(app: &Turnstile, permits: &Semaphore, max: usize) {
+    let grace = app.policy().server.shutdown_grace;
+    tracing::info!(
+        grace_secs = grace.as_secs_f64(),
+        "shutting down: draining in-flight exchanges"
+    );
+    let drained = permits.acquire_many(max as u32);
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!("shutdown grace expired with exchanges still in flight");
     }
 }
 

@@ -3,6 +3,7 @@
 //! routes are compiled matchers, limits are typed rules with precomputed
 //! counter ids, and every error names `file:line:col`.
 
+mod kinds;
 mod raw;
 mod units;
 
@@ -21,10 +22,8 @@ use toml::Spanned;
 
 pub use crate::body::display_size;
 use crate::body::BodyLimits;
-use crate::clock::SECOND;
 use crate::identity::{self, IdentitySettings, KeyRecord, KeyRegistry, KeySource, UnknownKey};
 use crate::jobs::JobRole;
-use crate::limits::{Bucket, Concurrency, Fixed, Jobs, Rolling, Rule, Window};
 pub use crate::limits::{HeaderTrio, LimitSpec, Per, QueueSpec};
 pub use crate::mcp::ArgLimit;
 use crate::responses::{HeaderSettings, ResetFormat, ResponseSet, Template, RESPONSE_NAMES};
@@ -936,160 +935,6 @@ fn positive(src: &Source, v: &Spanned<i64>, what: &str) -> Result<u32, ConfigErr
         })
 }
 
-/// A fixed or rolling window: `"month"` (fixed only) or a whole number of
-/// seconds, at least one.
-fn parse_window(src: &Source, w: &Spanned<String>, rolling: bool) -> Result<Window, ConfigError> {
-    let text = w.get_ref().trim();
-    if text == "month" {
-        if rolling {
-            return Err(src.at(
-                w.span(),
-                "a rolling window cannot be \"month\": use e.g. \"30d\"",
-            ));
-        }
-        return Ok(Window::Month);
-    }
-    let d = parse_duration(text).map_err(|m| src.at(w.span(), m))?;
-    if d.subsec_nanos() != 0 || d.as_secs() == 0 {
-        return Err(src.at(
-            w.span(),
-            format!("window {text:?} must be a whole number of seconds, at least 1s"),
-        ));
-    }
-    Ok(Window::Span(d.as_secs() * SECOND))
-}
-
-/// A concurrency limit's `queue = { max_wait, max_len }` (`max_len` 100 by default).
-fn compile_queue(src: &Source, q: &RawQueue) -> Result<QueueSpec, ConfigError> {
-    let max_wait =
-        parse_duration(q.max_wait.get_ref()).map_err(|m| src.at(q.max_wait.span(), m))?;
-    let max_len = match &q.max_len {
-        Some(n) => positive(src, n, "max_len")? as usize,
-        None => 100,
-    };
-    Ok(QueueSpec { max_wait, max_len })
-}
-
-/// The rule of one limit, its window as written, and its queue: the
-/// fields of its kind required, those of other kinds refused.
-fn compile_rule(
-    src: &Source,
-    lspan: Range<usize>,
-    l: &RawLimit,
-) -> Result<(Rule, String, Option<QueueSpec>), ConfigError> {
-    let lname = l.name.get_ref();
-    let kind = l.kind.unwrap_or(RawKind::Fixed);
-    let missing = |field: &str| {
-        src.at(
-            lspan.clone(),
-            format!("limit {lname:?} ({}) needs `{field}`", kind.as_str()),
-        )
-    };
-    let forbid = |fields: &[(&str, bool)]| -> Result<(), ConfigError> {
-        match fields.iter().find(|(_, present)| *present) {
-            Some((field, _)) => Err(src.at(
-                lspan.clone(),
-                format!(
-                    "limit {lname:?}: `{field}` does not apply to a {} limit",
-                    kind.as_str()
-                ),
-            )),
-            None => Ok(()),
-        }
-    };
-    let window_fields = [
-        ("requests", l.requests.is_some()),
-        ("window", l.window.is_some()),
-    ];
-    let bucket_fields = [("rate", l.rate.is_some()), ("burst", l.burst.is_some())];
-    let concurrency_fields = [
-        ("max", l.max.is_some()),
-        ("retry_after", l.retry_after.is_some()),
-        ("queue", l.queue.is_some()),
-    ];
-    let jobs_fields = [("max_duration", l.max_duration.is_some())];
-    let mut queue = None;
-    let (rule, window_text) = match kind {
-        RawKind::Fixed | RawKind::Rolling => {
-            forbid(&bucket_fields)?;
-            forbid(&concurrency_fields)?;
-            forbid(&jobs_fields)?;
-            let requests = positive(
-                src,
-                l.requests.as_ref().ok_or_else(|| missing("requests"))?,
-                "requests",
-            )?;
-            let w = l.window.as_ref().ok_or_else(|| missing("window"))?;
-            let text = w.get_ref().trim();
-            let window = parse_window(src, w, kind == RawKind::Rolling)?;
-            let rule = match (kind, window) {
-                (RawKind::Rolling, Window::Span(len)) => Rule::Rolling(Rolling {
-                    requests,
-                    window: len,
-                }),
-                _ => Rule::Fixed(Fixed { requests, window }),
-            };
-            (rule, text.to_owned())
-        }
-        RawKind::Bucket => {
-            forbid(&window_fields)?;
-            forbid(&concurrency_fields)?;
-            forbid(&jobs_fields)?;
-            let r = l.rate.as_ref().ok_or_else(|| missing("rate"))?;
-            let (count, period) = parse_rate(r.get_ref()).map_err(|m| src.at(r.span(), m))?;
-            let interval = (period.as_nanos() / count as u128) as u64;
-            if interval == 0 {
-                return Err(src.at(r.span(), "rate is too high"));
-            }
-            let burst = match &l.burst {
-                Some(b) => positive(src, b, "burst")?,
-                None => 1,
-            };
-            (
-                Rule::Bucket(Bucket { burst, interval }),
-                r.get_ref().trim().to_owned(),
-            )
-        }
-        RawKind::Concurrency => {
-            forbid(&window_fields)?;
-            forbid(&bucket_fields)?;
-            forbid(&jobs_fields)?;
-            let max = positive(src, l.max.as_ref().ok_or_else(|| missing("max"))?, "max")?;
-            let retry_after = duration(src, &l.retry_after, Duration::from_secs(1))?;
-            if let Some(q) = &l.queue {
-                queue = Some(compile_queue(src, q.get_ref())?);
-            }
-            (
-                Rule::Concurrency(Concurrency {
-                    max,
-                    retry_after: retry_after.as_nanos() as u64,
-                }),
-                "concurrent".to_owned(),
-            )
-        }
-        RawKind::Jobs => {
-            forbid(&window_fields)?;
-            forbid(&bucket_fields)?;
-            forbid(&[("queue", l.queue.is_some())])?;
-            let max = positive(src, l.max.as_ref().ok_or_else(|| missing("max"))?, "max")?;
-            let retry_after = duration(src, &l.retry_after, Duration::from_secs(5))?;
-            let max_duration = duration(src, &l.max_duration, Duration::from_secs(3600))?;
-            if max_duration.is_zero() {
-                return Err(missing("max_duration above zero"));
-            }
-            (
-                Rule::Jobs(Jobs {
-                    max,
-                    max_duration: max_duration.as_nanos() as u64,
-                    retry_after: retry_after.as_nanos() as u64,
-                }),
-                "jobs".to_owned(),
-            )
-        }
-    };
-    Ok((rule, window_text, queue))
-}
-
 /// The routes a limit covers (indices) and its `routes` as written, for the
 /// counter identity and the `check` table.
 fn covered_routes(
@@ -1126,76 +971,19 @@ fn compile_plan(
     let mut limits = Vec::new();
     let mut by_route: Vec<Vec<AppliedLimit>> = vec![Vec::new(); routes.len()];
     for l in &raw.get_ref().limits {
-        let lspan = l.span();
-        let l = l.get_ref();
-        let lname = l.name.get_ref();
-        let kind = l.kind.unwrap_or(RawKind::Fixed);
-        let (rule, window_text, queue) = compile_rule(src, lspan.clone(), l)?;
-        let (covered, routes_text) = covered_routes(src, routes, l)?;
-        let headers = match &l.headers {
-            None => None,
-            Some(h) => Some(HeaderTrio::new(h.get_ref()).map_err(|m| src.at(h.span(), m))?),
+        let spec = compile_limit(src, l, routes)?;
+        let (covered, _) = covered_routes(src, routes, l.get_ref())?;
+        let applied = Applied {
+            plan: name,
+            index: limits.len(),
+            spec: &spec,
+            raw: l,
         };
-        let per_route = l.per_route.unwrap_or(false);
-        let kind_text = kind.as_str();
-        // The counter's identity leaves out the numbers a reload may change.
-        let identity_window = match kind {
-            RawKind::Fixed | RawKind::Rolling => window_text.as_str(),
-            RawKind::Bucket | RawKind::Concurrency | RawKind::Jobs => "",
-        };
-        let index = limits.len();
-        for r in covered {
-            if !routes[r].auth {
-                continue;
-            }
-            if kind == RawKind::Jobs && !matches!(routes[r].job, JobRole::Submit { .. }) {
-                return Err(src.at(
-                    lspan.clone(),
-                    format!(
-                        "limit {lname:?} counts jobs, but route {:?} does not say where its answer names one: add `job = {{ id = \"json:/id\" }}` to the route",
-                        &*routes[r].name
-                    ),
-                ));
-            }
-            if by_route[r]
-                .iter()
-                .any(|a| limits_name(&limits, a.limit) == lname.as_str())
-            {
-                return Err(src.at(
-                    l.name.span(),
-                    format!(
-                        "two limits named {lname:?} in plan {name:?} both cover route {:?}",
-                        &*routes[r].name
-                    ),
-                ));
-            }
-            let route_part = if per_route { &*routes[r].name } else { "" };
-            let counter = counter_id(&[
-                name,
-                lname,
-                &routes_text,
-                kind_text,
-                identity_window,
-                route_part,
-            ]);
-            by_route[r].push(AppliedLimit {
-                limit: index,
-                counter,
-            });
+        for r in covered.into_iter().filter(|&r| routes[r].auth) {
+            let a = applied.to_route(src, &routes[r], &by_route[r], &limits)?;
+            by_route[r].push(a);
         }
-        limits.push(LimitSpec {
-            name: lname.as_str().into(),
-            rule,
-            per: match l.per {
-                Some(RawPer::Account) => Per::Account,
-                _ => Per::Key,
-            },
-            window_text: window_text.into(),
-            headers,
-            routes_text,
-            per_route,
-            queue,
-        });
+        limits.push(spec);
     }
     let header_value = HeaderValue::from_str(name).map_err(|_| {
         src.at(
@@ -1209,6 +997,101 @@ fn compile_plan(
         limits,
         by_route,
     })
+}
+
+/// One limit of a plan, validated (its routes are applied separately).
+fn compile_limit(
+    src: &Source,
+    l: &Spanned<RawLimit>,
+    routes: &[Route],
+) -> Result<LimitSpec, ConfigError> {
+    let raw = l.get_ref();
+    let (rule, window_text, queue) = kinds::compile_rule(src, l.span(), raw)?;
+    let (_, routes_text) = covered_routes(src, routes, raw)?;
+    let headers = match &raw.headers {
+        None => None,
+        Some(h) => Some(HeaderTrio::new(h.get_ref()).map_err(|m| src.at(h.span(), m))?),
+    };
+    Ok(LimitSpec {
+        name: raw.name.get_ref().as_str().into(),
+        rule,
+        per: match raw.per {
+            Some(RawPer::Account) => Per::Account,
+            _ => Per::Key,
+        },
+        window_text: window_text.into(),
+        headers,
+        routes_text,
+        per_route: raw.per_route.unwrap_or(false),
+        queue,
+    })
+}
+
+/// A limit being applied to the routes it covers.
+struct Applied<'a> {
+    plan: &'a str,
+    index: usize,
+    spec: &'a LimitSpec,
+    raw: &'a Spanned<RawLimit>,
+}
+
+impl Applied<'_> {
+    /// The limit on `route`, with its counter id; `already`: the limits on
+    /// it so far (two of one name may not cover one route).
+    fn to_route(
+        &self,
+        src: &Source,
+        route: &Route,
+        already: &[AppliedLimit],
+        limits: &[LimitSpec],
+    ) -> Result<AppliedLimit, ConfigError> {
+        let lname = &*self.spec.name;
+        let raw = self.raw.get_ref();
+        let kind = raw.kind.unwrap_or(RawKind::Fixed);
+        if kind == RawKind::Jobs && !matches!(route.job, JobRole::Submit { .. }) {
+            return Err(src.at(
+                self.raw.span(),
+                format!(
+                    "limit {lname:?} counts jobs, but route {:?} does not say where its answer names one: add `job = {{ id = \"json:/id\" }}` to the route",
+                    &*route.name
+                ),
+            ));
+        }
+        if already
+            .iter()
+            .any(|a| limits_name(limits, a.limit) == lname)
+        {
+            return Err(src.at(
+                raw.name.span(),
+                format!(
+                    "two limits named {lname:?} in plan {:?} both cover route {:?}",
+                    self.plan, &*route.name
+                ),
+            ));
+        }
+        // The counter's identity leaves out the numbers a reload may change.
+        let identity_window = match kind {
+            RawKind::Fixed | RawKind::Rolling => &*self.spec.window_text,
+            RawKind::Bucket | RawKind::Concurrency | RawKind::Jobs => "",
+        };
+        let route_part = if self.spec.per_route {
+            &*route.name
+        } else {
+            ""
+        };
+        let counter = counter_id(&[
+            self.plan,
+            lname,
+            &self.spec.routes_text,
+            kind.as_str(),
+            identity_window,
+            route_part,
+        ]);
+        Ok(AppliedLimit {
+            limit: self.index,
+            counter,
+        })
+    }
 }
 
 fn limits_name(limits: &[LimitSpec], i: usize) -> &str {

@@ -1,6 +1,8 @@
 use std::path::PathBuf;
 
 use super::*;
+use crate::clock::SECOND;
+use crate::limits::Rule;
 
 const BASE: &str = r#"
 [upstream]

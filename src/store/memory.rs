@@ -277,95 +277,11 @@ impl Inner {
                 .position(|c| c.counter == slot.counter && c.subject == slot.subject)
         });
         self.with_locked(checks, |guards, owner| {
-            let mut slots: SmallVec<[(usize, usize); 4]> = SmallVec::new();
-            let mut verdicts = Verdicts::new();
-            for (i, (c, &g)) in checks.iter().zip(owner).enumerate() {
-                guards[g].pinned |= c.pinned;
-                let s = guards[g].slot(c.counter, c.rule, &self.live);
-                let counter = &mut guards[g].list[s];
-                if let Rule::Jobs(jobs) = c.rule {
-                    let gone = jobs.expire(&mut counter.state, now) as u64;
-                    if gone > 0 {
-                        self.jobs_expired.fetch_add(gone, Ordering::Relaxed);
-                    }
-                }
-                let verdict = if reserved_check == Some(i) {
-                    held_verdict(c.rule, &counter.state, now)
-                } else {
-                    let mut v = c.rule.evaluate(&mut counter.state, now);
-                    // Newcomers queue behind waiting requests.
-                    if let Rule::Concurrency(Concurrency { retry_after, .. }) = c.rule {
-                        if v.admitted && counter.live_waiters() > 0 {
-                            let at = now + retry_after;
-                            v = Verdict {
-                                admitted: false,
-                                used: v.used - 1,
-                                remaining: 0,
-                                reset_at: at,
-                                retry_at: at,
-                                ..v
-                            };
-                        }
-                    }
-                    v
-                };
-                verdicts.push(verdict);
-                slots.push((g, s));
+            let (verdicts, slots) = self.evaluate_all(guards, owner, checks, now, reserved_check);
+            if !verdicts.iter().all(|v| v.admitted) {
+                return refused(guards, &slots, checks, now, verdicts);
             }
-            let admitted = verdicts.iter().all(|v| v.admitted);
-            if !admitted {
-                verdicts.iter_mut().for_each(|v| *v = v.uncounted());
-                let refusing: Vec<usize> = (0..checks.len())
-                    .filter(|&i| !verdicts[i].admitted)
-                    .collect();
-                let refused = Decision {
-                    now,
-                    admitted,
-                    verdicts,
-                    lease: Lease::default(),
-                };
-                if let [i] = refusing[..] {
-                    if let Some(q) = checks[i].queue {
-                        let (g, s) = slots[i];
-                        let counter = &mut guards[g].list[s];
-                        if counter.live_waiters() < q.max_len {
-                            let (tx, rx) = oneshot::channel();
-                            counter
-                                .waiters
-                                .get_or_insert_with(Box::default)
-                                .push_back(tx);
-                            counter.expires_at = Nanos::MAX;
-                            return Attempt::Queued {
-                                refused,
-                                rx,
-                                check: i,
-                            };
-                        }
-                    }
-                }
-                return Attempt::Done(refused);
-            }
-            let mut lease = Vec::new();
-            let mut jobs = Vec::new();
-            for (i, (c, &(g, s))) in checks.iter().zip(&slots).enumerate() {
-                let counter = &mut guards[g].list[s];
-                if reserved_check != Some(i) {
-                    c.rule.record(&mut counter.state, now);
-                }
-                counter.expires_at = c.rule.expires_at(&counter.state);
-                if c.rule.holds_slot() {
-                    let slot = Slot {
-                        store: Some(self.clone()),
-                        subject: c.subject.clone(),
-                        counter: c.counter,
-                        rule: *c.rule,
-                    };
-                    match c.rule {
-                        Rule::Jobs(_) => jobs.push(JobClaim::memory(slot)),
-                        _ => lease.push(Box::new(slot) as Box<dyn Send + Sync>),
-                    }
-                }
-            }
+            let lease = self.record_all(guards, &slots, checks, now, reserved_check);
             // The handed-over slot now belongs to the lease.
             if let (Some(_), Some(r)) = (reserved_check, reserved) {
                 if let Some(mut slot) = r.take() {
@@ -374,11 +290,78 @@ impl Inner {
             }
             Attempt::Done(Decision {
                 now,
-                admitted,
+                admitted: true,
                 verdicts,
-                lease: Lease::new(lease).with_jobs(jobs),
+                lease,
             })
         })
+    }
+
+    /// Every check's verdict, counting nothing, and where its counter is
+    /// (guard, index). Expired jobs are dropped (and counted) on the way.
+    fn evaluate_all(
+        &self,
+        guards: &mut [MutexGuard<'_, SubjectCounters>],
+        owner: &[usize],
+        checks: &[LimitCheck<'_>],
+        now: Nanos,
+        reserved_check: Option<usize>,
+    ) -> (Verdicts, CounterSlots) {
+        let mut slots = CounterSlots::new();
+        let mut verdicts = Verdicts::new();
+        for (i, (c, &g)) in checks.iter().zip(owner).enumerate() {
+            guards[g].pinned |= c.pinned;
+            let s = guards[g].slot(c.counter, c.rule, &self.live);
+            let counter = &mut guards[g].list[s];
+            if let Rule::Jobs(jobs) = c.rule {
+                let gone = jobs.expire(&mut counter.state, now) as u64;
+                if gone > 0 {
+                    self.jobs_expired.fetch_add(gone, Ordering::Relaxed);
+                }
+            }
+            let verdict = if reserved_check == Some(i) {
+                held_verdict(c.rule, &counter.state, now)
+            } else {
+                let v = c.rule.evaluate(&mut counter.state, now);
+                behind_waiters(c.rule, counter, v, now)
+            };
+            verdicts.push(verdict);
+            slots.push((g, s));
+        }
+        (verdicts, slots)
+    }
+
+    /// Counts an admitted request against every check; the slots it holds.
+    fn record_all(
+        self: &Arc<Self>,
+        guards: &mut [MutexGuard<'_, SubjectCounters>],
+        slots: &CounterSlots,
+        checks: &[LimitCheck<'_>],
+        now: Nanos,
+        reserved_check: Option<usize>,
+    ) -> Lease {
+        let mut lease = Vec::new();
+        let mut jobs = Vec::new();
+        for (i, (c, &(g, s))) in checks.iter().zip(slots).enumerate() {
+            let counter = &mut guards[g].list[s];
+            if reserved_check != Some(i) {
+                c.rule.record(&mut counter.state, now);
+            }
+            counter.expires_at = c.rule.expires_at(&counter.state);
+            if c.rule.holds_slot() {
+                let slot = Slot {
+                    store: Some(self.clone()),
+                    subject: c.subject.clone(),
+                    counter: c.counter,
+                    rule: *c.rule,
+                };
+                match c.rule {
+                    Rule::Jobs(_) => jobs.push(JobClaim::memory(slot)),
+                    _ => lease.push(Box::new(slot) as Box<dyn Send + Sync>),
+                }
+            }
+        }
+        Lease::new(lease).with_jobs(jobs)
     }
 
     /// Gives a slot back, or hands it to the oldest live waiter.
@@ -441,6 +424,72 @@ fn saved_counter(c: &Counter, now: Nanos) -> Option<SavedCounter> {
         expires_at,
         state,
     })
+}
+
+/// Where each check's counter is: (guard, index in that subject's list).
+type CounterSlots = SmallVec<[(usize, usize); 4]>;
+
+/// A concurrency verdict as newcomers get it: behind requests already
+/// waiting in the limit's queue, never ahead of them.
+fn behind_waiters(rule: &Rule, counter: &mut Counter, v: Verdict, now: Nanos) -> Verdict {
+    let Rule::Concurrency(Concurrency { retry_after, .. }) = rule else {
+        return v;
+    };
+    if !v.admitted || counter.live_waiters() == 0 {
+        return v;
+    }
+    let at = now + retry_after;
+    Verdict {
+        admitted: false,
+        used: v.used - 1,
+        remaining: 0,
+        reset_at: at,
+        retry_at: at,
+        ..v
+    }
+}
+
+/// A refused decision: nothing counted. Refused by one queued concurrency
+/// limit only, with room in its queue, the request waits instead.
+fn refused(
+    guards: &mut [MutexGuard<'_, SubjectCounters>],
+    slots: &CounterSlots,
+    checks: &[LimitCheck<'_>],
+    now: Nanos,
+    mut verdicts: Verdicts,
+) -> Attempt {
+    verdicts.iter_mut().for_each(|v| *v = v.uncounted());
+    let refusing: SmallVec<[usize; 4]> = (0..checks.len())
+        .filter(|&i| !verdicts[i].admitted)
+        .collect();
+    let refused = Decision {
+        now,
+        admitted: false,
+        verdicts,
+        lease: Lease::default(),
+    };
+    let [i] = refusing[..] else {
+        return Attempt::Done(refused);
+    };
+    let Some(q) = checks[i].queue else {
+        return Attempt::Done(refused);
+    };
+    let (g, s) = slots[i];
+    let counter = &mut guards[g].list[s];
+    if counter.live_waiters() >= q.max_len {
+        return Attempt::Done(refused);
+    }
+    let (tx, rx) = oneshot::channel();
+    counter
+        .waiters
+        .get_or_insert_with(Box::default)
+        .push_back(tx);
+    counter.expires_at = Nanos::MAX;
+    Attempt::Queued {
+        refused,
+        rx,
+        check: i,
+    }
 }
 
 /// The verdict of a concurrency limit whose slot this request already holds.
