@@ -439,7 +439,7 @@ async fn end_job(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body
     let counters: Vec<JobCounter> = rows.iter().filter_map(Row::job_counter).collect();
     match app.store().end_job(&counters, &id).await {
         Ok(true) => {
-            app.metrics().job_ended(crate::jobs::Ended::Admin);
+            app.metrics().job_ended(crate::jobs::Ended::Admin.label());
             tracing::info!(job = %id, "job ended through the admin API");
             json_response(StatusCode::OK, &json!({ "ended": id }))
         }

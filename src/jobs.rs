@@ -12,11 +12,9 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use crate::body::Body;
-use crate::config::Plan;
-use crate::limits::Rule;
 use crate::metrics::Metrics;
 use crate::routing::PathPattern;
-use crate::store::{CounterStore, JobClaim, JobCounter, Subject};
+use crate::store::{CounterStore, JobClaim, JobCounter};
 use crate::tap::{Follow, Framing, Reader, Tap};
 use crate::values::ValueSource;
 
@@ -81,29 +79,6 @@ impl Ended {
             Ended::Admin => "admin",
         }
     }
-}
-
-/// The jobs counters of `plan` for a caller: every jobs limit, every route
-/// it counts (per-route limits have one counter per route), deduplicated.
-pub fn counters(
-    plan: &Plan,
-    digest: &crate::identity::KeyDigest,
-    account: Option<&Arc<str>>,
-) -> Vec<JobCounter> {
-    let mut out: Vec<JobCounter> = Vec::new();
-    for applied in plan.by_route.iter().flatten() {
-        let spec = &plan.limits[applied.limit];
-        if !matches!(spec.rule, Rule::Jobs(_)) || out.iter().any(|c| c.counter == applied.counter) {
-            continue;
-        }
-        out.push(JobCounter {
-            subject: Subject::counted(spec.per, digest, account),
-            group: Subject::group(digest, account),
-            counter: applied.counter,
-            rule: spec.rule,
-        });
-    }
-    out
 }
 
 /// What an exchange watches its answer for.
@@ -256,7 +231,7 @@ impl Watcher {
                     }
                 };
                 match self.store.end_job(&counters, &id).await {
-                    Ok(true) => self.metrics.job_ended(how),
+                    Ok(true) => self.metrics.job_ended(how.label()),
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "could not end a job"),
                 }

@@ -1,0 +1,447 @@
+//! One request, in SPEC §1 order: target → route → identity → admission
+//! checks → limits → forward → respond. [`Turnstile::handle`] runs the
+//! steps (one module each) over one `Exchange` context and ends every
+//! exchange in one place, `Turnstile::finish`: the response passed on
+//! with its rate-limit headers, or the refusal rendered by
+//! [`crate::responses`], counted, logged and, when the upstream never got
+//! the whole request, refunded.
+
+mod admission;
+mod decide;
+mod forward;
+mod route;
+
+pub use admission::MAX_HEADERS;
+pub use forward::{strip_hop_by_hop, Peer};
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::header::HeaderMap;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::Value;
+use smallvec::SmallVec;
+
+use crate::body::{Body, WithGuard};
+use crate::config::{ConfigError, Format, Plan, Policy, Route, Unmatched};
+use crate::identity::Caller;
+use crate::inspect::{Budget, ReadLimits, RequestBody};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::refusal_log::RefusalLog;
+use crate::responses::{self, Checked, Refusal};
+use crate::store::{CounterStore, LimitCheck, Store};
+use crate::upstream::Upstream;
+
+/// What a reload did.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadReport {
+    /// Counters of limits that no longer exist, dropped.
+    pub dropped_counters: usize,
+    /// Settings that changed but only take effect after a restart.
+    pub restart_needed: Vec<&'static str>,
+}
+
+/// The configuration in force and the upstream client built for it. A reload
+/// swaps in a new one; exchanges already started finish with the one they
+/// loaded.
+pub struct Live {
+    /// The validated config.
+    pub policy: Arc<Policy>,
+    upstream: Arc<Upstream>,
+    /// Per route index, then one for unmatched requests.
+    route_metrics: Vec<RouteMetrics>,
+}
+
+impl Live {
+    /// The metric series of a route (`None`: unmatched requests).
+    fn route_metrics(&self, route: Option<&Route>) -> &RouteMetrics {
+        let index = route.map_or(self.route_metrics.len() - 1, |r| r.index);
+        &self.route_metrics[index.min(self.route_metrics.len() - 1)]
+    }
+
+    fn new(policy: Policy, metrics: &Metrics) -> Self {
+        let upstream = Upstream::new(&policy.upstream.authority, policy.upstream.connect_timeout);
+        let mut route_metrics: Vec<RouteMetrics> = policy
+            .routes
+            .iter()
+            .map(|r| metrics.route(&r.name))
+            .collect();
+        route_metrics.push(metrics.route(&unmatched_label()));
+        Self {
+            policy: Arc::new(policy),
+            upstream,
+            route_metrics,
+        }
+    }
+}
+
+/// The proxy: the live config, the counters and the metrics.
+pub struct Turnstile {
+    live: ArcSwap<Live>,
+    store: CounterStore,
+    metrics: Arc<Metrics>,
+    /// Bytes of bodies held for inspection (`[server] max_buffered`).
+    budget: Arc<Budget>,
+    refusal_log: RefusalLog,
+}
+
+impl std::fmt::Debug for Turnstile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Turnstile")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who is asking and under which plan, once identified.
+struct Identified<'a> {
+    caller: Caller,
+    plan: &'a Plan,
+}
+
+/// One exchange as the pipeline knows it so far (pingora's per-request
+/// context): each step fills in its part, [`Turnstile::finish`] reads it.
+struct Exchange<'a> {
+    live: &'a Live,
+    peer: &'a Peer,
+    /// The route, once matched.
+    route: Option<&'a Route>,
+    /// A caller identified early (before reading a tool route's body).
+    caller: Option<Caller>,
+    /// The caller and its plan, once identified.
+    who: Option<Identified<'a>>,
+    /// The request's JSON-RPC id, once its body was read.
+    rpc_id: Option<Value>,
+    /// The limits' verdicts, once decided.
+    decided: Option<Decided<'a>>,
+}
+
+/// Step 5's outcome, for the rate-limit headers and refunds.
+struct Decided<'a> {
+    /// When the store decided.
+    now: u64,
+    /// Whether every limit admitted (and all were counted).
+    admitted: bool,
+    /// What was checked (a refund takes back the same).
+    checks: SmallVec<[LimitCheck<'a>; 4]>,
+    /// Each limit with its verdict.
+    checked: Vec<Checked<'a>>,
+}
+
+/// Route label for requests no route matched.
+fn unmatched_label() -> Arc<str> {
+    Arc::from("(unmatched)")
+}
+
+impl Turnstile {
+    /// A proxy for `policy` counting in `store`.
+    pub fn new(policy: Policy, store: CounterStore) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        store
+            .in_process()
+            .set_max_counters(policy.store.max_counters);
+        Self {
+            budget: Budget::new(policy.server.max_buffered),
+            refusal_log: RefusalLog::new(policy.log.refusals_per_second),
+            live: ArcSwap::from_pointee(Live::new(policy, &metrics)),
+            store,
+            metrics,
+        }
+    }
+
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.live.load().policy.clone()
+    }
+
+    /// The counter store.
+    pub fn store(&self) -> &CounterStore {
+        &self.store
+    }
+
+    /// Bytes of request bodies held for inspection right now.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.budget.used()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Re-reads the config file (and keys file) the running config came
+    /// from. An invalid config is refused and the running one stays.
+    pub fn reload(&self) -> Result<ReloadReport, ConfigError> {
+        let path = self.policy().path.clone();
+        match crate::config::load(&path) {
+            Ok(policy) => {
+                let report = self.apply(policy);
+                self.metrics.reload(true);
+                tracing::info!(config = %path.display(), dropped_counters = report.dropped_counters, "config reloaded");
+                Ok(report)
+            }
+            Err(e) => {
+                self.metrics.reload(false);
+                tracing::error!(error = %e, "config reload refused; the running config keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts `policy` in force. CounterStore whose identity is unchanged keep their
+    /// counts; counters of removed limits are dropped; slots in use are kept.
+    pub fn apply(&self, policy: Policy) -> ReloadReport {
+        let old = self.policy();
+        let mut restart_needed = Vec::new();
+        if old.server.listen != policy.server.listen {
+            restart_needed.push("[server] listen");
+        }
+        if old.admin.as_ref().map(|a| a.listen) != policy.admin.as_ref().map(|a| a.listen) {
+            restart_needed.push("[admin] listen");
+        }
+        for what in &restart_needed {
+            tracing::warn!(
+                setting = what,
+                "changed in the config: takes effect after a restart"
+            );
+        }
+        let ids: HashSet<u64> = policy
+            .plans
+            .iter()
+            .flat_map(|p| p.by_route.iter().flatten().map(|a| a.counter))
+            .collect();
+        self.budget.set_max(policy.server.max_buffered);
+        self.refusal_log.set_rate(policy.log.refusals_per_second);
+        self.store
+            .in_process()
+            .set_max_counters(policy.store.max_counters);
+        self.live.store(Arc::new(Live::new(policy, &self.metrics)));
+        let dropped_counters = self
+            .store
+            .in_process()
+            .retain_counters(|id| ids.contains(&id));
+        ReloadReport {
+            dropped_counters,
+            restart_needed,
+        }
+    }
+
+    /// Handles one request from `peer`; every failure is already a response.
+    /// The response body carries the exchange's in-flight guard and `held`
+    /// (the connection's activity guard), both dropped when the exchange ends.
+    pub async fn handle<T: Send + Sync + 'static>(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+        held: T,
+    ) -> Response<Body> {
+        let exchange = self.metrics.exchange();
+        let live = self.live.load_full();
+        let mut cx = Exchange {
+            live: &live,
+            peer,
+            route: None,
+            caller: None,
+            who: None,
+            rpc_id: None,
+            decided: None,
+        };
+        let outcome = self.steps(&mut cx, req).await;
+        let response = self.finish(cx, outcome).await;
+        response.map(|b| WithGuard::new(b, (exchange, held)).boxed())
+    }
+
+    /// The steps in order; the first refusal ends the exchange.
+    async fn steps<'a>(
+        &self,
+        cx: &mut Exchange<'a>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Refusal> {
+        let policy: &'a Policy = &cx.live.policy;
+        let (mut parts, incoming) = req.into_parts();
+        let mut body = RequestBody::Streaming(incoming);
+
+        // 0. The target as routes see it; the upstream gets the same.
+        admission::normalise_target(&mut parts)?;
+
+        // 1. Route match (reading the body only for tool routes, and only
+        // once the key has been checked).
+        let matched = self.select_route(cx, &parts, &mut body).await;
+        cx.rpc_id = body.rpc_id().cloned();
+        let Some(route) = matched? else {
+            if policy.server.unmatched == Unmatched::Reject {
+                return Err(Refusal::NotFound {
+                    method: parts.method.clone(),
+                    path: parts.uri.path().to_owned(),
+                });
+            }
+            return self.forward(cx, parts, body.into_body(), None).await;
+        };
+        cx.route = Some(route);
+        if !route.auth {
+            return self.forward(cx, parts, body.into_body(), None).await;
+        }
+
+        // 2. Identity and plan.
+        let caller = match cx.caller.take() {
+            Some(caller) => Ok(caller),
+            None => policy.identity.identify(&parts.headers, parts.uri.query()),
+        };
+        let who = cx.who.insert(admission::identified(policy, caller)?);
+
+        // 3-4. Plan gating, body size (before reading the body), argument
+        // limits (which read a JSON body): none of these consumes quota.
+        let admission =
+            admission::check_admission(policy, &self.budget, route, who, &parts.headers, &mut body)
+                .await;
+        cx.rpc_id = body.rpc_id().cloned();
+        admission?;
+
+        // 5. Limits, decided together.
+        let mut lease = self.decide(cx).await?;
+
+        // 6. Forward, watching the answer for jobs; 7. the slots are held
+        // until the response body is done with.
+        let watcher = match cx.who.as_ref() {
+            Some(who) => self.job_watcher(policy, route, who, &parts, &body, &mut lease),
+            None => None,
+        };
+        let response = self.forward(cx, parts, body.into_body(), watcher).await?;
+        Ok(if lease.is_empty() {
+            response
+        } else {
+            response.map(|b| WithGuard::new(b, lease).boxed())
+        })
+    }
+
+    /// Ends an exchange, whatever its outcome: the upstream's response with
+    /// the rate-limit headers, or the refusal rendered, counted and logged;
+    /// a request admitted whose body then failed (413, 408, broken framing)
+    /// never reached the upstream whole and is refunded.
+    async fn finish(
+        &self,
+        cx: Exchange<'_>,
+        outcome: Result<Response<Body>, Refusal>,
+    ) -> Response<Body> {
+        let policy = &*cx.live.policy;
+        let refusal = match outcome {
+            Ok(mut response) => {
+                cx.live.route_metrics(cx.route).forwarded();
+                if let Some(d) = cx.decided.as_ref().filter(|d| !d.checked.is_empty()) {
+                    if policy.headers.on_success {
+                        // Straight into the response: no map of their own to merge.
+                        responses::write_rate_headers(
+                            &policy.headers,
+                            &d.checked,
+                            d.now,
+                            false,
+                            response.headers_mut(),
+                        );
+                    }
+                }
+                return response;
+            }
+            Err(refusal) => refusal,
+        };
+        let mut headers = HeaderMap::new();
+        if let Some(d) = &cx.decided {
+            if d.admitted && refusal.is_body_fault() {
+                if let Err(e) = self.store.refund(&d.checks, d.now).await {
+                    tracing::warn!(error = %e, "could not refund a refused request");
+                }
+            }
+            if !d.admitted || (policy.headers.on_success && !d.checked.is_empty()) {
+                headers = responses::rate_headers(&policy.headers, &d.checked, d.now, !d.admitted);
+            }
+        }
+        match cx.route {
+            Some(route) => self.refuse(&cx, &refusal, route, headers),
+            None => self.refuse_unrouted(policy, &refusal),
+        }
+    }
+
+    /// How bodies are read for inspection under the config in force.
+    fn read_limits<'a>(&'a self, policy: &Policy) -> ReadLimits<'a> {
+        ReadLimits {
+            max: policy.server.mcp_max_body,
+            idle: policy.server.body_timeout,
+            budget: &self.budget,
+        }
+    }
+
+    /// Whether a refusal line may be written now (rate limited).
+    fn may_log(&self, refusal: &Refusal) -> bool {
+        // With refusal lines filtered out there is nothing to rate limit.
+        let enabled = if refusal.status().is_server_error() {
+            tracing::enabled!(tracing::Level::WARN)
+        } else {
+            tracing::enabled!(tracing::Level::INFO)
+        };
+        if !enabled {
+            return false;
+        }
+        self.refusal_log
+            .admit(refusal.code(), self.store.in_process().now())
+    }
+
+    /// Writes the summary of refusal lines suppressed since the last call.
+    pub fn flush_refusal_log(&self) {
+        self.refusal_log.flush();
+    }
+
+    /// A refusal before any route matched (400, 404, 405, 431, JSON-RPC errors).
+    fn refuse_unrouted(&self, policy: &Policy, refusal: &Refusal) -> Response<Body> {
+        self.metrics.request(&unmatched_label(), refusal.code());
+        if self.may_log(refusal) {
+            tracing::info!(status = refusal.status().as_u16(), reason = %refusal, "refused");
+        }
+        let ctx = responses::Context {
+            templates: Some(&policy.responses),
+            ..Default::default()
+        };
+        responses::refusal(refusal, &ctx, HeaderMap::new())
+    }
+
+    /// Logs, counts and renders a refusal on `route`.
+    fn refuse(
+        &self,
+        cx: &Exchange<'_>,
+        refusal: &Refusal,
+        route: &Route,
+        headers: HeaderMap,
+    ) -> Response<Body> {
+        let who = cx.who.as_ref();
+        let plan = who.map_or("", |w| &*w.plan.name);
+        let key_fp = who.map(|w| w.caller.fingerprint.as_str());
+        let limit = match refusal {
+            Refusal::RateLimited(r) => Some(&*r.name),
+            _ => None,
+        };
+        if let Refusal::RateLimited(r) = refusal {
+            cx.live.route_metrics(Some(route)).rate_limited();
+            self.metrics.rate_limited(&route.name, &r.name);
+        } else {
+            self.metrics.request(&route.name, refusal.code());
+        }
+        let status = refusal.status().as_u16();
+        if self.may_log(refusal) {
+            if status >= 500 {
+                tracing::warn!(route = &*route.name, plan, key_fp, status, error = %refusal, "upstream failure");
+            } else {
+                tracing::info!(route = &*route.name, plan, key_fp, limit, status, reason = %refusal, "refused");
+            }
+        }
+        let mcp_id =
+            (route.format == Format::Mcp).then(|| cx.rpc_id.as_ref().unwrap_or(&Value::Null));
+        let ctx = responses::Context {
+            templates: Some(&route.responses),
+            route: &route.name,
+            plan,
+            mcp_id,
+        };
+        responses::refusal(refusal, &ctx, headers)
+    }
+}
