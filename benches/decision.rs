@@ -18,6 +18,11 @@ const NOW: u64 = 1_777_996_810 * SECOND;
 
 /// A key subject derived from `i` (random-looking, like a real digest) without
 /// touching memory, so the benchmark measures the store's cache misses only.
+/// A non-zero limit figure.
+fn nz(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).expect("a non-zero limit")
+}
+
 fn key(i: u32) -> Subject {
     let mut z = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -32,15 +37,15 @@ fn key(i: u32) -> Subject {
 fn rules() -> [Rule; 3] {
     [
         Rule::Fixed(Fixed {
-            requests: u32::MAX,
+            requests: nz(u32::MAX),
             window: Window::Span(60 * SECOND),
         }),
         Rule::Rolling(Rolling {
-            requests: u32::MAX,
+            requests: nz(u32::MAX),
             window: 3600 * SECOND,
         }),
         Rule::Bucket(Bucket {
-            burst: u32::MAX,
+            burst: nz(u32::MAX),
             interval: 1,
         }),
     ]
@@ -89,7 +94,7 @@ fn decision(c: &mut Criterion) {
         let k = key(7);
         let mut with_jobs = all.to_vec();
         with_jobs.push(Rule::Jobs(Jobs {
-            max: 5,
+            max: nz(5),
             max_duration: 3600 * SECOND,
             retry_after: 5 * SECOND,
         }));

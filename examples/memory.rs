@@ -19,6 +19,11 @@ use turnstile::clock::{Clock, ManualClock, SECOND};
 use turnstile::limits::{Fixed, Jobs, Rule, Window};
 use turnstile::store::{LimitCheck, MemoryStore, Subject};
 
+/// A non-zero limit figure.
+fn nz(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).expect("a non-zero limit")
+}
+
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -43,7 +48,7 @@ fn jobs(keys: u64) {
     let clock = ManualClock::at_secs(1_777_996_810);
     let store = MemoryStore::new(Arc::new(clock.clone()));
     let rule = Rule::Jobs(Jobs {
-        max: 5,
+        max: nz(5),
         max_duration: 3600 * SECOND,
         retry_after: 5 * SECOND,
     });
@@ -100,11 +105,11 @@ fn main() {
     let clock = ManualClock::at_secs(1_777_996_810);
     let store = MemoryStore::new(Arc::new(clock.clone()));
     let minute = Rule::Fixed(Fixed {
-        requests: 100,
+        requests: nz(100),
         window: Window::Span(60 * SECOND),
     });
     let day = Rule::Fixed(Fixed {
-        requests: 10_000,
+        requests: nz(10_000),
         window: Window::Span(86_400 * SECOND),
     });
     let baseline = rss_bytes();

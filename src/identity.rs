@@ -1,4 +1,4 @@
-//! Caller identity (SPEC §4): where the API key is read from, the key
+//! Caller identity (docs/configuration.md): where the API key is read from, the key
 //! registry, the five distinct 401 reasons, and key fingerprints.
 //!
 //! Keys are held and compared as SHA-256 digests, so a keys file may list

@@ -1,4 +1,4 @@
-//! The job step of the pipeline (SPEC §11): what a route's answer means for
+//! The job step of the pipeline (docs/configuration.md, "Jobs"): what a route's answer means for
 //! the jobs in progress. A submission's answer names a job (its pending
 //! slot becomes the job's), a status answer in a done state or a cancel
 //! answer ends one. The counting itself is the `jobs` limit kind

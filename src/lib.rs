@@ -2,11 +2,12 @@
 //!
 //! The binary is a thin shell over this library so tests can start the real
 //! server in-process with a fake clock. Modules follow the request pipeline
-//! of SPEC §1: [`config`] → [`routing`] → [`identity`] → [`limits`] /
+//! of one request (docs/architecture.md): [`config`] → [`routing`] → [`identity`] → [`limits`] /
 //! [`store`] → [`proxy`] → [`responses`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod admin;
 pub mod body;

@@ -1,4 +1,4 @@
-//! MCP servers (SPEC §7): reading a JSON-RPC body to route `tools/call` by
+//! MCP servers (docs/configuration.md, "MCP servers"): reading a JSON-RPC body to route `tools/call` by
 //! tool name, argument limits on JSON values, and the shapes of MCP replies.
 
 use serde_json::{json, Value};

@@ -1,5 +1,5 @@
-//! Everything turnstile says itself: the refusal bodies of SPEC §5 (default
-//! or operator templates) and the rate-limit headers of SPEC §6. Nothing
+//! Everything turnstile says itself: the refusal bodies (default
+//! or operator templates) and the rate-limit headers (docs/headers-and-refusals.md). Nothing
 //! else in the crate builds an error response.
 
 use std::fmt::Write as _;
@@ -137,7 +137,7 @@ pub enum Counts {
     Requests,
     /// Exchanges in flight.
     Concurrent,
-    /// Generations in progress (SPEC §11).
+    /// Generations in progress (docs/configuration.md, "Jobs").
     Jobs,
 }
 
@@ -244,7 +244,7 @@ impl Refusal {
         )
     }
 
-    /// The default JSON body (SPEC §5).
+    /// The default JSON body (docs/headers-and-refusals.md).
     fn default_body(&self) -> String {
         let mut out = String::with_capacity(160);
         out.push_str("{\"error\":\"");
@@ -483,7 +483,7 @@ impl Refusal {
     }
 }
 
-/// Renders a refusal as a response, with `rate_headers` (SPEC §6) attached.
+/// Renders a refusal as a response, with `rate_headers` attached.
 pub fn refusal(refusal: &Refusal, ctx: &Context<'_>, rate_headers: HeaderMap) -> Response<Body> {
     let json = || HeaderValue::from_static("application/json");
     let template = ctx.templates.and_then(|s| s.get(refusal.code()));
@@ -603,7 +603,7 @@ pub struct Checked<'a> {
     pub verdict: Verdict,
 }
 
-/// The rate-limit headers of SPEC §6 for one request. `refused` marks a 429.
+/// The rate-limit headers for one request. `refused` marks a 429.
 pub fn rate_headers(
     settings: &HeaderSettings,
     checked: &[Checked<'_>],
@@ -816,6 +816,47 @@ impl std::fmt::Write for JsonEscaped<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_templatable_name_is_the_code_of_a_refusal() {
+        let rate_limited = Refusal::RateLimited(Box::new(RateLimited {
+            name: "n".into(),
+            limit: 1,
+            count: 1,
+            retry_after: 1,
+            reset_at: 0,
+            reset_in_seconds: 1,
+            window: "1m".into(),
+            route: "r".into(),
+            plan: "p".into(),
+            counts: Counts::Requests,
+        }));
+        let refusals = [
+            Refusal::Unauthorized(crate::identity::AuthError::Unknown),
+            Refusal::PlanRequired {
+                route: "r".into(),
+                plans: Vec::new(),
+            },
+            Refusal::PayloadTooLarge {
+                limit: 1,
+                pattern: None,
+                route: "r".into(),
+            },
+            rate_limited,
+            Refusal::InvalidArguments("x".into()),
+            Refusal::BadGateway("x".into()),
+            Refusal::UpstreamTimeout(Duration::from_secs(1)),
+            Refusal::NotFound {
+                method: http::Method::GET,
+                path: "/".into(),
+            },
+        ];
+        let codes: Vec<&str> = refusals.iter().map(Refusal::code).collect();
+        assert_eq!(
+            codes, RESPONSE_NAMES,
+            "RESPONSE_NAMES names refusal codes, in order"
+        );
+    }
 
     #[test]
     fn json_escaping_matches_serde_json() {

@@ -1,5 +1,5 @@
-//! Reading an upstream answer while it streams to the client (SPEC part
-//! two, response-side value sources). A [`Tap`] passes every frame on as it
+//! Reading an upstream answer while it streams to the client (response-side value
+//! sources, docs/configuration.md). A [`Tap`] passes every frame on as it
 //! comes and keeps a copy of at most `max` bytes; once it has the JSON
 //! document the answer carries — the whole body for `application/json` and
 //! `*+json`, or for `text/event-stream` the `data` of the event carrying the

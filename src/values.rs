@@ -1,4 +1,4 @@
-//! Value sources (SPEC part two): where a value is read from a request or
+//! Value sources (docs/configuration.md, "Jobs"): where a value is read from a request or
 //! an upstream answer — `json:POINTER`, `header:NAME`, `query:NAME`,
 //! `path:PARAM`. Parsed once at config load; read on the request path
 //! without allocating unless the value is a JSON number or boolean.

@@ -2,6 +2,7 @@
 //! names the fields it takes ([`FIELDS`]); a field of another kind is an
 //! error naming it, a required one missing is an error naming the limit.
 
+use std::num::NonZeroU32;
 use std::ops::Range;
 use std::time::Duration;
 
@@ -133,7 +134,7 @@ fn bucket_rule(f: &Fields<'_>) -> Result<Compiled, ConfigError> {
     }
     let burst = match &f.l.burst {
         Some(b) => positive(f.src, b, "burst")?,
-        None => 1,
+        None => NonZeroU32::MIN,
     };
     let rule = Rule::Bucket(Bucket { burst, interval });
     Ok((rule, r.get_ref().trim().to_owned(), None))
@@ -202,7 +203,7 @@ fn compile_queue(src: &Source, q: &RawQueue) -> Result<QueueSpec, ConfigError> {
     let max_wait =
         parse_duration(q.max_wait.get_ref()).map_err(|m| src.at(q.max_wait.span(), m))?;
     let max_len = match &q.max_len {
-        Some(n) => positive(src, n, "max_len")? as usize,
+        Some(n) => positive(src, n, "max_len")?.get() as usize,
         None => 100,
     };
     Ok(QueueSpec { max_wait, max_len })

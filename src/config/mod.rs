@@ -1,4 +1,4 @@
-//! Configuration (SPEC §2) in two stages: [`raw`] mirrors the TOML file and
+//! Configuration (docs/configuration.md) in two stages: [`raw`] mirrors the TOML file and
 //! refuses unknown keys; [`load`] validates it into a [`Policy`] in which
 //! routes are compiled matchers, limits are typed rules with precomputed
 //! counter ids, and every error names `file:line:col`.
@@ -10,6 +10,7 @@ mod units;
 use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -191,7 +192,7 @@ pub struct UpstreamSettings {
 pub enum Backend {
     /// In this process.
     Memory,
-    /// In Redis, shared by every instance (SPEC §8).
+    /// In Redis, shared by every instance (README, "Distributed mode").
     Redis(RedisSettings),
 }
 
@@ -200,7 +201,7 @@ pub enum Backend {
 pub struct AppliedLimit {
     /// Index into [`Plan::limits`].
     pub limit: usize,
-    /// Stable id of the counter (SPEC §3 counter identity, hashed).
+    /// Stable id of the counter (hashed from what identifies it: plan, limit, routes, kind, window).
     pub counter: u64,
 }
 
@@ -220,9 +221,9 @@ pub struct Plan {
 /// How a route's refusals are shaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// Plain HTTP status and JSON body (SPEC §5).
+    /// Plain HTTP status and JSON body (docs/headers-and-refusals.md).
     Json,
-    /// MCP tool errors: HTTP 200 JSON-RPC results with `isError` (SPEC §7); 401 stays 401.
+    /// MCP tool errors: HTTP 200 JSON-RPC results with `isError` (docs/configuration.md, "MCP servers"); 401 stays 401.
     Mcp,
 }
 
@@ -253,7 +254,7 @@ pub struct Route {
     pub plan_names: Vec<Arc<str>>,
     /// Rules on JSON argument sizes.
     pub arg_limits: Vec<ArgLimit>,
-    /// What the route's answers mean for jobs in progress (SPEC §11).
+    /// What the route's answers mean for jobs in progress (docs/configuration.md, "Jobs").
     pub job: JobRole,
     /// Refusal templates in force (route over global).
     pub responses: Arc<ResponseSet>,
@@ -923,10 +924,11 @@ fn counter_id(parts: &[&str]) -> u64 {
     u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
-fn positive(src: &Source, v: &Spanned<i64>, what: &str) -> Result<u32, ConfigError> {
+/// A whole number from 1 to `u32::MAX`: limits cannot be written down as zero.
+fn positive(src: &Source, v: &Spanned<i64>, what: &str) -> Result<NonZeroU32, ConfigError> {
     u32::try_from(*v.get_ref())
         .ok()
-        .filter(|n| *n > 0)
+        .and_then(NonZeroU32::new)
         .ok_or_else(|| {
             src.at(
                 v.span(),

@@ -9,140 +9,140 @@ use toml::Spanned;
 use super::units::RawSize;
 
 /// A spanned table of response templates by refusal name.
-pub type RawResponses = Spanned<BTreeMap<String, Spanned<RawResponse>>>;
+pub(crate) type RawResponses = Spanned<BTreeMap<String, Spanned<RawResponse>>>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     #[serde(default)]
-    pub server: RawServer,
-    pub upstream: RawUpstream,
+    pub(crate) server: RawServer,
+    pub(crate) upstream: RawUpstream,
     #[serde(default)]
-    pub identity: RawIdentity,
+    pub(crate) identity: RawIdentity,
     #[serde(default)]
-    pub headers: RawHeaders,
+    pub(crate) headers: RawHeaders,
     #[serde(default)]
-    pub store: RawStore,
+    pub(crate) store: RawStore,
     #[serde(default)]
-    pub routes: Vec<Spanned<RawRoute>>,
+    pub(crate) routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
-    pub plans: BTreeMap<String, Spanned<RawPlan>>,
-    pub responses: Option<RawResponses>,
-    pub admin: Option<RawAdmin>,
+    pub(crate) plans: BTreeMap<String, Spanned<RawPlan>>,
+    pub(crate) responses: Option<RawResponses>,
+    pub(crate) admin: Option<RawAdmin>,
     #[serde(default)]
-    pub log: RawLog,
+    pub(crate) log: RawLog,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLog {
-    pub refusals_per_second: Option<u32>,
+pub(crate) struct RawLog {
+    pub(crate) refusals_per_second: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAdmin {
-    pub listen: Option<Spanned<String>>,
-    pub token: Option<String>,
-    pub token_file: Option<Spanned<String>>,
-    pub token_env: Option<Spanned<String>>,
-    pub insecure: Option<bool>,
+pub(crate) struct RawAdmin {
+    pub(crate) listen: Option<Spanned<String>>,
+    pub(crate) token: Option<String>,
+    pub(crate) token_file: Option<Spanned<String>>,
+    pub(crate) token_env: Option<Spanned<String>>,
+    pub(crate) insecure: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawServer {
-    pub listen: Option<Spanned<String>>,
-    pub unmatched: Option<RawUnmatched>,
-    pub max_body: Option<Spanned<RawSize>>,
-    pub header_timeout: Option<Spanned<String>>,
-    pub trust_forwarded: Option<bool>,
-    pub shutdown_grace: Option<Spanned<String>>,
-    pub mcp_max_body: Option<Spanned<RawSize>>,
-    pub case_sensitive_paths: Option<bool>,
-    pub idle_timeout: Option<Spanned<String>>,
-    pub body_timeout: Option<Spanned<String>>,
-    pub max_connections: Option<Spanned<u32>>,
-    pub max_buffered: Option<Spanned<RawSize>>,
+pub(crate) struct RawServer {
+    pub(crate) listen: Option<Spanned<String>>,
+    pub(crate) unmatched: Option<RawUnmatched>,
+    pub(crate) max_body: Option<Spanned<RawSize>>,
+    pub(crate) header_timeout: Option<Spanned<String>>,
+    pub(crate) trust_forwarded: Option<bool>,
+    pub(crate) shutdown_grace: Option<Spanned<String>>,
+    pub(crate) mcp_max_body: Option<Spanned<RawSize>>,
+    pub(crate) case_sensitive_paths: Option<bool>,
+    pub(crate) idle_timeout: Option<Spanned<String>>,
+    pub(crate) body_timeout: Option<Spanned<String>>,
+    pub(crate) max_connections: Option<Spanned<u32>>,
+    pub(crate) max_buffered: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RawUnmatched {
+pub(crate) enum RawUnmatched {
     Forward,
     Reject,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawUpstream {
-    pub url: Spanned<String>,
-    pub timeout: Option<Spanned<String>>,
-    pub connect_timeout: Option<Spanned<String>>,
-    pub preserve_host: Option<bool>,
-    pub account_header: Option<Spanned<String>>,
-    pub plan_header: Option<Spanned<String>>,
+pub(crate) struct RawUpstream {
+    pub(crate) url: Spanned<String>,
+    pub(crate) timeout: Option<Spanned<String>>,
+    pub(crate) connect_timeout: Option<Spanned<String>>,
+    pub(crate) preserve_host: Option<bool>,
+    pub(crate) account_header: Option<Spanned<String>>,
+    pub(crate) plan_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawIdentity {
-    pub sources: Option<Vec<Spanned<String>>>,
-    pub prefix: Option<Spanned<String>>,
-    pub keys_file: Option<Spanned<String>>,
-    pub unknown_key: Option<RawUnknownKey>,
-    pub default_plan: Option<Spanned<String>>,
+pub(crate) struct RawIdentity {
+    pub(crate) sources: Option<Vec<Spanned<String>>>,
+    pub(crate) prefix: Option<Spanned<String>>,
+    pub(crate) keys_file: Option<Spanned<String>>,
+    pub(crate) unknown_key: Option<RawUnknownKey>,
+    pub(crate) default_plan: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RawUnknownKey {
+pub(crate) enum RawUnknownKey {
     Reject,
     Default,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawHeaders {
-    pub prefix: Option<Spanned<String>>,
-    pub reset: Option<RawReset>,
-    pub on_success: Option<bool>,
-    pub ietf: Option<bool>,
-    pub primary: Option<Spanned<String>>,
+pub(crate) struct RawHeaders {
+    pub(crate) prefix: Option<Spanned<String>>,
+    pub(crate) reset: Option<RawReset>,
+    pub(crate) on_success: Option<bool>,
+    pub(crate) ietf: Option<bool>,
+    pub(crate) primary: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RawReset {
+pub(crate) enum RawReset {
     Unix,
     Seconds,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawStore {
-    pub backend: Option<Spanned<RawBackend>>,
-    pub snapshot: Option<Spanned<String>>,
-    pub snapshot_interval: Option<Spanned<String>>,
-    pub url: Option<Spanned<String>>,
-    pub cluster: Option<bool>,
-    pub prefix: Option<String>,
-    pub timeout: Option<Spanned<String>>,
-    pub on_error: Option<RawOnError>,
-    pub lease: Option<Spanned<String>>,
-    pub max_counters: Option<Spanned<u64>>,
+pub(crate) struct RawStore {
+    pub(crate) backend: Option<Spanned<RawBackend>>,
+    pub(crate) snapshot: Option<Spanned<String>>,
+    pub(crate) snapshot_interval: Option<Spanned<String>>,
+    pub(crate) url: Option<Spanned<String>>,
+    pub(crate) cluster: Option<bool>,
+    pub(crate) prefix: Option<String>,
+    pub(crate) timeout: Option<Spanned<String>>,
+    pub(crate) on_error: Option<RawOnError>,
+    pub(crate) lease: Option<Spanned<String>>,
+    pub(crate) max_counters: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RawBackend {
+pub(crate) enum RawBackend {
     Memory,
     Redis,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RawOnError {
+pub(crate) enum RawOnError {
     Local,
     Allow,
     Deny,
@@ -150,74 +150,74 @@ pub enum RawOnError {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
-    pub name: Spanned<String>,
-    pub method: Option<Spanned<String>>,
-    pub path: Spanned<String>,
-    pub host: Option<Spanned<String>>,
-    pub max_body: Option<Spanned<RawSize>>,
-    pub timeout: Option<Spanned<String>>,
-    pub auth: Option<bool>,
-    pub responses: Option<RawResponses>,
-    pub max_body_by_type: Option<BTreeMap<String, Spanned<RawSize>>>,
-    pub mcp_tool: Option<Spanned<String>>,
-    pub format: Option<RawFormat>,
-    pub plans: Option<Spanned<Vec<String>>>,
-    pub arg_limits: Option<Vec<Spanned<RawArgLimit>>>,
-    pub job: Option<Spanned<RawJob>>,
-    pub job_status: Option<Spanned<RawJobStatus>>,
-    pub job_cancel: Option<Spanned<RawJob>>,
+pub(crate) struct RawRoute {
+    pub(crate) name: Spanned<String>,
+    pub(crate) method: Option<Spanned<String>>,
+    pub(crate) path: Spanned<String>,
+    pub(crate) host: Option<Spanned<String>>,
+    pub(crate) max_body: Option<Spanned<RawSize>>,
+    pub(crate) timeout: Option<Spanned<String>>,
+    pub(crate) auth: Option<bool>,
+    pub(crate) responses: Option<RawResponses>,
+    pub(crate) max_body_by_type: Option<BTreeMap<String, Spanned<RawSize>>>,
+    pub(crate) mcp_tool: Option<Spanned<String>>,
+    pub(crate) format: Option<RawFormat>,
+    pub(crate) plans: Option<Spanned<Vec<String>>>,
+    pub(crate) arg_limits: Option<Vec<Spanned<RawArgLimit>>>,
+    pub(crate) job: Option<Spanned<RawJob>>,
+    pub(crate) job_status: Option<Spanned<RawJobStatus>>,
+    pub(crate) job_cancel: Option<Spanned<RawJob>>,
 }
 
 /// `job = { id = "..." }` and `job_cancel = { id = "..." }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawJob {
-    pub id: Spanned<String>,
+pub(crate) struct RawJob {
+    pub(crate) id: Spanned<String>,
 }
 
 /// `job_status = { id, state, done }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawJobStatus {
-    pub id: Spanned<String>,
-    pub state: Spanned<String>,
-    pub done: Spanned<Vec<String>>,
+pub(crate) struct RawJobStatus {
+    pub(crate) id: Spanned<String>,
+    pub(crate) state: Spanned<String>,
+    pub(crate) done: Spanned<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RawFormat {
+pub(crate) enum RawFormat {
     Json,
     Mcp,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawArgLimit {
-    pub pointers: Vec<String>,
-    pub min_chars: Option<u64>,
-    pub max_chars: Option<u64>,
+pub(crate) struct RawArgLimit {
+    pub(crate) pointers: Vec<String>,
+    pub(crate) min_chars: Option<u64>,
+    pub(crate) max_chars: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawResponse {
-    pub status: Option<Spanned<u16>>,
-    pub content_type: Option<Spanned<String>>,
-    pub body: Option<String>,
+pub(crate) struct RawResponse {
+    pub(crate) status: Option<Spanned<u16>>,
+    pub(crate) content_type: Option<Spanned<String>>,
+    pub(crate) body: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPlan {
+pub(crate) struct RawPlan {
     #[serde(default)]
-    pub limits: Vec<Spanned<RawLimit>>,
+    pub(crate) limits: Vec<Spanned<RawLimit>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RawKind {
+pub(crate) enum RawKind {
     Fixed,
     Rolling,
     Bucket,
@@ -226,7 +226,7 @@ pub enum RawKind {
 }
 
 impl RawKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RawKind::Fixed => "fixed",
             RawKind::Rolling => "rolling",
@@ -239,57 +239,57 @@ impl RawKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum RawPer {
+pub(crate) enum RawPer {
     Key,
     Account,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-pub enum RawRouteSet {
+pub(crate) enum RawRouteSet {
     One(String),
     Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLimit {
-    pub name: Spanned<String>,
-    pub kind: Option<RawKind>,
-    pub routes: Option<Spanned<RawRouteSet>>,
-    pub per_route: Option<bool>,
-    pub per: Option<RawPer>,
-    pub requests: Option<Spanned<i64>>,
-    pub window: Option<Spanned<String>>,
-    pub rate: Option<Spanned<String>>,
-    pub burst: Option<Spanned<i64>>,
-    pub max: Option<Spanned<i64>>,
-    pub retry_after: Option<Spanned<String>>,
-    pub queue: Option<Spanned<RawQueue>>,
-    pub headers: Option<Spanned<String>>,
-    pub max_duration: Option<Spanned<String>>,
+pub(crate) struct RawLimit {
+    pub(crate) name: Spanned<String>,
+    pub(crate) kind: Option<RawKind>,
+    pub(crate) routes: Option<Spanned<RawRouteSet>>,
+    pub(crate) per_route: Option<bool>,
+    pub(crate) per: Option<RawPer>,
+    pub(crate) requests: Option<Spanned<i64>>,
+    pub(crate) window: Option<Spanned<String>>,
+    pub(crate) rate: Option<Spanned<String>>,
+    pub(crate) burst: Option<Spanned<i64>>,
+    pub(crate) max: Option<Spanned<i64>>,
+    pub(crate) retry_after: Option<Spanned<String>>,
+    pub(crate) queue: Option<Spanned<RawQueue>>,
+    pub(crate) headers: Option<Spanned<String>>,
+    pub(crate) max_duration: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawQueue {
-    pub max_wait: Spanned<String>,
-    pub max_len: Option<Spanned<i64>>,
+pub(crate) struct RawQueue {
+    pub(crate) max_wait: Spanned<String>,
+    pub(crate) max_len: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawKeysFile {
+pub(crate) struct RawKeysFile {
     #[serde(default)]
-    pub keys: Vec<Spanned<RawKey>>,
+    pub(crate) keys: Vec<Spanned<RawKey>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawKey {
-    pub key: Option<Spanned<String>>,
+pub(crate) struct RawKey {
+    pub(crate) key: Option<Spanned<String>>,
     pub sha256: Option<Spanned<String>>,
-    pub account: Option<String>,
-    pub plan: Option<Spanned<String>>,
-    pub revoked: Option<bool>,
+    pub(crate) account: Option<String>,
+    pub(crate) plan: Option<Spanned<String>>,
+    pub(crate) revoked: Option<bool>,
 }

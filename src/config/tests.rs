@@ -1,3 +1,4 @@
+use crate::limits::nz;
 use std::path::PathBuf;
 
 use super::*;
@@ -265,7 +266,7 @@ fn jobs_limits_and_job_routes_are_validated_with_positions() {
     };
     assert_eq!(
         (j.max, j.max_duration, j.retry_after),
-        (5, 3600 * SECOND, 5 * SECOND),
+        (nz(5), 3600 * SECOND, 5 * SECOND),
         "max_duration 1h and retry_after 5s by default"
     );
 

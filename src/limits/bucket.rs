@@ -1,6 +1,8 @@
 //! `kind = "bucket"`: a token bucket as GCRA: one request every `interval`,
 //! at most `burst` in a row.
 
+use std::num::NonZeroU32;
+
 use super::{CounterState, LimitKind, Verdict};
 use crate::clock::{Nanos, SECOND};
 
@@ -8,7 +10,7 @@ use crate::clock::{Nanos, SECOND};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bucket {
     /// Bucket capacity in requests (at least 1).
-    pub burst: u32,
+    pub burst: NonZeroU32,
     /// Time to earn one token, in nanoseconds (at least 1).
     pub interval: Nanos,
 }
@@ -26,7 +28,7 @@ impl LimitKind for Bucket {
     }
 
     fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict {
-        let Bucket { burst, interval } = *self;
+        let (burst, interval) = (self.burst.get(), self.interval);
         let tat = match *state {
             CounterState::Bucket { tat } => tat,
             _ => 0,
@@ -76,12 +78,12 @@ impl LimitKind for Bucket {
     }
 
     fn shown_limit(&self) -> u32 {
-        self.burst
+        self.burst.get()
     }
 
     /// The time to refill a full bucket.
     fn window_secs(&self, _now: Nanos) -> u64 {
-        (self.interval * u64::from(self.burst)).div_ceil(SECOND)
+        (self.interval * u64::from(self.burst.get())).div_ceil(SECOND)
     }
 
     fn summary(&self, name: &str, window_text: &str) -> String {
@@ -90,6 +92,6 @@ impl LimitKind for Bucket {
 
     /// `(burst, interval in microseconds)`.
     fn redis_args(&self) -> (u64, u64) {
-        (u64::from(self.burst), (self.interval / 1_000).max(1))
+        (u64::from(self.burst.get()), (self.interval / 1_000).max(1))
     }
 }

@@ -2,6 +2,8 @@
 //! taken at admission and given back when the exchange ends, however it
 //! ends (the store's slot guard calls [`LimitKind::release`]).
 
+use std::num::NonZeroU32;
+
 use super::{CounterState, LimitKind, Verdict};
 use crate::clock::Nanos;
 
@@ -9,7 +11,7 @@ use crate::clock::Nanos;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Concurrency {
     /// Slots (at least 1).
-    pub max: u32,
+    pub max: NonZeroU32,
     /// What a refusal's `Retry-After` says, in nanoseconds.
     pub retry_after: Nanos,
 }
@@ -32,12 +34,12 @@ impl LimitKind for Concurrency {
             CounterState::Concurrency { in_flight } => in_flight,
             _ => 0,
         };
-        let at = if in_flight < self.max {
+        let at = if in_flight < self.max.get() {
             now
         } else {
             now + self.retry_after
         };
-        Verdict::of_count(self.max, in_flight, now, at, at)
+        Verdict::of_count(self.max.get(), in_flight, now, at, at)
     }
 
     fn record(&self, state: &mut CounterState, _now: Nanos) {
@@ -61,7 +63,7 @@ impl LimitKind for Concurrency {
     }
 
     fn shown_limit(&self) -> u32 {
-        self.max
+        self.max.get()
     }
 
     fn summary(&self, name: &str, _window_text: &str) -> String {
@@ -70,6 +72,6 @@ impl LimitKind for Concurrency {
 
     /// `(max, retry_after in microseconds)`.
     fn redis_args(&self) -> (u64, u64) {
-        (u64::from(self.max), self.retry_after / 1_000)
+        (u64::from(self.max.get()), self.retry_after / 1_000)
     }
 }

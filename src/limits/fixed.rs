@@ -1,6 +1,8 @@
 //! `kind = "fixed"`: at most `requests` per window aligned to the Unix epoch
 //! (`"1d"` resets at 00:00 UTC) or per calendar month.
 
+use std::num::NonZeroU32;
+
 use super::{CounterState, LimitKind, Verdict, Window};
 use crate::clock::{Nanos, SECOND};
 
@@ -8,7 +10,7 @@ use crate::clock::{Nanos, SECOND};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fixed {
     /// Requests admitted per window (at least 1).
-    pub requests: u32,
+    pub requests: NonZeroU32,
     /// The window.
     pub window: Window,
 }
@@ -37,7 +39,7 @@ impl LimitKind for Fixed {
             } if window_start == start => count,
             _ => 0,
         };
-        Verdict::of_count(self.requests, used, now, end, end)
+        Verdict::of_count(self.requests.get(), used, now, end, end)
     }
 
     fn record(&self, state: &mut CounterState, now: Nanos) {
@@ -76,7 +78,7 @@ impl LimitKind for Fixed {
     }
 
     fn shown_limit(&self) -> u32 {
-        self.requests
+        self.requests.get()
     }
 
     fn window_secs(&self, now: Nanos) -> u64 {
@@ -93,6 +95,6 @@ impl LimitKind for Fixed {
             Window::Span(len) => len / SECOND,
             Window::Month => 0,
         };
-        (u64::from(self.requests), secs)
+        (u64::from(self.requests.get()), secs)
     }
 }

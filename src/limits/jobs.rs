@@ -1,4 +1,4 @@
-//! `kind = "jobs"`: at most `max` generations in progress at once (SPEC §11).
+//! `kind = "jobs"`: at most `max` generations in progress at once (docs/configuration.md, "Jobs").
 //!
 //! A submission takes a *pending* slot at admission, like a concurrency
 //! slot. When the upstream's answer names a job id the pending slot becomes
@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::num::NonZeroU32;
+
 use super::{CounterState, LimitKind, Verdict};
 use crate::clock::Nanos;
 
@@ -16,7 +18,7 @@ use crate::clock::Nanos;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Jobs {
     /// Jobs in progress at once (at least 1).
-    pub max: u32,
+    pub max: NonZeroU32,
     /// A job never seen ending frees its slot this long after submission.
     pub max_duration: Nanos,
     /// What a refusal's `Retry-After` says, in nanoseconds.
@@ -107,12 +109,12 @@ impl LimitKind for Jobs {
     fn evaluate(&self, counter: &mut CounterState, now: Nanos) -> Verdict {
         self.expire(counter, now);
         let in_progress = state(counter).map_or(0, |s| s.in_progress());
-        let at = if in_progress < self.max {
+        let at = if in_progress < self.max.get() {
             now
         } else {
             now + self.retry_after
         };
-        Verdict::of_count(self.max, in_progress, now, at, at)
+        Verdict::of_count(self.max.get(), in_progress, now, at, at)
     }
 
     fn record(&self, counter: &mut CounterState, _now: Nanos) {
@@ -137,7 +139,7 @@ impl LimitKind for Jobs {
     }
 
     fn shown_limit(&self) -> u32 {
-        self.max
+        self.max.get()
     }
 
     fn summary(&self, name: &str, _window_text: &str) -> String {
@@ -147,7 +149,7 @@ impl LimitKind for Jobs {
     /// `(max, retry_after in microseconds)`; `max_duration` travels with
     /// each job (see `store/lua/kinds/jobs.lua`).
     fn redis_args(&self) -> (u64, u64) {
-        (u64::from(self.max), self.retry_after / 1_000)
+        (u64::from(self.max.get()), self.retry_after / 1_000)
     }
 }
 
@@ -157,7 +159,7 @@ mod tests {
     use crate::clock::SECOND;
 
     const RULE: Jobs = Jobs {
-        max: 2,
+        max: NonZeroU32::new(2).expect("two"),
         max_duration: 60 * SECOND,
         retry_after: 5 * SECOND,
     };

@@ -271,5 +271,11 @@ impl Rule {
     }
 }
 
+/// A non-zero figure for tests.
+#[cfg(test)]
+pub(crate) fn nz(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).expect("a non-zero test figure")
+}
+
 #[cfg(test)]
 mod tests;

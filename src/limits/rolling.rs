@@ -7,6 +7,8 @@
 
 use std::collections::VecDeque;
 
+use std::num::NonZeroU32;
+
 use super::{CounterState, LimitKind, Verdict};
 use crate::clock::{Nanos, SECOND};
 
@@ -14,7 +16,7 @@ use crate::clock::{Nanos, SECOND};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rolling {
     /// Requests admitted per interval (at least 1).
-    pub requests: u32,
+    pub requests: NonZeroU32,
     /// The interval length in nanoseconds, a whole number of seconds.
     pub window: Nanos,
 }
@@ -32,7 +34,7 @@ impl LimitKind for Rolling {
     }
 
     fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict {
-        let Rolling { requests, window } = *self;
+        let (requests, window) = (self.requests.get(), self.window);
         let CounterState::Rolling(log) = state else {
             return Verdict::of_count(requests, 0, now, RollingLog::exit_of(now, window), now);
         };
@@ -69,7 +71,7 @@ impl LimitKind for Rolling {
     }
 
     fn shown_limit(&self) -> u32 {
-        self.requests
+        self.requests.get()
     }
 
     fn window_secs(&self, _now: Nanos) -> u64 {
@@ -82,7 +84,7 @@ impl LimitKind for Rolling {
 
     /// `(requests, window seconds)`.
     fn redis_args(&self) -> (u64, u64) {
-        (u64::from(self.requests), self.window / SECOND)
+        (u64::from(self.requests.get()), self.window / SECOND)
     }
 }
 

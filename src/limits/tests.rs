@@ -1,3 +1,4 @@
+use crate::limits::nz;
 use proptest::prelude::*;
 
 use super::*;
@@ -18,7 +19,7 @@ fn hit(rule: &Rule, state: &mut CounterState, now: Nanos) -> Verdict {
 #[test]
 fn fixed_window_counts_and_resets_on_epoch_boundary() {
     let rule = Rule::Fixed(Fixed {
-        requests: 3,
+        requests: nz(3),
         window: Window::Span(60 * S),
     });
     let mut st = rule.new_state();
@@ -40,7 +41,7 @@ fn fixed_window_counts_and_resets_on_epoch_boundary() {
 #[test]
 fn daily_window_resets_at_midnight_utc() {
     let rule = Rule::Fixed(Fixed {
-        requests: 1,
+        requests: nz(1),
         window: Window::Span(86_400 * S),
     });
     let mut st = rule.new_state();
@@ -65,7 +66,7 @@ fn month_window_is_the_calendar_month() {
 #[test]
 fn rolling_window_frees_slots_as_the_oldest_leave() {
     let rule = Rule::Rolling(Rolling {
-        requests: 2,
+        requests: nz(2),
         window: 30 * 60 * S,
     });
     let mut st = rule.new_state();
@@ -85,7 +86,7 @@ fn rolling_window_frees_slots_as_the_oldest_leave() {
 #[test]
 fn rolling_memory_is_per_second_not_per_request() {
     let rule = Rule::Rolling(Rolling {
-        requests: 5000,
+        requests: nz(5000),
         window: 3600 * S,
     });
     let mut st = rule.new_state();
@@ -103,7 +104,7 @@ fn rolling_memory_is_per_second_not_per_request() {
 fn bucket_allows_burst_then_smooth_rate() {
     // 10 per second, burst 5.
     let rule = Rule::Bucket(Bucket {
-        burst: 5,
+        burst: nz(5),
         interval: S / 10,
     });
     let mut st = rule.new_state();
@@ -123,14 +124,14 @@ fn bucket_allows_burst_then_smooth_rate() {
 #[test]
 fn expiry_marks_when_a_counter_is_safe_to_drop() {
     let rule = Rule::Fixed(Fixed {
-        requests: 3,
+        requests: nz(3),
         window: Window::Span(60 * S),
     });
     let mut st = rule.new_state();
     hit(&rule, &mut st, T0 + 1);
     assert_eq!(rule.expires_at(&st), T0 + 60 * S);
     let rule = Rule::Rolling(Rolling {
-        requests: 3,
+        requests: nz(3),
         window: 60 * S,
     });
     let mut st = rule.new_state();
@@ -142,15 +143,15 @@ fn expiry_marks_when_a_counter_is_safe_to_drop() {
 fn unrecord_gives_back_exactly_one_request() {
     let rules = [
         Rule::Fixed(Fixed {
-            requests: 2,
+            requests: nz(2),
             window: Window::Span(60 * S),
         }),
         Rule::Rolling(Rolling {
-            requests: 2,
+            requests: nz(2),
             window: 60 * S,
         }),
         Rule::Bucket(Bucket {
-            burst: 2,
+            burst: nz(2),
             interval: 30 * S,
         }),
     ];
@@ -168,7 +169,7 @@ fn unrecord_gives_back_exactly_one_request() {
 #[test]
 fn concurrency_slots_are_taken_and_given_back() {
     let rule = Rule::Concurrency(Concurrency {
-        max: 2,
+        max: nz(2),
         retry_after: 3 * S,
     });
     let mut st = rule.new_state();
@@ -210,7 +211,7 @@ fn times(gaps: &[u64]) -> Vec<Nanos> {
 proptest! {
     #[test]
     fn fixed_never_over_admits(gaps in arrivals(), n in 1u32..10, w in 1u64..120) {
-        let rule = Rule::Fixed(Fixed { requests: n, window: Window::Span(w * S) });
+        let rule = Rule::Fixed(Fixed { requests: nz(n), window: Window::Span(w * S) });
         let mut st = rule.new_state();
         let mut per_window = std::collections::HashMap::<u64, u32>::new();
         for t in times(&gaps) {
@@ -225,7 +226,7 @@ proptest! {
     #[test]
     fn rolling_matches_sliding_log_within_one_second(gaps in arrivals(), n in 1u32..10, w in 1u64..120) {
         let window = w * S;
-        let rule = Rule::Rolling(Rolling { requests: n, window });
+        let rule = Rule::Rolling(Rolling { requests: nz(n), window });
         let mut st = rule.new_state();
         let mut admitted: Vec<Nanos> = Vec::new();
         for t in times(&gaps) {
@@ -253,7 +254,7 @@ proptest! {
     #[test]
     fn bucket_never_exceeds_burst_plus_rate(gaps in arrivals(), burst in 1u32..10, per_sec in 1u64..20) {
         let interval = S / per_sec;
-        let rule = Rule::Bucket(Bucket { burst, interval });
+        let rule = Rule::Bucket(Bucket { burst: nz(burst), interval });
         let mut st = rule.new_state();
         let mut admitted: Vec<Nanos> = Vec::new();
         for t in times(&gaps) {
@@ -270,7 +271,7 @@ proptest! {
 
     #[test]
     fn refused_requests_wait_exactly_until_admitted(gaps in arrivals(), n in 1u32..5) {
-        let rule = Rule::Rolling(Rolling { requests: n, window: 10 * S });
+        let rule = Rule::Rolling(Rolling { requests: nz(n), window: 10 * S });
         let mut st = rule.new_state();
         for t in times(&gaps) {
             let v = hit(&rule, &mut st, t);

@@ -1,6 +1,6 @@
 //! Step 5: every limit of the caller's plan that covers the route, decided
 //! together by the store; and what the exchange then watches its answer
-//! for (jobs, SPEC §11).
+//! for (jobs, docs/configuration.md, "Jobs").
 
 use std::sync::Arc;
 
@@ -61,7 +61,7 @@ impl Turnstile {
         }
     }
 
-    /// What this exchange watches its answer for (SPEC §11): the pending
+    /// What this exchange watches its answer for (docs/configuration.md, "Jobs"): the pending
     /// job slots its admission took (out of `lease`), or the job its status
     /// poll or cancel names.
     pub(super) fn job_watcher(

@@ -60,7 +60,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 impl Turnstile {
     /// Streams the request to the upstream and its response back. With a
     /// job `watcher`, the exchange with the upstream runs on as its own task
-    /// even if the client goes away (SPEC §11.2: the job runs whether or not
+    /// even if the client goes away (the job runs whether or not
     /// anyone waits for the answer).
     pub(super) async fn forward(
         &self,

@@ -1,4 +1,4 @@
-//! One request, in SPEC §1 order: target → route → identity → admission
+//! One request, in order (docs/architecture.md): target → route → identity → admission
 //! checks → limits → forward → respond. [`Turnstile::handle`] runs the
 //! steps (one module each) over one `Exchange` context and ends every
 //! exchange in one place, `Turnstile::finish`: the response passed on

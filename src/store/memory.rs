@@ -119,7 +119,7 @@ impl std::fmt::Debug for MemoryStore {
 }
 
 /// One concurrency slot held for an exchange; dropping it gives it back.
-pub struct Slot {
+pub(crate) struct Slot {
     store: Option<Arc<Inner>>,
     subject: Subject,
     counter: u64,
@@ -390,7 +390,7 @@ impl Inner {
 }
 
 impl Slot {
-    /// Turns this pending submission into job `id` (SPEC §11.2); the slot
+    /// Turns this pending submission into job `id` (docs/configuration.md, "Jobs"); the slot
     /// then belongs to the job, not to the exchange.
     pub(super) fn bind_job(mut self, id: &str) {
         let (Some(store), Rule::Jobs(jobs)) = (self.store.take(), self.rule) else {
@@ -655,7 +655,7 @@ impl MemoryStore {
     /// Every window counter and job still live, for a snapshot (concurrency
     /// slots and pending submissions belong to this process's exchanges and
     /// are not saved).
-    pub fn saved(&self) -> Vec<SavedSubject> {
+    pub(crate) fn saved(&self) -> Vec<SavedSubject> {
         let now = self.inner.clock.now();
         let mut out = Vec::new();
         for entry in self.inner.map.iter() {

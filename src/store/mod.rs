@@ -166,7 +166,7 @@ impl std::fmt::Debug for Lease {
     }
 }
 
-/// One pending job submission (SPEC §11.2): the jobs slot a submission took
+/// One pending job submission (docs/configuration.md, "Jobs"): the jobs slot a submission took
 /// at admission. [`JobClaim::bind`] makes it the slot of the job the
 /// upstream named; dropping it unbound gives the slot back.
 pub struct JobClaim(ClaimKind);
@@ -339,7 +339,7 @@ impl CounterStore {
 }
 
 impl CounterStore {
-    /// Ends job `id` in whichever of `counters` holds it (SPEC §11.3);
+    /// Ends job `id` in whichever of `counters` holds it (docs/configuration.md, "Jobs");
     /// true if one did. Ids the subject does not hold change nothing.
     pub async fn end_job(&self, counters: &[JobCounter], id: &str) -> Result<bool, StoreError> {
         match self {

@@ -1,4 +1,4 @@
-//! Counters in Redis, shared by every turnstile instance (SPEC §8).
+//! Counters in Redis, shared by every turnstile instance (README, "Distributed mode").
 //!
 //! Each request is one round trip: `decide.lua` (EVALSHA, reloaded on
 //! NOSCRIPT) evaluates every limit on the Redis server's clock and counts only

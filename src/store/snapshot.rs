@@ -16,26 +16,26 @@ use crate::limits::CounterState;
 
 const MAGIC: &[u8; 8] = b"TSTLSNAP";
 /// The current snapshot format.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 /// One counter as saved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SavedCounter {
+pub(crate) struct SavedCounter {
     /// Stable counter id.
-    pub id: u64,
+    pub(crate) id: u64,
     /// When it stops mattering.
-    pub expires_at: Nanos,
+    pub(crate) expires_at: Nanos,
     /// Its state.
-    pub state: CounterState,
+    pub(crate) state: CounterState,
 }
 
 /// Every counter of one subject.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SavedSubject {
+pub(crate) struct SavedSubject {
     /// Whose counters.
-    pub subject: Subject,
+    pub(crate) subject: Subject,
     /// The counters.
-    pub counters: Vec<SavedCounter>,
+    pub(crate) counters: Vec<SavedCounter>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -56,7 +56,10 @@ pub enum SnapshotError {
 }
 
 /// Encodes subjects into the file format.
-pub fn encode(taken_at: Nanos, subjects: Vec<SavedSubject>) -> Result<Vec<u8>, SnapshotError> {
+pub(crate) fn encode(
+    taken_at: Nanos,
+    subjects: Vec<SavedSubject>,
+) -> Result<Vec<u8>, SnapshotError> {
     let payload = postcard::to_allocvec(&Payload { taken_at, subjects })
         .map_err(|e| SnapshotError::Corrupt(format!("cannot encode: {e}")))?;
     let mut out = Vec::with_capacity(payload.len() + 16);
@@ -68,7 +71,7 @@ pub fn encode(taken_at: Nanos, subjects: Vec<SavedSubject>) -> Result<Vec<u8>, S
 }
 
 /// Decodes a file's bytes, checking magic, version and checksum.
-pub fn decode(bytes: &[u8]) -> Result<Vec<SavedSubject>, SnapshotError> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<SavedSubject>, SnapshotError> {
     let corrupt = |m: &str| SnapshotError::Corrupt(m.to_owned());
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err(corrupt(
@@ -92,7 +95,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<SavedSubject>, SnapshotError> {
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

@@ -1,5 +1,6 @@
 use super::*;
 use crate::clock::{ManualClock, SECOND};
+use crate::limits::nz;
 use crate::limits::{Concurrency, Fixed, Rolling, Window};
 
 fn key(n: u8) -> Subject {
@@ -11,11 +12,11 @@ fn all_or_nothing_across_limits_and_subjects() {
     let clock = ManualClock::at_secs(1_000_020);
     let store = MemoryStore::new(Arc::new(clock.clone()));
     let minute = Rule::Fixed(Fixed {
-        requests: 3,
+        requests: nz(3),
         window: Window::Span(60 * SECOND),
     });
     let daily = Rule::Fixed(Fixed {
-        requests: 4,
+        requests: nz(4),
         window: Window::Span(86_400 * SECOND),
     });
     let checks = |who: Subject| {
@@ -57,7 +58,7 @@ fn idle_counters_are_evicted_after_their_window() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
     let minute = Rule::Fixed(Fixed {
-        requests: 3,
+        requests: nz(3),
         window: Window::Span(60 * SECOND),
     });
     for n in 0..100 {
@@ -83,7 +84,7 @@ fn concurrent_threads_never_over_admit() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = Arc::new(MemoryStore::new(Arc::new(clock.clone())));
     let rule = Rule::Rolling(Rolling {
-        requests: 97,
+        requests: nz(97),
         window: 60 * SECOND,
     });
     let admitted = AtomicUsize::new(0);
@@ -116,7 +117,7 @@ async fn a_panicking_exchange_gives_its_slot_back() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
     let rule = Rule::Concurrency(Concurrency {
-        max: 1,
+        max: nz(1),
         retry_after: SECOND,
     });
     let check = || {
@@ -146,7 +147,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
     let rule = Rule::Concurrency(Concurrency {
-        max: 1,
+        max: nz(1),
         retry_after: SECOND,
     });
     let queue = Some(crate::store::QueueSpec {
@@ -168,7 +169,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
     let s2 = store.clone();
     let waiter = tokio::spawn(async move {
         let rule = Rule::Concurrency(Concurrency {
-            max: 1,
+            max: nz(1),
             retry_after: SECOND,
         });
         s2.decide(&[LimitCheck {
@@ -211,15 +212,15 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
     let minute = Rule::Fixed(Fixed {
-        requests: 3,
+        requests: nz(3),
         window: Window::Span(60 * SECOND),
     });
     let daily = Rule::Fixed(Fixed {
-        requests: 3,
+        requests: nz(3),
         window: Window::Span(86_400 * SECOND),
     });
     let slots = Rule::Concurrency(Concurrency {
-        max: 1,
+        max: nz(1),
         retry_after: SECOND,
     });
     let checks = [
@@ -282,11 +283,11 @@ fn reset_and_retain_keep_slots_in_use() {
     let clock = ManualClock::at_secs(1_000_000);
     let store = MemoryStore::new(Arc::new(clock.clone()));
     let minute = Rule::Fixed(Fixed {
-        requests: 3,
+        requests: nz(3),
         window: Window::Span(60 * SECOND),
     });
     let slots = Rule::Concurrency(Concurrency {
-        max: 1,
+        max: nz(1),
         retry_after: SECOND,
     });
     let checks = [
@@ -330,11 +331,11 @@ fn a_flood_of_distinct_keys_stays_under_max_counters_keeping_registered_keys() {
     let store = MemoryStore::new(Arc::new(clock.clone()));
     store.set_max_counters(10_000);
     let daily = Rule::Fixed(Fixed {
-        requests: 5,
+        requests: nz(5),
         window: Window::Span(86_400 * SECOND),
     });
     let minute = Rule::Fixed(Fixed {
-        requests: 5,
+        requests: nz(5),
         window: Window::Span(60 * SECOND),
     });
     let check = |subject: Subject, rule, pinned| LimitCheck {
