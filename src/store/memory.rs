@@ -277,7 +277,16 @@ impl Inner {
                 .position(|c| c.counter == slot.counter && c.subject == slot.subject)
         });
         self.with_locked(checks, |guards, owner| {
-            let (verdicts, slots) = self.evaluate_all(guards, owner, checks, now, reserved_check);
+            let mut verdicts = Verdicts::new();
+            let mut slots = CounterSlots::new();
+            self.evaluate_all(
+                guards,
+                owner,
+                checks,
+                now,
+                reserved_check,
+                (&mut verdicts, &mut slots),
+            );
             if !verdicts.iter().all(|v| v.admitted) {
                 return refused(guards, &slots, checks, now, verdicts);
             }
@@ -298,7 +307,9 @@ impl Inner {
     }
 
     /// Every check's verdict, counting nothing, and where its counter is
-    /// (guard, index). Expired jobs are dropped (and counted) on the way.
+    /// (guard, index), pushed onto `out` (filled in place: no copies of the
+    /// inline vectors). Expired jobs are dropped (and counted) on the way.
+    #[inline(always)]
     fn evaluate_all(
         &self,
         guards: &mut [MutexGuard<'_, SubjectCounters>],
@@ -306,9 +317,9 @@ impl Inner {
         checks: &[LimitCheck<'_>],
         now: Nanos,
         reserved_check: Option<usize>,
-    ) -> (Verdicts, CounterSlots) {
-        let mut slots = CounterSlots::new();
-        let mut verdicts = Verdicts::new();
+        out: (&mut Verdicts, &mut CounterSlots),
+    ) {
+        let (verdicts, slots) = out;
         for (i, (c, &g)) in checks.iter().zip(owner).enumerate() {
             guards[g].pinned |= c.pinned;
             let s = guards[g].slot(c.counter, c.rule, &self.live);
@@ -328,10 +339,10 @@ impl Inner {
             verdicts.push(verdict);
             slots.push((g, s));
         }
-        (verdicts, slots)
     }
 
     /// Counts an admitted request against every check; the slots it holds.
+    #[inline(always)]
     fn record_all(
         self: &Arc<Self>,
         guards: &mut [MutexGuard<'_, SubjectCounters>],
@@ -341,7 +352,8 @@ impl Inner {
         reserved_check: Option<usize>,
     ) -> Lease {
         let mut lease = Vec::new();
-        let mut jobs = Vec::new();
+        // Built only when a jobs limit admitted: most requests hold none.
+        let mut jobs: Option<Vec<JobClaim>> = None;
         for (i, (c, &(g, s))) in checks.iter().zip(slots).enumerate() {
             let counter = &mut guards[g].list[s];
             if reserved_check != Some(i) {
@@ -356,12 +368,17 @@ impl Inner {
                     rule: *c.rule,
                 };
                 match c.rule {
-                    Rule::Jobs(_) => jobs.push(JobClaim::memory(slot)),
+                    Rule::Jobs(_) => jobs
+                        .get_or_insert_with(Vec::new)
+                        .push(JobClaim::memory(slot)),
                     _ => lease.push(Box::new(slot) as Box<dyn Send + Sync>),
                 }
             }
         }
-        Lease::new(lease).with_jobs(jobs)
+        match jobs {
+            Some(jobs) => Lease::new(lease).with_jobs(jobs),
+            None => Lease::new(lease),
+        }
     }
 
     /// Gives a slot back, or hands it to the oldest live waiter.
@@ -431,6 +448,7 @@ type CounterSlots = SmallVec<[(usize, usize); 4]>;
 
 /// A concurrency verdict as newcomers get it: behind requests already
 /// waiting in the limit's queue, never ahead of them.
+#[inline(always)]
 fn behind_waiters(rule: &Rule, counter: &mut Counter, v: Verdict, now: Nanos) -> Verdict {
     let Rule::Concurrency(Concurrency { retry_after, .. }) = rule else {
         return v;

@@ -121,48 +121,42 @@ pub enum OnError {
 #[derive(Default)]
 pub struct Lease {
     slots: Vec<Box<dyn Send + Sync>>,
-    jobs: Vec<JobClaim>,
+    /// `None` rather than empty: most requests hold no job claim.
+    jobs: Option<Vec<JobClaim>>,
 }
 
 impl Lease {
     /// A lease over slots whose own `Drop` releases them.
     pub fn new(slots: Vec<Box<dyn Send + Sync>>) -> Self {
-        Self {
-            slots,
-            jobs: Vec::new(),
-        }
+        Self { slots, jobs: None }
     }
 
     /// The same lease with pending job submissions.
     pub fn with_jobs(mut self, jobs: Vec<JobClaim>) -> Self {
-        self.jobs = jobs;
+        self.jobs = (!jobs.is_empty()).then_some(jobs);
         self
     }
 
     /// The pending job submissions, for the exchange to bind or drop.
     pub fn take_jobs(&mut self) -> Vec<JobClaim> {
-        std::mem::take(&mut self.jobs)
+        self.jobs.take().unwrap_or_default()
     }
 
     /// Number of slots held.
     pub fn len(&self) -> usize {
-        self.slots.len() + self.jobs.len()
+        self.slots.len() + self.jobs.as_ref().map_or(0, Vec::len)
     }
 
     /// Whether no slot is held.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty() && self.jobs.is_empty()
+        self.slots.is_empty() && self.jobs.is_none()
     }
 }
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Lease({} slots, {} jobs)",
-            self.slots.len(),
-            self.jobs.len()
-        )
+        let jobs = self.jobs.as_ref().map_or(0, Vec::len);
+        write!(f, "Lease({} slots, {jobs} jobs)", self.slots.len())
     }
 }
 
