@@ -118,7 +118,6 @@ pub struct Watcher {
 
 /// The watch for one request on `role`, if there is anything to watch.
 /// `claims`: the pending slots its admission took.
-#[allow(clippy::too_many_arguments)]
 pub fn watch(
     role: &JobRole,
     pattern: &PathPattern,

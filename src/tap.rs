@@ -301,10 +301,8 @@ impl HttpBody for Tap {
         // The end is reported only once the reader has run: while it may
         // still run, say "not yet" (the mutexes are never held, so
         // `try_lock` only fails if poisoned).
-        let idle = |m: &Mutex<_>| matches!(m.try_lock().as_deref(), Ok(None));
-        let reader_done = matches!(self.reader.try_lock().as_deref(), Ok(None));
-        reader_done
-            && idle(&self.follow)
+        matches!(self.reader.try_lock().as_deref(), Ok(None))
+            && matches!(self.follow.try_lock().as_deref(), Ok(None))
             && self.held.is_none()
             && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }

@@ -9,15 +9,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use support::*;
 
-/// Polls `cond` until it holds (bounded: fails after 10 s).
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 const CONFIG: &str = r#"
 [upstream]
 url = "{upstream}"

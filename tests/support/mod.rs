@@ -395,6 +395,18 @@ impl Drop for Proxy {
     }
 }
 
+/// Polls `cond` until it holds (bounded: fails after 10 s).
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A response with its body read.
 #[derive(Debug)]
 pub struct Got {
