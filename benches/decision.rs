@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use turnstile::clock::{Clock, ManualClock, SECOND};
 use turnstile::limits::{Bucket, Fixed, Jobs, Rolling, Rule, Window};
-use turnstile::store::{JobCounter, LimitCheck, MemoryStore, Subject};
+use turnstile::store::{LimitCheck, MemoryStore, OwnedCheck, Subject};
 
 const MANY: u32 = 1_000_000;
 /// 2026-05-05T16:00:10Z
@@ -62,6 +62,7 @@ fn checks<'a>(subject: &Subject, rules: &'a [Rule]) -> smallvec::SmallVec<[Limit
             rule,
             queue: None,
             pinned: false,
+            units: 1,
         })
         .collect()
 }
@@ -99,11 +100,12 @@ fn decision(c: &mut Criterion) {
             retry_after: 5 * SECOND,
         }));
         let cs = checks(&k, &with_jobs);
-        let ended = [JobCounter {
+        let ended = [OwnedCheck {
             subject: k.clone(),
             group: k.clone(),
             counter: 4,
             rule: with_jobs[3],
+            units: 1,
         }];
         let waker = std::task::Waker::noop();
         group.bench_function("3 limits + jobs (admit, bind, end), 1 key", |b| {

@@ -63,6 +63,7 @@ fn jobs(keys: u64) {
             rule: &rule,
             queue: None,
             pinned: false,
+            units: 1,
         }];
         for j in 0..5 {
             let mut d = store.decide_at(&check, clock.now());
@@ -124,6 +125,7 @@ fn main() {
                     rule: &minute,
                     queue: None,
                     pinned: false,
+                    units: 1,
                 },
                 LimitCheck {
                     subject: s.clone(),
@@ -132,6 +134,7 @@ fn main() {
                     rule: &day,
                     queue: None,
                     pinned: false,
+                    units: 1,
                 },
             ];
             store.decide_at(&checks, clock.now());

@@ -4,18 +4,12 @@
 //! answer ends one. The counting itself is the `jobs` limit kind
 //! (`limits/jobs.rs`) in the stores; this module reads the ids.
 
-use std::sync::Arc;
-
 use http::request::Parts;
-use http::Response;
-use http_body_util::BodyExt;
 use serde_json::Value;
 
-use crate::body::Body;
 use crate::metrics::Metrics;
 use crate::routing::PathPattern;
-use crate::store::{CounterStore, JobClaim, JobCounter};
-use crate::tap::{Follow, Framing, Reader, Tap};
+use crate::store::{CounterStore, JobClaim, OwnedCheck};
 use crate::values::ValueSource;
 
 /// What a route does for job accounting (`job`, `job_status`, `job_cancel`).
@@ -97,23 +91,8 @@ pub enum Watch {
         /// `Some((state, done))` for a status poll; `None` for a cancel.
         state: Option<(ValueSource, Vec<String>)>,
         /// The caller's jobs counters.
-        counters: Vec<JobCounter>,
+        counters: Vec<OwnedCheck>,
     },
-}
-
-/// Everything the answer's handling needs, owned: it may outlive the
-/// request (a client gone before the answer).
-pub struct Watcher {
-    /// What to watch for.
-    pub watch: Watch,
-    /// Where jobs are counted.
-    pub store: CounterStore,
-    /// For `turnstile_jobs_ended_total`.
-    pub metrics: Arc<Metrics>,
-    /// At most this much of the answer is read (`[server] mcp_max_body`).
-    pub max: u64,
-    /// The request's JSON-RPC id, to find the answer in an SSE stream.
-    pub rpc_id: Option<Value>,
 }
 
 /// The watch for one request on `role`, if there is anything to watch.
@@ -124,7 +103,7 @@ pub fn watch(
     parts: &Parts,
     json: Option<&Value>,
     claims: Vec<JobClaim>,
-    counters: impl FnOnce() -> Vec<JobCounter>,
+    counters: impl FnOnce() -> Vec<OwnedCheck>,
 ) -> Option<Watch> {
     let job_id = |id: &ValueSource| {
         let path = crate::path::match_form(parts.uri.path());
@@ -159,49 +138,16 @@ pub fn watch(
     }
 }
 
-impl Watcher {
-    /// Acts on the upstream's answer head, and taps its body when the value
-    /// is in it. Anything but a 2xx: pending slots are given back, no job ends.
-    pub async fn answer(mut self, response: Response<Body>) -> Response<Body> {
-        if !response.status().is_success() {
-            return response;
-        }
-        let source = match &self.watch {
-            Watch::Submit { id, .. } => id,
-            Watch::End {
-                state: Some((state, _)),
-                ..
-            } => state,
-            Watch::End { state: None, .. } => {
-                self.act(None, None).await;
-                return response;
-            }
-        };
-        if !source.needs_json() {
-            self.act(Some(response.headers()), None).await;
-            return response;
-        }
-        let Some(framing) = Framing::of(response.headers()) else {
-            return response;
-        };
-        let (parts, body) = response.into_parts();
-        let max = self.max;
-        let rpc_id = self.rpc_id.take();
-        // The value is in the document: the answer's headers are not needed.
-        let reader: Reader = Box::new(move |doc: Option<Value>| -> Option<Follow> {
-            let doc = doc?;
-            Some(Box::pin(async move {
-                self.act(None, Some(&doc)).await;
-            }))
-        });
-        Response::from_parts(parts, Tap::new(body, framing, max, rpc_id, reader).boxed())
-    }
-
+impl Watch {
     /// Applies a 2xx answer with these headers and JSON document.
-    async fn act(self, headers: Option<&http::HeaderMap>, doc: Option<&Value>) {
-        let empty = http::HeaderMap::new();
-        let headers = headers.unwrap_or(&empty);
-        match self.watch {
+    pub(crate) async fn act(
+        self,
+        store: &CounterStore,
+        metrics: &Metrics,
+        headers: &http::HeaderMap,
+        doc: Option<&Value>,
+    ) {
+        match self {
             Watch::Submit { id, claims } => {
                 let Some(job) = id.from_response(headers, doc) else {
                     return;
@@ -229,12 +175,24 @@ impl Watcher {
                         Ended::Done
                     }
                 };
-                match self.store.end_job(&counters, &id).await {
-                    Ok(true) => self.metrics.job_ended(how.label()),
+                match store.end_job(&counters, &id).await {
+                    Ok(true) => metrics.job_ended(how.label()),
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "could not end a job"),
                 }
             }
+        }
+    }
+
+    /// Where the answer says what this watch needs.
+    pub(crate) fn source(&self) -> Option<&ValueSource> {
+        match self {
+            Watch::Submit { id, .. } => Some(id),
+            Watch::End {
+                state: Some((state, _)),
+                ..
+            } => Some(state),
+            Watch::End { state: None, .. } => None,
         }
     }
 }

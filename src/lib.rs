@@ -10,10 +10,13 @@
 #![warn(unreachable_pub)]
 
 pub mod admin;
+pub mod answer;
 pub mod body;
 pub mod clock;
+pub mod conditions;
 pub mod config;
 pub mod conn;
+pub mod cost;
 pub mod example_api;
 pub mod identity;
 pub mod inspect;

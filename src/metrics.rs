@@ -40,6 +40,12 @@ struct RouteLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefundLabels {
+    route: Name,
+    reason: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
 }
@@ -73,6 +79,8 @@ pub struct Metrics {
     slots: Gauge,
     jobs_in_progress: Gauge,
     jobs_ended: Family<HowLabels, Counter>,
+    credits_spent: Family<RouteLabels, Counter>,
+    refunds: Family<RefundLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
     snapshots: Family<OutcomeLabels, Counter>,
     store_errors: Counter,
@@ -166,6 +174,18 @@ impl Metrics {
                 "Jobs ended, by how (done, cancelled, expired, admin)",
                 Family::<HowLabels, Counter>::default(),
             ),
+            credits_spent: register(
+                reg,
+                "credits_spent",
+                "Credits taken from balances, by route (settled figures where the answer gives one; refunds excluded)",
+                Family::<RouteLabels, Counter>::default(),
+            ),
+            refunds: register(
+                reg,
+                "refunds",
+                "Exchanges refunded by refund_on, by route and reason (5xx, connect, timeout, or the status)",
+                Family::<RefundLabels, Counter>::default(),
+            ),
             reloads: register(reg, "reloads", "Config reloads by outcome (ok, error)", Family::default()),
             snapshots: register(
                 reg,
@@ -188,6 +208,25 @@ impl Metrics {
     /// are read from the store at scrape time).
     pub fn job_ended(&self, how: &'static str) {
         self.jobs_ended.get_or_create(&HowLabels { how }).inc();
+    }
+
+    /// Counts `n` credits taken from balances on `route`.
+    pub fn credits_spent(&self, route: &Arc<str>, n: u64) {
+        self.credits_spent
+            .get_or_create(&RouteLabels {
+                route: Name(route.clone()),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts one exchange refunded on `route` for `reason`.
+    pub fn refunded(&self, route: &Arc<str>, reason: &str) {
+        self.refunds
+            .get_or_create(&RefundLabels {
+                route: Name(route.clone()),
+                reason: Name(reason.into()),
+            })
+            .inc();
     }
 
     /// Counts one request's outcome: `"forwarded"` or a refusal code.

@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use crate::body::{full, Body};
 use crate::clock::{secs_until_ceil, Nanos, SECOND};
 use crate::identity::AuthError;
-use crate::limits::{format_rfc3339, Verdict};
+use crate::limits::{format_rfc3339, Rule, Verdict};
 use crate::limits::{HeaderTrio, LimitSpec};
 
 /// Why turnstile answers a request itself. Each variant maps to exactly one response.
@@ -68,6 +68,9 @@ pub enum Refusal {
     /// 429: a limit refused.
     #[error("{0}")]
     RateLimited(Box<RateLimited>),
+    /// 402: the request costs more than the caller's credits balance.
+    #[error("Insufficient credits: this request costs {} credits, {} left.", .0.cost, .0.balance)]
+    InsufficientCredits(Box<InsufficientCredits>),
     /// 502: the upstream could not be reached or failed before answering.
     #[error("{0}")]
     BadGateway(String),
@@ -130,6 +133,17 @@ pub struct RateLimited {
     pub counts: Counts,
 }
 
+/// The balance that refused a 402 (docs/headers-and-refusals.md).
+#[derive(Debug, Clone)]
+pub struct InsufficientCredits {
+    /// Name of the credits limit.
+    pub name: Arc<str>,
+    /// The balance (never shown below 0).
+    pub balance: i64,
+    /// What the request costs.
+    pub cost: u32,
+}
+
 /// What a refusing limit counts, for the wording of its refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counts {
@@ -170,7 +184,7 @@ impl std::fmt::Display for RateLimited {
 }
 
 /// The refusal names operators can template (`[responses.NAME]`).
-pub const RESPONSE_NAMES: [&str; 8] = [
+pub const RESPONSE_NAMES: [&str; 9] = [
     "unauthorized",
     "plan_required",
     "payload_too_large",
@@ -179,6 +193,7 @@ pub const RESPONSE_NAMES: [&str; 8] = [
     "bad_gateway",
     "upstream_timeout",
     "not_found",
+    "insufficient_credits",
 ];
 
 impl Refusal {
@@ -190,6 +205,7 @@ impl Refusal {
             Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Refusal::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
             Refusal::PlanRequired { .. } => StatusCode::FORBIDDEN,
             Refusal::InvalidArguments(_) => StatusCode::BAD_REQUEST,
             Refusal::JsonRpc { status, .. } => *status,
@@ -213,6 +229,7 @@ impl Refusal {
             Refusal::Unauthorized(_) => "unauthorized",
             Refusal::PayloadTooLarge { .. } => "payload_too_large",
             Refusal::RateLimited(_) => "rate_limited",
+            Refusal::InsufficientCredits(_) => "insufficient_credits",
             Refusal::PlanRequired { .. } => "plan_required",
             Refusal::InvalidArguments(_) => "invalid_arguments",
             Refusal::JsonRpc { .. } => "jsonrpc_error",
@@ -280,6 +297,11 @@ impl Refusal {
                     format_rfc3339(r.reset_at)
                 );
             }
+            Refusal::InsufficientCredits(c) => {
+                out.push_str(",\"credits\":{\"name\":\"");
+                json_escape_into(&c.name, &mut out);
+                let _ = write!(out, "\",\"balance\":{},\"cost\":{}}}", c.balance, c.cost);
+            }
             _ => {}
         }
         out.push('}');
@@ -291,10 +313,21 @@ impl Refusal {
             Refusal::RateLimited(r) => Some(r),
             _ => None,
         };
+        let credits = match self {
+            Refusal::InsufficientCredits(c) => Some(c),
+            _ => None,
+        };
         match var {
             Var::Route => json_escape_into(route, out),
             Var::Plan => json_escape_into(plan, out),
-            Var::Name => json_escape_into(r.map_or("", |r| &r.name), out),
+            Var::Name => match credits {
+                Some(c) => json_escape_into(&c.name, out),
+                None => json_escape_into(r.map_or("", |r| &r.name), out),
+            },
+            Var::Cost => push_num(out, credits.map_or(0, |c| u64::from(c.cost))),
+            Var::Balance => {
+                let _ = write!(out, "{}", credits.map_or(0, |c| c.balance));
+            }
             Var::Window => json_escape_into(r.map_or("", |r| &r.window), out),
             Var::ResetAt => {
                 out.push_str(&r.map(|r| format_rfc3339(r.reset_at)).unwrap_or_default())
@@ -321,9 +354,11 @@ enum Var {
     Window,
     Route,
     Plan,
+    Cost,
+    Balance,
 }
 
-const VARS: [(&str, Var); 10] = [
+const VARS: [(&str, Var); 12] = [
     ("name", Var::Name),
     ("limit", Var::Limit),
     ("count", Var::Count),
@@ -334,6 +369,8 @@ const VARS: [(&str, Var); 10] = [
     ("window", Var::Window),
     ("route", Var::Route),
     ("plan", Var::Plan),
+    ("cost", Var::Cost),
+    ("balance", Var::Balance),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -402,7 +439,7 @@ fn parse_pieces(body: &str) -> Vec<Piece> {
 /// The templates in force for one route: route-level ones over global ones.
 #[derive(Debug, Clone, Default)]
 pub struct ResponseSet {
-    templates: [Option<Arc<Template>>; 8],
+    templates: [Option<Arc<Template>>; RESPONSE_NAMES.len()],
 }
 
 impl ResponseSet {
@@ -454,6 +491,7 @@ impl Refusal {
                 format!("Rate limit exceeded. Try again in {} s.", r.retry_after)
             }
             Refusal::PayloadTooLarge { .. } => format!("Request too large: {self}."),
+            Refusal::InsufficientCredits(_) => self.to_string(),
             Refusal::PlanRequired { route, plans } => {
                 format!("{route} requires plan {}.", plan_list(plans))
             }
@@ -465,6 +503,7 @@ impl Refusal {
         matches!(
             self,
             Refusal::RateLimited(_)
+                | Refusal::InsufficientCredits(_)
                 | Refusal::PlanRequired { .. }
                 | Refusal::PayloadTooLarge { .. }
                 | Refusal::InvalidArguments(_)
@@ -623,12 +662,20 @@ pub fn write_rate_headers(
     refused: bool,
     h: &mut HeaderMap,
 ) {
-    let Some(primary) = primary_index(settings, checked, refused) else {
-        return;
-    };
     let reset_value = |at: Nanos| match settings.reset {
         ResetFormat::Unix => num_value(at.div_ceil(SECOND)),
         ResetFormat::Seconds => num_value(secs_until_ceil(now, at)),
+    };
+    // A limit's own trio (a balance's `X-Credits-*` too) whatever the primary.
+    for Checked { spec, verdict: v } in checked {
+        if let Some(trio) = &spec.headers {
+            h.insert(trio.limit.clone(), num_value(v.limit as u64));
+            h.insert(trio.remaining.clone(), num_value(v.remaining as u64));
+            h.insert(trio.reset.clone(), reset_value(v.reset_at));
+        }
+    }
+    let Some(primary) = primary_index(settings, checked, refused) else {
+        return;
     };
     let Checked { spec, verdict: v } = checked[primary];
     h.insert(settings.main.limit.clone(), num_value(v.limit as u64));
@@ -637,13 +684,6 @@ pub fn write_rate_headers(
         num_value(v.remaining as u64),
     );
     h.insert(settings.main.reset.clone(), reset_value(v.reset_at));
-    for Checked { spec, verdict: v } in checked {
-        if let Some(trio) = &spec.headers {
-            h.insert(trio.limit.clone(), num_value(v.limit as u64));
-            h.insert(trio.remaining.clone(), num_value(v.remaining as u64));
-            h.insert(trio.reset.clone(), reset_value(v.reset_at));
-        }
-    }
     if refused {
         if let Some(Checked { spec, .. }) = refusing(checked) {
             if let Ok(v) = HeaderValue::from_str(&spec.name) {
@@ -653,8 +693,8 @@ pub fn write_rate_headers(
     }
     if settings.ietf {
         let mut policy = String::new();
-        // Concurrency caps are not quotas over time: they have no place in RateLimit-Policy.
-        for Checked { spec, verdict: v } in checked.iter().filter(|c| !c.spec.rule.holds_slot()) {
+        // Slots, jobs and balances are not quotas over time: they have no place in RateLimit-Policy.
+        for Checked { spec, verdict: v } in checked.iter().filter(|c| c.spec.rule.is_quota()) {
             if !policy.is_empty() {
                 policy.push_str(", ");
             }
@@ -680,11 +720,13 @@ pub fn write_rate_headers(
     }
 }
 
-/// The limit that refused (the one needing the longest wait), if any.
+/// The limit that refused (the one needing the longest wait), if any. A
+/// credits balance is not among them: it refuses with its own 402, and
+/// waiting does not refill it.
 pub fn refusing<'a, 'b>(checked: &'a [Checked<'b>]) -> Option<&'a Checked<'b>> {
     checked
         .iter()
-        .filter(|c| !c.verdict.admitted)
+        .filter(|c| !c.verdict.admitted && !matches!(c.spec.rule, Rule::Credits(_)))
         .reduce(|best, c| {
             if c.verdict.retry_at > best.verdict.retry_at {
                 c
@@ -702,18 +744,20 @@ fn primary_index(
     if let Some(name) = &settings.primary {
         let pinned = checked
             .iter()
-            .position(|c| &*c.spec.name == name.as_str() && !c.spec.rule.holds_slot());
+            .position(|c| &*c.spec.name == name.as_str() && c.spec.rule.is_quota());
         if let Some(i) = pinned {
             return Some(i);
         }
     }
     if refused {
-        let worst = refusing(checked)?;
-        return checked.iter().position(|c| std::ptr::eq(c, worst));
+        // Refused by a balance alone (402): the quotas as on an admission.
+        if let Some(worst) = refusing(checked) {
+            return checked.iter().position(|c| std::ptr::eq(c, worst));
+        }
     }
     let mut best: Option<usize> = None;
     for (i, Checked { spec, verdict: v }) in checked.iter().enumerate() {
-        if spec.rule.holds_slot() {
+        if !spec.rule.is_quota() {
             continue;
         }
         if best.is_none_or(|b| v.remaining < checked[b].verdict.remaining) {
@@ -850,6 +894,11 @@ mod tests {
                 method: http::Method::GET,
                 path: "/".into(),
             },
+            Refusal::InsufficientCredits(Box::new(InsufficientCredits {
+                name: "credits".into(),
+                balance: 3,
+                cost: 8,
+            })),
         ];
         let codes: Vec<&str> = refusals.iter().map(Refusal::code).collect();
         assert_eq!(

@@ -111,6 +111,28 @@ impl ValueSource {
     }
 }
 
+/// One request's values, for reading any source of it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestValues<'a> {
+    /// Its headers.
+    pub headers: &'a HeaderMap,
+    /// Its path in match form.
+    pub path: &'a str,
+    /// Its query string.
+    pub query: Option<&'a str>,
+    /// The matched route's path pattern (for `path:` sources).
+    pub pattern: &'a PathPattern,
+    /// Its JSON body, when it was read.
+    pub json: Option<&'a Value>,
+}
+
+impl<'a> RequestValues<'a> {
+    /// The value at `source` (`None`: absent).
+    pub fn get(&self, source: &ValueSource) -> Option<Cow<'a, str>> {
+        source.from_request(self.headers, self.path, self.query, self.pattern, self.json)
+    }
+}
+
 impl std::fmt::Display for ValueSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

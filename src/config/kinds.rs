@@ -12,14 +12,16 @@ use super::raw::{RawKind, RawLimit, RawQueue};
 use super::units::{parse_duration, parse_rate};
 use super::{duration, positive, ConfigError, Source};
 use crate::clock::SECOND;
-use crate::limits::{Bucket, Concurrency, Fixed, Jobs, QueueSpec, Rolling, Rule, Window};
+use crate::limits::{
+    Bucket, Concurrency, Credits, Fixed, Jobs, QueueSpec, Refill, Rolling, Rule, Window,
+};
 
 /// What a limit compiles to: its rule, its window as written (for the
 /// `check` table and the counter identity), its queue.
 pub(super) type Compiled = (Rule, String, Option<QueueSpec>);
 
 /// Every kind-specific field and the kinds that take it.
-const FIELDS: [(&str, &[RawKind]); 8] = [
+const FIELDS: [(&str, &[RawKind]); 11] = [
     ("requests", &[RawKind::Fixed, RawKind::Rolling]),
     ("window", &[RawKind::Fixed, RawKind::Rolling]),
     ("rate", &[RawKind::Bucket]),
@@ -28,6 +30,12 @@ const FIELDS: [(&str, &[RawKind]); 8] = [
     ("retry_after", &[RawKind::Concurrency, RawKind::Jobs]),
     ("queue", &[RawKind::Concurrency]),
     ("max_duration", &[RawKind::Jobs]),
+    ("grant", &[RawKind::Credits]),
+    ("refill", &[RawKind::Credits]),
+    (
+        "count",
+        &[RawKind::Fixed, RawKind::Rolling, RawKind::Bucket],
+    ),
 ];
 
 /// One limit's raw fields with what its errors need.
@@ -50,6 +58,9 @@ impl Fields<'_> {
             "retry_after" => l.retry_after.is_some(),
             "queue" => l.queue.is_some(),
             "max_duration" => l.max_duration.is_some(),
+            "grant" => l.grant.is_some(),
+            "refill" => l.refill.is_some(),
+            "count" => l.count.is_some(),
             _ => false,
         }
     }
@@ -106,7 +117,28 @@ pub(super) fn compile_rule(
         RawKind::Bucket => bucket_rule(&f),
         RawKind::Concurrency => concurrency_rule(&f),
         RawKind::Jobs => jobs_rule(&f),
+        RawKind::Credits => credits_rule(&f),
     }
+}
+
+/// `credits`: a balance of `grant`, set back to it at each `refill`
+/// (`"month"` or a whole number of seconds; none: never).
+fn credits_rule(f: &Fields<'_>) -> Result<Compiled, ConfigError> {
+    let g = f.required(&f.l.grant, "grant")?;
+    let grant = u32::try_from(*g.get_ref()).map_err(|_| {
+        f.src.at(
+            g.span(),
+            format!("grant must be a whole number from 0 to {}", u32::MAX),
+        )
+    })?;
+    let (refill, text) = match &f.l.refill {
+        None => (Refill::Never, "never".to_owned()),
+        Some(r) => (
+            Refill::Every(parse_window(f.src, r, false)?),
+            r.get_ref().trim().to_owned(),
+        ),
+    };
+    Ok((Rule::Credits(Credits { grant, refill }), text, None))
 }
 
 /// `fixed` and `rolling`: `requests` per `window`.

@@ -3,6 +3,7 @@
 //! routes are compiled matchers, limits are typed rules with precomputed
 //! counter ids, and every error names `file:line:col`.
 
+mod content;
 mod kinds;
 mod raw;
 mod units;
@@ -23,6 +24,8 @@ use toml::Spanned;
 
 pub use crate::body::display_size;
 use crate::body::BodyLimits;
+use crate::conditions::Condition;
+use crate::cost::{Cost, RefundOn};
 use crate::identity::{self, IdentitySettings, KeyRecord, KeyRegistry, KeySource, UnknownKey};
 use crate::jobs::JobRole;
 pub use crate::limits::{HeaderTrio, LimitSpec, Per, QueueSpec};
@@ -256,6 +259,17 @@ pub struct Route {
     pub arg_limits: Vec<ArgLimit>,
     /// What the route's answers mean for jobs in progress (docs/configuration.md, "Jobs").
     pub job: JobRole,
+    /// What a request costs (`None`: 1).
+    pub cost: Option<Cost>,
+    /// Where the answer says what the request cost.
+    pub settle: Option<ValueSource>,
+    /// The outcomes that give back everything the exchange consumed.
+    pub refund_on: RefundOn,
+    /// Conditions on request values; all must hold for the route to match.
+    pub when: Vec<Condition>,
+    /// Whether matching this route reads the JSON body (`mcp_tool`, or a
+    /// `json:` condition).
+    pub match_reads_json: bool,
     /// Refusal templates in force (route over global).
     pub responses: Arc<ResponseSet>,
 }
@@ -758,6 +772,7 @@ fn compile_route(
         .host
         .as_ref()
         .map(|h| crate::routing::strip_port(h.get_ref()).to_ascii_lowercase());
+    let when = content::when(src, r, &path)?;
     let responses = match &r.responses {
         None => global.clone(),
         Some(own) => {
@@ -785,6 +800,11 @@ fn compile_route(
         plan_names: Vec::new(),
         arg_limits: arg_limits(src, r.arg_limits.as_deref())?,
         job: job_role(src, r, &path)?,
+        cost: content::cost(src, r, &path)?,
+        settle: content::settle(src, r, &path)?,
+        refund_on: content::refund_on(src, r)?,
+        match_reads_json: r.mcp_tool.is_some() || crate::conditions::need_json(&when),
+        when,
         matcher: RouteMatcher { method, path, host },
         responses,
     })
@@ -1026,6 +1046,11 @@ fn compile_limit(
         routes_text,
         per_route: raw.per_route.unwrap_or(false),
         queue,
+        counts_cost: matches!(rule, crate::limits::Rule::Credits(_))
+            || raw
+                .count
+                .as_ref()
+                .is_some_and(|c| *c.get_ref() == RawCount::Cost),
     })
 }
 
@@ -1074,21 +1099,26 @@ impl Applied<'_> {
         // The counter's identity leaves out the numbers a reload may change.
         let identity_window = match kind {
             RawKind::Fixed | RawKind::Rolling => &*self.spec.window_text,
-            RawKind::Bucket | RawKind::Concurrency | RawKind::Jobs => "",
+            RawKind::Bucket | RawKind::Concurrency | RawKind::Jobs | RawKind::Credits => "",
         };
         let route_part = if self.spec.per_route {
             &*route.name
         } else {
             ""
         };
-        let counter = counter_id(&[
+        let mut identity = vec![
             self.plan,
             lname,
             &self.spec.routes_text,
             kind.as_str(),
             identity_window,
             route_part,
-        ]);
+        ];
+        // Counting cost is another counter than counting requests.
+        if self.spec.counts_cost && kind != RawKind::Credits {
+            identity.push("cost");
+        }
+        let counter = counter_id(&identity);
         Ok(AppliedLimit {
             limit: self.index,
             counter,

@@ -167,6 +167,12 @@ pub(crate) struct RawRoute {
     pub(crate) job: Option<Spanned<RawJob>>,
     pub(crate) job_status: Option<Spanned<RawJobStatus>>,
     pub(crate) job_cancel: Option<Spanned<RawJob>>,
+    /// A constant or `{ by, prices, default, times }` (read in `content.rs`).
+    pub(crate) cost: Option<Spanned<toml::Value>>,
+    pub(crate) settle: Option<Spanned<String>>,
+    pub(crate) refund_on: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Value source → the values that satisfy it (a string or a list).
+    pub(crate) when: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
 }
 
 /// `job = { id = "..." }` and `job_cancel = { id = "..." }`.
@@ -223,6 +229,7 @@ pub(crate) enum RawKind {
     Bucket,
     Concurrency,
     Jobs,
+    Credits,
 }
 
 impl RawKind {
@@ -233,6 +240,7 @@ impl RawKind {
             RawKind::Bucket => "bucket",
             RawKind::Concurrency => "concurrency",
             RawKind::Jobs => "jobs",
+            RawKind::Credits => "credits",
         }
     }
 }
@@ -268,6 +276,17 @@ pub(crate) struct RawLimit {
     pub(crate) queue: Option<Spanned<RawQueue>>,
     pub(crate) headers: Option<Spanned<String>>,
     pub(crate) max_duration: Option<Spanned<String>>,
+    pub(crate) grant: Option<Spanned<i64>>,
+    pub(crate) refill: Option<Spanned<String>>,
+    pub(crate) count: Option<Spanned<RawCount>>,
+}
+
+/// `count = "requests" | "cost"` on fixed, rolling and bucket limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawCount {
+    Requests,
+    Cost,
 }
 
 #[derive(Debug, Deserialize)]

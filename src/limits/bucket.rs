@@ -27,7 +27,7 @@ impl LimitKind for Bucket {
         matches!(state, CounterState::Bucket { .. })
     }
 
-    fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict {
+    fn evaluate(&self, state: &mut CounterState, now: Nanos, units: u32) -> Verdict {
         let (burst, interval) = (self.burst.get(), self.interval);
         let tat = match *state {
             CounterState::Bucket { tat } => tat,
@@ -35,7 +35,7 @@ impl LimitKind for Bucket {
         };
         let tolerance = interval * burst as Nanos;
         let tat = tat.max(now);
-        let next_tat = tat + interval;
+        let next_tat = tat + interval * Nanos::from(units);
         if next_tat <= now + tolerance {
             let remaining = ((now + tolerance - next_tat) / interval) as u32;
             Verdict {
@@ -53,20 +53,26 @@ impl LimitKind for Bucket {
                 used: burst,
                 remaining: 0,
                 reset_at: tat,
-                retry_at: next_tat - tolerance,
+                retry_at: next_tat.saturating_sub(tolerance),
             }
         }
     }
 
-    fn record(&self, state: &mut CounterState, now: Nanos) {
+    fn record(&self, state: &mut CounterState, now: Nanos, units: u32) {
         if let CounterState::Bucket { tat } = state {
-            *tat = (*tat).max(now) + self.interval;
+            *tat = (*tat).max(now) + self.interval * Nanos::from(units);
         }
     }
 
-    fn unrecord(&self, state: &mut CounterState, _at: Nanos) {
+    fn unrecord(&self, state: &mut CounterState, _at: Nanos, units: u32) {
         if let CounterState::Bucket { tat } = state {
-            *tat = tat.saturating_sub(self.interval);
+            *tat = tat.saturating_sub(self.interval * Nanos::from(units));
+        }
+    }
+
+    fn charge(&self, state: &mut CounterState, _at: Nanos, units: u32) {
+        if let CounterState::Bucket { tat } = state {
+            *tat = tat.saturating_add(self.interval * Nanos::from(units));
         }
     }
 

@@ -20,6 +20,7 @@ impl LimitKind for Concurrency {
     const NAME: &'static str = "concurrency";
     const REDIS_KIND: u8 = 4;
     const HOLDS_SLOT: bool = true;
+    const QUOTA: bool = false;
 
     fn new_state(&self) -> CounterState {
         CounterState::Concurrency { in_flight: 0 }
@@ -29,7 +30,7 @@ impl LimitKind for Concurrency {
         matches!(state, CounterState::Concurrency { .. })
     }
 
-    fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict {
+    fn evaluate(&self, state: &mut CounterState, now: Nanos, _units: u32) -> Verdict {
         let in_flight = match *state {
             CounterState::Concurrency { in_flight } => in_flight,
             _ => 0,
@@ -39,10 +40,10 @@ impl LimitKind for Concurrency {
         } else {
             now + self.retry_after
         };
-        Verdict::of_count(self.max.get(), in_flight, now, at, at)
+        Verdict::of_count(self.max.get(), in_flight, 1, now, at, at)
     }
 
-    fn record(&self, state: &mut CounterState, _now: Nanos) {
+    fn record(&self, state: &mut CounterState, _now: Nanos, _units: u32) {
         if let CounterState::Concurrency { in_flight } = state {
             *in_flight = in_flight.saturating_add(1);
         }

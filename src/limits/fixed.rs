@@ -6,6 +6,19 @@ use std::num::NonZeroU32;
 use super::{CounterState, LimitKind, Verdict, Window};
 use crate::clock::{Nanos, SECOND};
 
+impl Fixed {
+    /// The count of the window containing `at`, while it is the one held.
+    fn count_of<'a>(&self, state: &'a mut CounterState, at: Nanos) -> Option<&'a mut u32> {
+        match state {
+            CounterState::Fixed {
+                window_start,
+                count,
+            } if *window_start == self.window.bounds(at).0 => Some(count),
+            _ => None,
+        }
+    }
+}
+
 /// A fixed window's parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fixed {
@@ -30,7 +43,7 @@ impl LimitKind for Fixed {
         matches!(state, CounterState::Fixed { .. })
     }
 
-    fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict {
+    fn evaluate(&self, state: &mut CounterState, now: Nanos, units: u32) -> Verdict {
         let (start, end) = self.window.bounds(now);
         let used = match *state {
             CounterState::Fixed {
@@ -39,10 +52,10 @@ impl LimitKind for Fixed {
             } if window_start == start => count,
             _ => 0,
         };
-        Verdict::of_count(self.requests.get(), used, now, end, end)
+        Verdict::of_count(self.requests.get(), used, units, now, end, end)
     }
 
-    fn record(&self, state: &mut CounterState, now: Nanos) {
+    fn record(&self, state: &mut CounterState, now: Nanos, units: u32) {
         let CounterState::Fixed {
             window_start,
             count,
@@ -55,18 +68,18 @@ impl LimitKind for Fixed {
             *window_start = start;
             *count = 0;
         }
-        *count = count.saturating_add(1);
+        *count = count.saturating_add(units);
     }
 
-    fn unrecord(&self, state: &mut CounterState, at: Nanos) {
-        if let CounterState::Fixed {
-            window_start,
-            count,
-        } = state
-        {
-            if *window_start == self.window.bounds(at).0 {
-                *count = count.saturating_sub(1);
-            }
+    fn unrecord(&self, state: &mut CounterState, at: Nanos, units: u32) {
+        if let Some(count) = self.count_of(state, at) {
+            *count = count.saturating_sub(units);
+        }
+    }
+
+    fn charge(&self, state: &mut CounterState, at: Nanos, units: u32) {
+        if let Some(count) = self.count_of(state, at) {
+            *count = count.saturating_add(units);
         }
     }
 

@@ -97,6 +97,7 @@ impl LimitKind for Jobs {
     const NAME: &'static str = "jobs";
     const REDIS_KIND: u8 = 5;
     const HOLDS_SLOT: bool = true;
+    const QUOTA: bool = false;
 
     fn new_state(&self) -> CounterState {
         CounterState::Jobs(Box::default())
@@ -106,7 +107,7 @@ impl LimitKind for Jobs {
         matches!(state, CounterState::Jobs(_))
     }
 
-    fn evaluate(&self, counter: &mut CounterState, now: Nanos) -> Verdict {
+    fn evaluate(&self, counter: &mut CounterState, now: Nanos, _units: u32) -> Verdict {
         self.expire(counter, now);
         let in_progress = state(counter).map_or(0, |s| s.in_progress());
         let at = if in_progress < self.max.get() {
@@ -114,10 +115,10 @@ impl LimitKind for Jobs {
         } else {
             now + self.retry_after
         };
-        Verdict::of_count(self.max.get(), in_progress, now, at, at)
+        Verdict::of_count(self.max.get(), in_progress, 1, now, at, at)
     }
 
-    fn record(&self, counter: &mut CounterState, _now: Nanos) {
+    fn record(&self, counter: &mut CounterState, _now: Nanos, _units: u32) {
         if let Some(s) = state(counter) {
             s.pending = s.pending.saturating_add(1);
         }
@@ -167,30 +168,30 @@ mod tests {
     #[test]
     fn pending_and_bound_jobs_both_count() {
         let mut s = RULE.new_state();
-        assert!(RULE.evaluate(&mut s, 0).admitted);
-        RULE.record(&mut s, 0);
+        assert!(RULE.evaluate(&mut s, 0, 1).admitted);
+        RULE.record(&mut s, 0, 1);
         RULE.bind(&mut s, "a", 0);
-        RULE.record(&mut s, 0);
-        let v = RULE.evaluate(&mut s, SECOND);
+        RULE.record(&mut s, 0, 1);
+        let v = RULE.evaluate(&mut s, SECOND, 1);
         assert!(!v.admitted);
         assert_eq!((v.used, v.retry_at), (2, 6 * SECOND));
         // The pending one fails upstream: its slot comes back.
         RULE.release(&mut s);
-        assert!(RULE.evaluate(&mut s, SECOND).admitted);
+        assert!(RULE.evaluate(&mut s, SECOND, 1).admitted);
     }
 
     #[test]
     fn a_job_ends_by_id_or_by_max_duration() {
         let mut s = RULE.new_state();
         for id in ["a", "b"] {
-            RULE.record(&mut s, 0);
+            RULE.record(&mut s, 0, 1);
             RULE.bind(&mut s, id, 0);
         }
-        assert!(!RULE.evaluate(&mut s, 0).admitted);
+        assert!(!RULE.evaluate(&mut s, 0, 1).admitted);
         assert!(!RULE.end(&mut s, "zzz"), "an id not held changes nothing");
         assert!(RULE.end(&mut s, "a"));
         assert!(!RULE.end(&mut s, "a"), "ends once");
-        assert!(RULE.evaluate(&mut s, 0).admitted);
+        assert!(RULE.evaluate(&mut s, 0, 1).admitted);
         assert_eq!(RULE.expires_at(&s), 60 * SECOND);
         assert_eq!(RULE.expire(&mut s, 60 * SECOND), 1);
         assert_eq!(RULE.expires_at(&s), 0);
@@ -199,9 +200,9 @@ mod tests {
     #[test]
     fn the_same_id_twice_is_one_job() {
         let mut s = RULE.new_state();
-        RULE.record(&mut s, 0);
+        RULE.record(&mut s, 0, 1);
         RULE.bind(&mut s, "a", 0);
-        RULE.record(&mut s, 0);
+        RULE.record(&mut s, 0, 1);
         RULE.bind(&mut s, "a", SECOND);
         let CounterState::Jobs(j) = &s else { panic!() };
         assert_eq!((j.pending, j.jobs.len(), j.jobs[0].started), (0, 1, SECOND));
@@ -210,7 +211,7 @@ mod tests {
     #[test]
     fn pending_submissions_keep_the_counter() {
         let mut s = RULE.new_state();
-        RULE.record(&mut s, 0);
+        RULE.record(&mut s, 0, 1);
         assert_eq!(RULE.expires_at(&s), Nanos::MAX);
     }
 }

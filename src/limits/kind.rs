@@ -22,22 +22,32 @@ pub trait LimitKind: Copy + std::fmt::Debug + PartialEq + Eq {
     /// back by [`LimitKind::release`], not by time).
     const HOLDS_SLOT: bool = false;
 
+    /// Whether it is a quota over time (shown in `X-RateLimit-*` and
+    /// `RateLimit-Policy`); slots, jobs and balances are not.
+    const QUOTA: bool = true;
+
     /// A fresh counter.
     fn new_state(&self) -> CounterState;
 
     /// Whether `state` is this kind's.
     fn fits(state: &CounterState) -> bool;
 
-    /// Whether one more request at `now` fits, without counting it. May
-    /// drop expired history from `state` (never changes what it admits).
-    fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict;
+    /// Whether one more request of `units` fits at `now`, without counting
+    /// it. May drop expired history from `state` (never changes what it
+    /// admits). Kinds that count slots ignore `units`.
+    fn evaluate(&self, state: &mut CounterState, now: Nanos, units: u32) -> Verdict;
 
-    /// Counts one admitted request at `now`.
-    fn record(&self, state: &mut CounterState, now: Nanos);
+    /// Counts an admitted request of `units` at `now`.
+    fn record(&self, state: &mut CounterState, now: Nanos, units: u32);
 
-    /// Takes back one request counted at `at` (refused after admission); a
-    /// window that has moved on since is left alone.
-    fn unrecord(&self, _state: &mut CounterState, _at: Nanos) {}
+    /// Takes back `units` counted at `at` (refused after admission, a
+    /// refund, a lower settled cost); a window that has moved on since is
+    /// left alone.
+    fn unrecord(&self, _state: &mut CounterState, _at: Nanos, _units: u32) {}
+
+    /// Counts `units` more for a request admitted at `at` (a higher settled
+    /// cost), unchecked; a window that has moved on since is left alone.
+    fn charge(&self, _state: &mut CounterState, _at: Nanos, _units: u32) {}
 
     /// Gives back a slot ([`LimitKind::HOLDS_SLOT`] kinds).
     fn release(&self, _state: &mut CounterState) {}

@@ -9,6 +9,7 @@
 mod bucket;
 mod calendar;
 mod concurrency;
+mod credits;
 mod fixed;
 mod jobs;
 mod kind;
@@ -18,6 +19,7 @@ mod spec;
 pub use bucket::Bucket;
 pub use calendar::{format_rfc3339, month_bounds};
 pub use concurrency::Concurrency;
+pub use credits::{Credits, Refill};
 pub use fixed::Fixed;
 pub use jobs::{Job, Jobs, JobsState};
 pub use kind::LimitKind;
@@ -91,6 +93,13 @@ macro_rules! kinds {
                 match self { $(Rule::$variant(_) => <$kind>::HOLDS_SLOT,)* }
             }
 
+            /// Whether this is a quota over time (fixed, rolling, bucket):
+            /// only those can be the primary limit of the `X-RateLimit-*`
+            /// headers and appear in `RateLimit-Policy`.
+            pub fn is_quota(&self) -> bool {
+                match self { $(Rule::$variant(_) => <$kind>::QUOTA,)* }
+            }
+
             /// The limit shown in headers: `requests`, or `burst` for a bucket.
             pub fn shown_limit(&self) -> u32 {
                 match self { $(Rule::$variant(k) => k.shown_limit(),)* }
@@ -116,28 +125,39 @@ macro_rules! kinds {
                 }
             }
 
-            /// Decides whether one more request at `now` fits, without
+            /// Decides whether one more request of `units` (1, or its
+            /// cost for limits that count cost) fits at `now`, without
             /// counting it. May drop expired history from `state` (never
             /// changes what it admits).
-            pub fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict {
+            pub fn evaluate(&self, state: &mut CounterState, now: Nanos, units: u32) -> Verdict {
                 self.fit(state);
-                match self { $(Rule::$variant(k) => k.evaluate(state, now),)* }
+                match self { $(Rule::$variant(k) => k.evaluate(state, now, units),)* }
             }
 
-            /// Counts one admitted request at `now`. Call only after every
-            /// limit of the request admitted it.
-            pub fn record(&self, state: &mut CounterState, now: Nanos) {
+            /// Counts an admitted request of `units` at `now`. Call only
+            /// after every limit of the request admitted it.
+            pub fn record(&self, state: &mut CounterState, now: Nanos, units: u32) {
                 self.fit(state);
-                match self { $(Rule::$variant(k) => k.record(state, now),)* }
+                match self { $(Rule::$variant(k) => k.record(state, now, units),)* }
             }
 
-            /// Takes back one request counted at `at` (a request refused
-            /// after admission, e.g. a streamed body over its size limit). A
+            /// Takes back `units` counted at `at` (a request refused after
+            /// admission, a refund, a settled cost below its estimate). A
             /// window that has moved on since is left alone; slots are given
             /// back by [`release`](Rule::release) instead.
-            pub fn unrecord(&self, state: &mut CounterState, at: Nanos) {
+            pub fn unrecord(&self, state: &mut CounterState, at: Nanos, units: u32) {
                 if self.fits(state) {
-                    match self { $(Rule::$variant(k) => k.unrecord(state, at),)* }
+                    match self { $(Rule::$variant(k) => k.unrecord(state, at, units),)* }
+                }
+            }
+
+            /// Counts `units` more for a request admitted at `at` (a settled
+            /// cost above its estimate), without checking the limit: the
+            /// upstream already did the work. A window that has moved on
+            /// since is left alone.
+            pub fn charge(&self, state: &mut CounterState, at: Nanos, units: u32) {
+                if self.fits(state) {
+                    match self { $(Rule::$variant(k) => k.charge(state, at, units),)* }
                 }
             }
 
@@ -166,6 +186,7 @@ kinds! {
     Bucket(Bucket),
     Concurrency(Concurrency),
     Jobs(Jobs),
+    Credits(Credits),
 }
 
 /// What a counter holds between requests.
@@ -193,16 +214,26 @@ pub enum CounterState {
     },
     /// Submissions in flight and jobs in progress (boxed: it holds ids).
     Jobs(Box<JobsState>),
+    /// Credits spent in the refill period that starts at `period_start`
+    /// (negative: topped up above the grant).
+    Credits {
+        /// Start of the refill period the spending belongs to (0 without refill).
+        period_start: Nanos,
+        /// Credits spent in it: the balance is the grant minus this.
+        spent: i64,
+    },
 }
 
 impl CounterState {
-    /// Whether this counter holds something that is not a count over time
-    /// (a concurrency slot, a pending submission, a job): such counters are
-    /// never evicted under memory pressure.
+    /// Whether this counter holds something that forgetting it would give
+    /// away (a concurrency slot, a pending submission, a job, a balance
+    /// other than the grant): such counters are never evicted under memory
+    /// pressure.
     pub fn holds(&self) -> bool {
         match self {
             CounterState::Concurrency { in_flight } => *in_flight > 0,
             CounterState::Jobs(j) => j.in_progress() > 0,
+            CounterState::Credits { spent, .. } => *spent != 0,
             _ => false,
         }
     }
@@ -227,35 +258,44 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// The verdict of a counting limit holding `used` of `limit`: admitted
-    /// while there is room; when refused, admissible again at `retry_at`.
+    /// The verdict of a counting limit holding `used` of `limit` for a
+    /// request of `units`: admitted while they fit; when refused,
+    /// admissible again at `retry_at`.
     pub(crate) fn of_count(
         limit: u32,
         used: u32,
+        units: u32,
         now: Nanos,
         reset_at: Nanos,
         retry_at: Nanos,
     ) -> Self {
-        let admitted = used < limit;
+        let after = used.saturating_add(units);
+        let admitted = after <= limit;
         Self {
             admitted,
             limit,
-            used: if admitted { used + 1 } else { used },
-            remaining: if admitted { limit - used - 1 } else { 0 },
+            used: if admitted { after } else { used },
+            remaining: if admitted { limit - after } else { 0 },
             reset_at,
             retry_at: if admitted { now } else { retry_at },
         }
     }
 
-    /// This verdict as seen when the request was not counted after all
-    /// (another limit refused it): the admitting limit's figures stay as they were.
-    pub fn uncounted(self) -> Self {
+    /// This verdict as seen when the request (of `units`) was not counted
+    /// after all (another limit refused it): the admitting limit's figures
+    /// stay as they were.
+    pub fn uncounted(self, units: u32) -> Self {
         if !self.admitted {
             return self;
         }
+        let remaining = self.remaining.saturating_add(units);
         Self {
-            used: self.used.saturating_sub(1),
-            remaining: (self.remaining + 1).min(self.limit),
+            used: self.used.saturating_sub(units),
+            remaining: if self.remaining <= self.limit {
+                remaining.min(self.limit)
+            } else {
+                remaining
+            },
             ..self
         }
     }

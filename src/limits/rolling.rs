@@ -33,33 +33,44 @@ impl LimitKind for Rolling {
         matches!(state, CounterState::Rolling(_))
     }
 
-    fn evaluate(&self, state: &mut CounterState, now: Nanos) -> Verdict {
+    fn evaluate(&self, state: &mut CounterState, now: Nanos, units: u32) -> Verdict {
         let (requests, window) = (self.requests.get(), self.window);
         let CounterState::Rolling(log) = state else {
-            return Verdict::of_count(requests, 0, now, RollingLog::exit_of(now, window), now);
+            let exit = RollingLog::exit_of(now, window);
+            return Verdict::of_count(requests, 0, units, now, exit, exit);
         };
         log.prune(now, window);
         let used = log.total();
         let oldest_exit = log
             .oldest_exit(window)
             .unwrap_or_else(|| RollingLog::exit_of(now, window));
-        let retry_at = if used < requests {
+        let after = used.saturating_add(units);
+        let retry_at = if after <= requests {
             now
+        } else if units > requests {
+            // Never fits: the window's length, for lack of a better answer.
+            RollingLog::exit_of(now, window)
         } else {
-            log.exit_when_count_drops_by(used + 1 - requests, window)
+            log.exit_when_count_drops_by(after - requests, window)
         };
-        Verdict::of_count(requests, used, now, oldest_exit, retry_at)
+        Verdict::of_count(requests, used, units, now, oldest_exit, retry_at)
     }
 
-    fn record(&self, state: &mut CounterState, now: Nanos) {
+    fn record(&self, state: &mut CounterState, now: Nanos, units: u32) {
         if let CounterState::Rolling(log) = state {
-            log.push(now);
+            log.push(now, units);
         }
     }
 
-    fn unrecord(&self, state: &mut CounterState, at: Nanos) {
+    fn unrecord(&self, state: &mut CounterState, at: Nanos, units: u32) {
         if let CounterState::Rolling(log) = state {
-            log.remove(at);
+            log.remove(at, units);
+        }
+    }
+
+    fn charge(&self, state: &mut CounterState, at: Nanos, units: u32) {
+        if let CounterState::Rolling(log) = state {
+            log.add_at(at, units);
         }
     }
 
@@ -117,22 +128,36 @@ impl RollingLog {
         }
     }
 
-    /// Records one admission at `now`.
-    pub fn push(&mut self, now: Nanos) {
+    /// Records `units` admitted at `now` (the newest second held or later).
+    pub fn push(&mut self, now: Nanos, units: u32) {
+        if units == 0 {
+            return;
+        }
         let sec = now / SECOND;
         match self.seconds.back_mut() {
-            Some((last, count)) if *last == sec => *count += 1,
-            _ => self.seconds.push_back((sec, 1)),
+            Some((last, count)) if *last >= sec => *count = count.saturating_add(units),
+            _ => self.seconds.push_back((sec, units)),
         }
-        self.total += 1;
+        self.total = self.total.saturating_add(units);
     }
 
-    /// Takes back one admission recorded at `at`, if it is still held.
-    pub fn remove(&mut self, at: Nanos) {
+    /// Adds `units` to the second of `at`, if that second is still held
+    /// (a settled cost above its estimate).
+    pub fn add_at(&mut self, at: Nanos, units: u32) {
         let sec = at / SECOND;
         if let Some(i) = self.seconds.iter().rposition(|&(s, _)| s == sec) {
-            self.seconds[i].1 -= 1;
-            self.total -= 1;
+            self.seconds[i].1 = self.seconds[i].1.saturating_add(units);
+            self.total = self.total.saturating_add(units);
+        }
+    }
+
+    /// Takes back up to `units` recorded at `at`, if that second is still held.
+    pub fn remove(&mut self, at: Nanos, units: u32) {
+        let sec = at / SECOND;
+        if let Some(i) = self.seconds.iter().rposition(|&(s, _)| s == sec) {
+            let taken = units.min(self.seconds[i].1);
+            self.seconds[i].1 -= taken;
+            self.total -= taken;
             if self.seconds[i].1 == 0 {
                 self.seconds.remove(i);
             }

@@ -38,6 +38,9 @@ pub struct LimitSpec {
     pub per_route: bool,
     /// Concurrency limits only: wait for a slot instead of refusing at once.
     pub queue: Option<QueueSpec>,
+    /// Whether a request counts its cost rather than 1 (`count = "cost"`,
+    /// and every credits balance).
+    pub counts_cost: bool,
 }
 
 impl LimitSpec {

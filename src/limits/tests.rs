@@ -9,9 +9,9 @@ const T0: Nanos = 1_777_996_800 * S;
 
 /// Runs one request through a rule the way a store does: evaluate, then record if admitted.
 fn hit(rule: &Rule, state: &mut CounterState, now: Nanos) -> Verdict {
-    let v = rule.evaluate(state, now);
+    let v = rule.evaluate(state, now, 1);
     if v.admitted {
-        rule.record(state, now);
+        rule.record(state, now, 1);
     }
     v
 }
@@ -160,7 +160,7 @@ fn unrecord_gives_back_exactly_one_request() {
         assert!(hit(&rule, &mut st, T0).admitted);
         assert!(hit(&rule, &mut st, T0).admitted);
         assert!(!hit(&rule, &mut st, T0).admitted, "{rule:?}");
-        rule.unrecord(&mut st, T0);
+        rule.unrecord(&mut st, T0, 1);
         assert!(hit(&rule, &mut st, T0).admitted, "{rule:?}");
         assert!(!hit(&rule, &mut st, T0).admitted, "{rule:?}");
     }
@@ -277,9 +277,9 @@ proptest! {
             let v = hit(&rule, &mut st, t);
             if !v.admitted {
                 let mut probe = st.clone();
-                prop_assert!(!rule.evaluate(&mut probe, v.retry_at - 1).admitted);
+                prop_assert!(!rule.evaluate(&mut probe, v.retry_at - 1, 1).admitted);
                 let mut probe = st.clone();
-                prop_assert!(rule.evaluate(&mut probe, v.retry_at).admitted);
+                prop_assert!(rule.evaluate(&mut probe, v.retry_at, 1).admitted);
             }
         }
     }

@@ -16,6 +16,7 @@ use crate::identity::{AuthError, Caller};
 use crate::inspect::{content_length, Budget, ReadLimits, RequestBody};
 use crate::mcp;
 use crate::responses::Refusal;
+use crate::values::RequestValues;
 
 /// Most header fields a request may carry, HTTP/1.1 and HTTP/2 alike.
 pub const MAX_HEADERS: usize = 100;
@@ -61,7 +62,6 @@ pub(super) fn normalise_target(parts: &mut Parts) -> Result<(), Refusal> {
 }
 
 /// The caller with its plan, or the 401 to answer.
-/// The caller with its plan, or the 401 to answer.
 pub(super) fn identified(
     policy: &Policy,
     caller: Result<Caller, AuthError>,
@@ -73,7 +73,6 @@ pub(super) fn identified(
     }
 }
 
-/// The request's host for route matching: `Host`, else the target's authority (HTTP/2).
 /// Plan gating, the declared body size, then argument limits (which read
 /// the JSON body), in that order.
 pub(super) async fn check_admission(
@@ -100,7 +99,8 @@ pub(super) async fn check_admission(
             route: route.name.clone(),
         });
     }
-    if !route.arg_limits.is_empty() || route.job.needs_request_json() {
+    let cost_reads_json = route.cost.as_ref().is_some_and(|c| c.needs_json());
+    if !route.arg_limits.is_empty() || route.job.needs_request_json() || cost_reads_json {
         let subject = route.mcp_tool.as_deref().unwrap_or(&route.name);
         let limits = ReadLimits {
             max: policy.server.mcp_max_body,
@@ -116,7 +116,24 @@ pub(super) async fn check_admission(
     Ok(())
 }
 
-/// Most header fields a request may carry, HTTP/1.1 and HTTP/2 alike.
+/// What the request costs on `route` (docs/configuration.md, "Cost"): 1
+/// without a `cost`; a value that cannot be priced is a 400.
+pub(super) fn price(route: &Route, parts: &Parts, body: &RequestBody) -> Result<u32, Refusal> {
+    let Some(cost) = &route.cost else {
+        return Ok(1);
+    };
+    let form = crate::path::match_form(parts.uri.path());
+    let values = RequestValues {
+        headers: &parts.headers,
+        path: &form,
+        query: parts.uri.query(),
+        pattern: &route.matcher.path,
+        json: body.parsed(),
+    };
+    cost.of(|s| values.get(s))
+        .map_err(Refusal::InvalidArguments)
+}
+
 /// The request's `Host`, or the authority of an absolute-form target.
 pub(super) fn request_host(parts: &Parts) -> Option<&str> {
     parts

@@ -8,12 +8,13 @@ use http::request::Parts;
 use smallvec::SmallVec;
 
 use super::{Decided, Exchange, Identified, Turnstile};
-use crate::config::{AppliedLimit, Plan, Policy, Route};
+use crate::answer;
+use crate::config::{AppliedLimit, Plan, Route};
 use crate::inspect::RequestBody;
 use crate::jobs;
 use crate::limits::Rule;
 use crate::responses::{self, Checked, Refusal};
-use crate::store::{JobCounter, Lease, LimitCheck, Store, Subject};
+use crate::store::{Lease, LimitCheck, OwnedCheck, Store, Subject};
 
 impl Turnstile {
     /// Decides the request's limits; admitted: the slots it holds. The
@@ -23,7 +24,7 @@ impl Turnstile {
             return Ok(Lease::default());
         };
         let applied: &[AppliedLimit] = &who.plan.by_route[route.index];
-        let checks = limit_checks(who, applied);
+        let checks = limit_checks(who, applied, cx.cost);
         if checks.is_empty() {
             return Ok(Lease::default());
         }
@@ -44,6 +45,17 @@ impl Turnstile {
             })
             .collect();
         let refusal = (!d.admitted).then(|| {
+            if let Some(c) = checked
+                .iter()
+                .find(|c| !c.verdict.admitted && matches!(c.spec.rule, Rule::Credits(_)))
+            {
+                // Waiting does not help: out of credits comes first.
+                return Refusal::InsufficientCredits(Box::new(responses::InsufficientCredits {
+                    name: c.spec.name.clone(),
+                    balance: i64::from(c.verdict.remaining),
+                    cost: cx.cost,
+                }));
+            }
             match responses::rate_limited(&checked, d.now, &route.name, &who.plan.name) {
                 Some(details) => Refusal::RateLimited(Box::new(details)),
                 None => Refusal::StoreUnavailable("refused without a refusing limit".into()),
@@ -61,32 +73,57 @@ impl Turnstile {
         }
     }
 
-    /// What this exchange watches its answer for (docs/configuration.md, "Jobs"): the pending
-    /// job slots its admission took (out of `lease`), or the job its status
-    /// poll or cancel names.
-    pub(super) fn job_watcher(
+    /// What this exchange watches its answer for: the pending job slots
+    /// its admission took (out of `lease`) or the job its status poll or
+    /// cancel names (docs/configuration.md, "Jobs"), and the cost to settle
+    /// ("Cost, credits and refunds").
+    pub(super) fn answer_watcher(
         &self,
-        policy: &Policy,
+        cx: &Exchange<'_>,
         route: &Route,
-        who: &Identified<'_>,
         parts: &Parts,
         body: &RequestBody,
         lease: &mut Lease,
-    ) -> Option<jobs::Watcher> {
-        if matches!(route.job, jobs::JobRole::None) {
+    ) -> Option<answer::Watcher> {
+        let who = cx.who.as_ref()?;
+        let policy = &cx.live.policy;
+        let watch = if matches!(route.job, jobs::JobRole::None) {
+            None
+        } else {
+            let caller = &who.caller;
+            jobs::watch(
+                &route.job,
+                &route.matcher.path,
+                parts,
+                body.parsed(),
+                lease.take_jobs(),
+                || job_counters(who.plan, &caller.digest, caller.account.as_ref()),
+            )
+        };
+        let settle = route.settle.as_ref().and_then(|source| {
+            let d = cx.decided.as_ref()?;
+            let checks: Vec<OwnedCheck> = d
+                .checked
+                .iter()
+                .zip(&d.checks)
+                .filter(|(c, _)| c.spec.counts_cost)
+                .map(|(_, check)| OwnedCheck::of(check))
+                .collect();
+            (!checks.is_empty()).then(|| answer::Settle {
+                source: source.clone(),
+                estimate: cx.cost,
+                credits: checks.iter().any(|c| matches!(c.rule, Rule::Credits(_))),
+                checks,
+                at: d.now,
+                route: route.name.clone(),
+            })
+        });
+        if watch.is_none() && settle.is_none() {
             return None;
         }
-        let caller = &who.caller;
-        let watch = jobs::watch(
-            &route.job,
-            &route.matcher.path,
-            parts,
-            body.parsed(),
-            lease.take_jobs(),
-            || job_counters(who.plan, &caller.digest, caller.account.as_ref()),
-        )?;
-        Some(jobs::Watcher {
+        Some(answer::Watcher {
             watch,
+            settle,
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             max: policy.server.mcp_max_body,
@@ -96,10 +133,11 @@ impl Turnstile {
 }
 
 /// The counters of a request: one per limit of the caller's plan that
-/// covers the route.
+/// covers the route, each counting 1 or, where the limit counts cost, `cost`.
 fn limit_checks<'p>(
     who: &Identified<'p>,
     applied: &'p [crate::config::AppliedLimit],
+    cost: u32,
 ) -> SmallVec<[LimitCheck<'p>; 4]> {
     let caller = &who.caller;
     applied
@@ -113,6 +151,7 @@ fn limit_checks<'p>(
                 rule: &spec.rule,
                 queue: spec.queue,
                 pinned: caller.registered,
+                units: if spec.counts_cost { cost } else { 1 },
             }
         })
         .collect()
@@ -124,18 +163,19 @@ fn job_counters(
     plan: &Plan,
     digest: &crate::identity::KeyDigest,
     account: Option<&Arc<str>>,
-) -> Vec<JobCounter> {
-    let mut out: Vec<JobCounter> = Vec::new();
+) -> Vec<OwnedCheck> {
+    let mut out: Vec<OwnedCheck> = Vec::new();
     for applied in plan.by_route.iter().flatten() {
         let spec = &plan.limits[applied.limit];
         if !matches!(spec.rule, Rule::Jobs(_)) || out.iter().any(|c| c.counter == applied.counter) {
             continue;
         }
-        out.push(JobCounter {
+        out.push(OwnedCheck {
             subject: Subject::counted(spec.per, digest, account),
             group: Subject::group(digest, account),
             counter: applied.counter,
             rule: spec.rule,
+            units: 1,
         });
     }
     out

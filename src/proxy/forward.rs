@@ -14,9 +14,9 @@ use hyper::body::Incoming;
 use smallvec::SmallVec;
 
 use super::{unmatched_label, Exchange, Identified, Turnstile};
+use crate::answer;
 use crate::body::{Body, BodyFault, BodyLimits, Deadline, LimitedBody, Trip};
 use crate::config::{Policy, UpstreamSettings};
-use crate::jobs;
 use crate::responses::Refusal;
 use crate::upstream::UpstreamError;
 
@@ -67,7 +67,7 @@ impl Turnstile {
         cx: &Exchange<'_>,
         parts: Parts,
         body: Body,
-        watcher: Option<jobs::Watcher>,
+        watcher: Option<answer::Watcher>,
     ) -> Result<Response<Body>, Refusal> {
         let (live, route) = (cx.live, cx.route);
         let policy = &*live.policy;

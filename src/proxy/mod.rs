@@ -27,6 +27,7 @@ use smallvec::SmallVec;
 
 use crate::body::{Body, WithGuard};
 use crate::config::{ConfigError, Format, Plan, Policy, Route, Unmatched};
+use crate::cost::RefundReason;
 use crate::identity::Caller;
 use crate::inspect::{Budget, ReadLimits, RequestBody};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -115,6 +116,8 @@ struct Exchange<'a> {
     who: Option<Identified<'a>>,
     /// The request's JSON-RPC id, once its body was read.
     rpc_id: Option<Value>,
+    /// What the request costs (1 unless the route has a `cost`).
+    cost: u32,
     /// The limits' verdicts, once decided.
     decided: Option<Decided<'a>>,
 }
@@ -247,6 +250,7 @@ impl Turnstile {
             caller: None,
             who: None,
             rpc_id: None,
+            cost: 1,
             decided: None,
         };
         let outcome = self.steps(&mut cx, req).await;
@@ -299,16 +303,14 @@ impl Turnstile {
                 .await;
         cx.rpc_id = body.rpc_id().cloned();
         admission?;
+        cx.cost = admission::price(route, &parts, &body)?;
 
         // 5. Limits, decided together.
         let mut lease = self.decide(cx).await?;
 
         // 6. Forward, watching the answer for jobs; 7. the slots are held
         // until the response body is done with.
-        let watcher = match cx.who.as_ref() {
-            Some(who) => self.job_watcher(policy, route, who, &parts, &body, &mut lease),
-            None => None,
-        };
+        let watcher = self.answer_watcher(cx, route, &parts, &body, &mut lease);
         let response = self.forward(cx, parts, body.into_body(), watcher).await?;
         Ok(if lease.is_empty() {
             response
@@ -320,13 +322,15 @@ impl Turnstile {
     /// Ends an exchange, whatever its outcome: the upstream's response with
     /// the rate-limit headers, or the refusal rendered, counted and logged;
     /// a request admitted whose body then failed (413, 408, broken framing)
-    /// never reached the upstream whole and is refunded.
+    /// never reached the upstream whole and is refunded, and so is one
+    /// whose outcome the route's `refund_on` lists.
     async fn finish(
         &self,
         cx: Exchange<'_>,
         outcome: Result<Response<Body>, Refusal>,
     ) -> Response<Body> {
         let policy = &*cx.live.policy;
+        self.account(&cx, &outcome).await;
         let refusal = match outcome {
             Ok(mut response) => {
                 cx.live.route_metrics(cx.route).forwarded();
@@ -348,11 +352,6 @@ impl Turnstile {
         };
         let mut headers = HeaderMap::new();
         if let Some(d) = &cx.decided {
-            if d.admitted && refusal.is_body_fault() {
-                if let Err(e) = self.store.refund(&d.checks, d.now).await {
-                    tracing::warn!(error = %e, "could not refund a refused request");
-                }
-            }
             if !d.admitted || (policy.headers.on_success && !d.checked.is_empty()) {
                 headers = responses::rate_headers(&policy.headers, &d.checked, d.now, !d.admitted);
             }
@@ -360,6 +359,48 @@ impl Turnstile {
         match cx.route {
             Some(route) => self.refuse(&cx, &refusal, route, headers),
             None => self.refuse_unrouted(policy, &refusal),
+        }
+    }
+
+    /// What an admitted exchange consumed, once its outcome is known: all of
+    /// it given back when the body failed on its way or when `refund_on`
+    /// lists the outcome; otherwise its credits are counted as spent
+    /// (where the answer will settle them, by the settlement instead).
+    async fn account(&self, cx: &Exchange<'_>, outcome: &Result<Response<Body>, Refusal>) {
+        let (Some(route), Some(d)) = (cx.route, cx.decided.as_ref()) else {
+            return;
+        };
+        if !d.admitted {
+            return;
+        }
+        let on = &route.refund_on;
+        let (refund, reason) = match outcome {
+            Ok(response) => match on.answer(response.status()) {
+                Some(reason) => (true, Some(reason)),
+                None => (false, None),
+            },
+            Err(r) if r.is_body_fault() => (true, None),
+            Err(Refusal::BadGateway(_)) if on.connect => (true, Some(RefundReason::Connect)),
+            Err(Refusal::UpstreamTimeout(_)) if on.timeout => (true, Some(RefundReason::Timeout)),
+            Err(_) => (false, None),
+        };
+        if refund {
+            if let Err(e) = self.store.refund(&d.checks, d.now).await {
+                tracing::warn!(error = %e, "could not refund a request");
+            }
+            if let Some(reason) = reason {
+                self.metrics.refunded(&route.name, &reason.label());
+            }
+            return;
+        }
+        let settles_later =
+            route.settle.is_some() && matches!(outcome, Ok(r) if r.status().is_success());
+        let credits = d
+            .checks
+            .iter()
+            .any(|c| matches!(c.rule, crate::limits::Rule::Credits(_)));
+        if credits && !settles_later {
+            self.metrics.credits_spent(&route.name, u64::from(cx.cost));
         }
     }
 

@@ -1,21 +1,25 @@
 //! Step 1: the first route (file order) that matches the request, reading
-//! the JSON-RPC body for tool routes once the key has been checked.
+//! the JSON body for tool routes and `json:` conditions once the key has
+//! been checked.
 
 use http::request::Parts;
 use http::{Method, StatusCode};
+use serde_json::Value;
 
 use super::admission::request_host;
 use super::{Exchange, Turnstile};
-use crate::config::{Policy, Route};
+use crate::config::{Format, Policy, Route};
 use crate::inspect::RequestBody;
 use crate::mcp;
 use crate::responses::Refusal;
+use crate::values::RequestValues;
 
 impl Turnstile {
     /// The first route (file order) that matches by method, host and path,
-    /// and by tool name where it has one. A tool route needs the JSON-RPC
-    /// body: before it is read, the key is checked (unless a route that
-    /// could match is public), and the caller found is kept in `caller`.
+    /// by tool name where it has one, and whose `when` conditions hold. A
+    /// route whose match reads the JSON body needs it read: before that,
+    /// the key is checked (unless a route that could match is public), and
+    /// the caller found is kept in `caller`.
     pub(super) async fn select_route<'a>(
         &self,
         cx: &mut Exchange<'a>,
@@ -32,41 +36,70 @@ impl Turnstile {
                 .filter(|r| r.matcher.matches(&parts.method, host, &form))
         };
         for r in candidates() {
-            let Some(tool) = &r.mcp_tool else {
-                return Ok(Some(r));
-            };
-            if parts.method != Method::POST {
+            if r.mcp_tool.is_some() && parts.method != Method::POST {
                 continue;
             }
-            if cx.caller.is_none() && !candidates().any(|r| !r.auth) {
-                let found = policy.identity.identify(&parts.headers, parts.uri.query());
-                match found {
-                    Ok(c) => cx.caller = Some(c),
-                    Err(e) => {
-                        // Refused on the tool route it would have matched.
-                        cx.route = Some(r);
-                        return Err(Refusal::Unauthorized(e));
+            if !r.match_reads_json && r.when.is_empty() {
+                return Ok(Some(r));
+            }
+            let json = if r.match_reads_json {
+                if cx.caller.is_none() && !candidates().any(|r| !r.auth) {
+                    let found = policy.identity.identify(&parts.headers, parts.uri.query());
+                    match found {
+                        Ok(c) => cx.caller = Some(c),
+                        Err(e) => {
+                            // Refused on the route it would have matched.
+                            cx.route = Some(r);
+                            return Err(Refusal::Unauthorized(e));
+                        }
                     }
                 }
-            }
-            let message = match body.json(&parts.headers, self.read_limits(policy)).await {
-                Ok(message) => message,
-                Err(problem) => return Err(problem.refusal(true, &r.name)),
+                Some(read_json(self, policy, r, parts, body).await?)
+            } else {
+                None
             };
-            if mcp::batch_calls_a_tool(message) {
-                let refusal = Refusal::JsonRpc {
-                    status: StatusCode::BAD_REQUEST,
-                    code: mcp::INVALID_REQUEST,
-                    message:
-                        "a JSON-RPC batch may not contain tools/call: send one call per request"
-                            .into(),
-                };
-                return Err(refusal);
+            if let Some(tool) = &r.mcp_tool {
+                if json.and_then(mcp::tool_call) != Some(tool.as_str()) {
+                    continue;
+                }
             }
-            if mcp::tool_call(message) == Some(tool.as_str()) {
+            let values = RequestValues {
+                headers: &parts.headers,
+                path: &form,
+                query: parts.uri.query(),
+                pattern: &r.matcher.path,
+                json,
+            };
+            if crate::conditions::hold(&r.when, |s| values.get(s)) {
                 return Ok(Some(r));
             }
         }
         Ok(None)
     }
+}
+
+/// The request's JSON body for matching `r`: read strictly (a body that
+/// cannot be read as JSON is refused, never passed on to a later route),
+/// and a JSON-RPC batch carrying a tool call refused on a tool route.
+async fn read_json<'b>(
+    proxy: &Turnstile,
+    policy: &Policy,
+    r: &Route,
+    parts: &Parts,
+    body: &'b mut RequestBody,
+) -> Result<&'b Value, Refusal> {
+    let rpc = r.mcp_tool.is_some() || r.format == Format::Mcp;
+    let message = match body.json(&parts.headers, proxy.read_limits(policy)).await {
+        Ok(message) => message,
+        Err(problem) => return Err(problem.refusal(rpc, &r.name)),
+    };
+    if r.mcp_tool.is_some() && mcp::batch_calls_a_tool(message) {
+        return Err(Refusal::JsonRpc {
+            status: StatusCode::BAD_REQUEST,
+            code: mcp::INVALID_REQUEST,
+            message: "a JSON-RPC batch may not contain tools/call: send one call per request"
+                .into(),
+        });
+    }
+    Ok(message)
 }

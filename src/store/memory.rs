@@ -22,8 +22,8 @@ use super::snapshot::{self, SavedCounter, SavedSubject};
 use smallvec::SmallVec;
 
 use super::{
-    Decision, JobClaim, JobCounter, Lease, LimitCheck, SnapshotError, Store, StoreError, Subject,
-    Verdicts,
+    BalanceChange, Decision, JobClaim, Lease, LimitCheck, OwnedCheck, SnapshotError, Store,
+    StoreError, Subject, Verdicts,
 };
 use crate::clock::{Clock, Nanos};
 use crate::limits::{Concurrency, CounterState, Job, Rule, Verdict};
@@ -333,7 +333,7 @@ impl Inner {
             let verdict = if reserved_check == Some(i) {
                 held_verdict(c.rule, &counter.state, now)
             } else {
-                let v = c.rule.evaluate(&mut counter.state, now);
+                let v = c.rule.evaluate(&mut counter.state, now, c.units);
                 behind_waiters(c.rule, counter, v, now)
             };
             verdicts.push(verdict);
@@ -357,7 +357,7 @@ impl Inner {
         for (i, (c, &(g, s))) in checks.iter().zip(slots).enumerate() {
             let counter = &mut guards[g].list[s];
             if reserved_check != Some(i) {
-                c.rule.record(&mut counter.state, now);
+                c.rule.record(&mut counter.state, now, c.units);
             }
             counter.expires_at = c.rule.expires_at(&counter.state);
             if c.rule.holds_slot() {
@@ -476,7 +476,9 @@ fn refused(
     now: Nanos,
     mut verdicts: Verdicts,
 ) -> Attempt {
-    verdicts.iter_mut().for_each(|v| *v = v.uncounted());
+    for (v, c) in verdicts.iter_mut().zip(checks) {
+        *v = v.uncounted(c.units);
+    }
     let refusing: SmallVec<[usize; 4]> = (0..checks.len())
         .filter(|&i| !verdicts[i].admitted)
         .collect();
@@ -608,10 +610,55 @@ impl MemoryStore {
         self.inner.with_locked(checks, |guards, owner| {
             for (c, &g) in checks.iter().zip(owner) {
                 if let Some(counter) = guards[g].list.iter_mut().find(|x| x.id == c.counter) {
-                    c.rule.unrecord(&mut counter.state, at);
+                    c.rule.unrecord(&mut counter.state, at, c.units);
                 }
             }
         });
+    }
+
+    /// Charges (`delta` > 0) or gives back (`delta` < 0) units on `checks`
+    /// for a request admitted at `at` (see [`CounterStore::settle`](super::CounterStore::settle)).
+    pub fn settle(&self, checks: &[OwnedCheck], at: Nanos, delta: i64) {
+        let units = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
+        let checks: SmallVec<[LimitCheck<'_>; 4]> = checks.iter().map(OwnedCheck::check).collect();
+        self.inner.with_locked(&checks, |guards, owner| {
+            for (c, &g) in checks.iter().zip(owner) {
+                if let Some(counter) = guards[g].list.iter_mut().find(|x| x.id == c.counter) {
+                    if delta > 0 {
+                        c.rule.charge(&mut counter.state, at, units);
+                    } else {
+                        c.rule.unrecord(&mut counter.state, at, units);
+                    }
+                    counter.expires_at = c.rule.expires_at(&counter.state);
+                }
+            }
+        });
+    }
+
+    /// Applies `change` to a credits balance under its subject's lock; the
+    /// balance after it (0 for a check that is not a credits limit).
+    pub fn balance(&self, check: &OwnedCheck, change: BalanceChange) -> i64 {
+        let Rule::Credits(credits) = check.rule else {
+            return 0;
+        };
+        let now = self.now();
+        let c = check.check();
+        self.inner
+            .with_locked(std::slice::from_ref(&c), |guards, _| {
+                let g = &mut guards[0];
+                let i = g.slot(c.counter, c.rule, &self.inner.live);
+                let counter = &mut g.list[i];
+                if !c.rule.fits(&counter.state) {
+                    counter.state = c.rule.new_state();
+                }
+                match change {
+                    BalanceChange::Add(n) => credits.add(&mut counter.state, now, n),
+                    BalanceChange::Set(n) => credits.set_balance(&mut counter.state, now, n),
+                    BalanceChange::Read => {}
+                }
+                counter.expires_at = c.rule.expires_at(&counter.state);
+                credits.balance(&counter.state, now)
+            })
     }
 
     /// The current state of one counter, if held.
@@ -628,7 +675,7 @@ impl MemoryStore {
     /// concurrency slots are kept. Returns how many counters were reset.
     pub fn reset_counters(&self, checks: &[LimitCheck<'_>]) -> usize {
         let mut dropped = 0;
-        for c in checks.iter().filter(|c| !c.rule.holds_slot()) {
+        for c in checks.iter().filter(|c| c.rule.is_quota()) {
             let Some(handle) = self.inner.map.get(&c.subject).map(|h| h.clone()) else {
                 continue;
             };
@@ -650,7 +697,7 @@ impl MemoryStore {
                 let mut state = self
                     .peek(&c.subject, c.counter)
                     .unwrap_or_else(|| c.rule.new_state());
-                c.rule.evaluate(&mut state, now).uncounted()
+                c.rule.evaluate(&mut state, now, c.units).uncounted(c.units)
             })
             .collect()
     }
@@ -694,7 +741,7 @@ impl MemoryStore {
     }
 
     /// Ends job `id` in whichever of `counters` holds it; true if one did.
-    pub fn end_job(&self, counters: &[JobCounter], id: &str) -> bool {
+    pub fn end_job(&self, counters: &[OwnedCheck], id: &str) -> bool {
         let mut ended = false;
         for c in counters {
             let Rule::Jobs(jobs) = c.rule else { continue };
@@ -713,7 +760,7 @@ impl MemoryStore {
     }
 
     /// The jobs in progress on one counter, oldest first.
-    pub fn jobs(&self, counter: &JobCounter) -> Vec<Job> {
+    pub fn jobs(&self, counter: &OwnedCheck) -> Vec<Job> {
         let now = self.now();
         match self.peek(&counter.subject, counter.counter) {
             Some(CounterState::Jobs(j)) => j.jobs.into_iter().filter(|j| j.expires > now).collect(),

@@ -83,6 +83,9 @@ pub struct LimitCheck<'a> {
     /// The subject is in the keys file: under memory pressure its counters
     /// are evicted last.
     pub pinned: bool,
+    /// What the request counts against this limit: 1, or its cost for a
+    /// credits balance and a `count = "cost"` limit.
+    pub units: u32,
 }
 
 /// `[store]` settings of the Redis backend.
@@ -193,21 +196,24 @@ impl std::fmt::Debug for JobClaim {
     }
 }
 
-/// A jobs counter of one subject, owned: for work that outlives the
-/// request that found it (ending a job when its status poll answers).
+/// One counter of one subject, owned: for work that outlives the request
+/// that found it (ending a job when its status poll answers, settling a
+/// cost when the answer says it, the admin API).
 #[derive(Debug, Clone)]
-pub struct JobCounter {
+pub struct OwnedCheck {
     /// Whose counter.
     pub subject: Subject,
     /// The caller's group (see [`LimitCheck::group`]).
     pub group: Subject,
     /// Which counter of that subject.
     pub counter: u64,
-    /// A `Rule::Jobs`.
+    /// Its rule.
     pub rule: Rule,
+    /// Units the request counted against it (see [`LimitCheck::units`]).
+    pub units: u32,
 }
 
-impl JobCounter {
+impl OwnedCheck {
     /// The counter as a check (for the stores' key and lock helpers).
     pub fn check(&self) -> LimitCheck<'_> {
         LimitCheck {
@@ -217,6 +223,18 @@ impl JobCounter {
             rule: &self.rule,
             queue: None,
             pinned: false,
+            units: self.units,
+        }
+    }
+
+    /// An owned copy of `check`.
+    pub fn of(check: &LimitCheck<'_>) -> Self {
+        Self {
+            subject: check.subject.clone(),
+            group: check.group.clone(),
+            counter: check.counter,
+            rule: *check.rule,
+            units: check.units,
         }
     }
 
@@ -262,7 +280,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Decision, StoreError>> + Send;
 
     /// Takes back a request that [`decide`](Store::decide) admitted at `at`
-    /// with the same checks but that was refused afterwards (it consumes no quota).
+    /// with the same checks (each its `units`) but that was refused
+    /// afterwards or refunded: it consumes nothing.
     fn refund(
         &self,
         checks: &[LimitCheck<'_>],
@@ -332,10 +351,56 @@ impl CounterStore {
     }
 }
 
+/// What an admin change does to a credits balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceChange {
+    /// Adds this much (negative: takes it away).
+    Add(i64),
+    /// Sets the balance to this.
+    Set(i64),
+    /// Reads it, changing nothing.
+    Read,
+}
+
 impl CounterStore {
+    /// Settles a request admitted at `at` whose cost turned out `delta`
+    /// units more (or, negative, fewer) than its estimate: charged or given
+    /// back on every check (the cost-counting ones), unchecked. A window or
+    /// refill period that has ended since is left alone.
+    pub async fn settle(
+        &self,
+        checks: &[OwnedCheck],
+        at: Nanos,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        if delta == 0 || checks.is_empty() {
+            return Ok(());
+        }
+        match self {
+            CounterStore::Memory(m) => {
+                m.settle(checks, at, delta);
+                Ok(())
+            }
+            CounterStore::Redis(r) => r.settle(checks, at, delta).await,
+        }
+    }
+
+    /// Applies `change` to the credits balance of `check` (a `Rule::Credits`)
+    /// atomically, and returns the balance after it.
+    pub async fn balance(
+        &self,
+        check: &OwnedCheck,
+        change: BalanceChange,
+    ) -> Result<i64, StoreError> {
+        match self {
+            CounterStore::Memory(m) => Ok(m.balance(check, change)),
+            CounterStore::Redis(r) => r.balance(check, change).await,
+        }
+    }
+
     /// Ends job `id` in whichever of `counters` holds it (docs/configuration.md, "Jobs");
     /// true if one did. Ids the subject does not hold change nothing.
-    pub async fn end_job(&self, counters: &[JobCounter], id: &str) -> Result<bool, StoreError> {
+    pub async fn end_job(&self, counters: &[OwnedCheck], id: &str) -> Result<bool, StoreError> {
         match self {
             CounterStore::Memory(m) => Ok(m.end_job(counters, id)),
             CounterStore::Redis(r) => r.end_job(counters, id).await,
@@ -343,7 +408,7 @@ impl CounterStore {
     }
 
     /// The jobs in progress on one counter, oldest first.
-    pub async fn jobs(&self, counter: &JobCounter) -> Result<Vec<Job>, StoreError> {
+    pub async fn jobs(&self, counter: &OwnedCheck) -> Result<Vec<Job>, StoreError> {
         match self {
             CounterStore::Memory(m) => Ok(m.jobs(counter)),
             CounterStore::Redis(r) => r.jobs(counter).await,

@@ -23,8 +23,8 @@ use redis::{FromRedisValue, Script, ScriptInvocation};
 use sha2::{Digest, Sha256};
 
 use super::{
-    Decision, JobClaim, JobCounter, Lease, LimitCheck, MemoryStore, Store, StoreError, Subject,
-    Verdicts,
+    BalanceChange, Decision, JobClaim, Lease, LimitCheck, MemoryStore, OwnedCheck, Store,
+    StoreError, Subject, Verdicts,
 };
 use super::{OnError, RedisSettings};
 use crate::clock::{Clock, Nanos};
@@ -43,6 +43,7 @@ macro_rules! with_kinds {
             include_str!("lua/kinds/bucket.lua"),
             include_str!("lua/kinds/concurrency.lua"),
             include_str!("lua/kinds/jobs.lua"),
+            include_str!("lua/kinds/credits.lua"),
             include_str!($body),
         )
     };
@@ -120,6 +121,8 @@ struct Inner {
     breaker: Breaker,
     decide: Script,
     refund: Script,
+    settle: Script,
+    balance: Script,
     renew: Script,
     job: Script,
     instance: String,
@@ -363,6 +366,8 @@ impl RedisStore {
             },
             decide: Script::new(with_kinds!("lua/decide.lua")),
             refund: Script::new(with_kinds!("lua/refund.lua")),
+            settle: Script::new(with_kinds!("lua/settle.lua")),
+            balance: Script::new(with_kinds!("lua/balance.lua")),
             renew: Script::new(include_str!("lua/renew.lua")),
             job: Script::new(include_str!("lua/job.lua")),
             instance,
@@ -438,7 +443,7 @@ impl RedisStore {
             .arg(inner.settings.lease.as_millis() as u64);
         for c in checks {
             let (kind, a, b) = c.rule.redis_args();
-            inv.arg(kind).arg(a).arg(b);
+            inv.arg(kind).arg(a).arg(b).arg(c.units);
         }
         let out: Vec<i64> = inner.call(inv).await?;
         let (admitted, now, expired, verdicts) = parse_decision(&out, checks.len())?;
@@ -520,13 +525,16 @@ impl RedisStore {
             .unsynced
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for c in checks.iter().filter(|c| !c.rule.holds_slot()) {
+        for c in checks
+            .iter()
+            .filter(|c| !c.rule.holds_slot() && c.units > 0)
+        {
             let entry = unsynced.entry(inner.key(c)).or_insert(Unsynced {
                 rule: c.rule.redis_args(),
                 count: 0,
                 at_us: 0,
             });
-            entry.count += 1;
+            entry.count += u64::from(c.units);
             entry.at_us = entry.at_us.max(now / 1_000);
         }
         inner.has_unsynced.store(true, Ordering::Release);
@@ -592,14 +600,18 @@ impl RedisStore {
     /// The limits' figures without counting anything (admin usage).
     pub async fn usage(&self, checks: &[LimitCheck<'_>]) -> Result<Vec<Verdict>, StoreError> {
         let d = self.decide_once(checks, true).await?;
-        Ok(d.verdicts.into_iter().map(|v| v.uncounted()).collect())
+        Ok(d.verdicts
+            .into_iter()
+            .zip(checks)
+            .map(|(v, c)| v.uncounted(c.units))
+            .collect())
     }
 
     /// Deletes the window counters of `checks` (slots in use are kept).
     pub async fn reset(&self, checks: &[LimitCheck<'_>]) -> Result<usize, StoreError> {
         let inner = &self.inner;
         let mut deleted = 0;
-        for c in checks.iter().filter(|c| !c.rule.holds_slot()) {
+        for c in checks.iter().filter(|c| c.rule.is_quota()) {
             let Some(mut conn) = inner.connection().await else {
                 return Err(StoreError("cannot connect to redis".into()));
             };
@@ -617,7 +629,7 @@ impl RedisStore {
 /// `(admitted, now, jobs expired, verdicts)` from the decide script's reply.
 impl RedisStore {
     /// Ends job `id` in whichever of `counters` holds it; true if one did.
-    pub async fn end_job(&self, counters: &[JobCounter], id: &str) -> Result<bool, StoreError> {
+    pub async fn end_job(&self, counters: &[OwnedCheck], id: &str) -> Result<bool, StoreError> {
         let inner = &self.inner;
         let mut ended = false;
         for c in counters {
@@ -632,7 +644,7 @@ impl RedisStore {
     }
 
     /// The jobs in progress on one counter, oldest first.
-    pub async fn jobs(&self, counter: &JobCounter) -> Result<Vec<Job>, StoreError> {
+    pub async fn jobs(&self, counter: &OwnedCheck) -> Result<Vec<Job>, StoreError> {
         let inner = &self.inner;
         let Some(mut conn) = inner.connection().await else {
             return Err(StoreError("cannot connect to redis".into()));
@@ -669,6 +681,51 @@ impl RedisStore {
             .collect())
     }
 
+    /// Settles a request admitted at `at` (see [`CounterStore::settle`](super::CounterStore::settle)),
+    /// one script for every check.
+    pub async fn settle(
+        &self,
+        checks: &[OwnedCheck],
+        at: Nanos,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut inv = inner.settle.prepare_invoke();
+        for c in checks {
+            inv.key(inner.key(&c.check()));
+        }
+        inv.arg(at / 1_000)
+            .arg(delta.signum())
+            .arg(delta.unsigned_abs());
+        for c in checks {
+            let (kind, a, b) = c.rule.redis_args();
+            inv.arg(kind).arg(a).arg(b);
+        }
+        inner.call::<i64>(inv).await.map(|_| ())
+    }
+
+    /// Applies `change` to the shared balance of `check` in one script; the balance after it.
+    pub async fn balance(
+        &self,
+        check: &OwnedCheck,
+        change: BalanceChange,
+    ) -> Result<i64, StoreError> {
+        let inner = &self.inner;
+        let (op, n) = match change {
+            BalanceChange::Read => ("read", 0),
+            BalanceChange::Add(n) => ("add", n),
+            BalanceChange::Set(n) => ("set", n),
+        };
+        let (_, a, b) = check.rule.redis_args();
+        let mut inv = inner.balance.prepare_invoke();
+        inv.key(inner.key(&check.check()))
+            .arg(op)
+            .arg(n)
+            .arg(a)
+            .arg(b);
+        inner.call::<i64>(inv).await
+    }
+
     /// Jobs this instance saw start minus those it saw end or expire.
     pub fn jobs_in_progress(&self) -> i64 {
         self.inner.jobs_gauge.load(Ordering::Relaxed)
@@ -687,14 +744,16 @@ fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, u64, Verdicts),
             out.len()
         )));
     }
-    let us = |v: i64| (v.max(0) as u64) * 1_000;
+    let us = |v: i64| (v.max(0) as u64).saturating_mul(1_000);
+    // A balance may be negative: figures shown are never below 0.
+    let figure = |v: i64| v.clamp(0, i64::from(u32::MAX)) as u32;
     let verdicts = out[3..]
         .chunks(6)
         .map(|v| Verdict {
             admitted: v[0] == 1,
-            limit: v[1] as u32,
-            used: v[2] as u32,
-            remaining: v[3] as u32,
+            limit: figure(v[1]),
+            used: figure(v[2]),
+            remaining: figure(v[3]),
             reset_at: us(v[4]),
             retry_at: us(v[5]),
         })
@@ -742,7 +801,7 @@ impl Store for RedisStore {
         inv.arg(at / 1_000);
         for c in checks {
             let (kind, a, b) = c.rule.redis_args();
-            inv.arg(kind).arg(a).arg(b);
+            inv.arg(kind).arg(a).arg(b).arg(c.units);
         }
         inner.call::<i64>(inv).await.map(|_| ())
     }

@@ -3,11 +3,13 @@
 -- each registering KINDS[its kind number]), then the script's own body.
 --
 -- A kind fragment registers a table of functions:
---   evaluate(key, a, b) -> verdict, state   looks without counting
---   record(key, a, b, state)                counts one admitted request
---   refund(key, a, b, at)                   takes back one counted at `at` (optional)
---   reconcile(key, a, b, n, at)             adds n admitted elsewhere at `at` (optional)
--- a and b are the kind's two numbers (LimitKind::redis_args). A verdict is
+--   evaluate(key, a, b, u) -> verdict, state   looks without counting
+--   record(key, a, b, state, u)                counts an admitted request
+--   refund(key, a, b, at, u)                   takes back u counted at `at` (optional)
+--   charge(key, a, b, at, u)                   counts u more for a request admitted at `at` (optional)
+--   reconcile(key, a, b, n, at)                adds n admitted elsewhere at `at` (optional)
+-- a and b are the kind's two numbers (LimitKind::redis_args); u is what the
+-- request counts (1, or its cost; slot kinds ignore it). A verdict is
 -- {admitted, limit, used, remaining, reset_at_us, retry_at_us}.
 local SEC = 1000000
 local t = redis.call('TIME')
@@ -19,10 +21,12 @@ local lease_id, lease_ms = '', 0
 local jobs_expired = 0
 local KINDS = {}
 
--- A counting verdict: room while used < limit.
-local function counted(limit, used, reset_at, retry_at)
-  if used < limit then
-    return {1, limit, used + 1, limit - used - 1, reset_at, now}
+-- A counting verdict for a request of `units` (default 1): room while
+-- used + units <= limit.
+local function counted(limit, used, reset_at, retry_at, units)
+  units = units or 1
+  if used + units <= limit then
+    return {1, limit, used + units, limit - used - units, reset_at, now}
   end
   return {0, limit, used, 0, reset_at, retry_at}
 end

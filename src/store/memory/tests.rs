@@ -28,6 +28,7 @@ fn all_or_nothing_across_limits_and_subjects() {
                 rule: &minute,
                 queue: None,
                 pinned: false,
+                units: 1,
             },
             LimitCheck {
                 group: key(0),
@@ -36,6 +37,7 @@ fn all_or_nothing_across_limits_and_subjects() {
                 rule: &daily,
                 queue: None,
                 pinned: false,
+                units: 1,
             },
         ]
     };
@@ -69,6 +71,7 @@ fn idle_counters_are_evicted_after_their_window() {
             rule: &minute,
             queue: None,
             pinned: false,
+            units: 1,
         }];
         store.decide_at(&c, clock.now());
     }
@@ -99,6 +102,7 @@ fn concurrent_threads_never_over_admit() {
                         rule: &rule,
                         queue: None,
                         pinned: false,
+                        units: 1,
                     }];
                     if store.decide_at(&c, clock.now()).admitted {
                         admitted.fetch_add(1, Ordering::Relaxed);
@@ -128,6 +132,7 @@ async fn a_panicking_exchange_gives_its_slot_back() {
             rule: &rule,
             queue: None,
             pinned: false,
+            units: 1,
         }]
     };
     let d = store.decide(&check()).await.unwrap();
@@ -162,6 +167,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             rule: &rule,
             queue,
             pinned: false,
+            units: 1,
         }])
         .await
         .unwrap();
@@ -179,6 +185,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             rule: &rule,
             queue,
             pinned: false,
+            units: 1,
         }])
         .await
         .unwrap()
@@ -196,6 +203,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             rule: &rule,
             queue: None,
             pinned: false,
+            units: 1,
         }],
         clock.now(),
     );
@@ -231,6 +239,7 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
             rule: &minute,
             queue: None,
             pinned: false,
+            units: 1,
         },
         LimitCheck {
             group: key(0),
@@ -239,6 +248,7 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
             rule: &daily,
             queue: None,
             pinned: false,
+            units: 1,
         },
         LimitCheck {
             group: key(0),
@@ -247,6 +257,7 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
             rule: &slots,
             queue: None,
             pinned: false,
+            units: 1,
         },
     ];
     let held = store.decide_at(&checks, clock.now());
@@ -298,6 +309,7 @@ fn reset_and_retain_keep_slots_in_use() {
             rule: &minute,
             queue: None,
             pinned: false,
+            units: 1,
         },
         LimitCheck {
             group: key(0),
@@ -306,6 +318,7 @@ fn reset_and_retain_keep_slots_in_use() {
             rule: &slots,
             queue: None,
             pinned: false,
+            units: 1,
         },
     ];
     let held = store.decide_at(&checks, clock.now());
@@ -345,6 +358,7 @@ fn a_flood_of_distinct_keys_stays_under_max_counters_keeping_registered_keys() {
         rule,
         queue: None,
         pinned,
+        units: 1,
     };
     let paying = Subject::Account("paying".into());
     assert!(

@@ -37,23 +37,29 @@ local function window_bounds(secs, at)
 end
 
 KINDS[1] = {
-  evaluate = function(key, a, b)
+  evaluate = function(key, a, b, u)
     local start, fin = window_bounds(b, now)
     local cur = redis.call('HMGET', key, 'w', 'c')
     local used = 0
     if tonumber(cur[1]) == start then used = tonumber(cur[2]) or 0 end
-    return counted(a, used, fin, fin), {start, fin, used}
+    return counted(a, used, fin, fin, u), {start, fin, used}
   end,
-  record = function(key, a, b, s)
-    redis.call('HSET', key, 'w', s[1], 'c', s[3] + 1)
+  record = function(key, a, b, s, u)
+    redis.call('HSET', key, 'w', s[1], 'c', s[3] + u)
     redis.call('PEXPIREAT', key, math.ceil(s[2] / 1000))
   end,
   -- Only while the window the request was counted in is still current.
-  refund = function(key, a, b, at)
+  refund = function(key, a, b, at, u)
     local c = tonumber(redis.call('HGET', key, 'c'))
     local w = tonumber(redis.call('HGET', key, 'w'))
     if c and c > 0 and w and w == window_bounds(b, at) then
-      redis.call('HSET', key, 'c', c - 1)
+      redis.call('HSET', key, 'c', math.max(0, c - u))
+    end
+  end,
+  charge = function(key, a, b, at, u)
+    local w = tonumber(redis.call('HGET', key, 'w'))
+    if w and w == window_bounds(b, at) then
+      redis.call('HINCRBY', key, 'c', u)
     end
   end,
   -- Added to the window they were taken in, while it is still current.

@@ -45,13 +45,15 @@ local function rolling_add(key, b, sec, count)
 end
 
 KINDS[2] = {
-  evaluate = function(key, a, b)
+  evaluate = function(key, a, b, u)
     local total, h, n = rolling_prune(key, b)
     local oldest = math.floor(now / SEC)
     if h < n then oldest = rolling_entry(key, h) end
     local retry = now
-    if total >= a then
-      local need, left, k = total + 1 - a, 0, h
+    if u > a then
+      retry = (math.floor(now / SEC) + 1 + b) * SEC
+    elseif total + u > a then
+      local need, left, k = total + u - a, 0, h
       while k < n do
         local sec, cnt = rolling_entry(key, k)
         left = left + cnt
@@ -60,18 +62,30 @@ KINDS[2] = {
         k = k + 1
       end
     end
-    return counted(a, total, (oldest + 1 + b) * SEC, retry), nil
+    return counted(a, total, (oldest + 1 + b) * SEC, retry, u), nil
   end,
-  record = function(key, a, b, s)
-    rolling_add(key, b, math.floor(now / SEC), 1)
+  record = function(key, a, b, s, u)
+    if u > 0 then rolling_add(key, b, math.floor(now / SEC), u) end
   end,
-  refund = function(key, a, b, at)
+  refund = function(key, a, b, at, u)
     local sec = math.floor(at / SEC)
     local total, h, n = rolling_meta(key)
     for k = n - 1, h, -1 do
       local s, cnt = rolling_entry(key, k)
       if s == sec and cnt > 0 then
-        redis.call('HSET', key, 'i' .. k, s .. ':' .. (cnt - 1), 't', total - 1)
+        local taken = math.min(cnt, u)
+        redis.call('HSET', key, 'i' .. k, s .. ':' .. (cnt - taken), 't', total - taken)
+        break
+      end
+    end
+  end,
+  charge = function(key, a, b, at, u)
+    local sec = math.floor(at / SEC)
+    local total, h, n = rolling_meta(key)
+    for k = n - 1, h, -1 do
+      local s, cnt = rolling_entry(key, k)
+      if s == sec then
+        redis.call('HSET', key, 'i' .. k, s .. ':' .. (cnt + u), 't', total + u)
         break
       end
     end

@@ -1,7 +1,9 @@
 //! The admin listener (README, "Operations"): probes, Prometheus metrics, usage per key or
-//! account, resets and reloads. JSON everywhere; keys appear only as
+//! account, resets, credits balances ([`credits`]) and reloads. JSON everywhere; keys appear only as
 //! fingerprints. With `[admin] token`, every `/v1/*` call needs
 //! `Authorization: Bearer TOKEN`; probes and metrics stay open.
+
+mod credits;
 
 use std::sync::Arc;
 
@@ -17,7 +19,7 @@ use crate::identity::{self, Fingerprint, KeyDigest, UnknownKey};
 use crate::limits::{LimitSpec, Per, Rule};
 use crate::metrics::StoreFigures;
 use crate::proxy::Turnstile;
-use crate::store::{JobCounter, LimitCheck, StoreError, Subject};
+use crate::store::{BalanceChange, LimitCheck, OwnedCheck, StoreError, Subject};
 
 /// Answers one admin request.
 pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
@@ -65,7 +67,7 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
             );
             r
         }
-        (_, p) if p.starts_with("/v1/") => v1(app, &req).await,
+        (_, p) if p.starts_with("/v1/") => v1(app, req).await,
         _ => error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -75,10 +77,10 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
 }
 
 /// The `/v1/*` calls, behind the admin token.
-async fn v1(app: &Arc<Turnstile>, req: &Request<Incoming>) -> Response<Body> {
-    let (method, p) = (req.method(), req.uri().path());
+async fn v1(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
+    let (method, p) = (req.method().clone(), req.uri().path().to_owned());
     let policy = app.policy();
-    if !authorized(&policy, req) {
+    if !authorized(&policy, &req) {
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -88,8 +90,11 @@ async fn v1(app: &Arc<Turnstile>, req: &Request<Incoming>) -> Response<Body> {
             .insert("www-authenticate", HeaderValue::from_static("Bearer"));
         return r;
     }
-    let query = req.uri().query().unwrap_or("");
-    match (method, p) {
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let query = query.as_str();
+    match (&method, p.as_str()) {
+        (&Method::GET, "/v1/credits") => credits::show(app, &policy, query).await,
+        (&Method::POST, "/v1/credits") => credits::change(app, &policy, query, req).await,
         (&Method::GET, "/v1/usage") => usage(app, &policy, query).await,
         (&Method::DELETE, "/v1/usage") => reset(app, &policy, query).await,
         (&Method::DELETE, "/v1/jobs") => end_job(app, &policy, query).await,
@@ -242,6 +247,7 @@ fn rows_of<'p>(policy: &'p Policy, key: &KeyView, only: Option<Per>, out: &mut V
                     rule: &spec.rule,
                     queue: None,
                     pinned: true,
+                    units: 1,
                 },
             });
         }
@@ -250,13 +256,13 @@ fn rows_of<'p>(policy: &'p Policy, key: &KeyView, only: Option<Per>, out: &mut V
 
 impl Row<'_> {
     /// The row's counter as a jobs counter, if it is one.
-    fn job_counter(&self) -> Option<JobCounter> {
-        matches!(self.spec.rule, Rule::Jobs(_)).then(|| JobCounter {
-            subject: self.check.subject.clone(),
-            group: self.check.group.clone(),
-            counter: self.check.counter,
-            rule: self.spec.rule,
-        })
+    fn job_counter(&self) -> Option<OwnedCheck> {
+        matches!(self.spec.rule, Rule::Jobs(_)).then(|| OwnedCheck::of(&self.check))
+    }
+
+    /// The row's counter as a credits balance, if it is one.
+    fn balance_check(&self) -> Option<OwnedCheck> {
+        matches!(self.spec.rule, Rule::Credits(_)).then(|| OwnedCheck::of(&self.check))
     }
 }
 
@@ -284,9 +290,15 @@ async fn render_rows(app: &Turnstile, rows: &[Row<'_>]) -> Result<Vec<Value>, St
     let checks: Vec<LimitCheck<'_>> = rows.iter().map(|r| r.check.clone()).collect();
     let verdicts = app.store().usage(&checks).await?;
     let mut jobs = Vec::with_capacity(rows.len());
+    let mut balances = std::collections::HashMap::new();
     for row in rows {
         jobs.push(jobs_of(app, row).await?);
+        if let Some(owned) = row.balance_check() {
+            let balance = app.store().balance(&owned, BalanceChange::Read).await?;
+            balances.insert(row.check.counter, balance);
+        }
     }
+    let now = app.store().in_process().now();
     Ok(rows
         .iter()
         .zip(verdicts)
@@ -304,6 +316,9 @@ async fn render_rows(app: &Turnstile, rows: &[Row<'_>]) -> Result<Vec<Value>, St
             if let Rule::Jobs(_) = row.spec.rule {
                 entry["in_progress"] = json!(v.used);
                 entry["jobs"] = jobs.unwrap_or_default();
+            } else if let Some(balance) = balances.get(&row.check.counter) {
+                entry["balance"] = json!(balance);
+                entry["next_refill"] = credits::next_refill(row.spec, now);
             } else if row.spec.rule.holds_slot() {
                 entry["in_flight"] = json!(v.used);
             } else {
@@ -436,7 +451,7 @@ async fn end_job(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body
         Ok(rows) => rows,
         Err(r) => return *r,
     };
-    let counters: Vec<JobCounter> = rows.iter().filter_map(Row::job_counter).collect();
+    let counters: Vec<OwnedCheck> = rows.iter().filter_map(Row::job_counter).collect();
     match app.store().end_job(&counters, &id).await {
         Ok(true) => {
             app.metrics().job_ended(crate::jobs::Ended::Admin.label());
