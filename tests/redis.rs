@@ -735,3 +735,128 @@ async fn jobs_are_shared_by_every_instance_and_expire_on_redis_time() {
     // The jobs gauges of the instances add up to the jobs in progress.
     assert_eq!(a_started + b.app.store().jobs_in_progress(), 3);
 }
+
+const CREDITS: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[store]
+backend = "redis"
+url = "{redis}"
+timeout = "2s"
+
+[[routes]]
+name = "flat"
+path = "/flat"
+cost = 10
+
+[[routes]]
+name = "billed"
+path = "/bill"
+cost = 10
+settle = "header:x-credits-used"
+
+[[routes]]
+name = "refunded"
+path = "/status/{code}"
+cost = 10
+refund_on = ["5xx"]
+
+[plans.p]
+[[plans.p.limits]]
+name = "credits"
+kind = "credits"
+grant = 100
+refill = "month"
+
+[[plans.p.limits]]
+name = "daily-spend"
+window = "1d"
+requests = 1000
+count = "cost"
+"#;
+
+async fn shared_balance(p: &Proxy) -> i64 {
+    let got = call("GET", &p.admin_url("/v1/credits?key=k"), None).await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    got.json()["balance"].as_i64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_credits_balance_is_never_overspent_across_two_instances() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = CREDITS.replace("{redis}", &redis.url());
+    let nodes = instances(&config, &up, 2).await;
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let url = nodes[i % 2].url("/flat");
+            tokio::spawn(async move { call("GET", &url, Some("k")).await.status })
+        })
+        .collect();
+    let got = statuses(tasks).await;
+    assert_eq!(got.get(&200), Some(&10), "{got:?}");
+    assert_eq!(got.get(&402), Some(&20), "{got:?}");
+    assert_eq!(up.hits(), 10);
+    assert_eq!(shared_balance(&nodes[1]).await, 0);
+
+    // A top-up through one instance is spent through the other.
+    let set = send(
+        req("POST", &nodes[0].admin_url("/v1/credits?key=k"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                r#"{"set":50}"#,
+            )))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (set.status, set.json()["balance"].as_i64()),
+        (200, Some(50))
+    );
+    assert_eq!(shared_balance(&nodes[1]).await, 50);
+    // Settled in Redis: 10 reserved, 2 used.
+    assert_eq!(
+        call("GET", &nodes[1].url("/bill?used=2"), Some("k"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(shared_balance(&nodes[0]).await, 48);
+    // Refunded in Redis: credits and the cost-counting window.
+    assert_eq!(
+        call("GET", &nodes[0].url("/status/500"), Some("k"))
+            .await
+            .status,
+        500
+    );
+    assert_eq!(shared_balance(&nodes[1]).await, 48);
+    let usage = call("GET", &nodes[1].admin_url("/v1/usage?key=k"), None)
+        .await
+        .json();
+    let daily = usage["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "daily-spend")
+        .cloned()
+        .unwrap();
+    assert_eq!(daily["used"], 102, "{usage}");
+    let credits = usage["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "credits")
+        .cloned()
+        .unwrap();
+    assert_eq!(credits["balance"], 48, "{usage}");
+    // The balance key carries its refill period: it expires at the month's end.
+    let keys = redis_cli(&redis, &["--scan", "--pattern", "*"]);
+    assert!(keys.lines().count() >= 2, "{keys}");
+    for key in keys.lines() {
+        let ttl: i64 = redis_cli(&redis, &["PTTL", key]).parse().unwrap();
+        assert!(ttl > 0, "{key} expires (ttl {ttl})");
+    }
+}

@@ -71,6 +71,57 @@ fn unknown_keys_are_errors_with_their_position() {
 }
 
 #[test]
+fn cost_credits_refund_and_when_errors_point_at_the_value() {
+    let route = |extra: &str| {
+        err_at(&format!(
+            "{BASE}\n[[routes]]\nname = \"img\"\npath = \"/img\"\n{extra}\n"
+        ))
+    };
+    let (line, col, msg) = route("cost = -1");
+    assert_eq!(
+        (line, col, msg.as_str()),
+        (17, 8, "cost must be a whole number from 0 to 4294967295")
+    );
+    let (_, _, msg) = route("cost = { by = \"json:/m\" }");
+    assert_eq!(msg, "a priced cost needs `prices`, `default` or both");
+    let (_, _, msg) = route("cost = { by = \"json:/m\", prices = { a = 1 }, extra = 1 }");
+    assert!(msg.starts_with("unknown cost key `extra`"), "{msg}");
+    let (_, _, msg) = route("cost = { by = \"m\", default = 1 }");
+    assert!(msg.contains("must be \"json:/POINTER\""), "{msg}");
+    let (line, col, msg) = route("refund_on = [\"5xx\", \"4xx\"]");
+    assert_eq!((line, col), (17, 21));
+    assert!(msg.starts_with("refund_on \"4xx\""), "{msg}");
+    let (_, _, msg) = route("refund_on = [\"200\"]");
+    assert!(msg.contains("a status from 400 to 599"), "{msg}");
+    let (_, _, msg) = route("settle = \"query:x\"");
+    assert!(msg.contains("an upstream answer has no query"), "{msg}");
+    let (_, _, msg) = route("when = { \"header:x\" = [] }");
+    assert!(msg.starts_with("when \"header:x\""), "{msg}");
+    let (_, _, msg) = route("when = { \"nope\" = \"x\" }");
+    assert!(msg.starts_with("when: value source"), "{msg}");
+    let limit = |body: &str| {
+        err_at(&format!(
+            "{BASE}\n[plans.free]\n[[plans.free.limits]]\n{body}\n"
+        ))
+        .2
+    };
+    let msg = limit("name = \"c\"\nkind = \"credits\"");
+    assert_eq!(msg, "limit \"c\" (credits) needs `grant`");
+    let msg = limit("name = \"c\"\nkind = \"credits\"\ngrant = 5\ncount = \"cost\"");
+    assert_eq!(
+        msg,
+        "limit \"c\": `count` does not apply to a credits limit"
+    );
+    let msg = limit("name = \"c\"\nkind = \"credits\"\ngrant = 5\nrefill = \"1.5s\"");
+    assert!(msg.contains("whole number of seconds"), "{msg}");
+    let msg = limit("name = \"c\"\nkind = \"concurrency\"\nmax = 1\ncount = \"cost\"");
+    assert_eq!(
+        msg,
+        "limit \"c\": `count` does not apply to a concurrency limit"
+    );
+}
+
+#[test]
 fn semantic_errors_point_at_the_value() {
     let (line, col, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nroutes = [\"gen\", \"nope\"]\nrequests = 1\nwindow = \"1m\"\n"));
     assert_eq!((line, col), (17, 10));

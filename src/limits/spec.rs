@@ -53,8 +53,13 @@ impl LimitSpec {
     /// One line for `turnstile check`.
     pub fn summary(&self) -> String {
         let queue = if self.queue.is_some() { " +queue" } else { "" };
+        let cost = if self.counts_cost && self.rule.is_quota() {
+            " (cost)"
+        } else {
+            ""
+        };
         format!(
-            "{}{queue}",
+            "{}{cost}{queue}",
             self.rule.summary(&self.name, &self.window_text)
         )
     }

@@ -66,6 +66,8 @@ struct UpstreamState {
 ///   (a progress notification, then the result): `generate_*` tools give a
 ///   new id as `structuredContent.job_id` and `.generation_id`, any other
 ///   tool echoes `arguments.state` for the id it is given;
+/// - `/bill?used=N`: 200 with `x-credits-used: N` and `{"credits_used":N}`
+///   (no `used`: neither); `/bill?status=S`: answers S;
 /// - anything else: 200 `{"ok":true}` after reading the whole body.
 #[derive(Clone)]
 pub struct Upstream {
@@ -208,6 +210,8 @@ async fn serve(
             code.parse().unwrap_or(500),
             &format!("{{\"upstream_status\":{code}}}"),
         )
+    } else if path == "/bill" {
+        bill(parts.uri.query().unwrap_or(""))
     } else if path == "/hop" {
         let mut r = json(200, "{}");
         let h = r.headers_mut();
@@ -221,6 +225,26 @@ async fn serve(
     };
     s.in_flight.fetch_sub(1, Ordering::SeqCst);
     Ok(response)
+}
+
+/// A billed answer: the cost the upstream says it charged (see [`Upstream`]).
+fn bill(query: &str) -> Response<Body> {
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|p| p.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+    };
+    let status = param("status").and_then(|s| s.parse().ok()).unwrap_or(200);
+    match param("used") {
+        Some(used) => {
+            let mut r = json(status, &format!("{{\"credits_used\":{used}}}"));
+            r.headers_mut()
+                .insert("x-credits-used", used.parse().unwrap());
+            r
+        }
+        None => json(status, "{\"billed\":false}"),
+    }
 }
 
 /// The fake asynchronous generation API (see [`Upstream`]).
@@ -268,7 +292,11 @@ async fn jobs_api(s: &UpstreamState, path: &str, query: &str, body: &[u8]) -> Re
     let name = call["params"]["name"].as_str().unwrap_or("");
     let content = if name.starts_with("generate_") {
         let id = format!("job-{}", s.jobs.fetch_add(1, Ordering::SeqCst) + 1);
-        serde_json::json!({"job_id": id, "generation_id": id})
+        let mut c = serde_json::json!({"job_id": id, "generation_id": id});
+        if !args["credits_used"].is_null() {
+            c["credits_used"] = args["credits_used"].clone();
+        }
+        c
     } else {
         let id = if args["job_id"].is_null() {
             &args["generation_id"]
@@ -302,6 +330,8 @@ fn json(status: u16, body: &str) -> Response<Body> {
 /// The real proxy, in-process, on an ephemeral port.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener, when the config has `[admin]`.
+    pub admin: Option<SocketAddr>,
     pub clock: ManualClock,
     pub dir: tempfile::TempDir,
     pub app: Arc<turnstile::proxy::Turnstile>,
@@ -331,6 +361,7 @@ impl Proxy {
             .await
             .unwrap();
         let addr = server.local_addr().unwrap();
+        let admin = server.admin_addr();
         let app = server.app().clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(server.run(async move {
@@ -338,6 +369,7 @@ impl Proxy {
         }));
         Self {
             addr,
+            admin,
             clock,
             dir,
             app,
@@ -380,6 +412,15 @@ impl Proxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// A URL on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{}",
+            self.admin.expect("the config has no [admin]"),
+            path
+        )
     }
 
     pub fn advance_secs(&self, secs: u64) {
