@@ -384,3 +384,115 @@ async fn seed_000_generations_at_once_per_account_and_tool_are_jobs() {
     );
     assert!(r.body.contains("job-7"), "{}", r.body);
 }
+
+/// A tools/call of `tool` with these arguments, as `token`.
+async fn tool_with(p: &Proxy, token: &str, tool: &str, args: serde_json::Value) -> Got {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": tool, "arguments": args},
+    });
+    send(
+        req("POST", &p.url("/mcp"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn seed_000_generations_consume_account_credits_priced_by_model() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_example("kubeez.toml", &up).await;
+    let media = |token, model: &str| {
+        tool_with(
+            &p,
+            token,
+            "generate_media",
+            serde_json::json!({"model": model, "prompt": "a cat"}),
+        )
+    };
+    let r = media("kz-token-laptop", "flux-pro").await;
+    assert_eq!((r.status, r.h("x-credits-remaining")), (200, "992"));
+    // An unlisted model costs the default; both tokens spend one balance.
+    let r = media("kz-token-ci", "sdxl").await;
+    assert_eq!(r.h("x-credits-remaining"), "988");
+    for _ in 0..24 {
+        assert_eq!(
+            media("kz-token-ci", "veo-3").await.json()["result"]["isError"],
+            serde_json::Value::Null
+        );
+    }
+    let r = media("kz-token-laptop", "veo-3").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["result"]["isError"], true);
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"],
+        "Insufficient credits: this request costs 40 credits, 28 left."
+    );
+    assert_eq!(
+        up.hits(),
+        26,
+        "the refused generation never reached the server"
+    );
+    // A cheaper tool still fits.
+    let r = tool_with(
+        &p,
+        "kz-token-laptop",
+        "create_ad_copy",
+        serde_json::json!({"text": "shoes"}),
+    )
+    .await;
+    assert_eq!(r.h("x-credits-remaining"), "26");
+}
+
+#[tokio::test]
+async fn seed_003_monthly_quotas_per_content_type() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_example("mcp-keys.toml", &up).await;
+    let key = "rfn_live_autopilot_0001";
+    let content = |kind: &str| {
+        tool_with(
+            &p,
+            key,
+            "generate_content",
+            serde_json::json!({"contentType": kind, "topic": "shoes"}),
+        )
+    };
+    for _ in 0..20 {
+        let r = content("blog_post").await;
+        assert_eq!(
+            r.json()["result"]["isError"],
+            serde_json::Value::Null,
+            "{}",
+            r.body
+        );
+    }
+    // Blog posts and articles share one monthly quota.
+    let r = content("article").await;
+    assert_eq!(
+        (r.h("x-ratelimit-type"), &r.json()["result"]["isError"]),
+        ("monthly_long_content", &serde_json::json!(true))
+    );
+    // Another content type has its own.
+    let r = content("social_post").await;
+    assert_eq!(
+        (r.h("x-ratelimit-limit"), r.h("x-ratelimit-remaining")),
+        ("60", "39")
+    );
+    assert_eq!(r.json()["result"]["isError"], serde_json::Value::Null);
+    // The plan gate holds on every content-type route.
+    let r = tool_with(
+        &p,
+        "rfn_live_starter_0001",
+        "generate_content",
+        serde_json::json!({"contentType": "blog_post"}),
+    )
+    .await;
+    assert_eq!(
+        r.json()["result"]["content"][0]["text"],
+        "generate_content_long requires plan autopilot."
+    );
+    assert_eq!(up.hits(), 21);
+}

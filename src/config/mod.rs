@@ -1289,18 +1289,27 @@ impl Policy {
         rows.push(header);
         for (i, r) in self.routes.iter().enumerate() {
             let m = &r.matcher;
-            let mut row = vec![
-                r.name.to_string(),
-                format!(
-                    "{} {}{}",
-                    m.method.as_ref().map_or("*", |m| m.as_str()),
-                    r.path_text,
-                    r.mcp_tool
-                        .as_ref()
-                        .map(|t| format!(" tool={t}"))
-                        .unwrap_or_default()
-                ),
-            ];
+            let mut matched = format!(
+                "{} {}",
+                m.method.as_ref().map_or("*", |m| m.as_str()),
+                r.path_text
+            );
+            if let Some(t) = &r.mcp_tool {
+                let _ = write!(matched, " tool={t}");
+            }
+            for c in &r.when {
+                let _ = write!(matched, " {}={}", c.source, c.values.join("|"));
+            }
+            match &r.cost {
+                Some(crate::cost::Cost::Constant(n)) => {
+                    let _ = write!(matched, " cost={n}");
+                }
+                Some(crate::cost::Cost::Priced { by, .. }) => {
+                    let _ = write!(matched, " cost=by {by}");
+                }
+                None => {}
+            }
+            let mut row = vec![r.name.to_string(), matched];
             for (plan_index, p) in self.plans.iter().enumerate() {
                 let cell = if !r.auth {
                     "public".to_owned()

@@ -193,8 +193,8 @@ impl LimitKind for Credits {
 
     fn summary(&self, name: &str, window_text: &str) -> String {
         match self.refill {
-            Refill::Never => format!("{name} credits {}", self.grant),
-            Refill::Every(_) => format!("{name} credits {} refill {window_text}", self.grant),
+            Refill::Never => format!("{name} balance {}", self.grant),
+            Refill::Every(_) => format!("{name} balance {} refill {window_text}", self.grant),
         }
     }
 
