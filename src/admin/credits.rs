@@ -1,4 +1,4 @@
-//! `GET /v1/credits` and `POST /v1/credits` (docs/admin.md): a credits
+//! `GET /v1/credits` and `POST /v1/credits` (docs/configuration.md, "Cost, credits and refunds"): a credits
 //! balance read, topped up (`{"add": N}`) or set (`{"set": N}`) in one
 //! atomic store operation, so a change never races the requests spending it.
 
