@@ -34,6 +34,11 @@ impl Refill {
         }
     }
 
+    /// The period containing `now` as the state keeps it (its start in seconds).
+    fn period(self, now: Nanos) -> u32 {
+        u32::try_from(self.bounds(now).0 / SECOND).unwrap_or(u32::MAX)
+    }
+
     /// The next refill after `now`, if there is one.
     pub fn next_after(self, now: Nanos) -> Option<Nanos> {
         match self {
@@ -57,10 +62,7 @@ impl Credits {
     /// What was spent in the period containing `now`.
     fn spent_at(&self, state: &CounterState, now: Nanos) -> i64 {
         match *state {
-            CounterState::Credits {
-                period_start,
-                spent,
-            } if period_start == self.refill.bounds(now).0 => spent,
+            CounterState::Credits { period, spent } if period == self.refill.period(now) => spent,
             _ => 0,
         }
     }
@@ -74,7 +76,7 @@ impl Credits {
     /// Sets the balance at `now` to `balance` (admin `set`).
     pub fn set_balance(&self, state: &mut CounterState, now: Nanos, balance: i64) {
         *state = CounterState::Credits {
-            period_start: self.refill.bounds(now).0,
+            period: self.refill.period(now),
             spent: i64::from(self.grant).saturating_sub(balance),
         };
     }
@@ -88,10 +90,9 @@ impl Credits {
     /// The spending of the period containing `at`, while it is the one held.
     fn spent_of<'a>(&self, state: &'a mut CounterState, at: Nanos) -> Option<&'a mut i64> {
         match state {
-            CounterState::Credits {
-                period_start,
-                spent,
-            } if *period_start == self.refill.bounds(at).0 => Some(spent),
+            CounterState::Credits { period, spent } if *period == self.refill.period(at) => {
+                Some(spent)
+            }
             _ => None,
         }
     }
@@ -109,7 +110,7 @@ impl LimitKind for Credits {
 
     fn new_state(&self) -> CounterState {
         CounterState::Credits {
-            period_start: 0,
+            period: 0,
             spent: 0,
         }
     }
@@ -146,14 +147,10 @@ impl LimitKind for Credits {
     }
 
     fn record(&self, state: &mut CounterState, now: Nanos, units: u32) {
-        let start = self.refill.bounds(now).0;
-        if let CounterState::Credits {
-            period_start,
-            spent,
-        } = state
-        {
-            if *period_start != start {
-                *period_start = start;
+        let current = self.refill.period(now);
+        if let CounterState::Credits { period, spent } = state {
+            if *period != current {
+                *period = current;
                 *spent = 0;
             }
             *spent = spent.saturating_add(i64::from(units));
@@ -176,12 +173,9 @@ impl LimitKind for Credits {
     /// ever without one); a full one can go at once.
     fn expires_at(&self, state: &CounterState) -> Nanos {
         match *state {
-            CounterState::Credits {
-                period_start,
-                spent,
-            } if spent != 0 => match self.refill {
+            CounterState::Credits { period, spent } if spent != 0 => match self.refill {
                 Refill::Never => Nanos::MAX,
-                Refill::Every(w) => w.bounds(period_start).1,
+                Refill::Every(w) => w.bounds(u64::from(period) * SECOND).1,
             },
             _ => 0,
         }
@@ -276,6 +270,11 @@ mod tests {
         c.set_balance(&mut st, T0, 500);
         assert_eq!(c.balance(&st, T0), 500);
         assert!(st.holds());
+    }
+
+    #[test]
+    fn a_balance_is_as_small_as_any_other_counter() {
+        assert_eq!(std::mem::size_of::<CounterState>(), 16);
     }
 
     #[derive(Debug, Clone)]

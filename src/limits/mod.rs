@@ -217,8 +217,10 @@ pub enum CounterState {
     /// Credits spent in the refill period that starts at `period_start`
     /// (negative: topped up above the grant).
     Credits {
-        /// Start of the refill period the spending belongs to (0 without refill).
-        period_start: Nanos,
+        /// Start of the refill period the spending belongs to, in whole
+        /// seconds since the epoch (0 without refill; seconds keep the
+        /// state 16 bytes like the other kinds').
+        period: u32,
         /// Credits spent in it: the balance is the grant minus this.
         spent: i64,
     },

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# What each pipeline feature costs on the admit path, measured in one run.
+#
+# The same turnstile build, one worker on CPU 0 (with the upstream, nginx
+# answering {"id":"<its request id>"}), wrk on CPU 1, POSTing a JSON body
+# that names a model (bench/post.lua), 10,000 keys round-robin, no limit
+# ever reached. One config per feature, each the baseline plus that feature:
+#
+#   windows  minute + daily limits (the baseline)
+#   jobs     + a jobs limit: every request takes a pending slot, runs its
+#            exchange as its own task, has its answer read for the id, binds it
+#   priced   + cost by model from the JSON body, a credits balance, and the
+#            daily limit counting cost: the body is read and parsed to price
+#   when     + a json: condition on the route: the body is read and parsed to route
+#
+# windows and when run with a 1 KB and a 16 KB body: the difference between
+# their extra costs is what reading and parsing a body costs per KB. Runs are
+# interleaved and repeated; the table shows medians.
+#
+# Usage: bench/features.sh   (DURATION, REPEAT as for bench/run.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-8s}
+REPEAT=${REPEAT:-3}
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release --quiet --bin turnstile
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+up=$(free_port)
+
+mkdir -p "$work/up"
+cat > "$work/up/nginx.conf" <<NGINX
+worker_processes 1; daemon off; pid $work/up/pid; error_log /dev/null crit;
+events { worker_connections 4096; }
+http { access_log off; server { listen 127.0.0.1:$up; keepalive_requests 1000000;
+  location / { default_type application/json; return 200 '{"id":"\$request_id"}'; } } }
+NGINX
+taskset -c 0 nginx -p "$work/up" -c "$work/up/nginx.conf" & pids+=($!)
+
+conf() { # port, extra route lines, daily's extra line, extra limits
+  cat <<TOML
+[server]
+listen = "127.0.0.1:$1"
+[upstream]
+url = "http://127.0.0.1:$up"
+[identity]
+sources = ["header:x-api-key"]
+keys_file = "keys.toml"
+[[routes]]
+name = "submit"
+path = "/*"
+$2
+[plans.bench]
+[[plans.bench.limits]]
+name = "minute"
+requests = 100000000
+window = "1m"
+[[plans.bench.limits]]
+name = "daily"
+requests = 1000000000
+window = "1d"
+$3
+$4
+TOML
+}
+python3 - "$work/keys.toml" <<'PY'
+import sys
+with open(sys.argv[1], "w") as f:
+    for i in range(10000):
+        f.write(f'[[keys]]\nkey = "bench-key-{i}"\nplan = "bench"\n\n')
+PY
+declare -A port
+for c in windows jobs priced when; do port[$c]=$(free_port); done
+conf "${port[windows]}" "" "" "" > "$work/windows.toml"
+conf "${port[jobs]}" 'job = { id = "json:/id" }' "" '[[plans.bench.limits]]
+name = "jobs"
+kind = "jobs"
+max = 1000000' > "$work/jobs.toml"
+conf "${port[priced]}" 'cost = { by = "json:/model", prices = { "flux-pro" = 8, "veo-3" = 40 }, default = 2 }' 'count = "cost"' '[[plans.bench.limits]]
+name = "credits"
+kind = "credits"
+grant = 4000000000' > "$work/priced.toml"
+conf "${port[when]}" 'when = { "json:/model" = ["flux-pro", "veo-3"] }' "" "" > "$work/when.toml"
+declare -A pid
+for c in windows jobs priced when; do
+  RUST_LOG=off taskset -c 0 ./target/release/turnstile --threads 1 --config "$work/$c.toml" & pids+=($!); pid[$c]=$!
+done
+for p in $up "${port[@]}"; do wait_port "$p"; done
+# PERF=file [PERF_TARGET=windows|jobs|priced|when]: record a profile of one target under load instead.
+if [ -n "${PERF:-}" ]; then
+  target=${PERF_TARGET:-jobs}
+  taskset -c 1 wrk -t1 -c64 -d10s -s bench/post.lua "http://127.0.0.1:${port[$target]}/v1/videos" >/dev/null &
+  perf record -g -o "$PERF" -p "${pid[$target]}" -- sleep 6 >/dev/null 2>&1
+  wait
+  exit 0
+fi
+
+measure() { # port, body bytes -> "rps p99_ms non2xx"
+  BODY_BYTES=$2 taskset -c 1 wrk -t1 -c64 -d"$DURATION" --latency -s bench/post.lua "http://127.0.0.1:$1/v1/videos" 2>/dev/null |
+    awk 'function ms(v){ if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+         /Requests\/sec/ {rps=$2} /^ +99%/ {p99=ms($2)} /Non-2xx/ {bad=$5}
+         END {printf "%s %.3f %s\n", rps, p99, (bad==""?0:bad)}'
+}
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+runs="windows:1024 jobs:1024 priced:1024 when:1024 windows:16384 when:16384"
+for c in windows jobs priced when; do BODY_BYTES=1024 taskset -c 1 wrk -t1 -c8 -d1s -s bench/post.lua "http://127.0.0.1:${port[$c]}/" >/dev/null 2>&1; done
+: > "$work/results"
+for _ in $(seq "$REPEAT"); do
+  for run in $runs; do
+    c=${run%%:*} size=${run##*:}
+    echo "$c@$size $(measure "${port[$c]}" "$size")" >> "$work/results"
+  done
+done
+printf '\n%-14s %10s %9s %8s\n' config 'req/s' 'p99 ms' 'non-2xx'
+declare -A rps
+for run in $runs; do
+  key="${run%%:*}@${run##*:}"
+  r=$(awk -v c="$key" '$1==c {print $2}' "$work/results" | median)
+  p=$(awk -v c="$key" '$1==c {print $3}' "$work/results" | median)
+  b=$(awk -v c="$key" '$1==c {print $4}' "$work/results" | median)
+  printf '%-14s %10.0f %9.3f %8.0f\n' "$key" "$r" "$p" "$b"
+  rps[$key]=$r
+done
+python3 - "${rps[windows@1024]}" "${rps[jobs@1024]}" "${rps[priced@1024]}" "${rps[when@1024]}" "${rps[windows@16384]}" "${rps[when@16384]}" <<'PY'
+import sys
+w1, j1, p1, c1, w16, c16 = map(float, sys.argv[1:])
+print(f"jobs / windows:   {j1 / w1:.2f}x the requests per second (1 KB body)")
+print(f"priced / windows: {p1 / w1:.2f}x (cost by model from the body, credits, daily counting cost)")
+print(f"when / windows:   {c1 / w1:.2f}x with a 1 KB body, {c16 / w16:.2f}x with 16 KB")
+extra1 = 1e6 / c1 - 1e6 / w1
+extra16 = 1e6 / c16 - 1e6 / w16
+print(f"a json: condition costs {extra1:.1f} us per request at 1 KB, {extra16:.1f} us at 16 KB: {(extra16 - extra1) / 15:.2f} us per extra KB")
+PY
+echo "($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); wrk -t1 -c64, $DURATION x $REPEAT, medians)"
