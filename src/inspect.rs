@@ -246,6 +246,15 @@ impl RequestBody {
         }
     }
 
+    /// Whether the request has no body at all (nothing to read as JSON).
+    pub fn is_empty(&self) -> bool {
+        match self {
+            RequestBody::Streaming(incoming) => hyper::body::Body::is_end_stream(incoming),
+            RequestBody::Read { bytes, .. } => bytes.is_empty(),
+            RequestBody::Gone => true,
+        }
+    }
+
     /// The body as JSON, if it was read and parsed.
     pub fn parsed(&self) -> Option<&Value> {
         match self {

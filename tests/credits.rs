@@ -511,6 +511,12 @@ async fn when_conditions_choose_the_route_and_fall_through_when_they_do_not_hold
         "100",
         "an absent value never matches"
     );
+    let empty = content(&p, "", &[], "").await;
+    assert_eq!(
+        (empty.status, empty.h("x-ratelimit-limit")),
+        (200, "100"),
+        "no body: no json: value, the next route"
+    );
 
     // Every condition must hold: header and query together.
     let flux = [("x-model", "flux-pro")];

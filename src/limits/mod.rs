@@ -290,14 +290,11 @@ impl Verdict {
         if !self.admitted {
             return self;
         }
-        let remaining = self.remaining.saturating_add(units);
         Self {
             used: self.used.saturating_sub(units),
-            remaining: if self.remaining <= self.limit {
-                remaining.min(self.limit)
-            } else {
-                remaining
-            },
+            // Never past the limit for counting kinds; a balance topped up
+            // above its grant may be.
+            remaining: self.remaining.saturating_add(units),
             ..self
         }
     }

@@ -42,7 +42,9 @@ impl Turnstile {
             if !r.match_reads_json && r.when.is_empty() {
                 return Ok(Some(r));
             }
-            let json = if r.match_reads_json {
+            // A request without a body has no `json:` values: a condition
+            // on one does not hold (a tool call always needs its body).
+            let json = if r.match_reads_json && (r.mcp_tool.is_some() || !body.is_empty()) {
                 if cx.caller.is_none() && !candidates().any(|r| !r.auth) {
                     let found = policy.identity.identify(&parts.headers, parts.uri.query());
                     match found {
