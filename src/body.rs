@@ -89,26 +89,35 @@ pub fn media_type(content_type: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// The most specific entry of `(pattern, value)` pairs for a media type:
+/// `image/png` over `image/*` over `*/*`.
+pub fn most_specific<'a, T: Copy>(
+    entries: &'a [(String, T)],
+    media_type: &str,
+) -> Option<(&'a str, T)> {
+    let major = media_type.split('/').next().unwrap_or("");
+    let rank = |pattern: &str| {
+        if pattern == media_type {
+            Some(3)
+        } else if pattern.strip_suffix("/*") == Some(major) {
+            Some(2)
+        } else if pattern == "*/*" {
+            Some(1)
+        } else {
+            None
+        }
+    };
+    entries
+        .iter()
+        .filter_map(|(p, n)| rank(p).map(|r| (r, p.as_str(), *n)))
+        .max_by_key(|(r, _, _)| *r)
+        .map(|(_, p, n)| (p, n))
+}
+
 impl BodyLimits {
     /// The most specific `max_body_by_type` entry for a media type.
     pub fn for_type(&self, media_type: &str) -> Option<(&str, u64)> {
-        let major = media_type.split('/').next().unwrap_or("");
-        let rank = |pattern: &str| {
-            if pattern == media_type {
-                Some(3)
-            } else if pattern.strip_suffix("/*") == Some(major) {
-                Some(2)
-            } else if pattern == "*/*" {
-                Some(1)
-            } else {
-                None
-            }
-        };
-        self.by_type
-            .iter()
-            .filter_map(|(p, n)| rank(p).map(|r| (r, p.as_str(), *n)))
-            .max_by_key(|(r, _, _)| *r)
-            .map(|(_, p, n)| (p, n))
+        most_specific(&self.by_type, media_type)
     }
 
     /// The limit on the whole body for a request `Content-Type`.

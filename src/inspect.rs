@@ -193,6 +193,21 @@ async fn read_whole(
 ) -> Result<(Bytes, Reservation), BodyProblem> {
     let mut held = Reservation::new(limits.budget);
     let mut buf = BytesMut::new();
+    // A declared length is allocated once (taken from the budget first, so a
+    // length declared and never sent still counts); growth past it as it comes.
+    let declared = hyper::body::Body::size_hint(&incoming)
+        .exact()
+        .unwrap_or(0)
+        .min(limits.max);
+    if declared > 0 {
+        if !held.grow(declared) {
+            return Err(BodyProblem::Overloaded(
+                limits.budget.max.load(Ordering::Relaxed),
+            ));
+        }
+        buf.reserve(usize::try_from(declared).unwrap_or(0));
+    }
+    let mut accounted = declared;
     loop {
         let frame = match tokio::time::timeout(limits.idle, incoming.frame()).await {
             Err(_) => return Err(BodyProblem::Stalled(limits.idle)),
@@ -203,14 +218,17 @@ async fn read_whole(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let len = data.len() as u64;
-        if buf.len() as u64 + len > limits.max {
+        let total = buf.len() as u64 + data.len() as u64;
+        if total > limits.max {
             return Err(BodyProblem::TooLarge(limits.max));
         }
-        if !held.grow(len) {
-            return Err(BodyProblem::Overloaded(
-                limits.budget.max.load(Ordering::Relaxed),
-            ));
+        if total > accounted {
+            if !held.grow(total - accounted) {
+                return Err(BodyProblem::Overloaded(
+                    limits.budget.max.load(Ordering::Relaxed),
+                ));
+            }
+            accounted = total;
         }
         buf.extend_from_slice(&data);
     }
@@ -242,6 +260,32 @@ impl RequestBody {
         match self {
             RequestBody::Read { json: Ok(v), .. } => Ok(v),
             RequestBody::Read { json: Err(e), .. } => Err(BodyProblem::NotJson(e.clone())),
+            _ => Err(BodyProblem::Broken("body already consumed".into())),
+        }
+    }
+
+    /// The whole body, reading it first if needed (within `limits`, whose
+    /// `max` is the route's body limit): for checks on the bytes themselves
+    /// (media durations). Forwarded byte for byte afterwards.
+    pub async fn hold(
+        &mut self,
+        headers: &HeaderMap,
+        limits: ReadLimits<'_>,
+    ) -> Result<&Bytes, BodyProblem> {
+        if let RequestBody::Streaming(_) = self {
+            if let Some(encoding) = encoding(headers) {
+                return Err(BodyProblem::Encoded(encoding));
+            }
+            let RequestBody::Streaming(incoming) = std::mem::replace(self, RequestBody::Gone)
+            else {
+                return Err(BodyProblem::Broken("body already consumed".into()));
+            };
+            let (bytes, held) = read_whole(incoming, limits).await?;
+            let json = Err("held as media, not read as JSON".to_owned());
+            *self = RequestBody::Read { bytes, json, held };
+        }
+        match self {
+            RequestBody::Read { bytes, .. } => Ok(bytes),
             _ => Err(BodyProblem::Broken("body already consumed".into())),
         }
     }

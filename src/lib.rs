@@ -24,6 +24,7 @@ pub mod jobs;
 pub mod json;
 pub mod limits;
 pub mod mcp;
+pub mod media;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
@@ -34,6 +35,7 @@ pub mod server;
 pub mod store;
 pub mod tap;
 pub mod upstream;
+pub mod urls;
 pub mod values;
 
 pub use clock::{Clock, ManualClock, SystemClock};

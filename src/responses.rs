@@ -68,6 +68,19 @@ pub enum Refusal {
     /// 429: a limit refused.
     #[error("{0}")]
     RateLimited(Box<RateLimited>),
+    /// 413: an uploaded file lasts longer than `max_duration_by_type` allows.
+    #[error("{} lasts {}; at most {} on route {}", .0.what, crate::media::shown(.0.duration_seconds, .0.limit_seconds), crate::media::shown(.0.limit_seconds, .0.limit_seconds), .0.route)]
+    MediaTooLong(Box<MediaTooLong>),
+    /// 415: a file of a type with a duration limit whose duration cannot be read.
+    #[error("{what}: {reason}; a duration limit applies to it on route {route}")]
+    UnreadableMedia {
+        /// `audio/mpeg part "file"`, or `audio/mpeg body`.
+        what: String,
+        /// Why it cannot be read.
+        reason: String,
+        /// Route name.
+        route: Arc<str>,
+    },
     /// 402: the request costs more than the caller's credits balance.
     #[error("Insufficient credits: this request costs {} credits, {} left.", .0.cost, .0.balance)]
     InsufficientCredits(Box<InsufficientCredits>),
@@ -131,6 +144,19 @@ pub struct RateLimited {
     pub plan: Arc<str>,
     /// What the refusing limit counts.
     pub counts: Counts,
+}
+
+/// The file that refused a 413 `media_too_long`.
+#[derive(Debug, Clone)]
+pub struct MediaTooLong {
+    /// `audio/mpeg part "file"`, or `audio/mpeg body`.
+    pub what: String,
+    /// Its duration, whole seconds rounded up.
+    pub duration_seconds: u64,
+    /// The limit in seconds.
+    pub limit_seconds: u64,
+    /// Route name.
+    pub route: Arc<str>,
 }
 
 /// The balance that refused a 402 (docs/headers-and-refusals.md).
@@ -206,6 +232,8 @@ impl Refusal {
             Refusal::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
+            Refusal::MediaTooLong(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::UnreadableMedia { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::PlanRequired { .. } => StatusCode::FORBIDDEN,
             Refusal::InvalidArguments(_) => StatusCode::BAD_REQUEST,
             Refusal::JsonRpc { status, .. } => *status,
@@ -230,6 +258,8 @@ impl Refusal {
             Refusal::PayloadTooLarge { .. } => "payload_too_large",
             Refusal::RateLimited(_) => "rate_limited",
             Refusal::InsufficientCredits(_) => "insufficient_credits",
+            Refusal::MediaTooLong(_) => "media_too_long",
+            Refusal::UnreadableMedia { .. } => "unreadable_media",
             Refusal::PlanRequired { .. } => "plan_required",
             Refusal::InvalidArguments(_) => "invalid_arguments",
             Refusal::JsonRpc { .. } => "jsonrpc_error",
@@ -295,6 +325,13 @@ impl Refusal {
                     r.limit,
                     r.reset_in_seconds,
                     format_rfc3339(r.reset_at)
+                );
+            }
+            Refusal::MediaTooLong(m) => {
+                let _ = write!(
+                    out,
+                    ",\"limit_seconds\":{},\"duration_seconds\":{}",
+                    m.limit_seconds, m.duration_seconds
                 );
             }
             Refusal::InsufficientCredits(c) => {

@@ -306,7 +306,9 @@ async fn seed_001_upload_limits_by_file_type() {
         assert!(out.contains(message), "{path}: {out}");
     }
     assert_eq!(up.hits(), 0);
-    // 20 MB of audio is fine on aud2video (the body is not sent: the upstream sees the head).
+    // 20 MB of audio is within aud2video's limit: no 413 for its head. The
+    // body is held for its duration check (600 minutes at most), so with
+    // only the head sent nothing reaches the upstream yet.
     let out = raw(
         p.addr,
         head("/v1/aud2video?hold", "audio/mpeg", 20_000_000).as_bytes(),
@@ -314,7 +316,11 @@ async fn seed_001_upload_limits_by_file_type() {
     )
     .await;
     assert!(out.is_empty(), "{out}");
-    assert_eq!(up.hits(), 1, "the 20 MB audio upload was forwarded");
+    assert_eq!(
+        up.hits(),
+        0,
+        "nothing of an unchecked upload reaches the upstream"
+    );
 }
 
 /// A JSON-RPC tools/call to the kubeez MCP endpoint (`?hold` keeps it open upstream).
@@ -495,4 +501,95 @@ async fn seed_003_monthly_quotas_per_content_type() {
         "generate_content_long requires plan autopilot."
     );
     assert_eq!(up.hits(), 21);
+}
+
+/// A WAV file of 8 kHz 8-bit mono whose header declares `declared_secs`
+/// while it carries one second of samples.
+fn wav_declaring(declared_secs: u32) -> Bytes {
+    let declared = 8000 * declared_secs;
+    let mut out = Vec::new();
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36u32.wrapping_add(declared)).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&[1, 0, 1, 0]);
+    out.extend_from_slice(&8000u32.to_le_bytes());
+    out.extend_from_slice(&8000u32.to_le_bytes());
+    out.extend_from_slice(&[1, 0, 8, 0]);
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&declared.to_le_bytes());
+    out.resize(out.len() + 8000, 128);
+    Bytes::from(out)
+}
+
+#[tokio::test]
+async fn seed_001_audio_and_video_last_600_minutes_at_most() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_example("tiers.toml", &up).await;
+    let post = |body: Bytes| {
+        send(
+            req("POST", &p.url("/v1/aud2video"))
+                .header("x-api-key", "free-key-1")
+                .header("content-type", "audio/wav")
+                .body(Full::new(body))
+                .unwrap(),
+        )
+    };
+    let r = post(wav_declaring(600 * 60)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(wav_declaring(612 * 60)).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({
+            "error": "media_too_long",
+            "message": "audio/wav body lasts 612 min; at most 600 min on route aud2video",
+            "limit_seconds": 36000,
+            "duration_seconds": 36720,
+        })
+    );
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn seed_003_source_urls_must_be_public() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_example("mcp-keys.toml", &up).await;
+    let call = |urls: serde_json::Value| {
+        tool_with(
+            &p,
+            "rfn_live_autopilot_0001",
+            "generate_content",
+            serde_json::json!({"contentType": "blog_post", "sourceUrls": urls}),
+        )
+    };
+    let r = call(serde_json::json!(["https://93.184.215.14/post"])).await;
+    assert_eq!(
+        r.json()["result"]["isError"],
+        serde_json::Value::Null,
+        "{}",
+        r.body
+    );
+    for url in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://localhost/",
+        "http://0x7f.1/",
+        "http://[::ffff:10.0.0.1]/",
+    ] {
+        let r = call(serde_json::json!(["https://93.184.215.14/post", url])).await;
+        assert_eq!(
+            (r.status, &r.json()["result"]["isError"]),
+            (200, &serde_json::json!(true)),
+            "{url}"
+        );
+        let text = r.json()["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            text.contains(&format!("{url:?} is not a fetchable URL")),
+            "{text}"
+        );
+    }
+    assert_eq!(up.hits(), 1);
 }

@@ -1,6 +1,7 @@
 //! The route keys that read request or answer content: `cost`, `settle`,
-//! `refund_on` (docs/configuration.md, "Cost, credits and refunds") and
-//! `when` ("Conditions").
+//! `refund_on` (docs/configuration.md, "Cost, credits and refunds"),
+//! `when` ("Conditions"), `max_duration_by_type` ("Media duration") and
+//! `url_args` ("URL arguments").
 
 use std::collections::HashMap;
 
@@ -8,7 +9,7 @@ use http::StatusCode;
 use toml::{Spanned, Value};
 
 use super::raw::RawRoute;
-use super::{ConfigError, Source};
+use super::{parse_duration, type_pattern, ConfigError, Source};
 use crate::conditions::Condition;
 use crate::cost::{Cost, RefundOn};
 use crate::routing::PathPattern;
@@ -190,6 +191,47 @@ pub(super) fn when(
             )
         })?;
         out.push(Condition { source, values });
+    }
+    Ok(out)
+}
+
+/// `max_duration_by_type = { "audio/*" = "600m" }`: whole seconds, at least 1.
+pub(super) fn media_limits(
+    src: &Source,
+    r: &RawRoute,
+) -> Result<crate::media::MediaLimits, ConfigError> {
+    let mut by_type = Vec::new();
+    for (pattern, limit) in r.max_duration_by_type.iter().flatten() {
+        let p = type_pattern(src, pattern, limit.span())?;
+        let d = parse_duration(limit.get_ref()).map_err(|m| src.at(limit.span(), m))?;
+        if d.subsec_nanos() != 0 || d.as_secs() == 0 {
+            return Err(src.at(
+                limit.span(),
+                format!("max_duration_by_type {pattern:?}: a whole number of seconds, at least 1s"),
+            ));
+        }
+        by_type.push((p, d.as_secs()));
+    }
+    Ok(crate::media::MediaLimits { by_type })
+}
+
+/// `url_args = [{ pointers = ["/params/arguments/sourceUrls"] }]`.
+pub(super) fn url_args(
+    src: &Source,
+    r: &RawRoute,
+) -> Result<Vec<crate::urls::UrlArg>, ConfigError> {
+    let mut out = Vec::new();
+    for rule in r.url_args.iter().flatten() {
+        let pointers = &rule.get_ref().pointers;
+        if pointers.is_empty() || pointers.iter().any(|p| !p.starts_with('/')) {
+            return Err(src.at(
+                rule.span(),
+                "url_args needs JSON pointers starting with '/', e.g. \"/params/arguments/sourceUrls\"",
+            ));
+        }
+        out.push(crate::urls::UrlArg {
+            pointers: pointers.clone(),
+        });
     }
     Ok(out)
 }

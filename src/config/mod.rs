@@ -127,6 +127,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Most bytes of request bodies held for inspection at once (503 past it).
     pub max_buffered: u64,
+    /// Longest wait for a `url_args` host name to resolve.
+    pub resolve_timeout: Duration,
 }
 
 /// Validated `[store]` settings.
@@ -259,6 +261,10 @@ pub struct Route {
     pub arg_limits: Vec<ArgLimit>,
     /// What the route's answers mean for jobs in progress (docs/configuration.md, "Jobs").
     pub job: JobRole,
+    /// Media duration limits by content type (`max_duration_by_type`).
+    pub media: crate::media::MediaLimits,
+    /// JSON values that must be fetchable public URLs (`url_args`).
+    pub url_args: Vec<crate::urls::UrlArg>,
     /// What a request costs (`None`: 1).
     pub cost: Option<Cost>,
     /// Where the answer says what the request cost.
@@ -653,6 +659,7 @@ fn compile_server(src: &Source, raw: &RawServer) -> Result<ServerSettings, Confi
             Some(n) => return Err(src.at(n.span(), "max_connections must be at least 1")),
         },
         max_buffered: size(src, &raw.max_buffered, 256_000_000)?,
+        resolve_timeout: duration(src, &raw.resolve_timeout, Duration::from_secs(2))?,
     })
 }
 
@@ -800,6 +807,8 @@ fn compile_route(
         plan_names: Vec::new(),
         arg_limits: arg_limits(src, r.arg_limits.as_deref())?,
         job: job_role(src, r, &path)?,
+        media: content::media_limits(src, r)?,
+        url_args: content::url_args(src, r)?,
         cost: content::cost(src, r, &path)?,
         settle: content::settle(src, r, &path)?,
         refund_on: content::refund_on(src, r)?,
@@ -910,28 +919,34 @@ fn by_type(
 ) -> Result<Vec<(String, u64)>, ConfigError> {
     let mut out = Vec::new();
     for (pattern, limit) in raw.into_iter().flatten() {
-        let p = pattern.trim().to_ascii_lowercase();
-        let valid = match p.split_once('/') {
-            Some((major, minor)) => {
-                !major.is_empty()
-                    && !minor.is_empty()
-                    && (major != "*" || minor == "*")
-                    && !minor.contains('/')
-            }
-            None => false,
-        };
-        if !valid {
-            return Err(src.at(
-                limit.span(),
-                format!("invalid content type {pattern:?}: expected \"type/subtype\", \"type/*\" or \"*/*\""),
-            ));
-        }
         out.push((
-            p,
+            type_pattern(src, pattern, limit.span())?,
             parse_size(limit.get_ref()).map_err(|m| src.at(limit.span(), m))?,
         ));
     }
     Ok(out)
+}
+
+/// A content-type pattern of a `*_by_type` table, lower-cased: `type/subtype`,
+/// `type/*` or `*/*`.
+fn type_pattern(src: &Source, pattern: &str, span: Range<usize>) -> Result<String, ConfigError> {
+    let p = pattern.trim().to_ascii_lowercase();
+    let valid = match p.split_once('/') {
+        Some((major, minor)) => {
+            !major.is_empty()
+                && !minor.is_empty()
+                && (major != "*" || minor == "*")
+                && !minor.contains('/')
+        }
+        None => false,
+    };
+    if !valid {
+        return Err(src.at(
+            span,
+            format!("invalid content type {pattern:?}: expected \"type/subtype\", \"type/*\" or \"*/*\""),
+        ));
+    }
+    Ok(p)
 }
 
 fn counter_id(parts: &[&str]) -> u64 {

@@ -64,6 +64,7 @@ pub(crate) struct RawServer {
     pub(crate) body_timeout: Option<Spanned<String>>,
     pub(crate) max_connections: Option<Spanned<u32>>,
     pub(crate) max_buffered: Option<Spanned<RawSize>>,
+    pub(crate) resolve_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -173,6 +174,15 @@ pub(crate) struct RawRoute {
     pub(crate) refund_on: Option<Spanned<Vec<Spanned<String>>>>,
     /// Value source → the values that satisfy it (a string or a list).
     pub(crate) when: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
+    pub(crate) max_duration_by_type: Option<BTreeMap<String, Spanned<String>>>,
+    pub(crate) url_args: Option<Vec<Spanned<RawUrlArg>>>,
+}
+
+/// `url_args = [{ pointers = ["/params/arguments/sourceUrls"] }]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUrlArg {
+    pub(crate) pointers: Vec<String>,
 }
 
 /// `job = { id = "..." }` and `job_cancel = { id = "..." }`.

@@ -1,6 +1,7 @@
 //! Steps 0, 2, 3 and 4: the request target in normal form, the caller and
 //! its plan, then the checks that refuse before any limit is counted (plan
-//! gating, declared body size, argument limits). None consumes quota.
+//! gating, declared body size, media durations, argument limits, fetchable
+//! URLs, the request's cost). None consumes quota.
 
 use std::sync::Arc;
 
@@ -11,11 +12,14 @@ use http::{Method, Uri};
 
 use super::forward::content_type;
 use super::Identified;
+use crate::body::{multipart_boundary, BodyTooLarge, MultipartScanner};
 use crate::config::{Format, Policy, Route};
 use crate::identity::{AuthError, Caller};
+use crate::inspect::BodyProblem;
 use crate::inspect::{content_length, Budget, ReadLimits, RequestBody};
 use crate::mcp;
-use crate::responses::Refusal;
+use crate::media::MediaProblem;
+use crate::responses::{MediaTooLong, Refusal};
 use crate::values::RequestValues;
 
 /// Most header fields a request may carry, HTTP/1.1 and HTTP/2 alike.
@@ -99,21 +103,97 @@ pub(super) async fn check_admission(
             route: route.name.clone(),
         });
     }
+    if !route.media.is_empty() {
+        check_media(policy, budget, route, headers, whole, body).await?;
+    }
     let cost_reads_json = route.cost.as_ref().is_some_and(|c| c.needs_json());
-    if !route.arg_limits.is_empty() || route.job.needs_request_json() || cost_reads_json {
+    let reads_json = !route.arg_limits.is_empty()
+        || !route.url_args.is_empty()
+        || route.job.needs_request_json()
+        || cost_reads_json;
+    if reads_json {
         let subject = route.mcp_tool.as_deref().unwrap_or(&route.name);
         let limits = ReadLimits {
             max: policy.server.mcp_max_body,
             idle: policy.server.body_timeout,
             budget,
         };
-        return match body.json(headers, limits).await {
-            Ok(message) => mcp::check_args(&route.arg_limits, message, subject)
-                .map_err(Refusal::InvalidArguments),
-            Err(problem) => Err(problem.refusal(route.format == Format::Mcp, &route.name)),
+        let message = match body.json(headers, limits).await {
+            Ok(message) => message,
+            Err(problem) => return Err(problem.refusal(route.format == Format::Mcp, &route.name)),
         };
+        mcp::check_args(&route.arg_limits, message, subject).map_err(Refusal::InvalidArguments)?;
+        let resolver = crate::urls::SystemResolver;
+        let timeout = policy.server.resolve_timeout;
+        crate::urls::check_args(&route.url_args, message, &resolver, timeout)
+            .await
+            .map_err(Refusal::InvalidArguments)?;
     }
     Ok(())
+}
+
+/// `max_duration_by_type` (docs/configuration.md, "Media duration"): a
+/// body of a listed type, or any multipart body, is held (up to the
+/// route's body limit) and every listed file in it measured before anything
+/// reaches the upstream; the held bytes are forwarded as they came.
+async fn check_media(
+    policy: &Policy,
+    budget: &Arc<Budget>,
+    route: &Route,
+    headers: &HeaderMap,
+    whole: BodyTooLarge,
+    body: &mut RequestBody,
+) -> Result<(), Refusal> {
+    let Some(ct) = content_type(headers) else {
+        return Ok(());
+    };
+    let media = crate::body::media_type(ct);
+    let multipart = media == "multipart/form-data";
+    if !multipart && route.media.for_type(&media).is_none() {
+        return Ok(());
+    }
+    let limits = ReadLimits {
+        max: whole.limit,
+        idle: policy.server.body_timeout,
+        budget,
+    };
+    let too_large = |limit: u64, pattern: Option<String>| Refusal::PayloadTooLarge {
+        limit,
+        pattern,
+        route: route.name.clone(),
+    };
+    let bytes = match body.hold(headers, limits).await {
+        Ok(bytes) => bytes,
+        Err(BodyProblem::TooLarge(_)) => return Err(too_large(whole.limit, whole.pattern)),
+        Err(problem) => return Err(problem.refusal(false, &route.name)),
+    };
+    // Each part's own size limit, before anything is forwarded.
+    if let Some(boundary) = multipart.then(|| multipart_boundary(ct)).flatten() {
+        let mut scanner = MultipartScanner::new(&boundary, route.body.clone());
+        if let Some(over) = scanner.feed(bytes) {
+            return Err(too_large(over.limit, over.pattern));
+        }
+    }
+    crate::media::check(bytes, ct, &route.media)
+        .await
+        .map_err(|problem| match problem {
+            MediaProblem::TooLong {
+                what,
+                seconds,
+                limit,
+            } => Refusal::MediaTooLong(Box::new(MediaTooLong {
+                what,
+                duration_seconds: seconds,
+                limit_seconds: limit,
+                route: route.name.clone(),
+            })),
+            MediaProblem::Unreadable { what, reason } => Refusal::UnreadableMedia {
+                what,
+                reason,
+                route: route.name.clone(),
+            },
+            MediaProblem::Malformed(m) => Refusal::BadRequest(m),
+        })
 }
 
 /// What the request costs on `route` (docs/configuration.md, "Cost"): 1
