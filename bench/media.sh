@@ -98,10 +98,15 @@ python3 "$work/client.py" "$plain,$checked" "$work/upload.mp3" 2 1 >/dev/null   
 mapfile -t lines < <(taskset -c 1 python3 "$work/client.py" "$plain,$checked" "$work/upload.mp3" "$UPLOADS" 1)
 read -r ms_plain bad_plain <<<"${lines[0]}"
 read -r ms_checked bad_checked <<<"${lines[1]}"
+# Memory: fresh processes, then 4 uploads at once (twice), peak RSS.
+kill "$plain_pid" "$checked_pid"; wait "$plain_pid" "$checked_pid" 2>/dev/null || true
+RUST_LOG=off taskset -c 0 ./target/release/turnstile --threads 1 --config "$work/plain.toml" & pids+=($!); plain_pid=$!
+RUST_LOG=off taskset -c 0 ./target/release/turnstile --threads 1 --config "$work/checked.toml" & pids+=($!); checked_pid=$!
+for p in $plain $checked; do wait_port "$p"; done
 taskset -c 1 python3 "$work/client.py" "$plain" "$work/upload.mp3" 8 4 >/dev/null
 taskset -c 1 python3 "$work/client.py" "$checked" "$work/upload.mp3" 8 4 >/dev/null
 printf '\n%-8s %10s %8s %22s\n' config 'median ms' 'non-200' 'peak RSS, 4 at once'
 printf '%-8s %10s %8s %18s MiB\n' plain "$ms_plain" "$bad_plain" "$(( $(hwm "$plain_pid") / 1024 ))"
 printf '%-8s %10s %8s %18s MiB\n' checked "$ms_checked" "$bad_checked" "$(( $(hwm "$checked_pid") / 1024 ))"
 python3 -c "print('checked / plain: %.2fx the time per %.1f MB upload (%+.1f ms)' % ($ms_checked / $ms_plain, $size / 1e6, $ms_checked - $ms_plain))"
-echo "($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $UPLOADS uploads per target, alternating, one at a time, medians; then 4 at once for the peak RSS)"
+echo "($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $UPLOADS uploads per target, alternating, one at a time, medians; then 4 at once on fresh processes for the peak RSS)"

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{HeaderMap, CONTENT_ENCODING, CONTENT_LENGTH};
 use http::StatusCode;
 use http_body_util::BodyExt;
@@ -192,22 +192,16 @@ async fn read_whole(
     limits: ReadLimits<'_>,
 ) -> Result<(Bytes, Reservation), BodyProblem> {
     let mut held = Reservation::new(limits.budget);
-    let mut buf = BytesMut::new();
-    // A declared length is allocated once (taken from the budget first, so a
-    // length declared and never sent still counts); growth past it as it comes.
+    let mut buf: Vec<u8> = Vec::new();
+    // The budget counts bytes received, never bytes merely declared. The
+    // buffer for a declared length is reserved once, when its first bytes
+    // arrive (exact, instead of doubling and copying as it grows; pages the
+    // client never fills are never touched, so they cost no memory).
     let declared = hyper::body::Body::size_hint(&incoming)
         .exact()
         .unwrap_or(0)
         .min(limits.max);
-    if declared > 0 {
-        if !held.grow(declared) {
-            return Err(BodyProblem::Overloaded(
-                limits.budget.max.load(Ordering::Relaxed),
-            ));
-        }
-        buf.reserve(usize::try_from(declared).unwrap_or(0));
-    }
-    let mut accounted = declared;
+    let declared = usize::try_from(declared).unwrap_or(0);
     loop {
         let frame = match tokio::time::timeout(limits.idle, incoming.frame()).await {
             Err(_) => return Err(BodyProblem::Stalled(limits.idle)),
@@ -218,21 +212,21 @@ async fn read_whole(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let total = buf.len() as u64 + data.len() as u64;
-        if total > limits.max {
+        let len = data.len() as u64;
+        if buf.len() as u64 + len > limits.max {
             return Err(BodyProblem::TooLarge(limits.max));
         }
-        if total > accounted {
-            if !held.grow(total - accounted) {
-                return Err(BodyProblem::Overloaded(
-                    limits.budget.max.load(Ordering::Relaxed),
-                ));
-            }
-            accounted = total;
+        if !held.grow(len) {
+            return Err(BodyProblem::Overloaded(
+                limits.budget.max.load(Ordering::Relaxed),
+            ));
+        }
+        if buf.capacity() == 0 {
+            buf.reserve_exact(declared.max(data.len()));
         }
         buf.extend_from_slice(&data);
     }
-    Ok((buf.freeze(), held))
+    Ok((Bytes::from(buf), held))
 }
 
 impl RequestBody {
