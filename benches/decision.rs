@@ -62,6 +62,7 @@ fn checks<'a>(subject: &Subject, rules: &'a [Rule]) -> smallvec::SmallVec<[Limit
             rule,
             queue: None,
             pinned: false,
+            shadow: false,
             units: 1,
         })
         .collect()

@@ -63,6 +63,7 @@ fn jobs(keys: u64) {
             rule: &rule,
             queue: None,
             pinned: false,
+            shadow: false,
             units: 1,
         }];
         for j in 0..5 {
@@ -125,6 +126,7 @@ fn main() {
                     rule: &minute,
                     queue: None,
                     pinned: false,
+                    shadow: false,
                     units: 1,
                 },
                 LimitCheck {
@@ -134,6 +136,7 @@ fn main() {
                     rule: &day,
                     queue: None,
                     pinned: false,
+                    shadow: false,
                     units: 1,
                 },
             ];

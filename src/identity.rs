@@ -239,6 +239,13 @@ impl IdentitySettings {
         }
     }
 
+    /// The fingerprint of the key a request presents, usable or not (for
+    /// the log line of a 401); `None` when it presents none, or several.
+    pub fn presented(&self, headers: &HeaderMap, query: Option<&str>) -> Option<Fingerprint> {
+        let key = self.extract(headers, query).ok()?;
+        Some(Fingerprint::of(&digest(&key)))
+    }
+
     /// The key from the first configured source that is present. Any other
     /// credential in the request (a second `Authorization` header, a second
     /// value of a key header or query parameter, a key in another configured

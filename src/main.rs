@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc: a proxied request makes a dozen small short-lived allocations
@@ -26,15 +26,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "A rate-limiting reverse proxy for generation APIs"
 )]
 struct Cli {
-    /// The config file.
-    #[arg(
-        long,
-        short,
-        global = true,
-        env = "TURNSTILE_CONFIG",
-        default_value = "config/turnstile.toml"
-    )]
-    config: PathBuf,
+    #[command(flatten)]
+    config: ConfigArg,
     /// Log output format.
     #[arg(
         long,
@@ -51,6 +44,23 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// `--config`, on the commands that read one (not on `example-api`).
+#[derive(Debug, Clone, Args)]
+struct ConfigArg {
+    /// The config file [default: config/turnstile.toml].
+    #[arg(long, short, env = "TURNSTILE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// This command's `--config`, else the one given before the command.
+    fn or(self, outer: ConfigArg) -> PathBuf {
+        self.config
+            .or(outer.config)
+            .unwrap_or_else(|| PathBuf::from("config/turnstile.toml"))
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Pretty,
@@ -60,11 +70,16 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate the config (and keys file) and print the routes × plans table.
-    Check,
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Probe a running turnstile: `GET /healthz` on the admin listener of
     /// the config (loopback for a wildcard bind); exit 0 only on a 200.
     /// Without `[admin]`, checks that the proxy port accepts connections.
     Health {
+        #[command(flatten)]
+        config: ConfigArg,
         /// Probe this address instead of the one in the config.
         #[arg(long)]
         addr: Option<SocketAddr>,
@@ -90,11 +105,18 @@ fn main() -> ExitCode {
     if let Some(Command::Health {
         addr: Some(addr),
         timeout,
+        ..
     }) = cli.command
     {
         return health(turnstile::admin::probe_healthz(addr, timeout));
     }
-    let policy = match turnstile::load(&cli.config) {
+    let config_path = match &cli.command {
+        Some(Command::Check { config }) | Some(Command::Health { config, .. }) => {
+            config.clone().or(cli.config.clone())
+        }
+        _ => cli.config.clone().or(ConfigArg { config: None }),
+    };
+    let policy = match turnstile::load(&config_path) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
@@ -102,11 +124,11 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Check) => {
+        Some(Command::Check { .. }) => {
             print!("{}", policy.table());
             println!(
                 "{}: OK ({} routes, {} plans)",
-                cli.config.display(),
+                config_path.display(),
                 policy.routes.len(),
                 policy.plans.len()
             );
@@ -195,7 +217,10 @@ async fn serve(policy: turnstile::Policy) -> std::io::Result<()> {
     let server = turnstile::Server::bind(policy, Arc::new(turnstile::SystemClock))
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
-    tracing::info!(listen = %server.local_addr()?, admin = ?server.admin_addr(), %upstream, "turnstile listening");
+    let admin = server
+        .admin_addr()
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(listen = %server.local_addr()?, %admin, %upstream, "turnstile listening");
     let app = server.app().clone();
     #[cfg(unix)]
     tokio::spawn(async move {

@@ -46,6 +46,11 @@ struct RefundLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ShadowLabels {
+    limit: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
 }
@@ -81,6 +86,7 @@ pub struct Metrics {
     jobs_ended: Family<HowLabels, Counter>,
     credits_spent: Family<RouteLabels, Counter>,
     refunds: Family<RefundLabels, Counter>,
+    shadow_refusals: Family<ShadowLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
     snapshots: Family<OutcomeLabels, Counter>,
     store_errors: Counter,
@@ -186,6 +192,12 @@ impl Metrics {
                 "Exchanges refunded by refund_on, by route and reason (5xx, connect, timeout, or the status)",
                 Family::<RefundLabels, Counter>::default(),
             ),
+            shadow_refusals: register(
+                reg,
+                "shadow_refusals",
+                "Requests a shadow limit would have refused (they were not refused), by limit",
+                Family::<ShadowLabels, Counter>::default(),
+            ),
             reloads: register(reg, "reloads", "Config reloads by outcome (ok, error)", Family::default()),
             snapshots: register(
                 reg,
@@ -217,6 +229,15 @@ impl Metrics {
                 route: Name(route.clone()),
             })
             .inc_by(n);
+    }
+
+    /// Counts one request the shadow limit `limit` would have refused.
+    pub fn shadow_refused(&self, limit: &Arc<str>) {
+        self.shadow_refusals
+            .get_or_create(&ShadowLabels {
+                limit: Name(limit.clone()),
+            })
+            .inc();
     }
 
     /// Counts one exchange refunded on `route` for `reason`.

@@ -763,7 +763,9 @@ pub fn write_rate_headers(
 pub fn refusing<'a, 'b>(checked: &'a [Checked<'b>]) -> Option<&'a Checked<'b>> {
     checked
         .iter()
-        .filter(|c| !c.verdict.admitted && !matches!(c.spec.rule, Rule::Credits(_)))
+        .filter(|c| {
+            !c.verdict.admitted && !c.spec.shadow && !matches!(c.spec.rule, Rule::Credits(_))
+        })
         .reduce(|best, c| {
             if c.verdict.retry_at > best.verdict.retry_at {
                 c
@@ -814,7 +816,7 @@ pub fn rate_limited(
     let Checked { spec, verdict: v } = *refusing(checked)?;
     let retry_at = checked
         .iter()
-        .filter(|c| !c.verdict.admitted)
+        .filter(|c| !c.verdict.admitted && !c.spec.shadow)
         .map(|c| c.verdict.retry_at)
         .max()
         .unwrap_or(v.retry_at);

@@ -37,7 +37,13 @@ fn check_prints_the_routes_by_plans_table() {
         .find(|l| l.starts_with("txt2video "))
         .unwrap();
     assert!(
-        txt2video.contains("minute 1/1m; daily 15/1d") && txt2video.contains("minute 300/1m"),
+        txt2video.contains("minute 1/1m per route; daily 15/1d per route")
+            && txt2video.contains("minute 300/1m per route"),
+        "{txt2video}"
+    );
+    // Body limits and media durations have their column.
+    assert!(
+        txt2video.contains("25 MB, audio/* 10 MB, image/* 10 MB, video/* 10 MB, audio/* 600 min"),
         "{txt2video}"
     );
     assert!(stdout.contains("OK (18 routes, 2 plans)"), "{stdout}");

@@ -415,3 +415,73 @@ window = "1m"
         (401, r#"{"why":"no key"}"#, "Bearer")
     );
 }
+
+#[tokio::test]
+async fn a_shadow_limit_counts_and_reports_but_never_refuses() {
+    let up = Upstream::start().await;
+    let config = r#"
+[upstream]
+url = "{upstream}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[routes]]
+name = "gen"
+path = "/gen"
+
+[plans.free]
+[[plans.free.limits]]
+name = "minute"
+requests = 100
+window = "1m"
+
+[[plans.free.limits]]
+name = "trial-daily"
+requests = 2
+window = "1d"
+shadow = true
+"#;
+    let p = Proxy::start(config, &up).await;
+    let mut last = None;
+    for _ in 0..5 {
+        let got = call("GET", &p.url("/gen"), Some("k")).await;
+        assert_eq!(got.status, 200, "a shadow limit never refuses");
+        last = Some(got);
+    }
+    let last = last.unwrap();
+    // Reported as usual: it is the limit with the least left.
+    assert_eq!(
+        (last.h("x-ratelimit-limit"), last.h("x-ratelimit-remaining")),
+        ("2", "0")
+    );
+    assert!(last.header("x-ratelimit-type").is_none());
+    assert_eq!(up.hits(), 5);
+    let usage = call("GET", &p.admin_url("/v1/usage?key=k"), None)
+        .await
+        .json();
+    let trial = usage["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "trial-daily")
+        .cloned()
+        .unwrap();
+    assert_eq!(trial["used"], 5, "counted past its figure: {usage}");
+    let metrics = call("GET", &p.admin_url("/metrics"), None).await.body;
+    assert!(
+        metrics.contains("turnstile_shadow_refusals_total{limit=\"trial-daily\"} 3"),
+        "{metrics}"
+    );
+    // A real limit still refuses, and names itself, not the shadow.
+    let config_tight = config.replace("requests = 100", "requests = 6");
+    let q = Proxy::start(&config_tight, &up).await;
+    for _ in 0..6 {
+        assert_eq!(call("GET", &q.url("/gen"), Some("k")).await.status, 200);
+    }
+    let refused = call("GET", &q.url("/gen"), Some("k")).await;
+    assert_eq!(
+        (refused.status, refused.h("x-ratelimit-type")),
+        (429, "minute")
+    );
+}

@@ -379,4 +379,24 @@ async fn admin_usage_reset_metrics_and_token() {
             && line.contains("\"status\":429"),
         "{line}"
     );
+    // A 401 line names the presented key by its fingerprint, never the key.
+    assert_eq!(
+        call("GET", &b.url("/gen"), Some("stolen-key-42"))
+            .await
+            .status,
+        401
+    );
+    let fp = turnstile::identity::Fingerprint::of(&turnstile::identity::digest("stolen-key-42"));
+    let line = b.log_line("unknown API key").await;
+    assert!(
+        line.contains(&format!("\"key_fp\":\"{}\"", fp.as_str()))
+            && !line.contains("stolen-key-42"),
+        "{line}"
+    );
+    // The startup line prints the listeners plainly.
+    let start = b.log_line("turnstile listening").await;
+    assert!(
+        start.contains(&format!("\"admin\":\"127.0.0.1:{}\"", b.admin_port)),
+        "{start}"
+    );
 }

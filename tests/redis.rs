@@ -777,6 +777,13 @@ name = "daily-spend"
 window = "1d"
 requests = 1000
 count = "cost"
+
+# Would refuse all but the first request of each minute: never enforced.
+[[plans.p.limits]]
+name = "watching"
+window = "1m"
+requests = 1
+shadow = true
 "#;
 
 async fn shared_balance(p: &Proxy) -> i64 {

@@ -247,6 +247,7 @@ fn rows_of<'p>(policy: &'p Policy, key: &KeyView, only: Option<Per>, out: &mut V
                     rule: &spec.rule,
                     queue: None,
                     pinned: true,
+                    shadow: false,
                     units: 1,
                 },
             });

@@ -1066,7 +1066,25 @@ fn compile_limit(
                 .count
                 .as_ref()
                 .is_some_and(|c| *c.get_ref() == RawCount::Cost),
+        shadow: shadow(src, raw, &rule)?,
     })
+}
+
+/// `shadow = true`: quotas over time only (a slot, a job or a balance that
+/// never refuses would be taken and never checked).
+fn shadow(src: &Source, raw: &RawLimit, rule: &crate::limits::Rule) -> Result<bool, ConfigError> {
+    match &raw.shadow {
+        Some(s) if *s.get_ref() && !rule.is_quota() => Err(src.at(
+            s.span(),
+            format!(
+                "limit {:?}: shadow applies to fixed, rolling and bucket limits, not {}",
+                raw.name.get_ref(),
+                rule.kind_name()
+            ),
+        )),
+        Some(s) => Ok(*s.get_ref()),
+        None => Ok(false),
+    }
 }
 
 /// A limit being applied to the routes it covers.
@@ -1299,7 +1317,7 @@ impl Policy {
     /// The routes × plans table printed by `turnstile check`.
     pub fn table(&self) -> String {
         let mut rows: Vec<Vec<String>> = Vec::new();
-        let mut header = vec!["route".to_owned(), "match".to_owned()];
+        let mut header = vec!["route".to_owned(), "match".to_owned(), "body".to_owned()];
         header.extend(self.plans.iter().map(|p| p.name.to_string()));
         rows.push(header);
         for (i, r) in self.routes.iter().enumerate() {
@@ -1324,7 +1342,14 @@ impl Policy {
                 }
                 None => {}
             }
-            let mut row = vec![r.name.to_string(), matched];
+            let mut body = display_size(r.body.max);
+            for (pattern, limit) in &r.body.by_type {
+                let _ = write!(body, ", {pattern} {}", display_size(*limit));
+            }
+            for (pattern, secs) in &r.media.by_type {
+                let _ = write!(body, ", {pattern} {}", crate::media::shown(*secs, *secs));
+            }
+            let mut row = vec![r.name.to_string(), matched, body];
             for (plan_index, p) in self.plans.iter().enumerate() {
                 let cell = if !r.auth {
                     "public".to_owned()

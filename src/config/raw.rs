@@ -289,6 +289,7 @@ pub(crate) struct RawLimit {
     pub(crate) grant: Option<Spanned<i64>>,
     pub(crate) refill: Option<Spanned<String>>,
     pub(crate) count: Option<Spanned<RawCount>>,
+    pub(crate) shadow: Option<Spanned<bool>>,
 }
 
 /// `count = "requests" | "cost"` on fixed, rolling and bucket limits.

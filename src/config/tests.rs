@@ -113,6 +113,8 @@ fn cost_credits_refund_and_when_errors_point_at_the_value() {
         "limit \"c\": `count` does not apply to a credits limit"
     );
     let msg = limit("name = \"c\"\nkind = \"credits\"\ngrant = 5\nrefill = \"1.5s\"");
+    assert!(msg.contains("ms, s, m, h, d or w"), "{msg}");
+    let msg = limit("name = \"c\"\nkind = \"credits\"\ngrant = 5\nrefill = \"1500ms\"");
     assert!(msg.contains("whole number of seconds"), "{msg}");
     let msg = limit("name = \"c\"\nkind = \"concurrency\"\nmax = 1\ncount = \"cost\"");
     assert_eq!(

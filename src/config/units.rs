@@ -4,15 +4,40 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Parses `"250ms"`, `"10s"`, `"1m"`, `"30m"`, `"1h"`, `"1d"`, `"7d"` (any
-/// combination `humantime` accepts, e.g. `"1h 30m"`).
+/// The units a duration may use: milliseconds, seconds, minutes, hours,
+/// days, weeks. (humantime also reads `M` as a 30-day month, `min`,
+/// `minute`, `y`...: refused here, so a config means one thing.)
+const DURATION_UNITS: [&str; 6] = ["ms", "s", "m", "h", "d", "w"];
+
+/// What a duration error says is accepted.
+const DURATION_HELP: &str = "a whole number with ms, s, m, h, d or w, or several together, e.g. \"250ms\", \"30s\", \"1m\", \"1h30m\", \"7d\", \"2w\"";
+
+/// Parses `"250ms"`, `"10s"`, `"1m"`, `"1h30m"`, `"1d"`, `"2w"`: whole
+/// numbers with one of [`DURATION_UNITS`] each, written together without
+/// spaces (the value itself computed by `humantime`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
-        return Err("empty duration: expected e.g. \"10s\", \"1m\", \"1h\", \"1d\"".into());
+        return Err(format!("empty duration: expected {DURATION_HELP}"));
+    }
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let after = &rest[digits..];
+        let unit_len = after.len()
+            - after
+                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+                .len();
+        let unit = &after[..unit_len];
+        if digits == 0 || !DURATION_UNITS.contains(&unit) {
+            return Err(format!(
+                "invalid duration {text:?}: expected {DURATION_HELP}"
+            ));
+        }
+        rest = &after[unit_len..];
     }
     humantime::parse_duration(text)
-        .map_err(|e| format!("invalid duration {text:?}: {e} (expected e.g. \"250ms\", \"10s\", \"1m\", \"1h\", \"1d\")"))
+        .map_err(|e| format!("invalid duration {text:?}: {e} (expected {DURATION_HELP})"))
 }
 
 /// A size as written in the config: integer bytes or a string with a unit.
@@ -112,5 +137,37 @@ mod tests {
         assert!(parse_rate("0/s").is_err());
         assert!(parse_rate("10").is_err());
         assert!(parse_rate("x/s").is_err());
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+
+    #[test]
+    fn durations_use_the_documented_units_only() {
+        for (text, secs) in [
+            ("250ms", 0.25),
+            ("30s", 30.0),
+            ("1m", 60.0),
+            ("1h30m", 5400.0),
+            ("7d", 604_800.0),
+            ("2w", 1_209_600.0),
+            (" 10s ", 10.0),
+            ("1m30s500ms", 90.5),
+        ] {
+            assert_eq!(
+                parse_duration(text).map(|d| d.as_secs_f64()),
+                Ok(secs),
+                "{text}"
+            );
+        }
+        for bad in [
+            "1M", "1 minute", "1min", "1 m", "1y", "1.5s", "s", "10", "-1s", "1h 30m", "month",
+            "1µs",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("ms, s, m, h, d or w"), "{bad}: {e}");
+        }
     }
 }

@@ -41,6 +41,8 @@ pub struct LimitSpec {
     /// Whether a request counts its cost rather than 1 (`count = "cost"`,
     /// and every credits balance).
     pub counts_cost: bool,
+    /// `shadow = true`: counted and reported as usual, never refusing.
+    pub shadow: bool,
 }
 
 impl LimitSpec {
@@ -53,13 +55,27 @@ impl LimitSpec {
     /// One line for `turnstile check`.
     pub fn summary(&self) -> String {
         let queue = if self.queue.is_some() { " +queue" } else { "" };
+        let queue = if self.shadow {
+            if queue.is_empty() {
+                " (shadow)"
+            } else {
+                " +queue (shadow)"
+            }
+        } else {
+            queue
+        };
         let cost = if self.counts_cost && self.rule.is_quota() {
             " (cost)"
         } else {
             ""
         };
+        let per = match self.per {
+            Per::Account => " per account",
+            Per::Key => "",
+        };
+        let per_route = if self.per_route { " per route" } else { "" };
         format!(
-            "{}{cost}{queue}",
+            "{}{cost}{per}{per_route}{queue}",
             self.rule.summary(&self.name, &self.window_text)
         )
     }

@@ -44,6 +44,22 @@ impl Turnstile {
                 verdict,
             })
             .collect();
+        for c in checked
+            .iter()
+            .filter(|c| c.spec.shadow && !c.verdict.admitted)
+        {
+            self.metrics.shadow_refused(&c.spec.name);
+            if !self.refusal_log.admit("shadow", d.now) {
+                continue;
+            }
+            tracing::info!(
+                route = &*route.name,
+                plan = &*who.plan.name,
+                key_fp = who.caller.fingerprint.as_str(),
+                limit = &*c.spec.name,
+                "shadow limit would refuse (not enforced)"
+            );
+        }
         let refusal = (!d.admitted).then(|| {
             if let Some(c) = checked
                 .iter()
@@ -151,6 +167,7 @@ fn limit_checks<'p>(
                 rule: &spec.rule,
                 queue: spec.queue,
                 pinned: caller.registered,
+                shadow: spec.shadow,
                 units: if spec.counts_cost { cost } else { 1 },
             }
         })

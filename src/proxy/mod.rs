@@ -114,6 +114,8 @@ struct Exchange<'a> {
     caller: Option<Caller>,
     /// The caller and its plan, once identified.
     who: Option<Identified<'a>>,
+    /// The fingerprint of a key that was refused (401), for its log line.
+    refused_key: Option<crate::identity::Fingerprint>,
     /// The request's JSON-RPC id, once its body was read.
     rpc_id: Option<Value>,
     /// What the request costs (1 unless the route has a `cost`).
@@ -249,6 +251,7 @@ impl Turnstile {
             route: None,
             caller: None,
             who: None,
+            refused_key: None,
             rpc_id: None,
             cost: 1,
             decided: None,
@@ -294,6 +297,9 @@ impl Turnstile {
             Some(caller) => Ok(caller),
             None => policy.identity.identify(&parts.headers, parts.uri.query()),
         };
+        if caller.is_err() {
+            cx.refused_key = policy.identity.presented(&parts.headers, parts.uri.query());
+        }
         let who = cx.who.insert(admission::identified(policy, caller)?);
 
         // 3-4. Plan gating, body size (before reading the body), argument
@@ -456,7 +462,9 @@ impl Turnstile {
     ) -> Response<Body> {
         let who = cx.who.as_ref();
         let plan = who.map_or("", |w| &*w.plan.name);
-        let key_fp = who.map(|w| w.caller.fingerprint.as_str());
+        let key_fp = who
+            .map(|w| w.caller.fingerprint.as_str())
+            .or(cx.refused_key.as_ref().map(|f| f.as_str()));
         let limit = match refusal {
             Refusal::RateLimited(r) => Some(&*r.name),
             _ => None,

@@ -52,6 +52,8 @@ impl Turnstile {
                         Err(e) => {
                             // Refused on the route it would have matched.
                             cx.route = Some(r);
+                            cx.refused_key =
+                                policy.identity.presented(&parts.headers, parts.uri.query());
                             return Err(Refusal::Unauthorized(e));
                         }
                     }

@@ -287,7 +287,11 @@ impl Inner {
                 reserved_check,
                 (&mut verdicts, &mut slots),
             );
-            if !verdicts.iter().all(|v| v.admitted) {
+            if !verdicts
+                .iter()
+                .zip(checks)
+                .all(|(v, c)| v.admitted || c.shadow)
+            {
                 return refused(guards, &slots, checks, now, verdicts);
             }
             let lease = self.record_all(guards, &slots, checks, now, reserved_check);
@@ -480,7 +484,7 @@ fn refused(
         *v = v.uncounted(c.units);
     }
     let refusing: SmallVec<[usize; 4]> = (0..checks.len())
-        .filter(|&i| !verdicts[i].admitted)
+        .filter(|&i| !verdicts[i].admitted && !checks[i].shadow)
         .collect();
     let refused = Decision {
         now,

@@ -86,6 +86,9 @@ pub struct LimitCheck<'a> {
     /// What the request counts against this limit: 1, or its cost for a
     /// credits balance and a `count = "cost"` limit.
     pub units: u32,
+    /// `shadow = true`: counted and reported, but its refusal does not
+    /// refuse the request.
+    pub shadow: bool,
 }
 
 /// `[store]` settings of the Redis backend.
@@ -223,6 +226,7 @@ impl OwnedCheck {
             rule: &self.rule,
             queue: None,
             pinned: false,
+            shadow: false,
             units: self.units,
         }
     }

@@ -443,7 +443,11 @@ impl RedisStore {
             .arg(inner.settings.lease.as_millis() as u64);
         for c in checks {
             let (kind, a, b) = c.rule.redis_args();
-            inv.arg(kind).arg(a).arg(b).arg(c.units);
+            inv.arg(kind)
+                .arg(a)
+                .arg(b)
+                .arg(c.units)
+                .arg(u8::from(c.shadow));
         }
         let out: Vec<i64> = inner.call(inv).await?;
         let (admitted, now, expired, verdicts) = parse_decision(&out, checks.len())?;
@@ -776,7 +780,7 @@ impl Store for RedisStore {
             // A request refused only by a queued concurrency limit waits,
             // retrying until a slot frees or max_wait passes.
             let refusing: Vec<usize> = (0..checks.len())
-                .filter(|&i| !d.verdicts[i].admitted)
+                .filter(|&i| !d.verdicts[i].admitted && !checks[i].shadow)
                 .collect();
             let queue = match refusing[..] {
                 [i] if checks[i].rule.holds_slot() => checks[i].queue,

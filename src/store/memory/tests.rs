@@ -28,6 +28,7 @@ fn all_or_nothing_across_limits_and_subjects() {
                 rule: &minute,
                 queue: None,
                 pinned: false,
+                shadow: false,
                 units: 1,
             },
             LimitCheck {
@@ -37,6 +38,7 @@ fn all_or_nothing_across_limits_and_subjects() {
                 rule: &daily,
                 queue: None,
                 pinned: false,
+                shadow: false,
                 units: 1,
             },
         ]
@@ -71,6 +73,7 @@ fn idle_counters_are_evicted_after_their_window() {
             rule: &minute,
             queue: None,
             pinned: false,
+            shadow: false,
             units: 1,
         }];
         store.decide_at(&c, clock.now());
@@ -102,6 +105,7 @@ fn concurrent_threads_never_over_admit() {
                         rule: &rule,
                         queue: None,
                         pinned: false,
+                        shadow: false,
                         units: 1,
                     }];
                     if store.decide_at(&c, clock.now()).admitted {
@@ -132,6 +136,7 @@ async fn a_panicking_exchange_gives_its_slot_back() {
             rule: &rule,
             queue: None,
             pinned: false,
+            shadow: false,
             units: 1,
         }]
     };
@@ -167,6 +172,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             rule: &rule,
             queue,
             pinned: false,
+            shadow: false,
             units: 1,
         }])
         .await
@@ -185,6 +191,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             rule: &rule,
             queue,
             pinned: false,
+            shadow: false,
             units: 1,
         }])
         .await
@@ -203,6 +210,7 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             rule: &rule,
             queue: None,
             pinned: false,
+            shadow: false,
             units: 1,
         }],
         clock.now(),
@@ -239,6 +247,7 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
             rule: &minute,
             queue: None,
             pinned: false,
+            shadow: false,
             units: 1,
         },
         LimitCheck {
@@ -248,6 +257,7 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
             rule: &daily,
             queue: None,
             pinned: false,
+            shadow: false,
             units: 1,
         },
         LimitCheck {
@@ -257,6 +267,7 @@ fn snapshots_restore_live_counters_and_drop_expired_ones() {
             rule: &slots,
             queue: None,
             pinned: false,
+            shadow: false,
             units: 1,
         },
     ];
@@ -309,6 +320,7 @@ fn reset_and_retain_keep_slots_in_use() {
             rule: &minute,
             queue: None,
             pinned: false,
+            shadow: false,
             units: 1,
         },
         LimitCheck {
@@ -318,6 +330,7 @@ fn reset_and_retain_keep_slots_in_use() {
             rule: &slots,
             queue: None,
             pinned: false,
+            shadow: false,
             units: 1,
         },
     ];
@@ -358,6 +371,7 @@ fn a_flood_of_distinct_keys_stays_under_max_counters_keeping_registered_keys() {
         rule,
         queue: None,
         pinned,
+        shadow: false,
         units: 1,
     };
     let paying = Subject::Account("paying".into());
