@@ -12,6 +12,8 @@
 #   priced   + cost by model from the JSON body, a credits balance, and the
 #            daily limit counting cost: the body is read and parsed to price
 #   when     + a json: condition on the route: the body is read and parsed to route
+#   access   + [log] access = true, JSON lines written (to /dev/null) by the
+#            writer thread, which shares CPU 0 with the worker
 #
 # windows and when run with a 1 KB and a 16 KB body: the difference between
 # their extra costs is what reading and parsing a body costs per KB. Runs are
@@ -83,7 +85,7 @@ with open(sys.argv[1], "w") as f:
         f.write(f'[[keys]]\nkey = "bench-key-{i}"\nplan = "bench"\n\n')
 PY
 declare -A port
-for c in windows jobs priced when; do port[$c]=$(free_port); done
+for c in windows jobs priced when access; do port[$c]=$(free_port); done
 conf "${port[windows]}" "" "" "" > "$work/windows.toml"
 conf "${port[jobs]}" 'job = { id = "json:/id" }' "" '[[plans.bench.limits]]
 name = "jobs"
@@ -94,10 +96,12 @@ name = "credits"
 kind = "credits"
 grant = 4000000000' > "$work/priced.toml"
 conf "${port[when]}" 'when = { "json:/model" = ["flux-pro", "veo-3"] }' "" "" > "$work/when.toml"
+conf "${port[access]}" "" "" "" | sed 's/^\[server\]$/[log]\naccess = true\n[server]/' > "$work/access.toml"
 declare -A pid
 for c in windows jobs priced when; do
   RUST_LOG=off taskset -c 0 ./target/release/turnstile --threads 1 --config "$work/$c.toml" & pids+=($!); pid[$c]=$!
 done
+RUST_LOG=info taskset -c 0 ./target/release/turnstile --threads 1 --log-format json --config "$work/access.toml" >/dev/null 2>&1 & pids+=($!); pid[access]=$!
 for p in $up "${port[@]}"; do wait_port "$p"; done
 # PERF=file [PERF_TARGET=windows|jobs|priced|when]: record a profile of one target under load instead.
 if [ -n "${PERF:-}" ]; then
@@ -115,8 +119,8 @@ measure() { # port, body bytes -> "rps p99_ms non2xx"
          END {printf "%s %.3f %s\n", rps, p99, (bad==""?0:bad)}'
 }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-runs="windows:1024 jobs:1024 priced:1024 when:1024 windows:16384 when:16384"
-for c in windows jobs priced when; do BODY_BYTES=1024 taskset -c 1 wrk -t1 -c8 -d1s -s bench/post.lua "http://127.0.0.1:${port[$c]}/" >/dev/null 2>&1; done
+runs="windows:1024 jobs:1024 priced:1024 when:1024 access:1024 windows:16384 when:16384"
+for c in windows jobs priced when access; do BODY_BYTES=1024 taskset -c 1 wrk -t1 -c8 -d1s -s bench/post.lua "http://127.0.0.1:${port[$c]}/" >/dev/null 2>&1; done
 : > "$work/results"
 for _ in $(seq "$REPEAT"); do
   for run in $runs; do
@@ -134,9 +138,10 @@ for run in $runs; do
   printf '%-14s %10.0f %9.3f %8.0f\n' "$key" "$r" "$p" "$b"
   rps[$key]=$r
 done
-python3 - "${rps[windows@1024]}" "${rps[jobs@1024]}" "${rps[priced@1024]}" "${rps[when@1024]}" "${rps[windows@16384]}" "${rps[when@16384]}" <<'PY'
+python3 - "${rps[windows@1024]}" "${rps[jobs@1024]}" "${rps[priced@1024]}" "${rps[when@1024]}" "${rps[windows@16384]}" "${rps[when@16384]}" "${rps[access@1024]}" <<'PY'
 import sys
-w1, j1, p1, c1, w16, c16 = map(float, sys.argv[1:])
+w1, j1, p1, c1, w16, c16, a1 = map(float, sys.argv[1:])
+print(f"access / windows: {a1 / w1:.2f}x (one JSON access line per request)")
 print(f"jobs / windows:   {j1 / w1:.2f}x the requests per second (1 KB body)")
 print(f"priced / windows: {p1 / w1:.2f}x (cost by model from the body, credits, daily counting cost)")
 print(f"when / windows:   {c1 / w1:.2f}x with a 1 KB body, {c16 / w16:.2f}x with 16 KB")

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 #![warn(unreachable_pub)]
 
+pub mod access_log;
 pub mod admin;
 pub mod answer;
 pub mod body;

@@ -90,6 +90,7 @@ pub struct Metrics {
     reloads: Family<OutcomeLabels, Counter>,
     snapshots: Family<OutcomeLabels, Counter>,
     store_errors: Counter,
+    access_log_dropped: Counter,
     store_up: Gauge,
 }
 
@@ -122,6 +123,8 @@ pub struct StoreFigures {
     pub jobs_in_progress: i64,
     /// Jobs expired since start.
     pub jobs_expired: u64,
+    /// Access log lines dropped (the writer was behind), since start.
+    pub access_log_dropped: u64,
 }
 
 impl Metrics {
@@ -204,6 +207,12 @@ impl Metrics {
                 "snapshots",
                 "Counter snapshots written by outcome (ok, error)",
                 Family::default(),
+            ),
+            access_log_dropped: register(
+                reg,
+                "access_log_dropped",
+                "Access log lines dropped because the log writer was behind (requests never wait for it)",
+                Counter::default(),
             ),
             store_errors: register(reg, "store_errors", "Decisions the counter store could not make", Counter::default()),
             store_up: register(
@@ -320,6 +329,11 @@ impl Metrics {
         let expired = self.jobs_ended.get_or_create(&HowLabels { how: "expired" });
         expired.inc_by(figures.jobs_expired.saturating_sub(expired.get()));
         drop(expired);
+        self.access_log_dropped.inc_by(
+            figures
+                .access_log_dropped
+                .saturating_sub(self.access_log_dropped.get()),
+        );
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             let _ = writeln!(out, "# encoding failed");

@@ -400,3 +400,89 @@ async fn admin_usage_reset_metrics_and_token() {
         "{start}"
     );
 }
+
+const ACCESS: &str = r#"
+[server]
+listen = "127.0.0.1:{port}"
+
+[upstream]
+url = "{upstream}"
+
+[identity]
+keys_file = "keys.toml"
+
+[log]
+access = true
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[[routes]]
+name = "gen"
+path = "/gen"
+
+[plans.free]
+[[plans.free.limits]]
+name = "daily"
+requests = 1
+window = "1d"
+"#;
+
+/// The access log line whose `needle` field is there, as JSON.
+async fn access_line(b: &Binary, needle: &str) -> serde_json::Value {
+    let line = b.log_line(needle).await;
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+#[tokio::test]
+async fn the_access_log_has_one_line_per_exchange() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(&dir, &up, ACCESS).await;
+    let body = send(
+        req("POST", &b.url("/gen?token=secret"))
+            .header("authorization", "Bearer key-a")
+            .body(Full::new(Bytes::from_static(b"0123456789")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(body.status, 200);
+    assert_eq!(call("GET", &b.url("/gen"), Some("key-a")).await.status, 429);
+    assert_eq!(
+        call("GET", &b.url("/gen"), Some("nobody")).await.status,
+        401
+    );
+    assert_eq!(call("GET", &b.url("/elsewhere"), None).await.status, 200);
+
+    let fp =
+        |k: &str| turnstile::identity::Fingerprint::of(&turnstile::identity::digest(k)).to_string();
+    let ok = access_line(&b, "\"path\":\"/gen\",\"route\":\"gen\",\"plan\":\"free\",\"key_fp\":\"f10f7812\",\"account\":\"acme\",\"status\":200").await;
+    let f = &ok["fields"];
+    assert_eq!(f["route"], "gen", "{ok}");
+    assert_eq!(f["method"], "POST");
+    assert_eq!(f["path"], "/gen", "no query string: it may carry keys");
+    assert_eq!(f["plan"], "free");
+    assert_eq!(f["key_fp"], fp("key-a"));
+    assert_eq!(f["account"], "acme");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["bytes_in"], 10);
+    assert_eq!(f["bytes_out"], body.body.len());
+    assert!(f["upstream_ms"].as_f64().unwrap() > 0.0, "{ok}");
+    assert!(f["duration_ms"].as_f64().unwrap() >= f["upstream_ms"].as_f64().unwrap());
+    let refused = access_line(&b, "\"decision\":\"rate_limited\"").await;
+    assert_eq!(
+        (&refused["fields"]["status"], &refused["fields"]["limit"]),
+        (&serde_json::json!(429), &serde_json::json!("daily"))
+    );
+    assert!(refused["fields"]["upstream_ms"].is_null(), "{refused}");
+    let unknown = access_line(&b, "\"decision\":\"unauthorized\"").await;
+    assert_eq!(unknown["fields"]["key_fp"], fp("nobody"), "{unknown}");
+    let unmatched = access_line(&b, "\"path\":\"/elsewhere\"").await;
+    assert_eq!(unmatched["fields"]["route"], "(unmatched)");
+    assert!(
+        !b.logs().contains("secret"),
+        "the query string is never logged"
+    );
+    let m = call("GET", &b.admin("/metrics"), None).await.body;
+    assert!(m.contains("turnstile_access_log_dropped_total 0"), "{m}");
+}

@@ -57,6 +57,7 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
                 evicted: store.evicted_counters(),
                 jobs_in_progress: app.store().jobs_in_progress(),
                 jobs_expired: app.store().jobs_expired(),
+                access_log_dropped: app.access_log_dropped(),
             };
             let mut r = Response::new(full(app.metrics().render(figures)));
             r.headers_mut().insert(

@@ -149,6 +149,8 @@ pub struct StoreSettings {
 pub struct LogSettings {
     /// Most refusal log lines a second before they are summarised.
     pub refusals_per_second: u32,
+    /// One access log line per exchange (`[log] access`).
+    pub access: bool,
 }
 
 /// Validated `[admin]` settings.
@@ -352,6 +354,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
     let store = compile_store(src, &raw.store, base)?;
     let log = LogSettings {
         refusals_per_second: raw.log.refusals_per_second.unwrap_or(100),
+        access: raw.log.access.unwrap_or(false),
     };
     let admin = match &raw.admin {
         None => None,

@@ -37,6 +37,7 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawLog {
     pub(crate) refusals_per_second: Option<u32>,
+    pub(crate) access: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

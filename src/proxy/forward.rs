@@ -99,7 +99,12 @@ impl Turnstile {
         } else {
             exchange.await
         };
-        live.route_metrics(route).upstream_latency(sent.elapsed());
+        let took = sent.elapsed();
+        live.route_metrics(route).upstream_latency(took);
+        cx.upstream_us.store(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         match result {
             Ok(response) => Ok(response),
             Err(None) => Err(Refusal::UpstreamTimeout(timeout)),

@@ -15,6 +15,7 @@ pub use admission::MAX_HEADERS;
 pub use forward::{strip_hop_by_hop, Peer};
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -25,6 +26,7 @@ use hyper::body::Incoming;
 use serde_json::Value;
 use smallvec::SmallVec;
 
+use crate::access_log::{AccessLine, AccessLog, Logged};
 use crate::body::{Body, WithGuard};
 use crate::config::{ConfigError, Format, Plan, Policy, Route, Unmatched};
 use crate::cost::RefundReason;
@@ -87,6 +89,8 @@ pub struct Turnstile {
     /// Bytes of bodies held for inspection (`[server] max_buffered`).
     budget: Arc<Budget>,
     refusal_log: RefusalLog,
+    /// Started the first time a config turns the access log on.
+    access_log: std::sync::OnceLock<Option<AccessLog>>,
 }
 
 impl std::fmt::Debug for Turnstile {
@@ -122,6 +126,44 @@ struct Exchange<'a> {
     cost: u32,
     /// The limits' verdicts, once decided.
     decided: Option<Decided<'a>>,
+    /// Microseconds to the upstream's response headers (0: not asked).
+    upstream_us: AtomicU64,
+}
+
+impl Exchange<'_> {
+    /// The access log line of this exchange, as far as the pipeline knows it.
+    fn access_line(
+        &self,
+        mut line: AccessLine,
+        status: u16,
+        decision: &'static str,
+        limit: Option<Arc<str>>,
+    ) -> AccessLine {
+        line.route = self.route.map_or_else(unmatched_label, |r| r.name.clone());
+        line.plan = self.who.as_ref().map(|w| w.plan.name.clone());
+        line.key_fp = match (&self.who, &self.refused_key) {
+            (Some(w), _) => Some(w.caller.fingerprint.to_string()),
+            (None, Some(fp)) => Some(fp.to_string()),
+            (None, None) => None,
+        };
+        line.account = self.who.as_ref().and_then(|w| w.caller.account.clone());
+        line.status = status;
+        line.decision = decision;
+        line.limit = limit;
+        let us = self.upstream_us.load(Ordering::Relaxed);
+        line.upstream_ms = (us > 0).then(|| us as f64 / 1000.0);
+        line
+    }
+}
+
+/// The decision and the refusing limit of an outcome, for the access log.
+fn outcome_facts(outcome: &Result<Response<Body>, Refusal>) -> (&'static str, Option<Arc<str>>) {
+    match outcome {
+        Ok(_) => ("forwarded", None),
+        Err(Refusal::RateLimited(r)) => ("rate_limited", Some(r.name.clone())),
+        Err(Refusal::InsufficientCredits(c)) => ("insufficient_credits", Some(c.name.clone())),
+        Err(r) => (r.code(), None),
+    }
 }
 
 /// Step 5's outcome, for the rate-limit headers and refunds.
@@ -151,6 +193,7 @@ impl Turnstile {
         Self {
             budget: Budget::new(policy.server.max_buffered),
             refusal_log: RefusalLog::new(policy.log.refusals_per_second),
+            access_log: std::sync::OnceLock::new(),
             live: ArcSwap::from_pointee(Live::new(policy, &metrics)),
             store,
             metrics,
@@ -165,6 +208,30 @@ impl Turnstile {
     /// The counter store.
     pub fn store(&self) -> &CounterStore {
         &self.store
+    }
+
+    /// Access log lines dropped since start (0 without an access log).
+    pub fn access_log_dropped(&self) -> u64 {
+        self.access_log
+            .get()
+            .and_then(Option::as_ref)
+            .map_or(0, AccessLog::dropped)
+    }
+
+    /// The access log, started on first use; `None` when it is off.
+    fn access_log(&self, policy: &Policy) -> Option<&AccessLog> {
+        if !policy.log.access {
+            return None;
+        }
+        self.access_log
+            .get_or_init(|| match AccessLog::start() {
+                Ok(log) => Some(log),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not start the access log writer");
+                    None
+                }
+            })
+            .as_ref()
     }
 
     /// Bytes of request bodies held for inspection right now.
@@ -245,6 +312,15 @@ impl Turnstile {
     ) -> Response<Body> {
         let exchange = self.metrics.exchange();
         let live = self.live.load_full();
+        let access = self.access_log(&live.policy).map(|log| {
+            let line = AccessLine {
+                method: req.method().to_string(),
+                path: req.uri().path().to_owned(),
+                bytes_in: crate::inspect::content_length(req.headers()),
+                ..AccessLine::default()
+            };
+            (log.clone(), line, std::time::Instant::now())
+        });
         let mut cx = Exchange {
             live: &live,
             peer,
@@ -255,9 +331,18 @@ impl Turnstile {
             rpc_id: None,
             cost: 1,
             decided: None,
+            upstream_us: AtomicU64::new(0),
         };
         let outcome = self.steps(&mut cx, req).await;
-        let response = self.finish(cx, outcome).await;
+        let facts = access.as_ref().map(|_| outcome_facts(&outcome));
+        let response = self.finish(&cx, outcome).await;
+        let response = match (access, facts) {
+            (Some((log, line, started)), Some((decision, limit))) => {
+                let line = cx.access_line(line, response.status().as_u16(), decision, limit);
+                response.map(|b| Logged::new(b, line, started, log).boxed())
+            }
+            _ => response,
+        };
         response.map(|b| WithGuard::new(b, (exchange, held)).boxed())
     }
 
@@ -332,11 +417,11 @@ impl Turnstile {
     /// whose outcome the route's `refund_on` lists.
     async fn finish(
         &self,
-        cx: Exchange<'_>,
+        cx: &Exchange<'_>,
         outcome: Result<Response<Body>, Refusal>,
     ) -> Response<Body> {
         let policy = &*cx.live.policy;
-        self.account(&cx, &outcome).await;
+        self.account(cx, &outcome).await;
         let refusal = match outcome {
             Ok(mut response) => {
                 cx.live.route_metrics(cx.route).forwarded();
@@ -363,7 +448,7 @@ impl Turnstile {
             }
         }
         match cx.route {
-            Some(route) => self.refuse(&cx, &refusal, route, headers),
+            Some(route) => self.refuse(cx, &refusal, route, headers),
             None => self.refuse_unrouted(policy, &refusal),
         }
     }
