@@ -35,6 +35,7 @@ pub mod routing;
 pub mod server;
 pub mod store;
 pub mod tap;
+pub mod tls;
 pub mod upstream;
 pub mod urls;
 pub mod values;

@@ -146,17 +146,32 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            // Read per connection: a reload's new certificate serves new
+            // connections; open ones keep theirs.
+            let tls = app.policy().server.tls.as_ref().map(|t| t.acceptor());
+            let peer = match tls {
+                Some(_) => Peer::new(peer).over_tls(),
+                None => Peer::new(peer),
+            };
             let activity = Activity::new();
             let service = TowerToHyperService::new(ProxyService {
                 app: app.clone(),
-                peer: Peer::new(peer),
+                peer,
                 activity: activity.clone(),
             });
-            let io = TokioIo::new(Watched::new(stream, activity, limits));
-            let conn = builder.serve_connection(io, service).into_owned();
-            let stopping = stopping.clone();
+            let io = Watched::new(stream, activity, limits);
+            let (builder, stopping) = (builder.clone(), stopping.clone());
             tokio::spawn(async move {
-                conn::serve(conn, |c| c.graceful_shutdown(), stopping).await;
+                match tls {
+                    None => serve_io(&builder, TokioIo::new(io), service, stopping).await,
+                    // The handshake reads through `Watched`: header_timeout bounds it.
+                    Some(acceptor) => match acceptor.accept(io).await {
+                        Ok(stream) => {
+                            serve_io(&builder, TokioIo::new(stream), service, stopping).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    },
+                }
                 drop(permit);
             });
         }
@@ -169,6 +184,20 @@ impl Server {
         write_snapshot(&app).await;
         Ok(())
     }
+}
+
+/// Serves one client connection (plain or TLS) with the proxy's settings
+/// until it ends or is drained.
+async fn serve_io<IO>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: TokioIo<IO>,
+    service: TowerToHyperService<ProxyService>,
+    stopping: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = builder.serve_connection(io, service).into_owned();
+    conn::serve(conn, |c| c.graceful_shutdown(), stopping).await;
 }
 
 /// HTTP/1.1 and HTTP/2 settings of the proxy listener.

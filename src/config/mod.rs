@@ -129,6 +129,8 @@ pub struct ServerSettings {
     pub max_buffered: u64,
     /// Longest wait for a `url_args` host name to resolve.
     pub resolve_timeout: Duration,
+    /// HTTPS on the proxy listener (`None`: plain HTTP).
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// Validated `[store]` settings.
@@ -348,7 +350,7 @@ fn header_name(
 }
 
 fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Policy, ConfigError> {
-    let server = compile_server(src, &raw.server)?;
+    let server = compile_server(src, &raw.server, base)?;
     let upstream = compile_upstream(src, &raw.upstream)?;
     let headers = compile_headers(src, &raw.headers)?;
     let store = compile_store(src, &raw.store, base)?;
@@ -629,7 +631,11 @@ fn compile_admin(src: &Source, a: &RawAdmin, base: &Path) -> Result<AdminSetting
     Ok(AdminSettings { listen, token })
 }
 
-fn compile_server(src: &Source, raw: &RawServer) -> Result<ServerSettings, ConfigError> {
+fn compile_server(
+    src: &Source,
+    raw: &RawServer,
+    base: &Path,
+) -> Result<ServerSettings, ConfigError> {
     let listen = match &raw.listen {
         None => SocketAddr::from(([0, 0, 0, 0], 8080)),
         Some(s) => s.get_ref().parse().map_err(|_| {
@@ -663,6 +669,15 @@ fn compile_server(src: &Source, raw: &RawServer) -> Result<ServerSettings, Confi
         },
         max_buffered: size(src, &raw.max_buffered, 256_000_000)?,
         resolve_timeout: duration(src, &raw.resolve_timeout, Duration::from_secs(2))?,
+        tls: match &raw.tls {
+            None => None,
+            Some(t) => {
+                let files = t.get_ref();
+                let loaded =
+                    crate::tls::TlsSettings::load(&base.join(&files.cert), &base.join(&files.key));
+                Some(loaded.map_err(|m| src.at(t.span(), m))?)
+            }
+        },
     })
 }
 

@@ -66,6 +66,15 @@ pub(crate) struct RawServer {
     pub(crate) max_connections: Option<Spanned<u32>>,
     pub(crate) max_buffered: Option<Spanned<RawSize>>,
     pub(crate) resolve_timeout: Option<Spanned<String>>,
+    pub(crate) tls: Option<Spanned<RawTls>>,
+}
+
+/// `[server] tls = { cert = "cert.pem", key = "key.pem" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub(crate) cert: String,
+    pub(crate) key: String,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -31,6 +31,8 @@ pub struct Peer {
     /// The client's address.
     pub addr: SocketAddr,
     ip: HeaderValue,
+    /// `X-Forwarded-Proto`: `https` on a TLS connection.
+    proto: HeaderValue,
 }
 
 impl Peer {
@@ -39,7 +41,17 @@ impl Peer {
         // An IP address is always a valid header value.
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { addr, ip }
+        Self {
+            addr,
+            ip,
+            proto: HeaderValue::from_static("http"),
+        }
+    }
+
+    /// The same client, on a TLS connection.
+    pub fn over_tls(mut self) -> Self {
+        self.proto = HeaderValue::from_static("https");
+        self
     }
 }
 
@@ -240,7 +252,7 @@ fn set_forwarded(trust: bool, headers: &mut HeaderMap, peer: &Peer, host: Option
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         if !(trust && headers.contains_key(&X_FORWARDED_PROTO)) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            headers.insert(X_FORWARDED_PROTO.clone(), peer.proto.clone());
         }
         if !(trust && headers.contains_key(&X_FORWARDED_HOST)) {
             match host {
