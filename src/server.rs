@@ -51,11 +51,12 @@ impl Server {
     /// with `clock`, and restores the snapshot if one is configured. A
     /// missing or damaged snapshot is logged and turnstile starts empty.
     pub async fn bind(policy: Policy, clock: Arc<dyn Clock>) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(policy.server.listen).await?;
+        // The admin listener first: once the proxy port accepts, probes can too.
         let admin = match &policy.admin {
             Some(a) => Some(TcpListener::bind(a.listen).await?),
             None => None,
         };
+        let listener = TcpListener::bind(policy.server.listen).await?;
         let store = match &policy.store.backend {
             Backend::Memory => CounterStore::Memory(MemoryStore::new(clock)),
             Backend::Redis(settings) => {

@@ -645,6 +645,7 @@ async fn balances_survive_a_reload_and_a_restart() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut b = Binary::start(dir.path(), SNAPSHOT, &up).await;
+    b.wait_admin().await;
     assert_eq!(
         call("GET", &b.url("/gen-credit"), Some("k")).await.status,
         200
@@ -670,6 +671,7 @@ async fn balances_survive_a_reload_and_a_restart() {
     let admin_port = b.admin_port;
     drop(b);
     let b = Binary::restart(dir.path(), port, admin_port).await;
+    b.wait_admin().await;
     assert_eq!(
         call("GET", &b.admin("/v1/credits?key=k"), None)
             .await

@@ -578,6 +578,22 @@ impl Binary {
         Self::spawn(dir, port, admin_port, None).await
     }
 
+    /// Waits until the admin listener accepts connections (it may open
+    /// after the proxy port `spawn` waits for).
+    pub async fn wait_admin(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the admin listener never opened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn spawn(dir: &std::path::Path, port: u16, admin_port: u16, nofile: Option<u32>) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
