@@ -16,23 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPLOADS=${UPLOADS:-40}
-need=()
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v ffmpeg >/dev/null || need+=(ffmpeg)
-if [ ${#need[@]} -gt 0 ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. bench/lib.sh
+need_tools nginx:nginx-light ffmpeg:ffmpeg
 cargo build --release --quiet --bin turnstile --example media_probe
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 up=$(free_port); plain=$(free_port); checked=$(free_port)
 ffmpeg -loglevel error -y -f lavfi -i sine=frequency=440:duration=1250 -c:a libmp3lame -b:a 128k "$work/upload.mp3"
 mkdir -p "$work/up"

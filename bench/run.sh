@@ -24,26 +24,9 @@ REPEAT=${REPEAT:-3}
 SCENARIOS=${SCENARIOS:-admit refuse cold}
 if [ "${1:-}" = "--smoke" ]; then DURATION=1s; REPEAT=1; fi
 
-need=()
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v wrk >/dev/null || need+=(wrk)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing ${need[*]} (Debian packages)" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. bench/lib.sh
+need_tools nginx:nginx-light haproxy:haproxy wrk:wrk
 cargo build --release --quiet --bin turnstile
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 
 up=$(free_port); ngx=$(free_port); hap=$(free_port); ts1=$(free_port); ts2=$(free_port); base=$(free_port)
