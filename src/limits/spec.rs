@@ -55,15 +55,7 @@ impl LimitSpec {
     /// One line for `turnstile check`.
     pub fn summary(&self) -> String {
         let queue = if self.queue.is_some() { " +queue" } else { "" };
-        let queue = if self.shadow {
-            if queue.is_empty() {
-                " (shadow)"
-            } else {
-                " +queue (shadow)"
-            }
-        } else {
-            queue
-        };
+        let shadow = if self.shadow { " (shadow)" } else { "" };
         let cost = if self.counts_cost && self.rule.is_quota() {
             " (cost)"
         } else {
@@ -75,7 +67,7 @@ impl LimitSpec {
         };
         let per_route = if self.per_route { " per route" } else { "" };
         format!(
-            "{}{cost}{per}{per_route}{queue}",
+            "{}{cost}{per}{per_route}{queue}{shadow}",
             self.rule.summary(&self.name, &self.window_text)
         )
     }

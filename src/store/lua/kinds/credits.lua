@@ -21,14 +21,6 @@ local function credits_expire(key, b, fin)
   end
 end
 
--- Adds `u` to what was spent at `at`, while its period is the one held.
-local function credits_add_spent(key, b, at, u)
-  local start = window_bounds(b, at)
-  if tonumber(redis.call('HGET', key, 'w')) == start then
-    redis.call('HINCRBY', key, 's', u)
-  end
-end
-
 KINDS[6] = {
   evaluate = function(key, a, b, u)
     local spent, start, fin = credits_spent(key, b, now)
@@ -45,22 +37,18 @@ KINDS[6] = {
     redis.call('HSET', key, 'w', s[1], 's', s[3] + u)
     credits_expire(key, b, s[2])
   end,
+  -- Spending of the period `at` was in, while it is the one held
+  -- (window_add and window_reconcile: kinds/fixed.lua).
   refund = function(key, a, b, at, u)
-    credits_add_spent(key, b, at, -u)
+    window_add(key, b, at, 's', -u)
   end,
   charge = function(key, a, b, at, u)
-    credits_add_spent(key, b, at, u)
+    window_add(key, b, at, 's', u)
   end,
   -- Spent by the local fallback while Redis was unreachable.
   reconcile = function(key, a, b, n, at)
-    local start, fin = window_bounds(b, at)
-    if fin <= now then return end
-    local w = tonumber(redis.call('HGET', key, 'w'))
-    if w == start then
-      redis.call('HINCRBY', key, 's', n)
-    elseif not w or w < start then
-      redis.call('HSET', key, 'w', start, 's', n)
+    window_reconcile(key, b, n, at, 's', function(fin)
       credits_expire(key, b, fin)
-    end
+    end)
   end,
 }

@@ -36,6 +36,30 @@ local function window_bounds(secs, at)
   return days_from_civil(y, m, 1) * 86400 * SEC, days_from_civil(ny, nm, 1) * 86400 * SEC
 end
 
+-- Adds n to `field` of a window hash ({w = window start, field = n}) for
+-- the window containing `at`, while it is the one held.
+local function window_add(key, b, at, field, n)
+  local w = tonumber(redis.call('HGET', key, 'w'))
+  if w and w == window_bounds(b, at) then
+    redis.call('HINCRBY', key, field, n)
+  end
+end
+
+-- Adds n taken elsewhere at `at` (the local fallback) to `field`, while
+-- that window is still current; `expire(fin)` sets the expiry of a window
+-- it starts.
+local function window_reconcile(key, b, n, at, field, expire)
+  local start, fin = window_bounds(b, at)
+  if fin <= now then return end
+  local w = tonumber(redis.call('HGET', key, 'w'))
+  if w == start then
+    redis.call('HINCRBY', key, field, n)
+  elseif not w or w < start then
+    redis.call('HSET', key, 'w', start, field, n)
+    expire(fin)
+  end
+end
+
 KINDS[1] = {
   evaluate = function(key, a, b, u)
     local start, fin = window_bounds(b, now)
@@ -57,21 +81,12 @@ KINDS[1] = {
     end
   end,
   charge = function(key, a, b, at, u)
-    local w = tonumber(redis.call('HGET', key, 'w'))
-    if w and w == window_bounds(b, at) then
-      redis.call('HINCRBY', key, 'c', u)
-    end
+    window_add(key, b, at, 'c', u)
   end,
   -- Added to the window they were taken in, while it is still current.
   reconcile = function(key, a, b, n, at)
-    local start, fin = window_bounds(b, at)
-    if fin <= now then return end
-    local w = tonumber(redis.call('HGET', key, 'w'))
-    if w == start then
-      redis.call('HINCRBY', key, 'c', n)
-    elseif not w or w < start then
-      redis.call('HSET', key, 'w', start, 'c', n)
+    window_reconcile(key, b, n, at, 'c', function(fin)
       redis.call('PEXPIREAT', key, math.ceil(fin / 1000))
-    end
+    end)
   end,
 }
