@@ -37,6 +37,9 @@ pub struct Activity {
     opened: Instant,
     requests: AtomicU64,
     in_flight: AtomicUsize,
+    /// Bit `n % 64` set: the connection's `n`th request was a HEAD (its
+    /// answer has no body, which [`crate::header_case`] needs to know).
+    heads: AtomicU64,
     /// Milliseconds after `opened` of the last exchange's end.
     last_end_ms: AtomicU64,
 }
@@ -48,15 +51,34 @@ impl Activity {
             opened: Instant::now(),
             requests: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            heads: AtomicU64::new(0),
             last_end_ms: AtomicU64::new(0),
         })
     }
 
     /// An exchange begins; it ends when the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> Busy {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.begin_request(false)
+    }
+
+    /// An exchange for a request begins (`head`: a HEAD request); it ends
+    /// when the guard is dropped.
+    pub fn begin_request(self: &Arc<Self>, head: bool) -> Busy {
+        let index = self.requests.fetch_add(1, Ordering::Relaxed);
+        let bit = 1u64 << (index % 64);
+        if head {
+            self.heads.fetch_or(bit, Ordering::Release);
+        } else if self.heads.load(Ordering::Relaxed) & bit != 0 {
+            self.heads.fetch_and(!bit, Ordering::Release);
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Busy(self.clone())
+    }
+
+    /// Whether the connection's `index`th request (from 0) was a HEAD; good
+    /// for the 64 most recent.
+    pub fn was_head(&self, index: u64) -> bool {
+        self.heads.load(Ordering::Acquire) & (1u64 << (index % 64)) != 0
     }
 
     /// Whether an exchange is in flight.

@@ -19,6 +19,7 @@ pub mod config;
 pub mod conn;
 pub mod cost;
 pub mod example_api;
+pub mod header_case;
 pub mod identity;
 pub mod inspect;
 pub mod jobs;

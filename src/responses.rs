@@ -668,6 +668,8 @@ pub struct HeaderSettings {
     pub ietf: bool,
     /// Pin the main trio to this limit name where it applies.
     pub primary: Option<String>,
+    /// How the names above are spelled on HTTP/1.1.
+    pub spellings: Arc<crate::header_case::Spellings>,
 }
 
 /// One limit of the request with its verdict.

@@ -24,6 +24,7 @@ use crate::body::{Body, WithGuard};
 use crate::clock::Clock;
 use crate::config::{Backend, Policy};
 use crate::conn::{self, Activity, ConnLimits, Watched};
+use crate::header_case::CaseWriter;
 use crate::proxy::{Peer, Turnstile};
 use crate::store::{CounterStore, MemoryStore, RedisStore};
 use http_body_util::BodyExt;
@@ -160,15 +161,20 @@ impl Server {
                 peer,
                 activity: activity.clone(),
             });
-            let io = Watched::new(stream, activity, limits);
+            let spellings = app.policy().headers.spellings.clone();
+            let io = Watched::new(stream, activity.clone(), limits);
             let (builder, stopping) = (builder.clone(), stopping.clone());
             tokio::spawn(async move {
                 match tls {
-                    None => serve_io(&builder, TokioIo::new(io), service, stopping).await,
+                    None => {
+                        let io = CaseWriter::new(io, spellings, activity);
+                        serve_io(&builder, TokioIo::new(io), service, stopping).await;
+                    }
                     // The handshake reads through `Watched`: header_timeout bounds it.
                     Some(acceptor) => match acceptor.accept(io).await {
                         Ok(stream) => {
-                            serve_io(&builder, TokioIo::new(stream), service, stopping).await;
+                            let io = CaseWriter::new(stream, spellings, activity);
+                            serve_io(&builder, TokioIo::new(io), service, stopping).await;
                         }
                         Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
                     },
@@ -209,7 +215,11 @@ fn connection_builder(policy: &crate::config::Policy) -> auto::Builder<TokioExec
         .timer(TokioTimer::new())
         .header_read_timeout(policy.server.header_timeout)
         .max_headers(crate::proxy::MAX_HEADERS)
-        .max_buf_size(64 * 1024);
+        .max_buf_size(64 * 1024)
+        // Names turnstile writes in title case (`Content-Type`), respelled
+        // where title case is wrong (crate::header_case); an upstream's
+        // names keep the upstream's case.
+        .title_case_headers(true);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -382,7 +392,9 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let app = self.app.clone();
         let peer = self.peer.clone();
-        let busy = self.activity.begin();
+        let busy = self
+            .activity
+            .begin_request(req.method() == http::Method::HEAD);
         Box::pin(async move { Ok(app.handle(req, &peer, busy).await) })
     }
 }

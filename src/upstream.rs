@@ -149,7 +149,9 @@ impl Upstream {
             Ok(Ok(stream)) => stream,
         };
         let _ = stream.set_nodelay(true);
+        // The upstream's header case reaches the client (crate::header_case).
         let (sender, connection) = http1::Builder::new()
+            .preserve_header_case(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::from_hyper(&e))?;

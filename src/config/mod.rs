@@ -8,6 +8,7 @@ mod kinds;
 mod raw;
 mod units;
 
+use crate::header_case::Spellings;
 use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -352,7 +353,12 @@ fn header_name(
 fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Policy, ConfigError> {
     let server = compile_server(src, &raw.server, base)?;
     let upstream = compile_upstream(src, &raw.upstream)?;
-    let headers = compile_headers(src, &raw.headers)?;
+    let limit_prefixes = raw
+        .plans
+        .values()
+        .flat_map(|p| &p.get_ref().limits)
+        .filter_map(|l| l.get_ref().headers.as_ref().map(|h| h.get_ref().as_str()));
+    let headers = compile_headers(src, &raw.headers, limit_prefixes)?;
     let store = compile_store(src, &raw.store, base)?;
     let log = LogSettings {
         refusals_per_second: raw.log.refusals_per_second.unwrap_or(100),
@@ -722,11 +728,16 @@ fn compile_upstream(src: &Source, raw: &RawUpstream) -> Result<UpstreamSettings,
     })
 }
 
-fn compile_headers(src: &Source, raw: &RawHeaders) -> Result<HeaderSettings, ConfigError> {
+fn compile_headers<'a>(
+    src: &Source,
+    raw: &'a RawHeaders,
+    limit_prefixes: impl Iterator<Item = &'a str>,
+) -> Result<HeaderSettings, ConfigError> {
     let (prefix, span) = match &raw.prefix {
         Some(p) => (p.get_ref().as_str(), p.span()),
         None => ("X-RateLimit", 0..0),
     };
+    let spellings = Spellings::for_prefixes(std::iter::once(prefix).chain(limit_prefixes));
     let main = HeaderTrio::new(prefix).map_err(|m| src.at(span.clone(), m))?;
     let kind = HeaderName::from_bytes(format!("{prefix}-Type").as_bytes())
         .map_err(|_| src.at(span, "invalid header prefix"))?;
@@ -740,6 +751,7 @@ fn compile_headers(src: &Source, raw: &RawHeaders) -> Result<HeaderSettings, Con
         on_success: raw.on_success.unwrap_or(true),
         ietf: raw.ietf.unwrap_or(false),
         primary: raw.primary.as_ref().map(|p| p.get_ref().clone()),
+        spellings: Arc::new(spellings),
     })
 }
 
