@@ -37,6 +37,7 @@ pub mod server;
 pub mod store;
 pub mod tap;
 pub mod tls;
+pub mod top_refused;
 pub mod upstream;
 pub mod urls;
 pub mod values;

@@ -92,7 +92,19 @@ pub struct Metrics {
     store_errors: Counter,
     access_log_dropped: Counter,
     store_up: Gauge,
+    /// Route totals sampled once a second, for the dashboard's rates.
+    samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
 }
+
+/// Route totals as they stood at one moment.
+#[derive(Debug, Clone)]
+struct Sample {
+    at: tokio::time::Instant,
+    totals: Vec<RouteTotals>,
+}
+
+/// Samples kept: rates are over the last five seconds or so.
+const SAMPLES: usize = 6;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -222,6 +234,7 @@ impl Metrics {
                 Gauge::default(),
             ),
             registry: r,
+            samples: Default::default(),
         }
     }
 
@@ -342,6 +355,122 @@ impl Metrics {
     }
 }
 
+/// The route label of requests no route matched.
+pub const UNMATCHED: &str = "(unmatched)";
+
+/// One route's requests so far, by decision (`forwarded` or a refusal
+/// code), and the credits its requests spent.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RouteTotals {
+    /// The route's name.
+    pub route: String,
+    /// Requests by decision; decisions never taken are left out.
+    pub decisions: std::collections::BTreeMap<&'static str, u64>,
+    /// Credits spent (settled figures where they arrived).
+    pub credits_spent: u64,
+}
+
+impl Metrics {
+    /// The totals of each of `routes` (and of unmatched requests), read
+    /// from the exported series.
+    pub fn route_totals<'a>(
+        &self,
+        routes: impl IntoIterator<Item = &'a Arc<str>>,
+    ) -> Vec<RouteTotals> {
+        let decisions =
+            || std::iter::once("forwarded").chain(crate::responses::Refusal::CODES.iter().copied());
+        let unmatched: Arc<str> = Arc::from(UNMATCHED);
+        let mut out = Vec::new();
+        let routes = routes
+            .into_iter()
+            .cloned()
+            .chain(std::iter::once(unmatched.clone()));
+        for route in routes {
+            let route = &route;
+            let mut totals = RouteTotals {
+                route: route.to_string(),
+                ..Default::default()
+            };
+            for decision in decisions() {
+                let labels = RequestLabels {
+                    route: Name(route.clone()),
+                    decision,
+                };
+                if let Some(n) = self.requests.get(&labels).map(|c| c.get()) {
+                    totals.decisions.insert(decision, n);
+                }
+            }
+            let labels = RouteLabels {
+                route: Name(route.clone()),
+            };
+            totals.credits_spent = self.credits_spent.get(&labels).map_or(0, |c| c.get());
+            if !totals.decisions.is_empty() || route != &unmatched {
+                out.push(totals);
+            }
+        }
+        out
+    }
+}
+
+/// One route's requests per second over the last few seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct RouteRate {
+    /// Forwarded requests per second.
+    pub forwarded: f64,
+    /// Refused requests (any refusal) per second.
+    pub refused: f64,
+}
+
+impl RouteTotals {
+    fn split(&self) -> (u64, u64) {
+        let forwarded = self.decisions.get("forwarded").copied().unwrap_or(0);
+        let all: u64 = self.decisions.values().sum();
+        (forwarded, all - forwarded)
+    }
+}
+
+impl Metrics {
+    /// Notes the totals of `routes` now (called once a second).
+    pub fn sample_routes<'a>(&self, routes: impl IntoIterator<Item = &'a Arc<str>>) {
+        let sample = Sample {
+            at: tokio::time::Instant::now(),
+            totals: self.route_totals(routes),
+        };
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if samples.len() == SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+
+    /// Each of `now`'s routes' rates since the oldest sample kept (none
+    /// before the first sample).
+    pub fn route_rates(&self, now: &[RouteTotals]) -> Vec<Option<RouteRate>> {
+        let oldest = {
+            let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            samples.front().cloned()
+        };
+        let Some(oldest) = oldest else {
+            return vec![None; now.len()];
+        };
+        let seconds = oldest.at.elapsed().as_secs_f64();
+        now.iter()
+            .map(|route| {
+                let (f1, r1) = route.split();
+                let (f0, r0) = oldest
+                    .totals
+                    .iter()
+                    .find(|t| t.route == route.route)
+                    .map_or((0, 0), RouteTotals::split);
+                (seconds >= 0.5).then(|| RouteRate {
+                    forwarded: f1.saturating_sub(f0) as f64 / seconds,
+                    refused: r1.saturating_sub(r0) as f64 / seconds,
+                })
+            })
+            .collect()
+    }
+}
+
 /// The hot per-route series, looked up once per config instead of per request.
 #[derive(Clone, Debug)]
 pub struct RouteMetrics {
@@ -405,5 +534,40 @@ pub struct InFlight(Arc<Metrics>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn route_totals_and_rates_read_the_exported_series() {
+        let m = Metrics::new();
+        let gen: Arc<str> = Arc::from("gen");
+        let hot = m.route(&gen);
+        hot.forwarded();
+        m.request(&gen, "unauthorized");
+        let routes = [gen.clone()];
+        m.sample_routes(&routes);
+        for _ in 0..20 {
+            hot.forwarded();
+            hot.rate_limited();
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let now = m.route_totals(&routes);
+        assert_eq!(now[0].decisions["forwarded"], 21);
+        assert_eq!(now[0].decisions["rate_limited"], 20);
+        assert_eq!(now[0].decisions["unauthorized"], 1);
+        // No unmatched requests: no row for them.
+        assert_eq!(now.len(), 1);
+        let rates = m.route_rates(&now);
+        assert_eq!(
+            rates,
+            vec![Some(RouteRate {
+                forwarded: 10.0,
+                refused: 10.0
+            })]
+        );
     }
 }

@@ -275,6 +275,29 @@ impl Refusal {
         }
     }
 
+    /// Every [`Refusal::code`], for reading the per-decision series back.
+    pub const CODES: &'static [&'static str] = &[
+        "bad_request",
+        "not_found",
+        "unauthorized",
+        "payload_too_large",
+        "rate_limited",
+        "insufficient_credits",
+        "media_too_long",
+        "unreadable_media",
+        "plan_required",
+        "invalid_arguments",
+        "jsonrpc_error",
+        "bad_gateway",
+        "store_unavailable",
+        "upstream_timeout",
+        "method_not_allowed",
+        "request_timeout",
+        "unsupported_media_type",
+        "headers_too_large",
+        "overloaded",
+    ];
+
     /// Whether the connection must be closed after this answer: what the
     /// client sent next can no longer be told apart from this request.
     pub fn closes_connection(&self) -> bool {

@@ -289,6 +289,12 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
         loop {
             tick.tick().await;
             log_app.flush_refusal_log();
+            let policy = log_app.policy();
+            if policy.admin.is_some() {
+                log_app
+                    .metrics()
+                    .sample_routes(policy.routes.iter().map(|r| &r.name));
+            }
         }
     }));
     if let CounterStore::Redis(redis) = app.store() {

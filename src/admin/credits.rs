@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::{
     account_keys, error, json_response, key_view, no_target, rows_of, store_error, target,
+    unknown_fingerprint,
 };
 use super::{Row, Target};
 use crate::body::Body;
@@ -36,8 +37,9 @@ pub(super) fn next_refill(spec: &LimitSpec, now: Nanos) -> Value {
 /// account's, or an account's shared one; `name=` picks among several.
 fn balance_row<'p>(policy: &'p Policy, query: &str) -> Result<Row<'p>, Box<Response<Body>>> {
     let mut rows = Vec::new();
-    match target(query) {
+    match target(policy, query) {
         None => return Err(Box::new(no_target())),
+        Some(Target::UnknownFingerprint(fp)) => return Err(Box::new(unknown_fingerprint(&fp))),
         Some(Target::Key(digest)) => {
             let Some(key) = key_view(policy, digest) else {
                 return Err(Box::new(error(

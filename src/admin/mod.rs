@@ -4,6 +4,7 @@
 //! `Authorization: Bearer TOKEN`; probes and metrics stay open.
 
 mod credits;
+mod dashboard;
 
 use std::sync::Arc;
 
@@ -68,6 +69,7 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
             );
             r
         }
+        (&Method::GET, "/") => dashboard::page(),
         (_, p) if p.starts_with("/v1/") => v1(app, req).await,
         _ => error(
             StatusCode::NOT_FOUND,
@@ -97,6 +99,7 @@ async fn v1(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/v1/credits") => credits::show(app, &policy, query).await,
         (&Method::POST, "/v1/credits") => credits::change(app, &policy, query, req).await,
         (&Method::GET, "/v1/usage") => usage(app, &policy, query).await,
+        (&Method::GET, "/v1/dashboard") => dashboard::summary(app, &policy),
         (&Method::DELETE, "/v1/usage") => reset(app, &policy, query).await,
         (&Method::DELETE, "/v1/jobs") => end_job(app, &policy, query).await,
         (&Method::POST, "/v1/reload") => match app.reload() {
@@ -139,21 +142,44 @@ fn authorized(policy: &Policy, req: &Request<Incoming>) -> bool {
 enum Target {
     Key(KeyDigest),
     Account(String),
+    /// `fingerprint=` naming no key of the registry.
+    UnknownFingerprint(String),
 }
 
-fn target(query: &str) -> Option<Target> {
+/// `key=`, `fingerprint=` (a registered key's) or `account=`.
+fn target(policy: &Policy, query: &str) -> Option<Target> {
     form_urlencoded::parse(query.as_bytes()).find_map(|(k, v)| match &*k {
         "key" if !v.is_empty() => Some(Target::Key(identity::digest(&v))),
         "account" if !v.is_empty() => Some(Target::Account(v.into_owned())),
+        "fingerprint" if !v.is_empty() => Some(
+            policy
+                .identity
+                .keys
+                .as_ref()
+                .and_then(|keys| {
+                    keys.iter()
+                        .map(|(d, _)| *d)
+                        .find(|d| Fingerprint::of(d).as_str().eq_ignore_ascii_case(&v))
+                })
+                .map_or_else(|| Target::UnknownFingerprint(v.into_owned()), Target::Key),
+        ),
         _ => None,
     })
+}
+
+fn unknown_fingerprint(fp: &str) -> Response<Body> {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no key of the registry has the fingerprint {fp:?}"),
+    )
 }
 
 fn no_target() -> Response<Body> {
     error(
         StatusCode::BAD_REQUEST,
         "bad_request",
-        "expected ?key=KEY or ?account=ACCOUNT",
+        "expected ?key=KEY, ?fingerprint=FP or ?account=ACCOUNT",
     )
 }
 
@@ -342,8 +368,9 @@ fn store_error(e: StoreError) -> Response<Body> {
 }
 
 async fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
-    match target(query) {
+    match target(policy, query) {
         None => no_target(),
+        Some(Target::UnknownFingerprint(fp)) => unknown_fingerprint(&fp),
         Some(Target::Key(digest)) => {
             let Some(key) = key_view(policy, digest) else {
                 return error(StatusCode::NOT_FOUND, "not_found", "unknown API key");
@@ -408,8 +435,9 @@ async fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> 
 /// counters, or an account's shared ones and those of each of its keys.
 fn target_rows<'p>(policy: &'p Policy, query: &str) -> Result<Vec<Row<'p>>, Box<Response<Body>>> {
     let mut rows = Vec::new();
-    match target(query) {
+    match target(policy, query) {
         None => return Err(Box::new(no_target())),
+        Some(Target::UnknownFingerprint(fp)) => return Err(Box::new(unknown_fingerprint(&fp))),
         Some(Target::Key(digest)) => {
             let Some(key) = key_view(policy, digest) else {
                 let r = error(StatusCode::NOT_FOUND, "not_found", "unknown API key");

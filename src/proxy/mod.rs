@@ -36,6 +36,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::refusal_log::RefusalLog;
 use crate::responses::{self, Checked, Refusal};
 use crate::store::{CounterStore, LimitCheck, Store};
+use crate::top_refused::TopRefused;
 use crate::upstream::Upstream;
 
 /// What a reload did.
@@ -89,6 +90,8 @@ pub struct Turnstile {
     /// Bytes of bodies held for inspection (`[server] max_buffered`).
     budget: Arc<Budget>,
     refusal_log: RefusalLog,
+    /// The most refused keys and accounts (the admin dashboard).
+    top_refused: TopRefused,
     /// Started the first time a config turns the access log on.
     access_log: std::sync::OnceLock<Option<AccessLog>>,
 }
@@ -180,7 +183,7 @@ struct Decided<'a> {
 
 /// Route label for requests no route matched.
 fn unmatched_label() -> Arc<str> {
-    Arc::from("(unmatched)")
+    Arc::from(crate::metrics::UNMATCHED)
 }
 
 impl Turnstile {
@@ -193,6 +196,7 @@ impl Turnstile {
         Self {
             budget: Budget::new(policy.server.max_buffered),
             refusal_log: RefusalLog::new(policy.log.refusals_per_second),
+            top_refused: TopRefused::default(),
             access_log: std::sync::OnceLock::new(),
             live: ArcSwap::from_pointee(Live::new(policy, &metrics)),
             store,
@@ -242,6 +246,11 @@ impl Turnstile {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The most refused keys and accounts so far.
+    pub fn top_refused(&self) -> &TopRefused {
+        &self.top_refused
     }
 
     /// Re-reads the config file (and keys file) the running config came
@@ -561,6 +570,10 @@ impl Turnstile {
             self.metrics.request(&route.name, refusal.code());
         }
         let status = refusal.status().as_u16();
+        if status < 500 {
+            let account = who.and_then(|w| w.caller.account.as_deref());
+            self.top_refused.refused(key_fp, account);
+        }
         if self.may_log(refusal) {
             if status >= 500 {
                 tracing::warn!(route = &*route.name, plan, key_fp, status, error = %refusal, "upstream failure");

@@ -1,0 +1,82 @@
+//! The admin dashboard (SPEC §16): `GET /` serves one self-contained page
+//! (HTML, CSS and script embedded in the binary, nothing fetched from
+//! elsewhere) that polls `GET /v1/dashboard` every 2 s; rates are the
+//! server's, over the last five seconds (route totals are sampled once a
+//! second while an admin listener is configured). The page carries no data itself,
+//! so it is served without the admin token; its calls send the token the
+//! operator types in (kept in the tab's session storage).
+
+use http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+use serde_json::json;
+
+use super::json_response;
+use crate::body::{full, Body};
+use crate::clock::SECOND;
+use crate::config::Policy;
+use crate::limits::Rule;
+use crate::proxy::Turnstile;
+
+/// The page.
+const PAGE: &str = include_str!("dashboard.html");
+
+/// How many of the most refused keys and accounts are listed.
+const TOP: usize = 10;
+
+/// `GET /`: the page.
+pub(super) fn page() -> Response<Body> {
+    let mut r = Response::new(full(PAGE));
+    let h = r.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Its own inline script and style, calls to this listener, nothing else.
+    h.insert(
+        CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; frame-ancestors 'none'",
+        ),
+    );
+    r
+}
+
+/// `GET /v1/dashboard`: requests by route and decision so far, the most
+/// refused keys (fingerprints) and accounts, jobs in progress.
+pub(super) fn summary(app: &Turnstile, policy: &Policy) -> Response<Body> {
+    let totals = app
+        .metrics()
+        .route_totals(policy.routes.iter().map(|r| &r.name));
+    let rates = app.metrics().route_rates(&totals);
+    let routes: Vec<_> = totals
+        .iter()
+        .zip(rates)
+        .map(|(t, rate)| {
+            json!({
+                "route": t.route,
+                "decisions": t.decisions,
+                "credits_spent": t.credits_spent,
+                "per_second": rate,
+            })
+        })
+        .collect();
+    let top = app.top_refused();
+    let rules = || policy.plans.iter().flat_map(|p| &p.limits).map(|l| &l.rule);
+    let health = app.store().health();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "at": app.store().in_process().now() / SECOND,
+            "store": { "backend": health.backend, "up": health.up },
+            "routes": routes,
+            "refused": {
+                "keys": top.keys(TOP).iter().map(|h| json!({"name": h.name, "count": h.count, "error": h.error})).collect::<Vec<_>>(),
+                "accounts": top.accounts(TOP).iter().map(|h| json!({"name": h.name, "count": h.count, "error": h.error})).collect::<Vec<_>>(),
+            },
+            "jobs": rules().any(|r| matches!(r, Rule::Jobs(_))),
+            "jobs_in_progress": app.store().jobs_in_progress(),
+            "credits": rules().any(|r| matches!(r, Rule::Credits(_))),
+        }),
+    )
+}

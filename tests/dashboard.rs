@@ -1,0 +1,149 @@
+//! The admin dashboard (SPEC §16) in a real browser: headless Chromium
+//! loads `GET /` from the running binary, its script polls
+//! `/v1/dashboard`, and the rendered DOM shows a route's live counts and
+//! the most refused key. Needs `chromium` (installed by `.ci/run`).
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use support::*;
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:{port}"
+
+[upstream]
+url = "{upstream}"
+
+[identity]
+keys_file = "keys.toml"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+token = "s3cret"
+
+[[routes]]
+name = "gen"
+path = "/gen"
+
+[plans.free]
+[[plans.free.limits]]
+name = "minute"
+requests = 3
+window = "1m"
+"#;
+
+const KEYS: &str = "[[keys]]\nkey = \"key-a\"\naccount = \"acme\"\nplan = \"free\"\n\n[[keys]]\nkey = \"key-b\"\nplan = \"free\"\n";
+
+/// What headless Chromium renders at `url` after its scripts ran (up to
+/// `virtual_ms` of page time).
+fn rendered(url: &str, virtual_ms: u32) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            &format!("--user-data-dir={}", profile.path().display()),
+            &format!("--virtual-time-budget={virtual_ms}"),
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .expect("chromium must be installed (apt-get install chromium; .ci/run does)");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_page_shows_live_counts_and_the_most_refused_key() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), KEYS).unwrap();
+    let b = Binary::start(dir.path(), CONFIG, &up).await;
+    b.wait_admin().await;
+    // key-a: 3 admitted, 4 refused (429); key-b: 1 admitted.
+    for _ in 0..7 {
+        call("GET", &b.url("/gen"), Some("key-a")).await;
+    }
+    assert_eq!(call("GET", &b.url("/gen"), Some("key-b")).await.status, 200);
+    assert_eq!(up.hits(), 4);
+
+    // The page itself is static and open; its data needs the token, here
+    // given in the fragment (never sent to the server).
+    let page = send(
+        req("GET", &b.admin("/"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(page.status, 200);
+    assert!(page.h("content-type").starts_with("text/html"));
+    assert!(
+        !page.body.contains("http://") && !page.body.contains("https://"),
+        "no external assets"
+    );
+
+    let dom = rendered(&format!("{}#token=s3cret", b.admin("/")), 5_000);
+    let row = dom
+        .split("<tr data-route=\"gen\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row for route gen in {dom}"));
+    let row = &row[..row.find("</tr>").unwrap()];
+    assert!(row.contains("data-total=\"forwarded\">4<"), "{row}");
+    assert!(row.contains("data-total=\"refused\">4<"), "{row}");
+    assert!(row.contains("rate_limited 4"), "{row}");
+    // key-a's fingerprint leads the most refused keys, acme the accounts.
+    let usage = send(
+        req("GET", &b.admin("/v1/usage?key=key-a"))
+            .header("authorization", "Bearer s3cret")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .json();
+    let fp = usage["key"].as_str().unwrap();
+    assert!(
+        dom.contains(&format!("<tr data-key=\"{fp}\">")),
+        "{fp} not in {dom}"
+    );
+    assert!(dom.contains("<tr data-account=\"acme\">"), "{dom}");
+
+    // Without the token the page asks for it and shows no data.
+    let dom = rendered(&b.admin("/"), 3_000);
+    assert!(dom.contains("admin token required"), "{dom}");
+    assert!(!dom.contains("<tr data-route="), "{dom}");
+}
+
+#[tokio::test]
+async fn usage_by_fingerprint() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), KEYS).unwrap();
+    let b = Binary::start(dir.path(), CONFIG, &up).await;
+    b.wait_admin().await;
+    call("GET", &b.url("/gen"), Some("key-b")).await;
+    let get = |path: String| {
+        send(
+            req("GET", &b.admin(&path))
+                .header("authorization", "Bearer s3cret")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+    };
+    let by_key = get("/v1/usage?key=key-b".into()).await.json();
+    let fp = by_key["key"].as_str().unwrap().to_owned();
+    let by_fp = get(format!("/v1/usage?fingerprint={fp}")).await;
+    assert_eq!(by_fp.status, 200);
+    assert_eq!(by_fp.json(), by_key);
+    assert_eq!(by_fp.json()["counters"][0]["used"], 1);
+    let missing = get("/v1/usage?fingerprint=00000000".into()).await;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+}
