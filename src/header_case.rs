@@ -103,7 +103,7 @@ fn title_case(name: &[u8]) -> Vec<u8> {
 
 /// Bytes of a head line kept to read it (names, `Content-Length`,
 /// `Transfer-Encoding`); longer lines are passed on without being read.
-const LINE_KEEP: usize = 128;
+const LINE_KEEP: usize = 64;
 
 /// Where in the response stream the next byte written falls.
 #[derive(Debug, Clone)]
@@ -253,7 +253,7 @@ impl Stream {
                         if let Some(colon) = memchr(b':', segment) {
                             head.named = true;
                             let name_len = before + colon;
-                            if name_len <= LINE_KEEP && colon > 0 {
+                            if name_len < LINE_KEEP && colon > 0 {
                                 if let Some(name) = spellings.find(&head.line[..name_len]) {
                                     edits.push(Edit {
                                         at: i,
@@ -378,7 +378,7 @@ fn starts_with_ignore_case(text: &[u8], prefix: &[u8]) -> bool {
 }
 
 fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
-    haystack.iter().position(|&c| c == needle)
+    memchr::memchr(needle, haystack)
 }
 
 /// Follows chunked framing over `buf`: bytes used and whether the body

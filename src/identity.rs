@@ -73,6 +73,12 @@ pub enum AuthError {
     /// The key is marked revoked.
     #[error("API key revoked")]
     Revoked,
+    /// The key's `expires_at` has passed.
+    #[error("API key expired")]
+    Expired,
+    /// The key's account is disabled.
+    #[error("account disabled")]
+    AccountDisabled,
     /// Two different credentials in one request.
     #[error("ambiguous credentials: send one API key, in one place")]
     Ambiguous,
@@ -126,6 +132,17 @@ pub struct KeyRecord {
     pub plan: usize,
     /// Revoked keys are refused with 401.
     pub revoked: bool,
+    /// Unix seconds after which the key is refused (401 "API key expired").
+    pub expires_at: Option<u64>,
+    /// A label for people.
+    pub name: Option<Arc<str>>,
+}
+
+impl KeyRecord {
+    /// Whether the key counts as active at `now` (unix seconds).
+    pub fn active(&self, now: u64) -> bool {
+        !self.revoked && self.expires_at.is_none_or(|at| at > now)
+    }
 }
 
 /// The keys file, indexed by key digest.
@@ -133,6 +150,8 @@ pub struct KeyRecord {
 pub struct KeyRegistry {
     /// Digests are uniformly random already: a fast non-keyed hasher suffices.
     by_digest: HashMap<KeyDigest, KeyRecord, foldhash::fast::FixedState>,
+    /// `[[accounts]] disabled = true`.
+    disabled: std::collections::HashSet<Arc<str>>,
 }
 
 impl KeyRegistry {
@@ -149,6 +168,24 @@ impl KeyRegistry {
     /// Every key, by digest.
     pub fn iter(&self) -> impl Iterator<Item = (&KeyDigest, &KeyRecord)> {
         self.by_digest.iter()
+    }
+
+    /// Disables `account` (every key of it is refused).
+    pub fn disable(&mut self, account: &str) {
+        self.disabled.insert(account.into());
+    }
+
+    /// Whether the keys file disables `account`.
+    pub fn is_disabled(&self, account: &str) -> bool {
+        !self.disabled.is_empty() && self.disabled.contains(account)
+    }
+
+    /// The keys of `account` active at `now`.
+    pub fn active_of(&self, account: &str, now: u64) -> usize {
+        self.by_digest
+            .values()
+            .filter(|r| r.account.as_deref() == Some(account) && r.active(now))
+            .count()
     }
 
     /// Number of keys.
@@ -184,6 +221,30 @@ pub struct IdentitySettings {
     pub default_plan: Option<usize>,
     /// The keys file, if any.
     pub keys: Option<KeyRegistry>,
+    /// Where runtime keys live (`None`: no runtime keys).
+    pub key_store: Option<KeyStoreAt>,
+    /// Most active keys one account may hold.
+    pub max_keys_per_account: Option<u32>,
+}
+
+/// `[identity] key_store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyStoreAt {
+    /// A SQLite file (memory backend).
+    Sqlite(std::path::PathBuf),
+    /// The redis backend's Redis.
+    Redis,
+}
+
+/// What identifying a caller needs besides the request: the runtime keys,
+/// the time, and the policy's plans by name.
+pub struct Lookup<'a> {
+    /// Runtime keys and disabled accounts.
+    pub runtime: &'a crate::keystore::KeyCache,
+    /// Unix seconds now (the injected clock's).
+    pub now: u64,
+    /// A plan's index by name.
+    pub plan: &'a dyn Fn(&str) -> Option<usize>,
 }
 
 /// Who the caller is, once identified.
@@ -202,8 +263,15 @@ pub struct Caller {
 }
 
 impl IdentitySettings {
-    /// Reads and checks the caller's key from the request.
-    pub fn identify(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Caller, AuthError> {
+    /// Reads and checks the caller's key from the request: the keys file
+    /// first (it wins), then the runtime keys, then the default plan if
+    /// unknown keys get one.
+    pub fn identify(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        lookup: &Lookup<'_>,
+    ) -> Result<Caller, AuthError> {
         let key = self.extract(headers, query)?;
         if let Some(prefix) = &self.prefix {
             if !key.starts_with(prefix.as_str()) {
@@ -212,30 +280,58 @@ impl IdentitySettings {
         }
         let digest = digest(&key);
         let fingerprint = Fingerprint::of(&digest);
-        let default = |digest| match self.default_plan {
-            Some(plan) => Ok(Caller {
+        let disabled = |account: &str| {
+            self.keys.as_ref().is_some_and(|k| k.is_disabled(account))
+                || lookup.runtime.is_disabled(account)
+        };
+        if let Some(rec) = self.keys.as_ref().and_then(|k| k.get(&digest)) {
+            if rec.revoked {
+                return Err(AuthError::Revoked);
+            }
+            if rec.expires_at.is_some_and(|at| at <= lookup.now) {
+                return Err(AuthError::Expired);
+            }
+            if rec.account.as_deref().is_some_and(disabled) {
+                return Err(AuthError::AccountDisabled);
+            }
+            return Ok(Caller {
+                digest,
+                fingerprint,
+                account: rec.account.clone(),
+                plan: rec.plan,
+                registered: true,
+            });
+        }
+        if let Some(k) = lookup.runtime.get(&digest) {
+            if k.revoked {
+                return Err(AuthError::Revoked);
+            }
+            if k.expires_at.is_some_and(|at| at <= lookup.now) {
+                return Err(AuthError::Expired);
+            }
+            if disabled(&k.account) {
+                return Err(AuthError::AccountDisabled);
+            }
+            // A plan a reload removed: the key no longer has a plan to use.
+            let plan = (lookup.plan)(&k.plan).ok_or(AuthError::Unknown)?;
+            return Ok(Caller {
+                digest,
+                fingerprint,
+                account: Some(k.account),
+                plan,
+                registered: true,
+            });
+        }
+        let registry = self.keys.is_some() || self.key_store.is_some();
+        match self.default_plan {
+            Some(plan) if !registry || self.unknown_key == UnknownKey::Default => Ok(Caller {
                 digest,
                 fingerprint,
                 account: None,
                 plan,
                 registered: false,
             }),
-            None => Err(AuthError::Unknown),
-        };
-        match &self.keys {
-            None => default(digest),
-            Some(keys) => match keys.get(&digest) {
-                Some(rec) if rec.revoked => Err(AuthError::Revoked),
-                Some(rec) => Ok(Caller {
-                    digest,
-                    fingerprint,
-                    account: rec.account.clone(),
-                    plan: rec.plan,
-                    registered: true,
-                }),
-                None if self.unknown_key == UnknownKey::Default => default(digest),
-                None => Err(AuthError::Unknown),
-            },
+            _ => Err(AuthError::Unknown),
         }
     }
 
@@ -351,6 +447,25 @@ mod tests {
             unknown_key: UnknownKey::Reject,
             default_plan: Some(0),
             keys,
+            key_store: None,
+            max_keys_per_account: None,
+        }
+    }
+
+    fn no_plan(_: &str) -> Option<usize> {
+        None
+    }
+
+    fn runtime() -> &'static crate::keystore::KeyCache {
+        static CACHE: std::sync::OnceLock<crate::keystore::KeyCache> = std::sync::OnceLock::new();
+        CACHE.get_or_init(Default::default)
+    }
+
+    fn lookup() -> Lookup<'static> {
+        Lookup {
+            runtime: runtime(),
+            now: 1_000,
+            plan: &no_plan,
         }
     }
 
@@ -369,15 +484,19 @@ mod tests {
     fn sources_in_order_and_no_fall_through_on_malformed() {
         let s = settings(None);
         let c = s
-            .identify(&headers(&[("authorization", "Bearer rfn_live_a")]), None)
+            .identify(
+                &headers(&[("authorization", "Bearer rfn_live_a")]),
+                None,
+                &lookup(),
+            )
             .unwrap();
         assert_eq!(c.digest, digest("rfn_live_a"));
         let c = s
-            .identify(&headers(&[("x-api-key", "rfn_live_b")]), None)
+            .identify(&headers(&[("x-api-key", "rfn_live_b")]), None, &lookup())
             .unwrap();
         assert_eq!(c.digest, digest("rfn_live_b"));
         let c = s
-            .identify(&HeaderMap::new(), Some("x=1&api_key=rfn_live_c"))
+            .identify(&HeaderMap::new(), Some("x=1&api_key=rfn_live_c"), &lookup())
             .unwrap();
         assert_eq!(c.digest, digest("rfn_live_c"));
         // A present but malformed Authorization is an error even if X-Api-Key is fine.
@@ -385,6 +504,7 @@ mod tests {
             .identify(
                 &headers(&[("authorization", "Basic abc"), ("x-api-key", "rfn_live_b")]),
                 None,
+                &lookup(),
             )
             .unwrap_err();
         assert!(matches!(e, AuthError::Malformed(_)));
@@ -399,6 +519,8 @@ mod tests {
                 account: None,
                 plan: 0,
                 revoked: false,
+                expires_at: None,
+                name: None,
             },
         );
         reg.insert(
@@ -407,10 +529,16 @@ mod tests {
                 account: None,
                 plan: 0,
                 revoked: true,
+                expires_at: None,
+                name: None,
             },
         );
         let s = settings(Some(reg));
-        let err = |h: &[(&str, &str)]| s.identify(&headers(h), None).unwrap_err().to_string();
+        let err = |h: &[(&str, &str)]| {
+            s.identify(&headers(h), None, &lookup())
+                .unwrap_err()
+                .to_string()
+        };
         let msgs = [
             err(&[]),
             err(&[("authorization", "Bearer ")]),
@@ -424,7 +552,11 @@ mod tests {
         assert_eq!(msgs[3], "unknown API key");
         assert_eq!(msgs[4], "API key revoked");
         assert!(s
-            .identify(&headers(&[("authorization", "bearer rfn_live_ok")]), None)
+            .identify(
+                &headers(&[("authorization", "bearer rfn_live_ok")]),
+                None,
+                &lookup()
+            )
             .is_ok());
     }
 

@@ -24,6 +24,8 @@ pub mod identity;
 pub mod inspect;
 pub mod jobs;
 pub mod json;
+pub mod keys_cli;
+pub mod keystore;
 pub mod limits;
 pub mod mcp;
 pub mod media;

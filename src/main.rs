@@ -87,6 +87,21 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Create, list, re-plan and revoke runtime keys through a running
+    /// turnstile's admin API (token from TURNSTILE_ADMIN_TOKEN), or print a
+    /// key's keys-file entry (`hash`, offline).
+    Keys {
+        /// The admin API of the running turnstile.
+        #[arg(
+            long,
+            env = "TURNSTILE_ADMIN_URL",
+            default_value = "http://127.0.0.1:9090",
+            global = true
+        )]
+        admin: String,
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Run the bundled example generation API (a fake upstream to try
     /// turnstile against); needs no config.
     ExampleApi {
@@ -96,8 +111,94 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Make a key (printed once; only its SHA-256 is stored).
+    Create {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        plan: String,
+        /// A label for people.
+        #[arg(long)]
+        name: Option<String>,
+        /// RFC 3339, e.g. 2027-01-01T00:00:00Z.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// An account's keys (file keys included), by fingerprint.
+    List {
+        #[arg(long)]
+        account: String,
+    },
+    /// Revoke a runtime key (refused from the next request on).
+    Revoke { fingerprint: String },
+    /// Move a runtime key to another plan.
+    Plan { fingerprint: String, plan: String },
+    /// Print the keys-file entry (`sha256 = "..."`) of a key; `-` reads it from stdin.
+    Hash { key: String },
+}
+
+fn keys(admin: &str, action: KeysAction) -> ExitCode {
+    use turnstile::keys_cli::{hash_entry, run, KeysCall};
+    let call = match action {
+        KeysAction::Hash { key } => {
+            let key = if key == "-" {
+                let mut line = String::new();
+                if std::io::stdin().read_line(&mut line).is_err() {
+                    eprintln!("error: cannot read the key from stdin");
+                    return ExitCode::FAILURE;
+                }
+                line
+            } else {
+                key
+            };
+            println!("{}", hash_entry(&key));
+            return ExitCode::SUCCESS;
+        }
+        KeysAction::Create {
+            account,
+            plan,
+            name,
+            expires_at,
+        } => KeysCall::Create {
+            account,
+            plan,
+            name,
+            expires_at,
+        },
+        KeysAction::List { account } => KeysCall::List { account },
+        KeysAction::Revoke { fingerprint } => KeysCall::Revoke { fingerprint },
+        KeysAction::Plan { fingerprint, plan } => KeysCall::Plan { fingerprint, plan },
+    };
+    let token = std::env::var("TURNSTILE_ADMIN_TOKEN").ok();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(admin, token.as_deref(), call)) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Keys { admin, action }) = cli.command {
+        return keys(&admin, action);
+    }
     if let Some(Command::ExampleApi { listen }) = cli.command {
         init_logging(cli.log_format);
         return run(cli.threads, example_api(listen));
@@ -149,7 +250,7 @@ fn main() -> ExitCode {
                     })
             }
         }),
-        Some(Command::ExampleApi { .. }) | None => {
+        Some(Command::ExampleApi { .. }) | Some(Command::Keys { .. }) | None => {
             init_logging(cli.log_format);
             run(cli.threads, serve(policy))
         }

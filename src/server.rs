@@ -79,7 +79,10 @@ impl Server {
                 }
             }
         }
-        let app = Arc::new(Turnstile::new(policy, store));
+        let keys = crate::keystore::RuntimeKeys::open(&policy.identity, &store)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        keys.load().await;
+        let app = Arc::new(Turnstile::new(policy, store, keys));
         Ok(Self {
             listener,
             admin,
@@ -300,6 +303,7 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
     if let CounterStore::Redis(redis) = app.store() {
         tasks.push(redis.spawn_renewal());
     }
+    tasks.extend(app.keys().spawn_sync());
     if app.policy().store.snapshot.is_some() {
         tasks.push(tokio::spawn(async move {
             loop {

@@ -867,3 +867,162 @@ async fn a_credits_balance_is_never_overspent_across_two_instances() {
         assert!(ttl > 0, "{key} expires (ttl {ttl})");
     }
 }
+
+const RUNTIME_KEYS: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[store]
+backend = "redis"
+url = "{redis}"
+timeout = "2s"
+
+[identity]
+key_store = "redis"
+max_keys_per_account = 3
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[routes]]
+name = "gen"
+path = "/gen"
+
+[plans.free]
+[[plans.free.limits]]
+name = "minute"
+requests = 100
+window = "1m"
+
+[plans.pro]
+[[plans.pro.limits]]
+name = "pro-minute"
+requests = 1000
+window = "1m"
+"#;
+
+async fn admin_json(p: &Proxy, method: &str, path: &str, body: serde_json::Value) -> Got {
+    send(
+        req(method, &p.admin_url(path))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Polls a request until it answers `status`; returns how long that took.
+async fn until_status(url: &str, key: &str, status: u16) -> Duration {
+    let started = Instant::now();
+    loop {
+        if call("GET", url, Some(key)).await.status == status {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "not {status} within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A key created through instance A works through B within a second; a
+/// revoke and a re-plan through B are in force on A within a second; the
+/// cap holds across instances; a restarted instance loads the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_keys_are_shared_by_every_instance() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = RUNTIME_KEYS.replace("{redis}", &redis.url());
+    let ps = instances(&config, &up, 2).await;
+    let (a, b) = (&ps[0], &ps[1]);
+
+    let made = admin_json(
+        a,
+        "POST",
+        "/v1/keys",
+        serde_json::json!({"account": "acme", "plan": "free"}),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.body);
+    let key = made.json()["key"].as_str().unwrap().to_owned();
+    let fp = made.json()["fingerprint"].as_str().unwrap().to_owned();
+    let seen = until_status(&b.url("/gen"), &key, 200).await;
+    eprintln!("create on A -> admitted on B after {seen:?}");
+
+    let replanned = admin_json(
+        b,
+        "PATCH",
+        &format!("/v1/keys/{fp}"),
+        serde_json::json!({"plan": "pro"}),
+    )
+    .await;
+    assert_eq!(replanned.status, 200, "{}", replanned.body);
+    let started = Instant::now();
+    loop {
+        if call("GET", &a.url("/gen"), Some(&key))
+            .await
+            .h("x-ratelimit-limit")
+            == "1000"
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "re-plan not seen on A within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let revoked = admin_json(
+        b,
+        "PATCH",
+        &format!("/v1/keys/{fp}"),
+        serde_json::json!({"revoked": true}),
+    )
+    .await;
+    assert_eq!(revoked.status, 200);
+    let refused = until_status(&a.url("/gen"), &key, 401).await;
+    eprintln!("revoke on B -> refused on A after {refused:?}");
+
+    // The cap counts the account's keys on every instance: 3 at most, of
+    // 8 creations spread over both.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let url = ps[i % 2].admin_url("/v1/keys");
+            tokio::spawn(async move {
+                send(
+                    req("POST", &url)
+                        .body(http_body_util::Full::new(bytes::Bytes::from(
+                            r#"{"account":"bulk","plan":"free"}"#,
+                        )))
+                        .unwrap(),
+                )
+                .await
+                .status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let counted = tally(statuses);
+    assert_eq!(
+        (counted.get(&201), counted.get(&409)),
+        (Some(&3), Some(&5)),
+        "{counted:?}"
+    );
+
+    // A new instance reads the keys before it serves.
+    let late = Proxy::start(&config, &up).await;
+    let listed = admin_json(&late, "GET", "/v1/keys?account=bulk", serde_json::json!({})).await;
+    assert_eq!(
+        listed.json()["keys"].as_array().unwrap().len(),
+        3,
+        "{}",
+        listed.body
+    );
+    assert_eq!(call("GET", &late.url("/gen"), Some(&key)).await.status, 401);
+}

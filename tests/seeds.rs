@@ -593,3 +593,62 @@ async fn seed_003_source_urls_must_be_public() {
     }
     assert_eq!(up.hits(), 1);
 }
+
+/// Seed 003: "Active API keys per account: 20", and a key whose brand was
+/// deleted stops working.
+#[tokio::test]
+async fn seed_003_twenty_active_keys_per_brand_and_deleted_brands() {
+    let up = Upstream::start().await;
+    let config = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/mcp-keys.toml"),
+    )
+    .unwrap();
+    let config = config
+        .replace("url = \"http://127.0.0.1:9000\"", "url = \"{upstream}\"")
+        .replace("listen = \"127.0.0.1:8080\"", "")
+        .replace(
+            "[identity]",
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n[identity]",
+        );
+    let keys = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/rfn-keys.toml"),
+    )
+    .unwrap();
+    let p = Proxy::start_with(&config, &up, &[("rfn-keys.toml", &keys)]).await;
+    let create = || async {
+        send(
+            req("POST", &p.admin_url("/v1/keys"))
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    r#"{"account":"brand-new","plan":"starter"}"#,
+                )))
+                .unwrap(),
+        )
+        .await
+    };
+    let mut made = Vec::new();
+    for _ in 0..20 {
+        let got = create().await;
+        assert_eq!(got.status, 201, "{}", got.body);
+        made.push(got.json()["key"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        made[0].starts_with("rfn_live_"),
+        "the seed's prefix: {}",
+        made[0]
+    );
+    let over = create().await;
+    assert_eq!(over.status, 409);
+    assert_eq!(over.json()["error"], "too_many_keys");
+    let gone = send(
+        req("PATCH", &p.admin_url("/v1/accounts/brand-new"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                r#"{"disabled":true}"#,
+            )))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(gone.status, 200);
+    let got = call("GET", &p.url("/mcp"), Some(&made[0])).await;
+    assert_eq!(got.status, 401);
+    assert_eq!(got.json()["message"], "account disabled");
+}

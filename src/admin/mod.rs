@@ -5,6 +5,7 @@
 
 mod credits;
 mod dashboard;
+mod keys;
 
 use std::sync::Arc;
 
@@ -100,6 +101,16 @@ async fn v1(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
         (&Method::POST, "/v1/credits") => credits::change(app, &policy, query, req).await,
         (&Method::GET, "/v1/usage") => usage(app, &policy, query).await,
         (&Method::GET, "/v1/dashboard") => dashboard::summary(app, &policy),
+        (&Method::POST, "/v1/keys") => keys::create(app, &policy, req).await,
+        (&Method::GET, "/v1/keys") => keys::list(app, &policy, query),
+        (&Method::PATCH, p) if p.starts_with("/v1/keys/") => {
+            let fp = p["/v1/keys/".len()..].to_owned();
+            keys::update(app, &policy, &fp, req).await
+        }
+        (&Method::PATCH, p) if p.starts_with("/v1/accounts/") => {
+            let name = p["/v1/accounts/".len()..].to_owned();
+            keys::account(app, &policy, &name, req).await
+        }
         (&Method::DELETE, "/v1/usage") => reset(app, &policy, query).await,
         (&Method::DELETE, "/v1/jobs") => end_job(app, &policy, query).await,
         (&Method::POST, "/v1/reload") => match app.reload() {
@@ -429,6 +440,40 @@ async fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> 
             )
         }
     }
+}
+
+/// `[server] usage_path`: the caller's own plan and counters (credits and
+/// jobs included), as `GET /v1/usage?key=` shows them; read only.
+pub async fn own_usage(
+    app: &Turnstile,
+    policy: &Policy,
+    caller: &identity::Caller,
+) -> Response<Body> {
+    let key = KeyView {
+        digest: caller.digest,
+        account: caller.account.clone(),
+        plan: caller.plan,
+    };
+    let mut rows = Vec::new();
+    rows_of(policy, &key, None, &mut rows);
+    let counters = match render_rows(app, &rows).await {
+        Ok(c) => c,
+        Err(e) => return store_error(e),
+    };
+    let mut r = json_response(
+        StatusCode::OK,
+        &json!({
+            "key": caller.fingerprint.as_str(),
+            "account": key.account.as_deref().unwrap_or(caller.fingerprint.as_str()),
+            "plan": policy.plans.get(key.plan).map(|p| &*p.name),
+            "counters": counters,
+        }),
+    );
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 /// The counters a reset or a job ending addresses: a key's own (per-key)

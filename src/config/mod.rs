@@ -9,7 +9,8 @@ mod raw;
 mod units;
 
 use crate::header_case::Spellings;
-use std::collections::{BTreeSet, HashSet};
+use crate::identity::KeyStoreAt;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -132,6 +133,8 @@ pub struct ServerSettings {
     pub resolve_timeout: Duration,
     /// HTTPS on the proxy listener (`None`: plain HTTP).
     pub tls: Option<crate::tls::TlsSettings>,
+    /// `GET` here answers the caller's own usage, uncounted (`None`: off).
+    pub usage_path: Option<String>,
 }
 
 /// Validated `[store]` settings.
@@ -410,7 +413,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         }
     }
 
-    let identity = compile_identity(src, &raw.identity, &plans, &plan_names, base)?;
+    let identity = compile_identity(src, &raw.identity, &plans, &plan_names, base, &store)?;
     Ok(Policy {
         path: path.to_path_buf(),
         server,
@@ -682,6 +685,18 @@ fn compile_server(
                 let loaded =
                     crate::tls::TlsSettings::load(&base.join(&files.cert), &base.join(&files.key));
                 Some(loaded.map_err(|m| src.at(t.span(), m))?)
+            }
+        },
+        usage_path: match &raw.usage_path {
+            None => None,
+            Some(p) if p.get_ref().starts_with('/') && !p.get_ref().contains(['?', '#']) => {
+                Some(p.get_ref().clone())
+            }
+            Some(p) => {
+                return Err(src.at(
+                    p.span(),
+                    "usage_path must be a path starting with / (no query), e.g. \"/v1/limits\"",
+                ))
             }
         },
     })
@@ -1215,6 +1230,7 @@ fn compile_identity(
     plans: &[Plan],
     plan_names: &[&String],
     base: &Path,
+    store: &StoreSettings,
 ) -> Result<IdentitySettings, ConfigError> {
     let sources = match &raw.sources {
         None => vec![
@@ -1252,6 +1268,25 @@ fn compile_identity(
         None if plan_names.is_empty() => Some(0),
         None => None,
     };
+    let key_store = match &raw.key_store {
+        None => None,
+        Some(k) => {
+            let redis = matches!(store.backend, Backend::Redis(_));
+            match (k.get_ref().as_str(), redis) {
+                ("redis", true) => Some(KeyStoreAt::Redis),
+                ("redis", false) => return Err(src.at(k.span(), "key_store = \"redis\" needs the redis backend ([store] backend = \"redis\"); with the memory backend give a SQLite file, e.g. \"state/keys.db\"")),
+                (_, true) => return Err(src.at(k.span(), "with the redis backend runtime keys live in Redis, so every instance sees them: write key_store = \"redis\"")),
+                ("", false) => return Err(src.at(k.span(), "key_store must name a SQLite file, e.g. \"state/keys.db\"")),
+                (path, false) => Some(KeyStoreAt::Sqlite(base.join(path))),
+            }
+        }
+    };
+    let max_keys_per_account = match &raw.max_keys_per_account {
+        Some(n) if *n.get_ref() == 0 => {
+            return Err(src.at(n.span(), "max_keys_per_account must be at least 1"))
+        }
+        n => n.as_ref().map(|n| *n.get_ref()),
+    };
     let keys = match &raw.keys_file {
         None => None,
         Some(f) => Some(load_keys(
@@ -1260,9 +1295,11 @@ fn compile_identity(
             plan_names,
             default_plan,
             prefix.as_deref(),
+            max_keys_per_account,
         )?),
     };
-    let needs_default = keys.is_none() || unknown_key == UnknownKey::Default;
+    let needs_default =
+        (keys.is_none() && key_store.is_none()) || unknown_key == UnknownKey::Default;
     if needs_default && default_plan.is_none() && !plans.is_empty() {
         return Err(src.at(0..0, format!("[identity] default_plan is required: keys without a keys-file entry need a plan (one of {})", list(plan_names))));
     }
@@ -1272,6 +1309,8 @@ fn compile_identity(
         unknown_key,
         default_plan,
         keys,
+        key_store,
+        max_keys_per_account,
     })
 }
 
@@ -1289,10 +1328,15 @@ fn load_keys(
     plan_names: &[&String],
     default_plan: Option<usize>,
     prefix: Option<&str>,
+    cap: Option<u32>,
 ) -> Result<KeyRegistry, ConfigError> {
     let src = Source::read(path)?;
     let raw: RawKeysFile = src.parse()?;
     let mut reg = KeyRegistry::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut active: HashMap<&str, u32> = HashMap::new();
     for k in &raw.keys {
         let span = k.span();
         let k = k.get_ref();
@@ -1331,13 +1375,35 @@ fn load_keys(
                 )
             })?,
         };
+        let expires_at = match &k.expires_at {
+            None => None,
+            Some(t) => {
+                Some(crate::keystore::parse_time(t.get_ref()).map_err(|m| src.at(t.span(), m))?)
+            }
+        };
         let record = KeyRecord {
             account: k.account.as_deref().map(Arc::from),
             plan,
             revoked: k.revoked.unwrap_or(false),
+            expires_at,
+            name: k.name.as_deref().map(Arc::from),
         };
+        if let (Some(cap), Some(account)) = (cap, k.account.as_deref()) {
+            if record.active(now) {
+                let n = active.entry(account).or_default();
+                *n += 1;
+                if *n > cap {
+                    return Err(src.at(span, format!("account {account:?} has more than max_keys_per_account = {cap} active keys (this is number {n})")));
+                }
+            }
+        }
         if !reg.insert(digest, record) {
             return Err(src.at(span, "duplicate key"));
+        }
+    }
+    for a in &raw.accounts {
+        if a.get_ref().disabled.unwrap_or(false) {
+            reg.disable(&a.get_ref().name);
         }
     }
     Ok(reg)

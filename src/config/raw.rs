@@ -54,6 +54,7 @@ pub(crate) struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawServer {
     pub(crate) listen: Option<Spanned<String>>,
+    pub(crate) usage_path: Option<Spanned<String>>,
     pub(crate) unmatched: Option<RawUnmatched>,
     pub(crate) max_body: Option<Spanned<RawSize>>,
     pub(crate) header_timeout: Option<Spanned<String>>,
@@ -103,6 +104,8 @@ pub(crate) struct RawIdentity {
     pub(crate) keys_file: Option<Spanned<String>>,
     pub(crate) unknown_key: Option<RawUnknownKey>,
     pub(crate) default_plan: Option<Spanned<String>>,
+    pub(crate) key_store: Option<Spanned<String>>,
+    pub(crate) max_keys_per_account: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -322,6 +325,15 @@ pub(crate) struct RawQueue {
 pub(crate) struct RawKeysFile {
     #[serde(default)]
     pub(crate) keys: Vec<Spanned<RawKey>>,
+    #[serde(default)]
+    pub(crate) accounts: Vec<Spanned<RawAccount>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAccount {
+    pub(crate) name: String,
+    pub(crate) disabled: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -332,4 +344,6 @@ pub(crate) struct RawKey {
     pub(crate) account: Option<String>,
     pub(crate) plan: Option<Spanned<String>>,
     pub(crate) revoked: Option<bool>,
+    pub(crate) name: Option<String>,
+    pub(crate) expires_at: Option<Spanned<String>>,
 }

@@ -32,6 +32,7 @@ use crate::config::{ConfigError, Format, Plan, Policy, Route, Unmatched};
 use crate::cost::RefundReason;
 use crate::identity::Caller;
 use crate::inspect::{Budget, ReadLimits, RequestBody};
+use crate::keystore::RuntimeKeys;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::refusal_log::RefusalLog;
 use crate::responses::{self, Checked, Refusal};
@@ -92,6 +93,8 @@ pub struct Turnstile {
     refusal_log: RefusalLog,
     /// The most refused keys and accounts (the admin dashboard).
     top_refused: TopRefused,
+    /// Keys created through the admin API (`[identity] key_store`).
+    keys: RuntimeKeys,
     /// Started the first time a config turns the access log on.
     access_log: std::sync::OnceLock<Option<AccessLog>>,
 }
@@ -188,7 +191,7 @@ fn unmatched_label() -> Arc<str> {
 
 impl Turnstile {
     /// A proxy for `policy` counting in `store`.
-    pub fn new(policy: Policy, store: CounterStore) -> Self {
+    pub fn new(policy: Policy, store: CounterStore, keys: RuntimeKeys) -> Self {
         let metrics = Arc::new(Metrics::new());
         store
             .in_process()
@@ -197,6 +200,7 @@ impl Turnstile {
             budget: Budget::new(policy.server.max_buffered),
             refusal_log: RefusalLog::new(policy.log.refusals_per_second),
             top_refused: TopRefused::default(),
+            keys,
             access_log: std::sync::OnceLock::new(),
             live: ArcSwap::from_pointee(Live::new(policy, &metrics)),
             store,
@@ -248,6 +252,27 @@ impl Turnstile {
         &self.metrics
     }
 
+    /// The runtime keys.
+    pub fn keys(&self) -> &RuntimeKeys {
+        &self.keys
+    }
+
+    /// Identifies the caller of a request: keys file, runtime keys, default plan.
+    pub(crate) fn identify(
+        &self,
+        policy: &Policy,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<crate::identity::Caller, crate::identity::AuthError> {
+        let plan = |name: &str| policy.plans.binary_search_by(|p| (*p.name).cmp(name)).ok();
+        let lookup = crate::identity::Lookup {
+            runtime: self.keys.cache(),
+            now: self.store.in_process().now() / crate::clock::SECOND,
+            plan: &plan,
+        };
+        policy.identity.identify(headers, query, &lookup)
+    }
+
     /// The most refused keys and accounts so far.
     pub fn top_refused(&self) -> &TopRefused {
         &self.top_refused
@@ -282,6 +307,9 @@ impl Turnstile {
         }
         if old.admin.as_ref().map(|a| a.listen) != policy.admin.as_ref().map(|a| a.listen) {
             restart_needed.push("[admin] listen");
+        }
+        if old.identity.key_store != policy.identity.key_store {
+            restart_needed.push("[identity] key_store");
         }
         for what in &restart_needed {
             tracing::warn!(
@@ -368,6 +396,20 @@ impl Turnstile {
         // 0. The target as routes see it; the upstream gets the same.
         admission::normalise_target(&mut parts)?;
 
+        // The caller's own usage (`[server] usage_path`): answered here,
+        // before any route or limit, so it is never counted.
+        if let Some(usage) = &policy.server.usage_path {
+            let reads = parts.method == http::Method::GET || parts.method == http::Method::HEAD;
+            if reads && parts.uri.path() == usage {
+                let caller = self.identify(policy, &parts.headers, parts.uri.query());
+                if caller.is_err() {
+                    cx.refused_key = policy.identity.presented(&parts.headers, parts.uri.query());
+                }
+                let caller = caller.map_err(Refusal::Unauthorized)?;
+                return Ok(crate::admin::own_usage(self, policy, &caller).await);
+            }
+        }
+
         // 1. Route match (reading the body only for tool routes, and only
         // once the key has been checked).
         let matched = self.select_route(cx, &parts, &mut body).await;
@@ -389,7 +431,7 @@ impl Turnstile {
         // 2. Identity and plan.
         let caller = match cx.caller.take() {
             Some(caller) => Ok(caller),
-            None => policy.identity.identify(&parts.headers, parts.uri.query()),
+            None => self.identify(policy, &parts.headers, parts.uri.query()),
         };
         if caller.is_err() {
             cx.refused_key = policy.identity.presented(&parts.headers, parts.uri.query());

@@ -348,6 +348,30 @@ impl Inner {
 }
 
 impl RedisStore {
+    /// The prefix of every key turnstile writes.
+    pub fn prefix(&self) -> &str {
+        &self.inner.settings.prefix
+    }
+
+    /// Runs `script` with `keys` and `args` (the runtime key store's calls,
+    /// `crate::keystore::redis`), bounded by the timeout and the breaker
+    /// like every decision.
+    pub async fn run_script<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T, StoreError> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(k);
+        }
+        for a in args {
+            inv.arg(a);
+        }
+        self.inner.call(inv).await
+    }
+
     /// A store for `settings`; connects on first use, so turnstile starts
     /// (and follows `on_error`) even while Redis is down.
     pub fn new(settings: RedisSettings, clock: Arc<dyn Clock>) -> Self {
