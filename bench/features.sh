@@ -14,6 +14,9 @@
 #   when     + a json: condition on the route: the body is read and parsed to route
 #   access   + [log] access = true, JSON lines written (to /dev/null) by the
 #            writer thread, which shares CPU 0 with the worker
+#   runtime  the baseline with the same 10,000 keys as runtime keys
+#            ([identity] key_store, a SQLite file made here) instead of the
+#            keys file: what a runtime key costs on the request path
 #
 # windows and when run with a 1 KB and a 16 KB body: the difference between
 # their extra costs is what reading and parsing a body costs per KB. Runs are
@@ -70,8 +73,18 @@ with open(sys.argv[1], "w") as f:
     for i in range(10000):
         f.write(f'[[keys]]\nkey = "bench-key-{i}"\nplan = "bench"\n\n')
 PY
+# The same keys as runtime keys: the table turnstile's SQLite store reads.
+python3 - "$work/keys.db" <<'PY'
+import hashlib, sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+db.execute("CREATE TABLE keys (digest BLOB PRIMARY KEY, account TEXT NOT NULL, plan TEXT NOT NULL, name TEXT, created INTEGER NOT NULL, expires_at INTEGER, revoked INTEGER NOT NULL DEFAULT 0)")
+db.executemany("INSERT INTO keys VALUES (?, ?, 'bench', NULL, 0, NULL, 0)",
+               [(hashlib.sha256(f"bench-key-{i}".encode()).digest(), f"acct-{i}") for i in range(10000)])
+db.commit()
+PY
+: > "$work/empty-keys.toml"
 declare -A port
-for c in windows jobs priced when access; do port[$c]=$(free_port); done
+for c in windows jobs priced when access runtime; do port[$c]=$(free_port); done
 conf "${port[windows]}" "" "" "" > "$work/windows.toml"
 conf "${port[jobs]}" 'job = { id = "json:/id" }' "" '[[plans.bench.limits]]
 name = "jobs"
@@ -83,8 +96,9 @@ kind = "credits"
 grant = 4000000000' > "$work/priced.toml"
 conf "${port[when]}" 'when = { "json:/model" = ["flux-pro", "veo-3"] }' "" "" > "$work/when.toml"
 conf "${port[access]}" "" "" "" | sed 's/^\[server\]$/[log]\naccess = true\n[server]/' > "$work/access.toml"
+conf "${port[runtime]}" "" "" "" | sed 's/^keys_file = "keys.toml"$/keys_file = "empty-keys.toml"\nkey_store = "keys.db"/' > "$work/runtime.toml"
 declare -A pid
-for c in windows jobs priced when; do
+for c in windows jobs priced when runtime; do
   RUST_LOG=off taskset -c 0 ./target/release/turnstile --threads 1 --config "$work/$c.toml" & pids+=($!); pid[$c]=$!
 done
 RUST_LOG=info taskset -c 0 ./target/release/turnstile --threads 1 --log-format json --config "$work/access.toml" >/dev/null 2>&1 & pids+=($!); pid[access]=$!
@@ -105,8 +119,8 @@ measure() { # port, body bytes -> "rps p99_ms non2xx"
          END {printf "%s %.3f %s\n", rps, p99, (bad==""?0:bad)}'
 }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-runs="windows:1024 jobs:1024 priced:1024 when:1024 access:1024 windows:16384 when:16384"
-for c in windows jobs priced when access; do BODY_BYTES=1024 taskset -c 1 wrk -t1 -c8 -d1s -s bench/post.lua "http://127.0.0.1:${port[$c]}/" >/dev/null 2>&1; done
+runs="windows:1024 jobs:1024 priced:1024 when:1024 access:1024 runtime:1024 windows:16384 when:16384"
+for c in windows jobs priced when access runtime; do BODY_BYTES=1024 taskset -c 1 wrk -t1 -c8 -d1s -s bench/post.lua "http://127.0.0.1:${port[$c]}/" >/dev/null 2>&1; done
 : > "$work/results"
 for _ in $(seq "$REPEAT"); do
   for run in $runs; do
@@ -124,9 +138,10 @@ for run in $runs; do
   printf '%-14s %10.0f %9.3f %8.0f\n' "$key" "$r" "$p" "$b"
   rps[$key]=$r
 done
-python3 - "${rps[windows@1024]}" "${rps[jobs@1024]}" "${rps[priced@1024]}" "${rps[when@1024]}" "${rps[windows@16384]}" "${rps[when@16384]}" "${rps[access@1024]}" <<'PY'
+python3 - "${rps[windows@1024]}" "${rps[jobs@1024]}" "${rps[priced@1024]}" "${rps[when@1024]}" "${rps[windows@16384]}" "${rps[when@16384]}" "${rps[access@1024]}" "${rps[runtime@1024]}" <<'PY'
 import sys
-w1, j1, p1, c1, w16, c16, a1 = map(float, sys.argv[1:])
+w1, j1, p1, c1, w16, c16, a1, r1 = map(float, sys.argv[1:])
+print(f"runtime / windows: {r1 / w1:.2f}x (the same keys as runtime keys instead of the keys file)")
 print(f"access / windows: {a1 / w1:.2f}x (one JSON access line per request)")
 print(f"jobs / windows:   {j1 / w1:.2f}x the requests per second (1 KB body)")
 print(f"priced / windows: {p1 / w1:.2f}x (cost by model from the body, credits, daily counting cost)")

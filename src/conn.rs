@@ -40,6 +40,8 @@ pub struct Activity {
     /// Bit `n % 64` set: the connection's `n`th request was a HEAD (its
     /// answer has no body, which [`crate::header_case`] needs to know).
     heads: AtomicU64,
+    /// Bit `n % 64` set: the `n`th answer was made by turnstile.
+    generated: AtomicU64,
     /// Milliseconds after `opened` of the last exchange's end.
     last_end_ms: AtomicU64,
 }
@@ -52,6 +54,7 @@ impl Activity {
             requests: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             heads: AtomicU64::new(0),
+            generated: AtomicU64::new(0),
             last_end_ms: AtomicU64::new(0),
         })
     }
@@ -72,13 +75,28 @@ impl Activity {
             self.heads.fetch_and(!bit, Ordering::Release);
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        Busy(self.clone())
+        Busy(self.clone(), index)
     }
 
-    /// Whether the connection's `index`th request (from 0) was a HEAD; good
-    /// for the 64 most recent.
-    pub fn was_head(&self, index: u64) -> bool {
-        self.heads.load(Ordering::Acquire) & (1u64 << (index % 64)) != 0
+    /// Notes whether the `index`th answer is one turnstile made (before
+    /// hyper writes it).
+    pub fn set_generated(&self, index: u64, generated: bool) {
+        let bit = 1u64 << (index % 64);
+        if generated {
+            self.generated.fetch_or(bit, Ordering::Release);
+        } else if self.generated.load(Ordering::Relaxed) & bit != 0 {
+            self.generated.fetch_and(!bit, Ordering::Release);
+        }
+    }
+
+    /// What the connection's `index`th exchange (from 0) was; good for the
+    /// 64 most recent.
+    pub fn marks(&self, index: u64) -> crate::header_case::Marks {
+        let bit = 1u64 << (index % 64);
+        crate::header_case::Marks {
+            head: self.heads.load(Ordering::Acquire) & bit != 0,
+            generated: self.generated.load(Ordering::Acquire) & bit != 0,
+        }
     }
 
     /// Whether an exchange is in flight.
@@ -96,9 +114,17 @@ impl Activity {
     }
 }
 
-/// One exchange in flight on a connection; dropping it ends the exchange.
+/// One exchange in flight on a connection (and its index on it); dropping
+/// it ends the exchange.
 #[derive(Debug)]
-pub struct Busy(Arc<Activity>);
+pub struct Busy(Arc<Activity>, u64);
+
+impl Busy {
+    /// The exchange's index on its connection, from 0.
+    pub fn index(&self) -> u64 {
+        self.1
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {

@@ -27,8 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::conn::Activity;
 
-/// Header names turnstile writes in a case other than title case
-/// (`X-RateLimit-Limit`, not `X-Ratelimit-Limit`).
+/// The spellings of the header names turnstile writes into answers it
+/// forwards and makes (`X-RateLimit-Limit`, `RateLimit-Policy`,
+/// `WWW-Authenticate`); other names in answers it makes get title case.
 #[derive(Debug, Default)]
 pub struct Spellings {
     names: Vec<Box<[u8]>>,
@@ -37,17 +38,12 @@ pub struct Spellings {
 }
 
 impl Spellings {
-    /// The spellings among `names` that title case would get wrong; the
-    /// first of two names equal but for case wins.
+    /// These spellings; the first of two names equal but for case wins.
     pub fn new<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Self {
         let mut out = Self::default();
         for name in names {
             let name = name.as_ref().as_bytes();
-            if name.is_empty()
-                || name.len() > 63
-                || name == title_case(name).as_slice()
-                || out.find(name).is_some()
-            {
+            if name.is_empty() || name.len() > 63 || out.find(name).is_some() {
                 continue;
             }
             out.lengths |= 1 << name.len();
@@ -73,32 +69,12 @@ impl Spellings {
         Self::new(names)
     }
 
-    /// Whether there is nothing to respell.
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
-
     fn find(&self, name: &[u8]) -> Option<usize> {
         if name.len() > 63 || self.lengths & (1 << name.len()) == 0 {
             return None;
         }
         self.names.iter().position(|n| n.eq_ignore_ascii_case(name))
     }
-}
-
-fn title_case(name: &[u8]) -> Vec<u8> {
-    let mut prev = b'-';
-    name.iter()
-        .map(|&c| {
-            let c = if prev == b'-' {
-                c.to_ascii_uppercase()
-            } else {
-                c.to_ascii_lowercase()
-            };
-            prev = c;
-            c
-        })
-        .collect()
 }
 
 /// Bytes of a head line kept to read it (names, `Content-Length`,
@@ -127,6 +103,8 @@ struct Head {
     status: u16,
     length: Option<u64>,
     chunked: bool,
+    /// The answer is one turnstile made: every name is respelled.
+    generated: bool,
 }
 
 impl Head {
@@ -139,6 +117,7 @@ impl Head {
             status: 0,
             length: None,
             chunked: false,
+            generated: false,
         }
     }
 
@@ -173,17 +152,99 @@ const SIZE_LINE: Chunk = Chunk::Size {
     cr: false,
 };
 
-/// One respelling: bytes at `at` of the buffer become
-/// `names[name][from..from + len]`.
+/// How an edit respells a name.
+#[derive(Debug, Clone, Copy)]
+enum Spell {
+    /// As `names[name]`, from its byte `from`.
+    Listed { name: usize, from: usize },
+    /// In title case; `upper`: the first byte starts the name or follows a `-`.
+    Title { upper: bool },
+}
+
+/// One respelling of `len` bytes at `at` in the buffer.
 #[derive(Debug, Clone, Copy)]
 struct Edit {
     at: usize,
-    name: usize,
-    from: usize,
     len: usize,
+    spell: Spell,
 }
 
-type Edits = SmallVec<[Edit; 8]>;
+type Edits = SmallVec<[Edit; 16]>;
+
+/// What the connection's `n`th exchange was: a HEAD request (no body in
+/// the answer), an answer turnstile made itself (every name of it is
+/// turnstile's to spell).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Marks {
+    /// The request was a HEAD.
+    pub head: bool,
+    /// The response was made by turnstile, not forwarded.
+    pub generated: bool,
+}
+
+/// A complete head line, read.
+enum Line {
+    Status,
+    Header { colon: usize },
+    End,
+}
+
+/// Reads `line` (its CR included, its LF not): the status line, a header
+/// (framing headers noted in `head`) or the empty line ending the head;
+/// `None` when it is none of these. `next`: the index of the final
+/// response this head would be.
+fn read_line(
+    head: &mut Head,
+    line: &[u8],
+    next: u64,
+    marks: &dyn Fn(u64) -> Marks,
+) -> Option<Line> {
+    let body = line.strip_suffix(b"\r")?;
+    if head.first {
+        // "HTTP/1.1 200 OK"
+        let code = body.get(9..12)?;
+        if !body.starts_with(b"HTTP/1.")
+            || body.get(8) != Some(&b' ')
+            || !code.iter().all(u8::is_ascii_digit)
+        {
+            return None;
+        }
+        head.status = code.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+        if head.status >= 200 {
+            head.generated = marks(next).generated;
+        }
+        return Some(Line::Status);
+    }
+    if body.is_empty() {
+        return Some(Line::End);
+    }
+    let colon = memchr(b':', body)?;
+    let name = &body[..colon];
+    // Only two names matter for framing; their lengths tell most lines apart.
+    let value = || body[colon + 1..].trim_ascii();
+    if name.len() == 14 && name.eq_ignore_ascii_case(b"content-length") {
+        let text = std::str::from_utf8(value()).ok()?;
+        head.length = Some(text.parse().ok()?);
+    } else if name.len() == 17 && name.eq_ignore_ascii_case(b"transfer-encoding") {
+        let last = value().rsplit(|&c| c == b',').next()?.trim_ascii();
+        head.chunked = last.eq_ignore_ascii_case(b"chunked");
+        if !head.chunked {
+            return None;
+        }
+    }
+    Some(Line::Header { colon })
+}
+
+/// How `name` (all of it) is to be spelled from its byte `from` on, if at
+/// all: a listed spelling, or title case in an answer turnstile made.
+fn spell(spellings: &Spellings, generated: bool, name: &[u8], from: usize) -> Option<Spell> {
+    if let Some(i) = spellings.find(name) {
+        return Some(Spell::Listed { name: i, from });
+    }
+    generated.then(|| Spell::Title {
+        upper: from == 0 || name.get(from - 1) == Some(&b'-'),
+    })
+}
 
 /// The state of one connection's response stream.
 #[derive(Debug, Clone)]
@@ -202,17 +263,18 @@ impl Stream {
     }
 
     /// Follows `buf`, the next bytes of the stream, and notes the
-    /// respellings it needs in `edits`. `was_head(n)`: whether the `n`th
-    /// request of the connection was a HEAD.
+    /// respellings it needs in `edits`. `marks(n)`: what the connection's
+    /// `n`th exchange was.
     fn scan(
         &mut self,
         buf: &[u8],
         spellings: &Spellings,
-        was_head: &dyn Fn(u64) -> bool,
+        marks: &dyn Fn(u64) -> Marks,
         edits: &mut Edits,
     ) {
         let mut i = 0;
         while i < buf.len() {
+            let next = self.responses;
             i += match &mut self.framing {
                 Framing::Off => return,
                 Framing::Length(left) => {
@@ -238,45 +300,71 @@ impl Stream {
                 Framing::Head(head) => {
                     let rest = &buf[i..];
                     let end = memchr(b'\n', rest);
-                    let segment = &rest[..end.unwrap_or(rest.len())];
-                    let before = head.len;
-                    keep(head, segment);
-                    if head.first {
-                        // An HTTP/2 connection (or anything else) is not followed.
-                        let kept = head.kept();
-                        let n = kept.len().min(7);
-                        if kept[..n] != b"HTTP/1."[..n] {
-                            self.framing = Framing::Off;
-                            return;
-                        }
-                    } else if !head.named {
-                        if let Some(colon) = memchr(b':', segment) {
-                            head.named = true;
-                            let name_len = before + colon;
-                            if name_len < LINE_KEEP && colon > 0 {
-                                if let Some(name) = spellings.find(&head.line[..name_len]) {
+                    let read = match end {
+                        // The usual case: the whole line is in this buffer.
+                        Some(end) if head.len == 0 => {
+                            let line = &rest[..end];
+                            let read = read_line(head, line, next, marks);
+                            if let Some(Line::Header { colon }) = read {
+                                if let Some(spell) =
+                                    spell(spellings, head.generated, &line[..colon], 0)
+                                {
                                     edits.push(Edit {
                                         at: i,
-                                        name,
-                                        from: before,
                                         len: colon,
+                                        spell,
                                     });
                                 }
                             }
+                            read.map(|l| matches!(l, Line::End))
                         }
-                    }
-                    match end {
-                        None => rest.len(),
-                        Some(end) => {
-                            match self.line_done() {
-                                Some(()) => {}
-                                None => {
-                                    edits.clear();
+                        // A line split across writes: what it held so far is
+                        // kept (its first LINE_KEEP bytes).
+                        _ => {
+                            let segment = &rest[..end.unwrap_or(rest.len())];
+                            let before = head.len;
+                            keep(head, segment);
+                            if head.first {
+                                // An HTTP/2 connection (or anything else) is not followed.
+                                let kept = head.kept();
+                                let n = kept.len().min(7);
+                                if kept[..n] != b"HTTP/1."[..n] {
                                     self.framing = Framing::Off;
                                     return;
                                 }
+                            } else if !head.named {
+                                if let Some(colon) = memchr(b':', segment) {
+                                    head.named = true;
+                                    let name_len = before + colon;
+                                    if name_len < LINE_KEEP && colon > 0 {
+                                        let name = &head.line[..name_len];
+                                        if let Some(spell) =
+                                            spell(spellings, head.generated, name, before)
+                                        {
+                                            edits.push(Edit {
+                                                at: i,
+                                                len: colon,
+                                                spell,
+                                            });
+                                        }
+                                    }
+                                }
                             }
-                            self.head_line_ended(was_head);
+                            match end {
+                                None => None,
+                                Some(_) => kept_line(head, next, marks),
+                            }
+                        }
+                    };
+                    match (end, read) {
+                        (None, _) => rest.len(),
+                        (Some(_), None) => {
+                            edits.clear();
+                            self.framing = Framing::Off;
+                            return;
+                        }
+                        (Some(end), Some(ended_head)) => {
+                            self.line_ended(ended_head, marks);
                             end + 1
                         }
                     }
@@ -285,58 +373,11 @@ impl Stream {
         }
     }
 
-    /// Reads the line just ended (without its LF); `None`: not a line of a
-    /// head this follows.
-    fn line_done(&mut self) -> Option<()> {
-        let Framing::Head(head) = &mut self.framing else {
-            return Some(());
-        };
-        if head.len > LINE_KEEP {
-            // Too long to read: fine for any header but the framing ones,
-            // which are short.
-            let kept = head.kept();
-            if starts_with_ignore_case(kept, b"content-length:")
-                || starts_with_ignore_case(kept, b"transfer-encoding:")
-                || head.first
-            {
-                return None;
-            }
-            return Some(());
-        }
-        let line = head.kept().strip_suffix(b"\r")?;
-        if head.first {
-            // "HTTP/1.1 200 OK"
-            let code = line.get(9..12)?;
-            if line.get(8) != Some(&b' ') || !code.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            head.status = code.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
-            return Some(());
-        }
-        if line.is_empty() {
-            return Some(());
-        }
-        let colon = memchr(b':', line)?;
-        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let text = std::str::from_utf8(value).ok()?;
-            head.length = Some(text.parse().ok()?);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            let last = value.rsplit(|&c| c == b',').next()?.trim_ascii();
-            head.chunked = last.eq_ignore_ascii_case(b"chunked");
-            if !head.chunked {
-                return None;
-            }
-        }
-        Some(())
-    }
-
     /// After a head line: the next line, or the body the head announced.
-    fn head_line_ended(&mut self, was_head: &dyn Fn(u64) -> bool) {
+    fn line_ended(&mut self, ended_head: bool, marks: &dyn Fn(u64) -> Marks) {
         let Framing::Head(head) = &mut self.framing else {
             return;
         };
-        let ended_head = !head.first && head.len == 1;
         if !ended_head {
             head.first = false;
             head.len = 0;
@@ -350,7 +391,7 @@ impl Stream {
             _ => {
                 let index = self.responses;
                 self.responses += 1;
-                if was_head(index) || status == 204 || status == 304 {
+                if marks(index).head || status == 204 || status == 304 {
                     Framing::Head(Head::new())
                 } else if chunked {
                     Framing::Chunk(SIZE_LINE)
@@ -364,6 +405,27 @@ impl Stream {
             }
         };
     }
+}
+
+/// Reads the line kept in `head` (split across writes); whether it ended
+/// the head, `None` when it cannot be read.
+fn kept_line(head: &mut Head, next: u64, marks: &dyn Fn(u64) -> Marks) -> Option<bool> {
+    if head.len > LINE_KEEP {
+        // Too long to read whole: fine for any header but the framing ones,
+        // which are short, and the status line.
+        let kept = head.kept();
+        if head.first
+            || starts_with_ignore_case(kept, b"content-length:")
+            || starts_with_ignore_case(kept, b"transfer-encoding:")
+        {
+            return None;
+        }
+        return Some(false);
+    }
+    let mut line = [0u8; LINE_KEEP];
+    let n = head.len;
+    line[..n].copy_from_slice(&head.line[..n]);
+    read_line(head, &line[..n], next, marks).map(|l| matches!(l, Line::End))
 }
 
 fn keep(head: &mut Head, segment: &[u8]) {
@@ -457,11 +519,24 @@ fn step_chunk(chunk: &mut Chunk, buf: &[u8]) -> Option<(usize, bool)> {
     Some((i, false))
 }
 
-fn apply(edits: &[Edit], base: usize, spellings: &Spellings, out: &mut [u8]) {
+fn apply(edits: &[Edit], spellings: &Spellings, out: &mut [u8]) {
     for e in edits {
-        let name = &spellings.names[e.name];
-        let at = e.at - base;
-        out[at..at + e.len].copy_from_slice(&name[e.from..e.from + e.len]);
+        let dst = &mut out[e.at..e.at + e.len];
+        match e.spell {
+            Spell::Listed { name, from } => {
+                dst.copy_from_slice(&spellings.names[name][from..from + e.len]);
+            }
+            Spell::Title { mut upper } => {
+                for c in dst {
+                    *c = if upper {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c.to_ascii_lowercase()
+                    };
+                    upper = *c == b'-';
+                }
+            }
+        }
     }
 }
 
@@ -482,13 +557,9 @@ impl<T> CaseWriter<T> {
     /// Respells the heads written to `io`, a connection whose requests begin
     /// on `activity` (which tells HEAD requests apart).
     pub fn new(io: T, spellings: Arc<Spellings>, activity: Arc<Activity>) -> Self {
-        let mut stream = Stream::new();
-        if spellings.is_empty() {
-            stream.framing = Framing::Off;
-        }
         Self {
             io,
-            stream,
+            stream: Stream::new(),
             spellings,
             activity,
             scratch: Vec::new(),
@@ -520,16 +591,16 @@ impl<T: AsyncWrite> AsyncWrite for CaseWriter<T> {
             return this.io.poll_write(cx, buf);
         }
         let activity = &**this.activity;
-        let was_head = |n| activity.was_head(n);
+        let marks = |n| activity.marks(n);
         let before = this.stream.clone();
         let mut edits = Edits::new();
-        this.stream.scan(buf, this.spellings, &was_head, &mut edits);
+        this.stream.scan(buf, this.spellings, &marks, &mut edits);
         let written = if edits.is_empty() {
             this.io.poll_write(cx, buf)
         } else {
             this.scratch.clear();
             this.scratch.extend_from_slice(buf);
-            apply(&edits, 0, this.spellings, this.scratch);
+            apply(&edits, this.spellings, this.scratch);
             this.io.poll_write(cx, this.scratch)
         };
         match written {
@@ -538,7 +609,7 @@ impl<T: AsyncWrite> AsyncWrite for CaseWriter<T> {
                 *this.stream = before;
                 edits.clear();
                 this.stream
-                    .scan(&buf[..n], this.spellings, &was_head, &mut edits);
+                    .scan(&buf[..n], this.spellings, &marks, &mut edits);
             }
             _ => *this.stream = before,
         }
@@ -556,7 +627,7 @@ impl<T: AsyncWrite> AsyncWrite for CaseWriter<T> {
         }
         let bufs = &bufs[..bufs.len().min(MAX_SLICES)];
         let activity = &**this.activity;
-        let was_head = |n| activity.was_head(n);
+        let marks = |n| activity.marks(n);
         let before = this.stream.clone();
         // Which buffers are respelled, and where their copies are.
         let mut copies: SmallVec<[(usize, std::ops::Range<usize>); 2]> = SmallVec::new();
@@ -564,11 +635,11 @@ impl<T: AsyncWrite> AsyncWrite for CaseWriter<T> {
         let mut edits = Edits::new();
         for (index, buf) in bufs.iter().enumerate() {
             edits.clear();
-            this.stream.scan(buf, this.spellings, &was_head, &mut edits);
+            this.stream.scan(buf, this.spellings, &marks, &mut edits);
             if !edits.is_empty() {
                 let start = this.scratch.len();
                 this.scratch.extend_from_slice(buf);
-                apply(&edits, 0, this.spellings, &mut this.scratch[start..]);
+                apply(&edits, this.spellings, &mut this.scratch[start..]);
                 copies.push((index, start..this.scratch.len()));
             }
         }
@@ -593,7 +664,7 @@ impl<T: AsyncWrite> AsyncWrite for CaseWriter<T> {
                     let take = left.min(buf.len());
                     edits.clear();
                     this.stream
-                        .scan(&buf[..take], this.spellings, &was_head, &mut edits);
+                        .scan(&buf[..take], this.spellings, &marks, &mut edits);
                     left -= take;
                     if left == 0 {
                         break;

@@ -218,11 +218,7 @@ fn connection_builder(policy: &crate::config::Policy) -> auto::Builder<TokioExec
         .timer(TokioTimer::new())
         .header_read_timeout(policy.server.header_timeout)
         .max_headers(crate::proxy::MAX_HEADERS)
-        .max_buf_size(64 * 1024)
-        // Names turnstile writes in title case (`Content-Type`), respelled
-        // where title case is wrong (crate::header_case); an upstream's
-        // names keep the upstream's case.
-        .title_case_headers(true);
+        .max_buf_size(64 * 1024);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -405,6 +401,13 @@ impl tower::Service<Request<Incoming>> for ProxyService {
         let busy = self
             .activity
             .begin_request(req.method() == http::Method::HEAD);
-        Box::pin(async move { Ok(app.handle(req, &peer, busy).await) })
+        let (index, activity) = (busy.index(), self.activity.clone());
+        Box::pin(async move {
+            let (response, generated) = app.handle(req, &peer, busy).await;
+            // Before hyper writes the head: CaseWriter spells every name of
+            // an answer turnstile made.
+            activity.set_generated(index, generated);
+            Ok(response)
+        })
     }
 }

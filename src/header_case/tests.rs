@@ -72,9 +72,21 @@ impl AsyncWrite for Trickle {
 /// over a socket taking `caps` bytes per call; `heads[n]`: the `n`th
 /// request was a HEAD.
 fn through(parts: &[Vec<u8>], heads: &[bool], caps: Vec<usize>, vectored: bool) -> Vec<u8> {
+    let marks: Vec<Marks> = heads
+        .iter()
+        .map(|&head| Marks {
+            head,
+            generated: false,
+        })
+        .collect();
+    through_marked(parts, &marks, caps, vectored)
+}
+
+fn through_marked(parts: &[Vec<u8>], marks: &[Marks], caps: Vec<usize>, vectored: bool) -> Vec<u8> {
     let activity = Activity::new();
-    for &head in heads {
-        drop(activity.begin_request(head));
+    for m in marks {
+        let busy = activity.begin_request(m.head);
+        activity.set_generated(busy.index(), m.generated);
     }
     let socket = Trickle {
         out: Vec::new(),
@@ -189,15 +201,29 @@ fn what_it_does_not_follow_passes_as_it_is() {
 }
 
 #[test]
-fn spellings_skip_what_title_case_gets_right() {
-    let s = Spellings::for_prefixes(["X-Credits", "X-RateLimit"]);
-    assert!(s.find(b"x-credits-limit").is_none());
-    assert!(s.find(b"retry-after").is_none());
+fn answers_turnstile_made_get_every_name_spelled() {
+    let head = b"HTTP/1.1 429 Too Many Requests\r\nx-ratelimit-limit: 3\r\ncontent-type: application/json\r\nretry-after: 7\r\nwww-authenticate: Bearer\r\nx-mcp-calls-remaining: 0\r\ncontent-length: 2\r\ndate: now\r\n\r\n{}".to_vec();
+    let marks = [Marks {
+        head: false,
+        generated: true,
+    }];
+    let out = through_marked(&[head], &marks, vec![], false);
     assert_eq!(
-        s.find(b"x-ratelimit-reset").map(|i| &*s.names[i]),
-        Some(&b"X-RateLimit-Reset"[..])
+        String::from_utf8(out).unwrap(),
+        "HTTP/1.1 429 Too Many Requests\r\nX-RateLimit-Limit: 3\r\nContent-Type: application/json\r\nRetry-After: 7\r\nWWW-Authenticate: Bearer\r\nX-MCP-Calls-Remaining: 0\r\nContent-Length: 2\r\nDate: now\r\n\r\n{}"
     );
-    assert!(Spellings::new(["Content-Type", "Date"]).is_empty());
+}
+
+#[test]
+fn spellings_are_found_whatever_the_case() {
+    let s = Spellings::for_prefixes(["X-Credits", "X-RateLimit"]);
+    let found = |n: &[u8]| s.find(n).map(|i| s.names[i].to_vec());
+    assert_eq!(found(b"x-credits-limit"), Some(b"X-Credits-Limit".to_vec()));
+    assert_eq!(
+        found(b"X-RATELIMIT-RESET"),
+        Some(b"X-RateLimit-Reset".to_vec())
+    );
+    assert_eq!(found(b"retry-after"), None);
 }
 
 /// One generated response: header names (as hyper would write them), the
@@ -209,6 +235,7 @@ struct Answer {
     body: Vec<u8>,
     chunks: Option<Vec<usize>>,
     head: bool,
+    generated: bool,
 }
 
 const NAMES: &[&str] = &[
@@ -223,10 +250,24 @@ const NAMES: &[&str] = &[
     "Retry-After",
 ];
 
-fn canonical(name: &str) -> String {
+fn canonical(name: &str, generated: bool) -> String {
     let s = spellings();
     match s.find(name.as_bytes()) {
         Some(i) => String::from_utf8(s.names[i].to_vec()).unwrap(),
+        None if generated => {
+            let mut upper = true;
+            name.chars()
+                .map(|c| {
+                    let c = if upper {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c.to_ascii_lowercase()
+                    };
+                    upper = c == '-';
+                    c
+                })
+                .collect()
+        }
         None => name.to_owned(),
     }
 }
@@ -249,26 +290,31 @@ fn answers() -> impl Strategy<Value = Vec<Answer>> {
         body,
         proptest::option::of(proptest::collection::vec(1usize..20, 1..4)),
         proptest::bool::weighted(0.2),
+        any::<bool>(),
     )
-        .prop_map(|(status, names, body, chunks, head)| Answer {
+        .prop_map(|(status, names, body, chunks, head, generated)| Answer {
             status,
             names,
             body,
             chunks,
             head,
+            generated,
         });
     proptest::collection::vec(answer, 1..8)
 }
 
-/// The parts hyper would queue for `answers`, spelled by `spell`, and
-/// which requests were HEADs.
-fn render(answers: &[Answer], spell: &dyn Fn(&str) -> String) -> (Vec<Vec<u8>>, Vec<bool>) {
+/// The parts hyper would queue for `answers`, spelled by `spell` (name,
+/// whether turnstile made the answer), and what each exchange was.
+fn render(answers: &[Answer], spell: &dyn Fn(&str, bool) -> String) -> (Vec<Vec<u8>>, Vec<Marks>) {
     let mut parts = Vec::new();
     let mut heads = Vec::new();
     for a in answers {
         let mut head = format!("HTTP/1.1 {} X\r\n", a.status);
         for (i, n) in a.names.iter().enumerate() {
-            head.push_str(&format!("{}: v{i}\r\n", spell(n)));
+            head.push_str(&format!(
+                "{}: v{i}\r\n",
+                spell(n, a.generated && a.status != 100)
+            ));
         }
         let bodiless = a.head || matches!(a.status, 100 | 204 | 304);
         match &a.chunks {
@@ -281,7 +327,10 @@ fn render(answers: &[Answer], spell: &dyn Fn(&str) -> String) -> (Vec<Vec<u8>>, 
         }
         parts.push(head.into_bytes());
         if a.status != 100 {
-            heads.push(a.head);
+            heads.push(Marks {
+                head: a.head,
+                generated: a.generated,
+            });
         }
         if bodiless {
             continue;
@@ -318,9 +367,9 @@ proptest! {
         caps in proptest::collection::vec(1usize..40, 0..6),
         vectored in any::<bool>(),
     ) {
-        let (parts, heads) = render(&answers, &|n| n.to_owned());
+        let (parts, marks) = render(&answers, &|n, _| n.to_owned());
         let (expected, _) = render(&answers, &canonical);
-        let out = through(&parts, &heads, caps, vectored);
+        let out = through_marked(&parts, &marks, caps, vectored);
         let expected = expected.concat();
         prop_assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&expected));
     }

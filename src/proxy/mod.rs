@@ -134,6 +134,8 @@ struct Exchange<'a> {
     decided: Option<Decided<'a>>,
     /// Microseconds to the upstream's response headers (0: not asked).
     upstream_us: AtomicU64,
+    /// An answer turnstile made itself on the way (a usage answer).
+    generated: bool,
 }
 
 impl Exchange<'_> {
@@ -341,12 +343,14 @@ impl Turnstile {
     /// Handles one request from `peer`; every failure is already a response.
     /// The response body carries the exchange's in-flight guard and `held`
     /// (the connection's activity guard), both dropped when the exchange ends.
+    /// With it, whether turnstile made the answer (a refusal, a usage
+    /// answer) rather than forwarding the upstream's.
     pub async fn handle<T: Send + Sync + 'static>(
         &self,
         req: Request<Incoming>,
         peer: &Peer,
         held: T,
-    ) -> Response<Body> {
+    ) -> (Response<Body>, bool) {
         let exchange = self.metrics.exchange();
         let live = self.live.load_full();
         let access = self.access_log(&live.policy).map(|log| {
@@ -369,8 +373,10 @@ impl Turnstile {
             cost: 1,
             decided: None,
             upstream_us: AtomicU64::new(0),
+            generated: false,
         };
         let outcome = self.steps(&mut cx, req).await;
+        let generated = cx.generated || outcome.is_err();
         let facts = access.as_ref().map(|_| outcome_facts(&outcome));
         let response = self.finish(&cx, outcome).await;
         let response = match (access, facts) {
@@ -380,7 +386,8 @@ impl Turnstile {
             }
             _ => response,
         };
-        response.map(|b| WithGuard::new(b, (exchange, held)).boxed())
+        let response = response.map(|b| WithGuard::new(b, (exchange, held)).boxed());
+        (response, generated)
     }
 
     /// The steps in order; the first refusal ends the exchange.
@@ -406,6 +413,7 @@ impl Turnstile {
                     cx.refused_key = policy.identity.presented(&parts.headers, parts.uri.query());
                 }
                 let caller = caller.map_err(Refusal::Unauthorized)?;
+                cx.generated = true;
                 return Ok(crate::admin::own_usage(self, policy, &caller).await);
             }
         }
