@@ -45,28 +45,7 @@ impl RuntimeKey {
     pub fn active(&self, now: u64) -> bool {
         !self.revoked && self.expires_at.is_none_or(|at| at > now)
     }
-}
 
-/// What a change through the API asks for; `None`: unchanged.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyPatch {
-    /// A new plan (must exist).
-    pub plan: Option<String>,
-    /// `true` revokes; `false` on a revoked key is refused.
-    pub revoked: Option<bool>,
-    /// A new label.
-    pub name: Option<String>,
-    /// A new expiry (RFC 3339), or `null` for none.
-    #[serde(default, deserialize_with = "some_value")]
-    pub expires_at: Option<Option<String>>,
-}
-
-fn some_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
-}
-
-impl RuntimeKey {
     /// This key with `patch` applied (`plan` and `expires_at` already
     /// checked by the caller).
     pub fn patched(
@@ -90,6 +69,25 @@ impl RuntimeKey {
         }
         out
     }
+}
+
+/// What a change through the API asks for; `None`: unchanged.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPatch {
+    /// A new plan (must exist).
+    pub plan: Option<String>,
+    /// `true` revokes; `false` on a revoked key is refused.
+    pub revoked: Option<bool>,
+    /// A new label.
+    pub name: Option<String>,
+    /// A new expiry (RFC 3339), or `null` for none.
+    #[serde(default, deserialize_with = "some_value")]
+    pub expires_at: Option<Option<String>>,
+}
+
+fn some_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 /// Why a change was not made.
