@@ -42,6 +42,7 @@ pub mod tls;
 pub mod top_refused;
 pub mod upstream;
 pub mod urls;
+pub mod usage;
 pub mod values;
 
 pub use clock::{Clock, ManualClock, SystemClock};

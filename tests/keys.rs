@@ -576,3 +576,42 @@ fn a_keys_file_over_the_cap_fails_check() {
         "{err}"
     );
 }
+
+/// The admin API's usage, reset and lookup calls find runtime keys like
+/// file keys: by key, by fingerprint and through their account.
+#[tokio::test]
+async fn admin_usage_and_reset_see_runtime_keys() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(&dir, &up).await;
+    let (key, fp) = create(&b, "acme", "free").await;
+    for _ in 0..2 {
+        assert_eq!(call("GET", &b.url("/gen"), Some(&key)).await.status, 200);
+    }
+    assert_eq!(call("GET", &b.url("/gen"), Some(&key)).await.status, 429);
+    let by_key = admin(&b, "GET", &format!("/v1/usage?key={key}"), None).await;
+    assert_eq!(by_key.status, 200, "{}", by_key.body);
+    let v = by_key.json();
+    assert_eq!(
+        (v["key"].as_str(), v["plan"].as_str()),
+        (Some(fp.as_str()), Some("free"))
+    );
+    assert_eq!(v["counters"][0]["used"], 2);
+    let by_fp = admin(&b, "GET", &format!("/v1/usage?fingerprint={fp}"), None).await;
+    assert_eq!(by_fp.json(), v);
+    let account = admin(&b, "GET", "/v1/usage?account=acme", None)
+        .await
+        .json();
+    assert!(
+        account["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k == fp.as_str()),
+        "{account}"
+    );
+    // A reset by key gives the runtime key its quota back.
+    let reset = admin(&b, "DELETE", &format!("/v1/usage?key={key}"), None).await;
+    assert_eq!(reset.status, 200, "{}", reset.body);
+    assert_eq!(call("GET", &b.url("/gen"), Some(&key)).await.status, 200);
+}

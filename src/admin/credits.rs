@@ -13,35 +13,29 @@ use super::{
 };
 use super::{Row, Target};
 use crate::body::Body;
-use crate::clock::{Nanos, SECOND};
 use crate::config::Policy;
-use crate::limits::{LimitSpec, Per, Rule};
+use crate::keystore::KeyCache;
+use crate::limits::{Per, Rule};
 use crate::proxy::Turnstile;
 use crate::store::{BalanceChange, OwnedCheck};
+use crate::usage::next_refill;
 
 /// Largest body a `POST /v1/credits` may carry.
 const MAX_BODY: usize = 4096;
 
-/// The next refill of a credits limit after `now` (Unix seconds), or null.
-pub(super) fn next_refill(spec: &LimitSpec, now: Nanos) -> Value {
-    match spec.rule {
-        Rule::Credits(c) => c
-            .refill
-            .next_after(now)
-            .map_or(Value::Null, |at| json!(at.div_ceil(SECOND))),
-        _ => Value::Null,
-    }
-}
-
 /// The one balance a call addresses: the key's (per-key limits) or its
 /// account's, or an account's shared one; `name=` picks among several.
-fn balance_row<'p>(policy: &'p Policy, query: &str) -> Result<Row<'p>, Box<Response<Body>>> {
+fn balance_row<'p>(
+    policy: &'p Policy,
+    app_keys: &KeyCache,
+    query: &str,
+) -> Result<Row<'p>, Box<Response<Body>>> {
     let mut rows = Vec::new();
-    match target(policy, query) {
+    match target(policy, app_keys, query) {
         None => return Err(Box::new(no_target())),
         Some(Target::UnknownFingerprint(fp)) => return Err(Box::new(unknown_fingerprint(&fp))),
         Some(Target::Key(digest)) => {
-            let Some(key) = key_view(policy, digest) else {
+            let Some(key) = key_view(policy, app_keys, digest) else {
                 return Err(Box::new(error(
                     StatusCode::NOT_FOUND,
                     "not_found",
@@ -51,7 +45,7 @@ fn balance_row<'p>(policy: &'p Policy, query: &str) -> Result<Row<'p>, Box<Respo
             rows_of(policy, &key, None, &mut rows);
         }
         Some(Target::Account(account)) => {
-            let keys = account_keys(policy, &account);
+            let keys = account_keys(policy, app_keys, &account);
             let Some(first) = keys.first() else {
                 return Err(Box::new(error(
                     StatusCode::NOT_FOUND,
@@ -112,7 +106,7 @@ async fn answer(app: &Turnstile, row: &Row<'_>, change: BalanceChange) -> Respon
 
 /// `GET /v1/credits?account=A` (or `key=K`).
 pub(super) async fn show(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
-    match balance_row(policy, query) {
+    match balance_row(policy, app.keys().cache(), query) {
         Ok(row) => answer(app, &row, BalanceChange::Read).await,
         Err(r) => *r,
     }
@@ -125,7 +119,7 @@ pub(super) async fn change(
     query: &str,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let row = match balance_row(policy, query) {
+    let row = match balance_row(policy, app.keys().cache(), query) {
         Ok(row) => row,
         Err(r) => return *r,
     };

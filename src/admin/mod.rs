@@ -15,13 +15,14 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::body::{full, Body};
-use crate::clock::SECOND;
 use crate::config::Policy;
-use crate::identity::{self, Fingerprint, KeyDigest, UnknownKey};
-use crate::limits::{LimitSpec, Per, Rule};
+use crate::identity::{self, Fingerprint, KeyDigest};
+use crate::keystore::KeyCache;
+use crate::limits::Per;
 use crate::metrics::StoreFigures;
 use crate::proxy::Turnstile;
-use crate::store::{BalanceChange, LimitCheck, OwnedCheck, StoreError, Subject};
+use crate::store::{LimitCheck, OwnedCheck, StoreError};
+use crate::usage::{account_keys, key_view, render_rows, rows_of, Row};
 
 /// Answers one admin request.
 pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
@@ -157,8 +158,8 @@ enum Target {
     UnknownFingerprint(String),
 }
 
-/// `key=`, `fingerprint=` (a registered key's) or `account=`.
-fn target(policy: &Policy, query: &str) -> Option<Target> {
+/// `key=`, `fingerprint=` (a registered or runtime key's) or `account=`.
+fn target(policy: &Policy, app_keys: &KeyCache, query: &str) -> Option<Target> {
     form_urlencoded::parse(query.as_bytes()).find_map(|(k, v)| match &*k {
         "key" if !v.is_empty() => Some(Target::Key(identity::digest(&v))),
         "account" if !v.is_empty() => Some(Target::Account(v.into_owned())),
@@ -171,6 +172,10 @@ fn target(policy: &Policy, query: &str) -> Option<Target> {
                     keys.iter()
                         .map(|(d, _)| *d)
                         .find(|d| Fingerprint::of(d).as_str().eq_ignore_ascii_case(&v))
+                })
+                .or_else(|| match app_keys.by_fingerprint(&v).as_slice() {
+                    [(digest, _)] => Some(*digest),
+                    _ => None,
                 })
                 .map_or_else(|| Target::UnknownFingerprint(v.into_owned()), Target::Key),
         ),
@@ -194,182 +199,6 @@ fn no_target() -> Response<Body> {
     )
 }
 
-/// One key as the policy sees it: account and plan.
-struct KeyView {
-    digest: KeyDigest,
-    account: Option<Arc<str>>,
-    plan: usize,
-}
-
-fn key_view(policy: &Policy, digest: KeyDigest) -> Option<KeyView> {
-    let id = &policy.identity;
-    match id.keys.as_ref().and_then(|k| k.get(&digest)) {
-        Some(rec) => Some(KeyView {
-            digest,
-            account: rec.account.clone(),
-            plan: rec.plan,
-        }),
-        None if id.keys.is_none() || id.unknown_key == UnknownKey::Default => {
-            id.default_plan.map(|plan| KeyView {
-                digest,
-                account: None,
-                plan,
-            })
-        }
-        None => None,
-    }
-}
-
-fn account_keys(policy: &Policy, account: &str) -> Vec<KeyView> {
-    let Some(keys) = &policy.identity.keys else {
-        return Vec::new();
-    };
-    let mut out: Vec<KeyView> = keys
-        .iter()
-        .filter(|(_, rec)| rec.account.as_deref() == Some(account))
-        .map(|(d, rec)| KeyView {
-            digest: *d,
-            account: rec.account.clone(),
-            plan: rec.plan,
-        })
-        .collect();
-    out.sort_by_key(|k| k.digest);
-    out
-}
-
-/// One counter of a key's plan, ready to be read or reset.
-struct Row<'p> {
-    spec: &'p LimitSpec,
-    route: Option<String>,
-    per_key: Option<Fingerprint>,
-    check: LimitCheck<'p>,
-}
-
-/// Every counter of `key`'s plan: per limit, one per route when `per_route`.
-/// `only` restricts to per-key or per-account limits.
-fn rows_of<'p>(policy: &'p Policy, key: &KeyView, only: Option<Per>, out: &mut Vec<Row<'p>>) {
-    let Some(plan) = policy.plans.get(key.plan) else {
-        return;
-    };
-    let mut seen = Vec::new();
-    for (route_index, applied) in plan.by_route.iter().enumerate() {
-        for a in applied {
-            if seen.contains(&a.counter) {
-                continue;
-            }
-            seen.push(a.counter);
-            let spec = &plan.limits[a.limit];
-            // Without a named account, per-account limits count per key.
-            let per = if key.account.is_none() {
-                Per::Key
-            } else {
-                spec.per
-            };
-            if only.is_some_and(|o| o != per) {
-                continue;
-            }
-            let subject = Subject::counted(spec.per, &key.digest, key.account.as_ref());
-            let per_key = (matches!(subject, Subject::Key(_)) && key.account.is_some())
-                .then(|| Fingerprint::of(&key.digest));
-            let group = Subject::group(&key.digest, key.account.as_ref());
-            out.push(Row {
-                spec,
-                route: spec
-                    .per_route
-                    .then(|| policy.routes[route_index].name.to_string()),
-                per_key,
-                check: LimitCheck {
-                    subject,
-                    group,
-                    counter: a.counter,
-                    rule: &spec.rule,
-                    queue: None,
-                    pinned: true,
-                    shadow: false,
-                    units: 1,
-                },
-            });
-        }
-    }
-}
-
-impl Row<'_> {
-    /// The row's counter as a jobs counter, if it is one.
-    fn job_counter(&self) -> Option<OwnedCheck> {
-        matches!(self.spec.rule, Rule::Jobs(_)).then(|| OwnedCheck::of(&self.check))
-    }
-
-    /// The row's counter as a credits balance, if it is one.
-    fn balance_check(&self) -> Option<OwnedCheck> {
-        matches!(self.spec.rule, Rule::Credits(_)).then(|| OwnedCheck::of(&self.check))
-    }
-}
-
-/// The jobs in progress of a jobs row, as the usage output lists them.
-async fn jobs_of(app: &Turnstile, row: &Row<'_>) -> Result<Option<Value>, StoreError> {
-    let Some(counter) = row.job_counter() else {
-        return Ok(None);
-    };
-    let jobs = app.store().jobs(&counter).await?;
-    Ok(Some(Value::Array(
-        jobs.iter()
-            .map(|j| {
-                json!({
-                    "id": &*j.id,
-                    "started": j.started / SECOND,
-                    "expires": j.expires.div_ceil(SECOND),
-                })
-            })
-            .collect(),
-    )))
-}
-
-/// The rows as JSON, with their figures read from the store.
-async fn render_rows(app: &Turnstile, rows: &[Row<'_>]) -> Result<Vec<Value>, StoreError> {
-    let checks: Vec<LimitCheck<'_>> = rows.iter().map(|r| r.check.clone()).collect();
-    let verdicts = app.store().usage(&checks).await?;
-    let mut jobs = Vec::with_capacity(rows.len());
-    let mut balances = std::collections::HashMap::new();
-    for row in rows {
-        jobs.push(jobs_of(app, row).await?);
-        if let Some(owned) = row.balance_check() {
-            let balance = app.store().balance(&owned, BalanceChange::Read).await?;
-            balances.insert(row.check.counter, balance);
-        }
-    }
-    let now = app.store().in_process().now();
-    Ok(rows
-        .iter()
-        .zip(verdicts)
-        .zip(jobs)
-        .map(|((row, v), jobs)| {
-            let mut entry = json!({
-                "name": &*row.spec.name,
-                "route": row.route,
-                "kind": row.spec.rule.kind_name(),
-                "limit": row.spec.rule.shown_limit(),
-            });
-            if let Some(fp) = &row.per_key {
-                entry["key"] = json!(fp.as_str());
-            }
-            if let Rule::Jobs(_) = row.spec.rule {
-                entry["in_progress"] = json!(v.used);
-                entry["jobs"] = jobs.unwrap_or_default();
-            } else if let Some(balance) = balances.get(&row.check.counter) {
-                entry["balance"] = json!(balance);
-                entry["next_refill"] = credits::next_refill(row.spec, now);
-            } else if row.spec.rule.holds_slot() {
-                entry["in_flight"] = json!(v.used);
-            } else {
-                entry["used"] = json!(v.used);
-                entry["remaining"] = json!(v.remaining);
-                entry["reset"] = json!(v.reset_at.div_ceil(SECOND));
-            }
-            entry
-        })
-        .collect())
-}
-
 fn store_error(e: StoreError) -> Response<Body> {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -379,32 +208,21 @@ fn store_error(e: StoreError) -> Response<Body> {
 }
 
 async fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
-    match target(policy, query) {
+    let app_keys = app.keys().cache();
+    match target(policy, app_keys, query) {
         None => no_target(),
         Some(Target::UnknownFingerprint(fp)) => unknown_fingerprint(&fp),
         Some(Target::Key(digest)) => {
-            let Some(key) = key_view(policy, digest) else {
+            let Some(key) = key_view(policy, app.keys().cache(), digest) else {
                 return error(StatusCode::NOT_FOUND, "not_found", "unknown API key");
             };
-            let fp = Fingerprint::of(&digest);
-            let mut rows = Vec::new();
-            rows_of(policy, &key, None, &mut rows);
-            let counters = match render_rows(app, &rows).await {
-                Ok(c) => c,
-                Err(e) => return store_error(e),
-            };
-            json_response(
-                StatusCode::OK,
-                &json!({
-                    "key": fp.as_str(),
-                    "account": key.account.as_deref().unwrap_or(fp.as_str()),
-                    "plan": policy.plans.get(key.plan).map(|p| &*p.name),
-                    "counters": counters,
-                }),
-            )
+            match crate::usage::of_key(app.store(), policy, &key).await {
+                Ok(usage) => json_response(StatusCode::OK, &usage),
+                Err(e) => store_error(e),
+            }
         }
         Some(Target::Account(account)) => {
-            let keys = account_keys(policy, &account);
+            let keys = account_keys(policy, app_keys, &account);
             if keys.is_empty() {
                 return error(
                     StatusCode::NOT_FOUND,
@@ -426,7 +244,7 @@ async fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> 
                     }
                 }
             }
-            let counters = match render_rows(app, &rows).await {
+            let counters = match render_rows(app.store(), &rows).await {
                 Ok(c) => c,
                 Err(e) => return store_error(e),
             };
@@ -442,56 +260,26 @@ async fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> 
     }
 }
 
-/// `[server] usage_path`: the caller's own plan and counters (credits and
-/// jobs included), as `GET /v1/usage?key=` shows them; read only.
-pub async fn own_usage(
-    app: &Turnstile,
-    policy: &Policy,
-    caller: &identity::Caller,
-) -> Response<Body> {
-    let key = KeyView {
-        digest: caller.digest,
-        account: caller.account.clone(),
-        plan: caller.plan,
-    };
-    let mut rows = Vec::new();
-    rows_of(policy, &key, None, &mut rows);
-    let counters = match render_rows(app, &rows).await {
-        Ok(c) => c,
-        Err(e) => return store_error(e),
-    };
-    let mut r = json_response(
-        StatusCode::OK,
-        &json!({
-            "key": caller.fingerprint.as_str(),
-            "account": key.account.as_deref().unwrap_or(caller.fingerprint.as_str()),
-            "plan": policy.plans.get(key.plan).map(|p| &*p.name),
-            "counters": counters,
-        }),
-    );
-    r.headers_mut().insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-store"),
-    );
-    r
-}
-
 /// The counters a reset or a job ending addresses: a key's own (per-key)
 /// counters, or an account's shared ones and those of each of its keys.
-fn target_rows<'p>(policy: &'p Policy, query: &str) -> Result<Vec<Row<'p>>, Box<Response<Body>>> {
+fn target_rows<'p>(
+    policy: &'p Policy,
+    app_keys: &KeyCache,
+    query: &str,
+) -> Result<Vec<Row<'p>>, Box<Response<Body>>> {
     let mut rows = Vec::new();
-    match target(policy, query) {
+    match target(policy, app_keys, query) {
         None => return Err(Box::new(no_target())),
         Some(Target::UnknownFingerprint(fp)) => return Err(Box::new(unknown_fingerprint(&fp))),
         Some(Target::Key(digest)) => {
-            let Some(key) = key_view(policy, digest) else {
+            let Some(key) = key_view(policy, app_keys, digest) else {
                 let r = error(StatusCode::NOT_FOUND, "not_found", "unknown API key");
                 return Err(Box::new(r));
             };
             rows_of(policy, &key, Some(Per::Key), &mut rows);
         }
         Some(Target::Account(account)) => {
-            let keys = account_keys(policy, &account);
+            let keys = account_keys(policy, app_keys, &account);
             if keys.is_empty() {
                 return Err(Box::new(error(
                     StatusCode::NOT_FOUND,
@@ -522,7 +310,7 @@ async fn end_job(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body
             "expected ?key=KEY&id=JOB or ?account=ACCOUNT&id=JOB",
         );
     };
-    let rows = match target_rows(policy, query) {
+    let rows = match target_rows(policy, app.keys().cache(), query) {
         Ok(rows) => rows,
         Err(r) => return *r,
     };
@@ -543,7 +331,7 @@ async fn end_job(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body
 }
 
 async fn reset(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
-    let rows = match target_rows(policy, query) {
+    let rows = match target_rows(policy, app.keys().cache(), query) {
         Ok(rows) => rows,
         Err(r) => return *r,
     };

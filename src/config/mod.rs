@@ -1410,6 +1410,14 @@ fn load_keys(
 }
 
 impl Policy {
+    /// The index of the plan called `name`.
+    pub fn plan_index(&self, name: &str) -> Option<usize> {
+        self.plans
+            .binary_search_by(|p| (*p.name).cmp(name))
+            .ok()
+            .or_else(|| plan_index(&self.plans, name))
+    }
+
     /// The routes × plans table printed by `turnstile check`.
     pub fn table(&self) -> String {
         let mut rows: Vec<Vec<String>> = Vec::new();

@@ -275,6 +275,34 @@ impl Turnstile {
         policy.identity.identify(headers, query, &lookup)
     }
 
+    /// `[server] usage_path`: the caller's own plan and counters (credits
+    /// and jobs included), as `GET /v1/usage?key=` shows them; read only.
+    async fn own_usage(
+        &self,
+        policy: &Policy,
+        caller: &crate::identity::Caller,
+    ) -> Result<Response<Body>, Refusal> {
+        let key = crate::usage::KeyView {
+            digest: caller.digest,
+            account: caller.account.clone(),
+            plan: caller.plan,
+        };
+        let usage = crate::usage::of_key(&self.store, policy, &key)
+            .await
+            .map_err(|e| Refusal::StoreUnavailable(e.to_string()))?;
+        let mut r = Response::new(crate::body::full(usage.to_string()));
+        let h = r.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        Ok(r)
+    }
+
     /// The most refused keys and accounts so far.
     pub fn top_refused(&self) -> &TopRefused {
         &self.top_refused
@@ -414,7 +442,7 @@ impl Turnstile {
                 }
                 let caller = caller.map_err(Refusal::Unauthorized)?;
                 cx.generated = true;
-                return Ok(crate::admin::own_usage(self, policy, &caller).await);
+                return self.own_usage(policy, &caller).await;
             }
         }
 
