@@ -236,6 +236,40 @@ pub enum KeyStoreAt {
     Redis,
 }
 
+/// The last key one connection presented, with its SHA-256: keep-alive
+/// clients send the same key on every request, so the digest is computed
+/// once per connection and key instead of once per request.
+///
+/// Scoped to a connection, so it never holds another connection's key;
+/// compared in constant time, so the time taken says nothing about how
+/// much of a key matched (only whether it is the same key, which sending
+/// that key would tell anyway).
+#[derive(Debug, Default)]
+pub struct KeyMemo(std::sync::Mutex<Option<(Box<str>, KeyDigest)>>);
+
+impl KeyMemo {
+    /// The digest of `key`, from the memo when it is the key last seen.
+    pub fn digest(&self, key: &str) -> KeyDigest {
+        // Never wait: with the memo busy (HTTP/2 streams at once), hash.
+        let Ok(mut slot) = self.0.try_lock() else {
+            return digest(key);
+        };
+        if let Some((last, d)) = slot.as_ref() {
+            if same(last.as_bytes(), key.as_bytes()) {
+                return *d;
+            }
+        }
+        let d = digest(key);
+        *slot = Some((key.into(), d));
+        d
+    }
+}
+
+/// Whether `a == b`, in time that depends on their lengths only.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// What identifying a caller needs besides the request: the runtime keys,
 /// the time, and the policy's plans by name.
 pub struct Lookup<'a> {
@@ -245,6 +279,8 @@ pub struct Lookup<'a> {
     pub now: u64,
     /// A plan's index by name.
     pub plan: &'a dyn Fn(&str) -> Option<usize>,
+    /// The connection's last key and digest.
+    pub memo: Option<&'a KeyMemo>,
 }
 
 /// Who the caller is, once identified.
@@ -278,7 +314,10 @@ impl IdentitySettings {
                 return Err(AuthError::WrongPrefix(prefix.clone()));
             }
         }
-        let digest = digest(&key);
+        let digest = match lookup.memo {
+            Some(memo) => memo.digest(&key),
+            None => digest(&key),
+        };
         let fingerprint = Fingerprint::of(&digest);
         let disabled = |account: &str| {
             self.keys.as_ref().is_some_and(|k| k.is_disabled(account))
@@ -466,7 +505,25 @@ mod tests {
             runtime: runtime(),
             now: 1_000,
             plan: &no_plan,
+            memo: None,
         }
+    }
+
+    #[test]
+    fn the_memo_gives_each_key_its_own_digest() {
+        let memo = KeyMemo::default();
+        for key in [
+            "rfn_live_a",
+            "rfn_live_a",
+            "rfn_live_b",
+            "rfn_live_a",
+            "rfn_live_ab",
+            "",
+        ] {
+            assert_eq!(memo.digest(key), digest(key), "{key:?}");
+        }
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd") && !same(b"abc", b"ab"));
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

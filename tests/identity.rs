@@ -229,3 +229,52 @@ path = "/gen"
     assert_eq!(up.last().headers["x-turnstile-plan"], "paid");
     assert_eq!(call("GET", &p.url("/gen"), Some("gone")).await.status, 401);
 }
+
+/// Keys change between requests of one keep-alive connection (a gateway in
+/// front of turnstile multiplexes its clients): each request is identified
+/// by its own key, never by the one before it on the connection.
+#[tokio::test]
+async fn each_request_on_a_connection_is_identified_by_its_own_key() {
+    let (up, p) = setup().await;
+    let request = |key: &str, last: bool| {
+        format!(
+            "POST /mcp HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\ncontent-length: 0\r\n{}\r\n",
+            if last { "connection: close\r\n" } else { "" }
+        )
+    };
+    let pipelined = [
+        request("rfn_live_good", false),
+        request("rfn_live_hashed", false),
+        request("rfn_live_good", false),
+        request("rfn_live_revoked", false),
+        request("rfn_live_unknown", false),
+        request("rfn_live_good", true),
+    ]
+    .concat();
+    let out = raw(
+        p.addr,
+        pipelined.as_bytes(),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    let statuses: Vec<&str> = out.split("HTTP/1.1 ").skip(1).map(|a| &a[..3]).collect();
+    assert_eq!(
+        statuses,
+        ["200", "200", "200", "401", "401", "200"],
+        "{out}"
+    );
+    let accounts: Vec<String> = up
+        .seen()
+        .iter()
+        .map(|s| {
+            s.headers["x-turnstile-account"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let hashed =
+        turnstile::identity::Fingerprint::of(&turnstile::identity::digest("rfn_live_hashed"))
+            .to_string();
+    assert_eq!(accounts, ["acme", hashed.as_str(), "acme", "acme"]);
+}

@@ -33,6 +33,8 @@ pub struct Peer {
     ip: HeaderValue,
     /// `X-Forwarded-Proto`: `https` on a TLS connection.
     proto: HeaderValue,
+    /// The connection's last key and its digest.
+    memo: std::sync::Arc<crate::identity::KeyMemo>,
 }
 
 impl Peer {
@@ -45,7 +47,13 @@ impl Peer {
             addr,
             ip,
             proto: HeaderValue::from_static("http"),
+            memo: Default::default(),
         }
+    }
+
+    /// The connection's last key and its digest.
+    pub fn memo(&self) -> &crate::identity::KeyMemo {
+        &self.memo
     }
 
     /// The same client, on a TLS connection.

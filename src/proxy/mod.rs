@@ -263,6 +263,7 @@ impl Turnstile {
     pub(crate) fn identify(
         &self,
         policy: &Policy,
+        peer: &Peer,
         headers: &http::HeaderMap,
         query: Option<&str>,
     ) -> Result<crate::identity::Caller, crate::identity::AuthError> {
@@ -271,6 +272,7 @@ impl Turnstile {
             runtime: self.keys.cache(),
             now: self.store.in_process().now() / crate::clock::SECOND,
             plan: &plan,
+            memo: Some(peer.memo()),
         };
         policy.identity.identify(headers, query, &lookup)
     }
@@ -436,7 +438,7 @@ impl Turnstile {
         if let Some(usage) = &policy.server.usage_path {
             let reads = parts.method == http::Method::GET || parts.method == http::Method::HEAD;
             if reads && parts.uri.path() == usage {
-                let caller = self.identify(policy, &parts.headers, parts.uri.query());
+                let caller = self.identify(policy, cx.peer, &parts.headers, parts.uri.query());
                 if caller.is_err() {
                     cx.refused_key = policy.identity.presented(&parts.headers, parts.uri.query());
                 }
@@ -467,7 +469,7 @@ impl Turnstile {
         // 2. Identity and plan.
         let caller = match cx.caller.take() {
             Some(caller) => Ok(caller),
-            None => self.identify(policy, &parts.headers, parts.uri.query()),
+            None => self.identify(policy, cx.peer, &parts.headers, parts.uri.query()),
         };
         if caller.is_err() {
             cx.refused_key = policy.identity.presented(&parts.headers, parts.uri.query());

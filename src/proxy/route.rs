@@ -46,7 +46,7 @@ impl Turnstile {
             // on one does not hold (a tool call always needs its body).
             let json = if r.match_reads_json && (r.mcp_tool.is_some() || !body.is_empty()) {
                 if cx.caller.is_none() && !candidates().any(|r| !r.auth) {
-                    let found = self.identify(policy, &parts.headers, parts.uri.query());
+                    let found = self.identify(policy, cx.peer, &parts.headers, parts.uri.query());
                     match found {
                         Ok(c) => cx.caller = Some(c),
                         Err(e) => {
