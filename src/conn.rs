@@ -68,12 +68,7 @@ impl Activity {
     /// when the guard is dropped.
     pub fn begin_request(self: &Arc<Self>, head: bool) -> Busy {
         let index = self.requests.fetch_add(1, Ordering::Relaxed);
-        let bit = 1u64 << (index % 64);
-        if head {
-            self.heads.fetch_or(bit, Ordering::Release);
-        } else if self.heads.load(Ordering::Relaxed) & bit != 0 {
-            self.heads.fetch_and(!bit, Ordering::Release);
-        }
+        set_bit(&self.heads, index, head);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Busy(self.clone(), index)
     }
@@ -81,12 +76,7 @@ impl Activity {
     /// Notes whether the `index`th answer is one turnstile made (before
     /// hyper writes it).
     pub fn set_generated(&self, index: u64, generated: bool) {
-        let bit = 1u64 << (index % 64);
-        if generated {
-            self.generated.fetch_or(bit, Ordering::Release);
-        } else if self.generated.load(Ordering::Relaxed) & bit != 0 {
-            self.generated.fetch_and(!bit, Ordering::Release);
-        }
+        set_bit(&self.generated, index, generated);
     }
 
     /// What the connection's `index`th exchange (from 0) was; good for the
@@ -98,7 +88,20 @@ impl Activity {
             generated: self.generated.load(Ordering::Acquire) & bit != 0,
         }
     }
+}
 
+/// Sets bit `index % 64` of `bits` to `on` (no write when it already is
+/// off: the common case costs a load).
+fn set_bit(bits: &AtomicU64, index: u64, on: bool) {
+    let bit = 1u64 << (index % 64);
+    if on {
+        bits.fetch_or(bit, Ordering::Release);
+    } else if bits.load(Ordering::Relaxed) & bit != 0 {
+        bits.fetch_and(!bit, Ordering::Release);
+    }
+}
+
+impl Activity {
     /// Whether an exchange is in flight.
     fn busy(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0

@@ -92,6 +92,13 @@ enum Framing {
     Off,
 }
 
+impl Framing {
+    /// At the start of a response head.
+    fn head() -> Self {
+        Framing::Head(Head::new())
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Head {
     line: [u8; LINE_KEEP],
@@ -257,7 +264,7 @@ struct Stream {
 impl Stream {
     fn new() -> Self {
         Self {
-            framing: Framing::Head(Head::new()),
+            framing: Framing::head(),
             responses: 0,
         }
     }
@@ -281,14 +288,14 @@ impl Stream {
                     let take = (*left).min((buf.len() - i) as u64);
                     *left -= take;
                     if *left == 0 {
-                        self.framing = Framing::Head(Head::new());
+                        self.framing = Framing::head();
                     }
                     take as usize
                 }
                 Framing::Chunk(chunk) => match step_chunk(chunk, &buf[i..]) {
                     Some((used, done)) => {
                         if done {
-                            self.framing = Framing::Head(Head::new());
+                            self.framing = Framing::head();
                         }
                         used
                     }
@@ -387,17 +394,17 @@ impl Stream {
         let (status, length, chunked) = (head.status, head.length, head.chunked);
         self.framing = match status {
             101 => Framing::Off,
-            100..=199 => Framing::Head(Head::new()),
+            100..=199 => Framing::head(),
             _ => {
                 let index = self.responses;
                 self.responses += 1;
                 if marks(index).head || status == 204 || status == 304 {
-                    Framing::Head(Head::new())
+                    Framing::head()
                 } else if chunked {
                     Framing::Chunk(SIZE_LINE)
                 } else {
                     match length {
-                        Some(0) => Framing::Head(Head::new()),
+                        Some(0) => Framing::head(),
                         Some(n) => Framing::Length(n),
                         None => Framing::Off,
                     }

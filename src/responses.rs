@@ -969,6 +969,12 @@ mod tests {
             codes, RESPONSE_NAMES,
             "RESPONSE_NAMES names refusal codes, in order"
         );
+        for code in &codes {
+            assert!(
+                Refusal::CODES.contains(code),
+                "{code} missing from Refusal::CODES"
+            );
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub struct TopRefused {
 }
 
 /// One listed item: its count and how much of it may belong to others.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Heavy {
     /// A key fingerprint or an account name.
     pub name: String,

@@ -71,8 +71,8 @@ pub(super) fn summary(app: &Turnstile, policy: &Policy) -> Response<Body> {
             "store": { "backend": health.backend, "up": health.up },
             "routes": routes,
             "refused": {
-                "keys": top.keys(TOP).iter().map(|h| json!({"name": h.name, "count": h.count, "error": h.error})).collect::<Vec<_>>(),
-                "accounts": top.accounts(TOP).iter().map(|h| json!({"name": h.name, "count": h.count, "error": h.error})).collect::<Vec<_>>(),
+                "keys": top.keys(TOP),
+                "accounts": top.accounts(TOP),
             },
             "jobs": rules().any(|r| matches!(r, Rule::Jobs(_))),
             "jobs_in_progress": app.store().jobs_in_progress(),

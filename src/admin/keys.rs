@@ -254,9 +254,11 @@ pub(super) async fn account(
     }
 }
 
+/// A path segment decoded (`%20` → space; `+` stays `+`); empty if it
+/// does not decode to UTF-8.
 fn percent_decode(s: &str) -> String {
-    form_urlencoded::parse(format!("a={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
         .unwrap_or_default()
 }

@@ -1412,10 +1412,7 @@ fn load_keys(
 impl Policy {
     /// The index of the plan called `name`.
     pub fn plan_index(&self, name: &str) -> Option<usize> {
-        self.plans
-            .binary_search_by(|p| (*p.name).cmp(name))
-            .ok()
-            .or_else(|| plan_index(&self.plans, name))
+        plan_index(&self.plans, name)
     }
 
     /// The routes × plans table printed by `turnstile check`.

@@ -201,16 +201,6 @@ impl KeyCache {
         self.any_disabled
             .store(!disabled.is_empty(), Ordering::Release);
     }
-
-    /// Number of runtime keys.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
 }
 
 /// Where runtime keys are kept.
