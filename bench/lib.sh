@@ -6,6 +6,7 @@
 # work                       the scratch folder
 # pids+=($!)                 processes killed on exit
 # free_port, wait_port PORT
+# cpu_ticks PID              user and system clock ticks of PID and its children
 
 need_tools() {
   local missing=() pair
@@ -29,3 +30,15 @@ trap cleanup EXIT INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+# "user system": clock ticks (getconf CLK_TCK per second) spent by PID and its
+# direct children (nginx's workers), all threads, so far.
+cpu_ticks() {
+  local user=0 sys=0 p u s
+  for p in "$1" $(pgrep -P "$1" || true); do
+    [ -r "/proc/$p/stat" ] || continue
+    read -r u s < <(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12, $13}')
+    user=$((user + u)); sys=$((sys + s))
+  done
+  echo "$user $sys"
+}

@@ -41,7 +41,7 @@ events { worker_connections 4096; }
 http { access_log off; server { listen 127.0.0.1:$up; keepalive_requests 1000000;
   location / { return 200 '{"ok":true}'; } } }
 NGINX
-taskset -c 0 nginx -p "$work/up" -c "$work/up/nginx.conf" & pids+=($!)
+taskset -c 0 nginx -p "$work/up" -c "$work/up/nginx.conf" & pids+=($!); up_pid=$!
 
 # nginx with the equivalent policy (per-key rate limit + concurrent cap).
 nginx_conf() { # rate, burst ("" for none)
@@ -141,11 +141,18 @@ start_proxies() { # scenario
 stop_proxies() { for p in "${proxy_pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${proxy_pids[@]}"; do wait "$p" 2>/dev/null || true; done; }
 
 wait_port "$up"
-measure() { # port lua -> "rps p50_ms p99_ms non2xx"
-  taskset -c 1 wrk -t1 -c64 -d"$DURATION" --latency -s "$2" "http://127.0.0.1:$1/v1/jobs/1" 2>/dev/null |
-    awk 'function ms(v){ if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-         /Requests\/sec/ {rps=$2} /^ +50%/ {p50=ms($2)} /^ +99%/ {p99=ms($2)} /Non-2xx/ {bad=$5}
-         END {printf "%s %.3f %.3f %s\n", rps, p50, p99, (bad==""?0:bad)}'
+hz=$(getconf CLK_TCK)
+measure() { # port lua pid -> "rps p50_ms p99_ms non2xx cpu_us user_us" (CPU per request, pid and children)
+  local before after
+  before=$(cpu_ticks "$3")
+  taskset -c 1 wrk -t1 -c64 -d"$DURATION" --latency -s "$2" "http://127.0.0.1:$1/v1/jobs/1" 2>/dev/null > "$work/wrk.out"
+  after=$(cpu_ticks "$3")
+  awk -v b="$before" -v a="$after" -v hz="$hz" \
+    'function ms(v){ if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+     BEGIN {split(b, B, " "); split(a, A, " ")}
+     /requests in/ {n=$1} /Requests\/sec/ {rps=$2} /^ +50%/ {p50=ms($2)} /^ +99%/ {p99=ms($2)} /Non-2xx/ {bad=$5}
+     END {u=(A[1]-B[1])*1e6/hz; s=(A[2]-B[2])*1e6/hz; n=(n>0?n:1)
+          printf "%s %.3f %.3f %s %.2f %.2f\n", rps, p50, p99, (bad==""?0:bad), (u+s)/n, u/n}' "$work/wrk.out"
 }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
@@ -160,17 +167,21 @@ for scenario in $SCENARIOS; do
   for p in $up $ngx $hap $ts1 $ts2 ${BASELINE:+$base}; do taskset -c 1 wrk -t1 -c8 -d1s -s "$lua" "http://127.0.0.1:$p/" >/dev/null 2>&1; done
   for r in $(seq "$REPEAT"); do
     for target in $targets; do
-      case $target in upstream) p=$up;; nginx) p=$ngx;; haproxy) p=$hap;; turnstile) p=$ts1;; turnstile-2w) p=$ts2;; baseline) p=$base;; esac
+      case $target in
+        upstream) p=$up pid=$up_pid;; nginx) p=$ngx pid=${proxy_pids[0]};; haproxy) p=$hap pid=${proxy_pids[1]};;
+        turnstile) p=$ts1 pid=${proxy_pids[2]};; turnstile-2w) p=$ts2 pid=${proxy_pids[3]};; baseline) p=$base pid=${proxy_pids[4]};;
+      esac
       [ "$scenario" = refuse ] && [ "$target" = upstream ] && continue
-      echo "$scenario $target $(measure "$p" "$lua")" >> "$results"
+      echo "$scenario $target $(measure "$p" "$lua" "$pid")" >> "$results"
     done
   done
   stop_proxies
 done
 
-printf '\n%-8s %-13s %10s %9s %9s %8s   %s\n' scenario target 'req/s' 'p50 ms' 'p99 ms' 'non-2xx' 'turnstile (1 worker) vs this'
+printf '\n%-8s %-13s %10s %9s %9s %8s %8s %8s   %s\n' scenario target 'req/s' 'p50 ms' 'p99 ms' 'non-2xx' 'CPU us' 'user us' 'turnstile (1 worker) vs this: req/s, CPU/request'
 for scenario in $SCENARIOS; do
   ts_rps=$(awk -v s="$scenario" '$1==s && $2=="turnstile" {print $3}' "$results" | median)
+  ts_cpu=$(awk -v s="$scenario" '$1==s && $2=="turnstile" {print $7}' "$results" | median)
   for target in $targets; do
     rows=$(awk -v s="$scenario" -v t="$target" '$1==s && $2==t' "$results")
     [ -z "$rows" ] && continue
@@ -178,8 +189,10 @@ for scenario in $SCENARIOS; do
     p50=$(echo "$rows" | awk '{print $4}' | median)
     p99=$(echo "$rows" | awk '{print $5}' | median)
     bad=$(echo "$rows" | awk '{print $6}' | median)
-    ratio=$(python3 -c "print('%.2fx' % ($ts_rps / $rps) if $rps > 0 else '-')")
-    printf '%-8s %-13s %10.0f %9.3f %9.3f %8.0f   %s\n' "$scenario" "$target" "$rps" "$p50" "$p99" "$bad" "$ratio"
+    cpu=$(echo "$rows" | awk '{print $7}' | median)
+    user=$(echo "$rows" | awk '{print $8}' | median)
+    ratio=$(python3 -c "print('%.2fx  %.2fx' % ($ts_rps / $rps, $ts_cpu / $cpu) if $rps > 0 and $cpu > 0 else '-')")
+    printf '%-8s %-13s %10.0f %9.3f %9.3f %8.0f %8.2f %8.2f   %s\n' "$scenario" "$target" "$rps" "$p50" "$p99" "$bad" "$cpu" "$user" "$ratio"
   done
 done
 echo "($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); wrk -t1 -c64, $DURATION x $REPEAT, medians)"

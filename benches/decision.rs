@@ -12,6 +12,10 @@ use turnstile::clock::{Clock, ManualClock, SECOND};
 use turnstile::limits::{Bucket, Fixed, Jobs, Rolling, Rule, Window};
 use turnstile::store::{LimitCheck, MemoryStore, OwnedCheck, Subject};
 
+/// The allocator of the `turnstile` binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const MANY: u32 = 1_000_000;
 /// 2026-05-05T16:00:10Z
 const NOW: u64 = 1_777_996_810 * SECOND;

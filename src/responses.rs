@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use crate::body::{full, Body};
 use crate::clock::{secs_until_ceil, Nanos, SECOND};
 use crate::identity::AuthError;
-use crate::limits::{format_rfc3339, Rule, Verdict};
+use crate::limits::{format_rfc3339, write_rfc3339, Rule, Verdict};
 use crate::limits::{HeaderTrio, LimitSpec};
 
 /// Why turnstile answers a request itself. Each variant maps to exactly one response.
@@ -181,31 +181,37 @@ pub enum Counts {
     Jobs,
 }
 
-/// The message of a 429 body, written straight into its destination.
+impl RateLimited {
+    /// The 429 message, written piece by piece into `out` (the refusal path
+    /// formats nothing): `name` appends the configured names (the window as
+    /// written, the limit's name), escaped for JSON in a body.
+    fn write_message(&self, out: &mut String, name: fn(&str, &mut String)) {
+        let mut digits = itoa::Buffer::new();
+        let (lead, after_limit) = match self.counts {
+            Counts::Concurrent => ("Too many concurrent requests: at most ", " at once ("),
+            Counts::Jobs => ("Too many generations in progress: at most ", " at once ("),
+            Counts::Requests => ("Rate limit exceeded: ", " requests per "),
+        };
+        out.push_str(lead);
+        out.push_str(digits.format(self.limit));
+        out.push_str(after_limit);
+        if self.counts == Counts::Requests {
+            name(&self.window, out);
+            out.push_str(" (");
+        }
+        name(&self.name, out);
+        out.push_str("). Retry in ");
+        out.push_str(digits.format(self.retry_after));
+        out.push_str(" s.");
+    }
+}
+
+/// The message of a 429 body.
 impl std::fmt::Display for RateLimited {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.counts {
-            Counts::Concurrent => {
-                return write!(
-                    f,
-                    "Too many concurrent requests: at most {} at once ({}). Retry in {} s.",
-                    self.limit, self.name, self.retry_after
-                );
-            }
-            Counts::Jobs => {
-                return write!(
-                    f,
-                    "Too many generations in progress: at most {} at once ({}). Retry in {} s.",
-                    self.limit, self.name, self.retry_after
-                );
-            }
-            Counts::Requests => {}
-        }
-        write!(
-            f,
-            "Rate limit exceeded: {} requests per {} ({}). Retry in {} s.",
-            self.limit, self.window, self.name, self.retry_after
-        )
+        let mut text = String::with_capacity(96);
+        self.write_message(&mut text, |name, out| out.push_str(name));
+        f.write_str(&text)
     }
 }
 
@@ -320,7 +326,12 @@ impl Refusal {
         out.push_str("{\"error\":\"");
         out.push_str(self.code());
         out.push_str("\",\"message\":\"");
-        let _ = write!(JsonEscaped(&mut out), "{self}");
+        match self {
+            Refusal::RateLimited(r) => r.write_message(&mut out, json_escape_into),
+            _ => {
+                let _ = write!(JsonEscaped(&mut out), "{self}");
+            }
+        }
         out.push('"');
         match self {
             Refusal::PayloadTooLarge { limit, .. } => {
@@ -339,16 +350,18 @@ impl Refusal {
                 out.push(']');
             }
             Refusal::RateLimited(r) => {
+                let mut digits = itoa::Buffer::new();
                 out.push_str(",\"rate_limit\":{\"name\":\"");
                 json_escape_into(&r.name, &mut out);
-                let _ = write!(
-                    out,
-                    "\",\"count\":{},\"limit\":{},\"remaining\":0,\"reset_in_seconds\":{},\"reset_at\":\"{}\"}}",
-                    r.count,
-                    r.limit,
-                    r.reset_in_seconds,
-                    format_rfc3339(r.reset_at)
-                );
+                out.push_str("\",\"count\":");
+                out.push_str(digits.format(r.count));
+                out.push_str(",\"limit\":");
+                out.push_str(digits.format(r.limit));
+                out.push_str(",\"remaining\":0,\"reset_in_seconds\":");
+                out.push_str(digits.format(r.reset_in_seconds));
+                out.push_str(",\"reset_at\":\"");
+                write_rfc3339(r.reset_at, &mut out);
+                out.push_str("\"}");
             }
             Refusal::MediaTooLong(m) => {
                 let _ = write!(

@@ -17,7 +17,7 @@ mod rolling;
 mod spec;
 
 pub use bucket::Bucket;
-pub use calendar::{format_rfc3339, month_bounds};
+pub use calendar::{format_rfc3339, month_bounds, write_rfc3339};
 pub use concurrency::Concurrency;
 pub use credits::{Credits, Refill};
 pub use fixed::Fixed;

@@ -210,6 +210,11 @@ fn times(gaps: &[u64]) -> Vec<Nanos> {
 
 proptest! {
     #[test]
+    fn rfc3339_text_matches_the_time_crate(at in 0u64..u64::MAX) {
+        prop_assert_eq!(format_rfc3339(at), super::calendar::rfc3339_by_time(at));
+    }
+
+    #[test]
     fn fixed_never_over_admits(gaps in arrivals(), n in 1u32..10, w in 1u64..120) {
         let rule = Rule::Fixed(Fixed { requests: nz(n), window: Window::Span(w * S) });
         let mut st = rule.new_state();
