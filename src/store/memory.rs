@@ -31,13 +31,15 @@ use crate::limits::{Concurrency, CounterState, Job, Rule, Verdict};
 /// Requests waiting for a concurrency slot, oldest first.
 type Waiters = VecDeque<oneshot::Sender<Slot>>;
 
+/// The waiters of a subject's queued concurrency limits, by counter id.
+type Queues = SmallVec<[(u64, Waiters); 1]>;
+
+/// One counter: 32 bytes, so that two fit inline in a subject's entry.
 #[derive(Debug)]
 struct Counter {
     id: u64,
     expires_at: Nanos,
     state: CounterState,
-    /// Only concurrency limits with a queue ever allocate this.
-    waiters: Option<Box<Waiters>>,
 }
 
 impl Counter {
@@ -46,17 +48,6 @@ impl Counter {
             id,
             expires_at,
             state,
-            waiters: None,
-        }
-    }
-
-    fn live_waiters(&mut self) -> usize {
-        match &mut self.waiters {
-            None => 0,
-            Some(w) => {
-                w.retain(|w| !w.is_closed());
-                w.len()
-            }
         }
     }
 }
@@ -69,6 +60,22 @@ struct SubjectCounters {
     pinned: bool,
     /// Most subjects hold one or two counters: kept inline.
     list: SmallVec<[Counter; 2]>,
+    /// Only subjects with a queued concurrency limit ever allocate this.
+    queues: Option<Box<Queues>>,
+}
+
+/// Live waiters of counter `id` in `queues` (those gone are dropped on the way).
+fn live_waiters(queues: &mut Option<Box<Queues>>, id: u64) -> usize {
+    let Some(queues) = queues else {
+        return 0;
+    };
+    match queues.iter_mut().find(|(q, _)| *q == id) {
+        None => 0,
+        Some((_, w)) => {
+            w.retain(|w| !w.is_closed());
+            w.len()
+        }
+    }
 }
 
 impl SubjectCounters {
@@ -79,6 +86,64 @@ impl SubjectCounters {
         live.fetch_add(1, Ordering::Relaxed);
         self.list.push(Counter::new(id, rule.new_state(), 0));
         self.list.len() - 1
+    }
+
+    fn live_waiters(&mut self, id: u64) -> usize {
+        live_waiters(&mut self.queues, id)
+    }
+
+    /// Whether any request waits on one of this subject's limits.
+    fn any_waiting(&self) -> bool {
+        self.queues
+            .as_ref()
+            .is_some_and(|q| q.iter().any(|(_, w)| !w.is_empty()))
+    }
+
+    /// Live waiters on all of this subject's limits.
+    fn all_live_waiters(&mut self) -> usize {
+        let Some(queues) = &mut self.queues else {
+            return 0;
+        };
+        queues
+            .iter_mut()
+            .map(|(_, w)| {
+                w.retain(|w| !w.is_closed());
+                w.len()
+            })
+            .sum()
+    }
+
+    /// The queue of counter `id`, made on first use.
+    fn queue(&mut self, id: u64) -> &mut Waiters {
+        let queues = self.queues.get_or_insert_with(Box::default);
+        let i = match queues.iter().position(|(q, _)| *q == id) {
+            Some(i) => i,
+            None => {
+                queues.push((id, Waiters::new()));
+                queues.len() - 1
+            }
+        };
+        &mut queues[i].1
+    }
+
+    /// The oldest waiter of counter `id`, taken off its queue.
+    fn pop_waiter(&mut self, id: u64) -> Option<oneshot::Sender<Slot>> {
+        let queues = self.queues.as_mut()?;
+        let (_, w) = queues.iter_mut().find(|(q, _)| *q == id)?;
+        w.pop_front()
+    }
+
+    /// Drops the queues nobody waits in (after counters were removed).
+    fn tidy_queues(&mut self) {
+        if let Some(queues) = &mut self.queues {
+            queues.retain(|(_, w)| {
+                w.retain(|w| !w.is_closed());
+                !w.is_empty()
+            });
+            if queues.is_empty() {
+                self.queues = None;
+            }
+        }
     }
 }
 
@@ -223,10 +288,7 @@ impl Inner {
         let mut candidates: Vec<(bool, Nanos, Subject)> = Vec::new();
         for entry in self.map.iter() {
             let g = lock(entry.value());
-            let busy = g
-                .list
-                .iter()
-                .any(|c| c.state.holds() || c.waiters.as_ref().is_some_and(|w| !w.is_empty()));
+            let busy = g.list.iter().any(|c| c.state.holds()) || g.any_waiting();
             if !busy {
                 let ends = g.list.iter().map(|c| c.expires_at).max().unwrap_or(0);
                 candidates.push((g.pinned, ends, entry.key().clone()));
@@ -338,7 +400,7 @@ impl Inner {
                 held_verdict(c.rule, &counter.state, now)
             } else {
                 let v = c.rule.evaluate(&mut counter.state, now, c.units);
-                behind_waiters(c.rule, counter, v, now)
+                behind_waiters(c.rule, &mut guards[g], c.counter, v, now)
             };
             verdicts.push(verdict);
             slots.push((g, s));
@@ -389,10 +451,10 @@ impl Inner {
     fn release(self: &Arc<Self>, subject: &Subject, counter: u64, rule: Rule) {
         let handle = self.handle(subject);
         let mut g = lock(&handle);
-        let Some(c) = g.list.iter_mut().find(|c| c.id == counter) else {
+        if !g.list.iter().any(|c| c.id == counter) {
             return;
-        };
-        while let Some(waiter) = c.waiters.as_mut().and_then(|w| w.pop_front()) {
+        }
+        while let Some(waiter) = g.pop_waiter(counter) {
             let slot = Slot {
                 store: Some(self.clone()),
                 subject: subject.clone(),
@@ -405,6 +467,9 @@ impl Inner {
                 Err(mut slot) => slot.store = None,
             }
         }
+        let Some(c) = g.list.iter_mut().find(|c| c.id == counter) else {
+            return;
+        };
         rule.release(&mut c.state);
         c.expires_at = rule.expires_at(&c.state);
     }
@@ -453,11 +518,17 @@ type CounterSlots = SmallVec<[(usize, usize); 4]>;
 /// A concurrency verdict as newcomers get it: behind requests already
 /// waiting in the limit's queue, never ahead of them.
 #[inline(always)]
-fn behind_waiters(rule: &Rule, counter: &mut Counter, v: Verdict, now: Nanos) -> Verdict {
+fn behind_waiters(
+    rule: &Rule,
+    subject: &mut SubjectCounters,
+    counter: u64,
+    v: Verdict,
+    now: Nanos,
+) -> Verdict {
     let Rule::Concurrency(Concurrency { retry_after, .. }) = rule else {
         return v;
     };
-    if !v.admitted || counter.live_waiters() == 0 {
+    if !v.admitted || subject.live_waiters(counter) == 0 {
         return v;
     }
     let at = now + retry_after;
@@ -499,16 +570,13 @@ fn refused(
         return Attempt::Done(refused);
     };
     let (g, s) = slots[i];
-    let counter = &mut guards[g].list[s];
-    if counter.live_waiters() >= q.max_len {
+    let subject = &mut guards[g];
+    if subject.live_waiters(checks[i].counter) >= q.max_len {
         return Attempt::Done(refused);
     }
     let (tx, rx) = oneshot::channel();
-    counter
-        .waiters
-        .get_or_insert_with(Box::default)
-        .push_back(tx);
-    counter.expires_at = Nanos::MAX;
+    subject.queue(checks[i].counter).push_back(tx);
+    subject.list[s].expires_at = Nanos::MAX;
     Attempt::Queued {
         refused,
         rx,
@@ -592,9 +660,7 @@ impl MemoryStore {
     pub fn queued(&self) -> usize {
         let mut total = 0;
         for entry in self.inner.map.iter() {
-            for c in lock(entry.value()).list.iter_mut() {
-                total += c.live_waiters();
-            }
+            total += lock(entry.value()).all_live_waiters();
         }
         total
     }
@@ -713,9 +779,12 @@ impl MemoryStore {
         for entry in self.inner.map.iter() {
             let mut g = lock(entry.value());
             let before = g.list.len();
-            g.list
-                .retain_mut(|c| keep(c.id) || c.expires_at == Nanos::MAX || c.live_waiters() > 0);
+            let SubjectCounters { list, queues, .. } = &mut *g;
+            list.retain_mut(|c| {
+                keep(c.id) || c.expires_at == Nanos::MAX || live_waiters(queues, c.id) > 0
+            });
             dropped += before - g.list.len();
+            g.tidy_queues();
         }
         self.inner.live.fetch_sub(dropped, Ordering::Relaxed);
         dropped
@@ -831,14 +900,16 @@ impl MemoryStore {
         self.inner.map.retain(|_, handle| {
             let mut g = lock(handle);
             let before = g.list.len();
-            g.list.retain_mut(|c| {
-                let keep = c.expires_at > now || c.live_waiters() > 0;
+            let SubjectCounters { list, queues, .. } = &mut *g;
+            list.retain_mut(|c| {
+                let keep = c.expires_at > now || live_waiters(queues, c.id) > 0;
                 if let (false, CounterState::Jobs(j)) = (keep, &c.state) {
                     jobs_expired += j.jobs.len() as u64;
                 }
                 keep
             });
             dropped += before - g.list.len();
+            g.tidy_queues();
             if g.list.is_empty() {
                 g.evicted = true;
                 false
