@@ -2,7 +2,7 @@
 //! `turnstile_*`, through the `prometheus-client` crate.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -477,6 +477,10 @@ pub struct RouteMetrics {
     forwarded: Counter,
     rate_limited: Counter,
     latency: Histogram,
+    /// The route's per-limit 429 series by limit name (every limit that can
+    /// refuse on it), each looked up in the family on its first refusal (a
+    /// series appears once it counts, as before) and then held.
+    by_limit: Arc<[(Arc<str>, OnceLock<Counter>)]>,
 }
 
 impl RouteMetrics {
@@ -490,6 +494,27 @@ impl RouteMetrics {
         self.rate_limited.inc();
     }
 
+    /// Counts a 429 of `route` refused by `limit`: the route's total and
+    /// the same per-limit series as [`Metrics::rate_limited`], without a
+    /// family lookup after the first.
+    pub fn rate_limited_by(&self, metrics: &Metrics, route: &Arc<str>, limit: &Arc<str>) {
+        self.rate_limited.inc();
+        let Some((_, held)) = self.by_limit.iter().find(|(name, _)| name == limit) else {
+            metrics.rate_limited(route, limit);
+            return;
+        };
+        held.get_or_init(|| {
+            metrics
+                .refusals
+                .get_or_create(&LimitLabels {
+                    route: Name(route.clone()),
+                    limit: Name(limit.clone()),
+                })
+                .clone()
+        })
+        .inc();
+    }
+
     /// Records the upstream's time to answer.
     pub fn upstream_latency(&self, took: Duration) {
         self.latency.observe(took.as_secs_f64());
@@ -497,8 +522,8 @@ impl RouteMetrics {
 }
 
 impl Metrics {
-    /// The series of one route.
-    pub fn route(&self, route: &Arc<str>) -> RouteMetrics {
+    /// The series of one route, whose 429s can name the limits `limits`.
+    pub fn route(&self, route: &Arc<str>, limits: &[Arc<str>]) -> RouteMetrics {
         // One statement per lookup: a family's read guard must be gone before
         // the next get_or_create may need its write lock.
         let name = Name(route.clone());
@@ -524,6 +549,10 @@ impl Metrics {
             forwarded,
             rate_limited,
             latency,
+            by_limit: limits
+                .iter()
+                .map(|name| (name.clone(), OnceLock::new()))
+                .collect(),
         }
     }
 }
@@ -541,11 +570,42 @@ impl Drop for InFlight {
 mod tests {
     use super::*;
 
+    #[test]
+    fn held_limit_series_count_as_the_family_does() {
+        let m = Metrics::new();
+        let gen: Arc<str> = Arc::from("gen");
+        let daily: Arc<str> = Arc::from("daily");
+        let other: Arc<str> = Arc::from("other");
+        let hot = m.route(&gen, &[daily.clone()]);
+        // No series before the first refusal, as with the family alone.
+        assert!(!m
+            .render(StoreFigures::default())
+            .contains("limit=\"daily\""));
+        hot.rate_limited_by(&m, &gen, &Arc::from("daily"));
+        hot.rate_limited_by(&m, &gen, &daily);
+        // A name the route did not list goes through the family.
+        hot.rate_limited_by(&m, &gen, &other);
+        m.rate_limited(&gen, &daily);
+        let text = m.render(StoreFigures::default());
+        assert!(
+            text.contains("turnstile_rate_limited_total{route=\"gen\",limit=\"daily\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("turnstile_rate_limited_total{route=\"gen\",limit=\"other\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("turnstile_requests_total{route=\"gen\",decision=\"rate_limited\"} 3"),
+            "{text}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn route_totals_and_rates_read_the_exported_series() {
         let m = Metrics::new();
         let gen: Arc<str> = Arc::from("gen");
-        let hot = m.route(&gen);
+        let hot = m.route(&gen, &[]);
         hot.forwarded();
         m.request(&gen, "unauthorized");
         let routes = [gen.clone()];

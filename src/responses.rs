@@ -744,8 +744,8 @@ pub fn write_rate_headers(
     // A limit's own trio (a balance's `X-Credits-*` too) whatever the primary.
     for Checked { spec, verdict: v } in checked {
         if let Some(trio) = &spec.headers {
-            h.insert(trio.limit.clone(), num_value(v.limit as u64));
-            h.insert(trio.remaining.clone(), num_value(v.remaining as u64));
+            h.insert(trio.limit.clone(), limit_value(spec, v));
+            h.insert(trio.remaining.clone(), remaining_value(v));
             h.insert(trio.reset.clone(), reset_value(v.reset_at));
         }
     }
@@ -753,16 +753,13 @@ pub fn write_rate_headers(
         return;
     };
     let Checked { spec, verdict: v } = checked[primary];
-    h.insert(settings.main.limit.clone(), num_value(v.limit as u64));
-    h.insert(
-        settings.main.remaining.clone(),
-        num_value(v.remaining as u64),
-    );
+    h.insert(settings.main.limit.clone(), limit_value(spec, &v));
+    h.insert(settings.main.remaining.clone(), remaining_value(&v));
     h.insert(settings.main.reset.clone(), reset_value(v.reset_at));
     if refused {
         if let Some(Checked { spec, .. }) = refusing(checked) {
-            if let Ok(v) = HeaderValue::from_str(&spec.name) {
-                h.insert(settings.kind.clone(), v);
+            if let Some(v) = &spec.name_value {
+                h.insert(settings.kind.clone(), v.clone());
             }
         }
     }
@@ -874,6 +871,24 @@ pub fn rate_limited(
             _ => Counts::Requests,
         },
     })
+}
+
+/// A verdict's limit as a header value: the one made at config load when
+/// it is the limit's own figure (no allocation per request).
+fn limit_value(spec: &LimitSpec, v: &Verdict) -> HeaderValue {
+    if v.limit == spec.rule.shown_limit() {
+        spec.limit_value.clone()
+    } else {
+        num_value(v.limit as u64)
+    }
+}
+
+/// A verdict's remaining count as a header value (`0`, on every refusal, without allocating).
+fn remaining_value(v: &Verdict) -> HeaderValue {
+    match v.remaining {
+        0 => HeaderValue::from_static("0"),
+        n => num_value(n as u64),
+    }
 }
 
 fn num_value(n: u64) -> HeaderValue {

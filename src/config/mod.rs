@@ -1096,6 +1096,8 @@ fn compile_limit(
     };
     Ok(LimitSpec {
         name: raw.name.get_ref().as_str().into(),
+        name_value: http::HeaderValue::from_str(raw.name.get_ref()).ok(),
+        limit_value: http::HeaderValue::from(rule.shown_limit()),
         rule,
         per: match raw.per {
             Some(RawPer::Account) => Per::Account,

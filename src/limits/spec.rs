@@ -43,6 +43,11 @@ pub struct LimitSpec {
     pub counts_cost: bool,
     /// `shadow = true`: counted and reported as usual, never refusing.
     pub shadow: bool,
+    /// `name` as a header value (`X-RateLimit-Type`), made once; `None` if
+    /// the name cannot be one.
+    pub name_value: Option<http::HeaderValue>,
+    /// The limit shown in headers ([`Rule::shown_limit`]) as a header value, made once.
+    pub limit_value: http::HeaderValue,
 }
 
 impl LimitSpec {

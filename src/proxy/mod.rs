@@ -60,6 +60,20 @@ pub struct Live {
     route_metrics: Vec<RouteMetrics>,
 }
 
+/// The names of every limit that can refuse on route `index`, once each.
+fn limit_names(policy: &Policy, index: usize) -> Vec<Arc<str>> {
+    let mut names: Vec<Arc<str>> = Vec::new();
+    for plan in &policy.plans {
+        let applied = plan.by_route.get(index).into_iter().flatten();
+        for spec in applied.filter_map(|a| plan.limits.get(a.limit)) {
+            if !names.contains(&spec.name) {
+                names.push(spec.name.clone());
+            }
+        }
+    }
+    names
+}
+
 impl Live {
     /// The metric series of a route (`None`: unmatched requests).
     fn route_metrics(&self, route: Option<&Route>) -> &RouteMetrics {
@@ -72,9 +86,9 @@ impl Live {
         let mut route_metrics: Vec<RouteMetrics> = policy
             .routes
             .iter()
-            .map(|r| metrics.route(&r.name))
+            .map(|r| metrics.route(&r.name, &limit_names(&policy, r.index)))
             .collect();
-        route_metrics.push(metrics.route(&unmatched_label()));
+        route_metrics.push(metrics.route(&unmatched_label(), &[]));
         Self {
             policy: Arc::new(policy),
             upstream,
@@ -644,8 +658,9 @@ impl Turnstile {
             _ => None,
         };
         if let Refusal::RateLimited(r) = refusal {
-            cx.live.route_metrics(Some(route)).rate_limited();
-            self.metrics.rate_limited(&route.name, &r.name);
+            cx.live
+                .route_metrics(Some(route))
+                .rate_limited_by(&self.metrics, &route.name, &r.name);
         } else {
             self.metrics.request(&route.name, refusal.code());
         }
