@@ -576,7 +576,7 @@ mod tests {
         let gen: Arc<str> = Arc::from("gen");
         let daily: Arc<str> = Arc::from("daily");
         let other: Arc<str> = Arc::from("other");
-        let hot = m.route(&gen, &[daily.clone()]);
+        let hot = m.route(&gen, std::slice::from_ref(&daily));
         // No series before the first refusal, as with the family alone.
         assert!(!m
             .render(StoreFigures::default())
