@@ -8,21 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 REPEAT=${REPEAT:-3}
-for tool in wrk redis-server; do
-  command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install -y wrk redis-server" >&2; exit 1; }
-done
+. bench/lib.sh
+need_tools wrk:wrk redis-server:redis-server
 cargo build --release --quiet --bin turnstile
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 up=$(free_port); redis=$(free_port); mem=$(free_port); red=$(free_port)
 ./target/release/turnstile example-api --listen 127.0.0.1:$up >/dev/null & pids+=($!)
-redis-server --port "$redis" --bind 127.0.0.1 --save '' --appendonly no >/dev/null & pids+=($!)
+redis-server --port "$redis" --bind 127.0.0.1 --save '' --appendonly no >/dev/null & pids+=($!); redis_pid=$!
 wait_port "$up"; wait_port "$redis"
 
 policy() {
@@ -51,22 +43,30 @@ policy "$red" "[store]
 backend = \"redis\"
 url = \"redis://127.0.0.1:$redis\"
 timeout = \"200ms\"" > "$work/redis.toml"
-RUST_LOG=warn ./target/release/turnstile --config "$work/memory.toml" 2>/dev/null & pids+=($!)
-RUST_LOG=warn ./target/release/turnstile --config "$work/redis.toml" 2>/dev/null & pids+=($!)
+RUST_LOG=warn ./target/release/turnstile --config "$work/memory.toml" 2>/dev/null & pids+=($!); mem_pid=$!
+RUST_LOG=warn ./target/release/turnstile --config "$work/redis.toml" 2>/dev/null & pids+=($!); red_pid=$!
 wait_port "$mem"; wait_port "$red"
 
-run() { # port -> "req/s p50 p99"
-  wrk -t1 -c64 -d"$DURATION" --latency -s bench/keys.lua "http://127.0.0.1:$1/v1/jobs/1" |
-    awk '/Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {print rps, p50, p99}'
+hz=$(getconf CLK_TCK)
+ticks() { cpu_ticks "$1" | awk '{print $1 + $2}'; }
+run() { # port turnstile-pid -> "req/s p50 p99 turnstile-CPU-us redis-CPU-us" (CPU per request)
+  local t0 r0 t1 r1
+  t0=$(ticks "$2"); r0=$(ticks "$redis_pid")
+  wrk -t1 -c64 -d"$DURATION" --latency -s bench/keys.lua "http://127.0.0.1:$1/v1/jobs/1" > "$work/wrk.out"
+  t1=$(ticks "$2"); r1=$(ticks "$redis_pid")
+  awk -v t="$((t1 - t0))" -v r="$((r1 - r0))" -v hz="$hz" \
+    '/requests in/ {n=$1} /Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
+     END {n=(n>0?n:1); printf "%s %s %s %.2f %.2f\n", rps, p50, p99, t*1e6/hz/n, r*1e6/hz/n}' "$work/wrk.out"
 }
-printf '%-8s %-3s %12s %10s %10s\n' mode run req/s p50 p99
+printf '%-8s %-3s %12s %10s %10s %14s %12s\n' mode run req/s p50 p99 'turnstile CPU' 'redis CPU'
 declare -A total
 for r in $(seq "$REPEAT"); do
   for mode in memory redis; do
-    port=$mem; [ "$mode" = redis ] && port=$red
-    read -r rps p50 p99 < <(run "$port")
-    printf '%-8s %-3s %12s %10s %10s\n' "$mode" "$r" "$rps" "$p50" "$p99"
+    port=$mem pid=$mem_pid; [ "$mode" = redis ] && port=$red pid=$red_pid
+    read -r rps p50 p99 tcpu rcpu < <(run "$port" "$pid")
+    printf '%-8s %-3s %12s %10s %10s %11s us %9s us\n' "$mode" "$r" "$rps" "$p50" "$p99" "$tcpu" "$rcpu"
     total[$mode]=$(python3 -c "print(${total[$mode]:-0} + $rps)")
   done
 done
 python3 -c "print('redis / memory req/s: %.2f' % (${total[redis]} / ${total[memory]}))"
+echo "(CPU per request: the turnstile process and redis-server; $(nproc) cores, every process sharing them)"

@@ -170,6 +170,33 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
+/// One dependent read from a random place in 256 MiB: the price of each
+/// cache miss the decisions above pay at a million keys, on this machine.
+fn memory(c: &mut Criterion) {
+    const LINES: usize = (256 << 20) / 64;
+    // A random cycle through every cache line (Sattolo's shuffle), each
+    // line holding the index of the next: the reads cannot be overlapped.
+    let mut order: Vec<usize> = (0..LINES).collect();
+    let mut z = 0x9E37_79B9_7F4A_7C15u64;
+    for i in (1..LINES).rev() {
+        z ^= z << 13;
+        z ^= z >> 7;
+        z ^= z << 17;
+        order.swap(i, (z % i as u64) as usize);
+    }
+    let mut next = vec![0usize; LINES * 8];
+    for w in 0..LINES {
+        next[order[w] * 8] = order[(w + 1) % LINES] * 8;
+    }
+    let mut at = 0usize;
+    c.bench_function("one random read, 256 MiB", |b| {
+        b.iter(|| {
+            at = next[at];
+            black_box(at)
+        })
+    });
+}
+
 fn clock(c: &mut Criterion) {
     let clock = turnstile::SystemClock;
     c.bench_function("system clock now", |b| b.iter(|| black_box(clock.now())));
@@ -178,6 +205,6 @@ fn clock(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = decision, clock
+    targets = decision, memory, clock
 }
 criterion_main!(benches);
