@@ -1095,6 +1095,59 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// The 429 body, written piece by piece, is the JSON of the
+        /// message and figures as the SPEC words them, whatever the names hold.
+        #[test]
+        fn rate_limited_bodies_are_the_json_of_their_figures(
+            name in "[ -~\\n\t\u{1}\u{e9}\"\\\\]{1,12}",
+            window in "[0-9a-z/]{1,6}",
+            limit in 1u32..u32::MAX,
+            count in 0u32..u32::MAX,
+            retry_after in 1u64..1_000_000,
+            reset_in in 1u64..1_000_000,
+            reset_at in 0u64..u64::MAX,
+            counts in 0usize..3,
+        ) {
+            let counts = [Counts::Requests, Counts::Concurrent, Counts::Jobs][counts];
+            let r = RateLimited {
+                name: name.as_str().into(),
+                limit,
+                count,
+                retry_after,
+                reset_at,
+                reset_in_seconds: reset_in,
+                window: window.as_str().into(),
+                route: "gen".into(),
+                plan: "free".into(),
+                counts,
+            };
+            let message = match counts {
+                Counts::Requests => format!("Rate limit exceeded: {limit} requests per {window} ({name}). Retry in {retry_after} s."),
+                Counts::Concurrent => format!("Too many concurrent requests: at most {limit} at once ({name}). Retry in {retry_after} s."),
+                Counts::Jobs => format!("Too many generations in progress: at most {limit} at once ({name}). Retry in {retry_after} s."),
+            };
+            proptest::prop_assert_eq!(&r.to_string(), &message);
+            let body = Refusal::RateLimited(Box::new(r)).default_body();
+            let json: serde_json::Value = serde_json::from_str(&body).map_err(|e| {
+                proptest::test_runner::TestCaseError::fail(format!("{e}: {body}"))
+            })?;
+            let expected = serde_json::json!({
+                "error": "rate_limited",
+                "message": message,
+                "rate_limit": {
+                    "name": name,
+                    "count": count,
+                    "limit": limit,
+                    "remaining": 0,
+                    "reset_in_seconds": reset_in,
+                    "reset_at": format_rfc3339(reset_at),
+                },
+            });
+            proptest::prop_assert_eq!(json, expected);
+        }
+    }
+
     #[test]
     fn structured_field_strings_are_escaped() {
         let mut s = String::new();
