@@ -489,11 +489,6 @@ impl RouteMetrics {
         self.forwarded.inc();
     }
 
-    /// Counts a 429 (the per-limit series is kept by [`Metrics::rate_limited`]).
-    pub fn rate_limited(&self) {
-        self.rate_limited.inc();
-    }
-
     /// Counts a 429 of `route` refused by `limit`: the route's total and
     /// the same per-limit series as [`Metrics::rate_limited`], without a
     /// family lookup after the first.
@@ -612,7 +607,7 @@ mod tests {
         m.sample_routes(&routes);
         for _ in 0..20 {
             hot.forwarded();
-            hot.rate_limited();
+            hot.rate_limited_by(&m, &gen, &gen);
         }
         tokio::time::advance(Duration::from_secs(2)).await;
         let now = m.route_totals(&routes);

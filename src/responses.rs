@@ -186,14 +186,13 @@ impl RateLimited {
     /// formats nothing): `name` appends the configured names (the window as
     /// written, the limit's name), escaped for JSON in a body.
     fn write_message(&self, out: &mut String, name: fn(&str, &mut String)) {
-        let mut digits = itoa::Buffer::new();
         let (lead, after_limit) = match self.counts {
             Counts::Concurrent => ("Too many concurrent requests: at most ", " at once ("),
             Counts::Jobs => ("Too many generations in progress: at most ", " at once ("),
             Counts::Requests => ("Rate limit exceeded: ", " requests per "),
         };
         out.push_str(lead);
-        out.push_str(digits.format(self.limit));
+        push_num(out, u64::from(self.limit));
         out.push_str(after_limit);
         if self.counts == Counts::Requests {
             name(&self.window, out);
@@ -201,7 +200,7 @@ impl RateLimited {
         }
         name(&self.name, out);
         out.push_str("). Retry in ");
-        out.push_str(digits.format(self.retry_after));
+        push_num(out, self.retry_after);
         out.push_str(" s.");
     }
 }
@@ -350,15 +349,14 @@ impl Refusal {
                 out.push(']');
             }
             Refusal::RateLimited(r) => {
-                let mut digits = itoa::Buffer::new();
                 out.push_str(",\"rate_limit\":{\"name\":\"");
                 json_escape_into(&r.name, &mut out);
                 out.push_str("\",\"count\":");
-                out.push_str(digits.format(r.count));
+                push_num(&mut out, u64::from(r.count));
                 out.push_str(",\"limit\":");
-                out.push_str(digits.format(r.limit));
+                push_num(&mut out, u64::from(r.limit));
                 out.push_str(",\"remaining\":0,\"reset_in_seconds\":");
-                out.push_str(digits.format(r.reset_in_seconds));
+                push_num(&mut out, r.reset_in_seconds);
                 out.push_str(",\"reset_at\":\"");
                 write_rfc3339(r.reset_at, &mut out);
                 out.push_str("\"}");

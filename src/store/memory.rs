@@ -64,18 +64,21 @@ struct SubjectCounters {
     queues: Option<Box<Queues>>,
 }
 
+/// Drops the waiters that left (client gone or timed out); how many are left.
+fn prune(w: &mut Waiters) -> usize {
+    w.retain(|w| !w.is_closed());
+    w.len()
+}
+
 /// Live waiters of counter `id` in `queues` (those gone are dropped on the way).
 fn live_waiters(queues: &mut Option<Box<Queues>>, id: u64) -> usize {
     let Some(queues) = queues else {
         return 0;
     };
-    match queues.iter_mut().find(|(q, _)| *q == id) {
-        None => 0,
-        Some((_, w)) => {
-            w.retain(|w| !w.is_closed());
-            w.len()
-        }
-    }
+    queues
+        .iter_mut()
+        .find(|(q, _)| *q == id)
+        .map_or(0, |(_, w)| prune(w))
 }
 
 impl SubjectCounters {
@@ -104,13 +107,7 @@ impl SubjectCounters {
         let Some(queues) = &mut self.queues else {
             return 0;
         };
-        queues
-            .iter_mut()
-            .map(|(_, w)| {
-                w.retain(|w| !w.is_closed());
-                w.len()
-            })
-            .sum()
+        queues.iter_mut().map(|(_, w)| prune(w)).sum()
     }
 
     /// The queue of counter `id`, made on first use.
@@ -136,10 +133,7 @@ impl SubjectCounters {
     /// Drops the queues nobody waits in (after counters were removed).
     fn tidy_queues(&mut self) {
         if let Some(queues) = &mut self.queues {
-            queues.retain(|(_, w)| {
-                w.retain(|w| !w.is_closed());
-                !w.is_empty()
-            });
+            queues.retain_mut(|(_, w)| prune(w) > 0);
             if queues.is_empty() {
                 self.queues = None;
             }
