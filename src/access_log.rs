@@ -70,17 +70,26 @@ pub struct AccessLine {
     pub duration_ms: f64,
 }
 
+/// What travels to the writer thread.
+#[derive(Debug)]
+enum Message {
+    /// One line to write.
+    Line(Box<AccessLine>),
+    /// Write everything queued before this, then answer.
+    Flush(SyncSender<()>),
+}
+
 /// The access log's sending end; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    tx: SyncSender<AccessLine>,
+    tx: SyncSender<Message>,
     dropped: Arc<AtomicU64>,
 }
 
 impl AccessLog {
     /// Starts the writer thread.
     pub fn start() -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel::<AccessLine>(CAPACITY);
+        let (tx, rx) = sync_channel::<Message>(CAPACITY);
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
@@ -89,7 +98,12 @@ impl AccessLog {
                     std::thread::sleep(EVERY);
                     loop {
                         match rx.try_recv() {
-                            Ok(l) => format_line(&l, &mut batch),
+                            Ok(Message::Line(l)) => format_line(&l, &mut batch),
+                            Ok(Message::Flush(done)) => {
+                                let _ = std::io::stderr().lock().write_all(batch.as_bytes());
+                                batch.clear();
+                                let _ = done.send(());
+                            }
                             Err(TryRecvError::Empty) => break,
                             Err(TryRecvError::Disconnected) => return,
                         }
@@ -112,11 +126,20 @@ impl AccessLog {
 
     /// Queues a line, or drops and counts it if the writer is behind.
     pub fn send(&self, line: AccessLine) {
-        match self.tx.try_send(line) {
+        match self.tx.try_send(Message::Line(Box::new(line))) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Waits (up to `within`) until every line sent before the call is
+    /// written: a graceful stop loses none.
+    pub fn flush(&self, within: std::time::Duration) {
+        let (done, written) = sync_channel(1);
+        if self.tx.send(Message::Flush(done)).is_ok() {
+            let _ = written.recv_timeout(within);
         }
     }
 
@@ -289,7 +312,7 @@ mod tests {
 
     #[test]
     fn a_full_channel_drops_and_counts_instead_of_waiting() {
-        let (tx, _rx) = sync_channel::<AccessLine>(2);
+        let (tx, _rx) = sync_channel::<Message>(2);
         let log = AccessLog {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),

@@ -6,16 +6,17 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, Response};
+use http::{HeaderMap, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
 
 use crate::body::Body;
 use crate::clock::Nanos;
+use crate::decode::Coding;
 use crate::jobs::Watch;
 use crate::metrics::Metrics;
 use crate::store::{CounterStore, OwnedCheck};
-use crate::tap::{Follow, Framing, Reader, Tap};
+use crate::tap::{Doc, Follow, Framing, Reader, Reading, Tap};
 use crate::values::ValueSource;
 
 /// A reserved cost to settle from the answer (`settle`).
@@ -38,16 +39,12 @@ pub struct Settle {
 impl Settle {
     /// The upstream's figure replaces the estimate: the difference charged
     /// or given back; no figure, the estimate stands.
-    async fn act(
-        self,
-        store: &CounterStore,
-        metrics: &Metrics,
-        headers: &HeaderMap,
-        doc: Option<&Value>,
-    ) {
+    async fn act(self, store: &CounterStore, metrics: &Metrics, headers: &HeaderMap, doc: &Doc) {
         let figure = self
             .source
             .from_response(headers, doc)
+            .ok()
+            .flatten()
             .and_then(|v| crate::cost::settled_figure(&v));
         let spent = figure.unwrap_or(self.estimate);
         if self.credits {
@@ -75,47 +72,111 @@ pub struct Watcher {
     pub max: u64,
     /// The request's JSON-RPC id, to find the answer in an SSE stream.
     pub rpc_id: Option<Value>,
+    /// The route and the caller's key fingerprint, for the line logged
+    /// when a submission's answer cannot be read.
+    pub route: Arc<str>,
+    /// See `route`.
+    pub key_fp: Arc<str>,
 }
 
 impl Watcher {
     /// Acts on the upstream's answer head, and taps its body when a value
     /// is in it. Anything but a 2xx: pending job slots are given back, no
-    /// job ends, an estimate stands (or the exchange is refunded, `refund_on`).
+    /// job ends, an estimate stands (or the exchange is refunded,
+    /// `refund_on`). A 2xx that cannot be read — a partial answer, a
+    /// content type or coding turnstile does not read — is acted on as
+    /// unreadable: a submission keeps its slot.
     pub async fn answer(mut self, response: Response<Body>) -> Response<Body> {
-        if !response.status().is_success() {
+        let status = response.status();
+        if !status.is_success() {
             return response;
         }
-        let in_body = self
-            .watch
-            .as_ref()
-            .and_then(Watch::source)
-            .is_some_and(ValueSource::needs_json)
-            || self.settle.as_ref().is_some_and(|s| s.source.needs_json());
-        let framing = Framing::of(response.headers());
-        let Some(framing) = framing.filter(|_| in_body) else {
+        let wanted = self.pointers();
+        if status == StatusCode::PARTIAL_CONTENT {
             let headers = response.headers().clone();
-            self.act(&headers, None).await;
+            self.act(&headers, Doc::Unreadable("a partial answer (206)"))
+                .await;
             return response;
+        }
+        if wanted.is_empty() {
+            let headers = response.headers().clone();
+            self.act(&headers, Doc::Nothing).await;
+            return response;
+        }
+        let max = usize::try_from(self.max).unwrap_or(usize::MAX);
+        let unreadable = match (
+            Framing::of(response.headers()),
+            Coding::of(response.headers(), max),
+        ) {
+            (None, _) => Err("its content type is not JSON or an event stream"),
+            (_, Coding::Unknown) => Err("a content coding turnstile does not decode"),
+            (Some(framing), Coding::Identity) => Ok((framing, None)),
+            (Some(framing), Coding::Known(d)) => Ok((framing, Some(d))),
+        };
+        let (framing, decoder) = match unreadable {
+            Ok(found) => found,
+            Err(why) => {
+                let headers = response.headers().clone();
+                self.act(&headers, Doc::Unreadable(why)).await;
+                return response;
+            }
         };
         let (parts, body) = response.into_parts();
-        let max = self.max;
-        let rpc_id = self.rpc_id.take();
+        let reading = Reading {
+            framing,
+            max: self.max,
+            rpc_id: self.rpc_id.take(),
+            wanted,
+            decoder,
+        };
         let headers = parts.headers.clone();
-        let reader: Reader = Box::new(move |doc: Option<Value>| -> Option<Follow> {
+        let reader: Reader = Box::new(move |doc: Doc| -> Option<Follow> {
             Some(Box::pin(async move {
-                self.act(&headers, doc.as_ref()).await;
+                self.act(&headers, doc).await;
             }))
         });
-        Response::from_parts(parts, Tap::new(body, framing, max, rpc_id, reader).boxed())
+        Response::from_parts(parts, Tap::new(body, reading, reader).boxed())
     }
 
-    /// Applies a 2xx answer with these headers and JSON document.
-    async fn act(self, headers: &HeaderMap, doc: Option<&Value>) {
+    /// No answer within the route's timeout: the upstream may be running
+    /// the work, so a submission keeps its slot (nothing ends, the
+    /// estimate stands).
+    pub async fn unanswered(self) {
+        self.act(
+            &HeaderMap::new(),
+            Doc::Unreadable("no answer within the route's timeout"),
+        )
+        .await;
+    }
+
+    /// The JSON pointers the answer is read at.
+    fn pointers(&self) -> Vec<String> {
+        let watch = self.watch.as_ref().and_then(Watch::source);
+        let settle = self.settle.as_ref().map(|s| &s.source);
+        watch
+            .into_iter()
+            .chain(settle)
+            .filter_map(ValueSource::pointer)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Applies a 2xx answer with these headers and document.
+    async fn act(self, headers: &HeaderMap, doc: Doc) {
         if let Some(watch) = self.watch {
-            watch.act(&self.store, &self.metrics, headers, doc).await;
+            let unreadable = watch.act(&self.store, &self.metrics, headers, &doc).await;
+            if let Some(why) = unreadable {
+                self.metrics.job_unreadable(&self.route);
+                tracing::warn!(
+                    route = &*self.route,
+                    key_fp = &*self.key_fp,
+                    why,
+                    "a job submission's answer could not be read: its slot is held until max_duration (or the admin API ends it)"
+                );
+            }
         }
         if let Some(settle) = self.settle {
-            settle.act(&self.store, &self.metrics, headers, doc).await;
+            settle.act(&self.store, &self.metrics, headers, &doc).await;
         }
     }
 }

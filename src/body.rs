@@ -263,13 +263,13 @@ where
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
-                    let over = if *this.seen > this.whole.limit {
-                        Some(this.whole.clone())
+                    let fault = if *this.seen > this.whole.limit {
+                        Some(BodyFault::TooLarge(this.whole.clone()))
                     } else {
                         this.parts.as_mut().and_then(|p| p.feed(data))
                     };
-                    if let Some(over) = over {
-                        return fail(this.trip, BodyFault::TooLarge(over));
+                    if let Some(fault) = fault {
+                        return fail(this.trip, fault);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -289,6 +289,18 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Whether a `Content-Type` value is one media type: `type/subtype` of
+/// token characters, then parameters.
+pub fn is_media_type(value: &str) -> bool {
+    let token = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    matches!(essence.split_once('/'), Some((t, sub)) if token(t) && token(sub))
 }
 
 /// The `boundary` parameter of a multipart `Content-Type`.
@@ -350,8 +362,9 @@ impl MultipartScanner {
         }
     }
 
-    /// Consumes the next bytes; returns the limit crossed, if any.
-    pub fn feed(&mut self, data: &[u8]) -> Option<BodyTooLarge> {
+    /// Consumes the next bytes; returns the limit crossed or the part
+    /// headers that cannot be read one way, if any.
+    pub fn feed(&mut self, data: &[u8]) -> Option<BodyFault> {
         for &b in data {
             match self.state {
                 Scan::Content => {
@@ -370,10 +383,10 @@ impl MultipartScanner {
                     self.part_bytes += content;
                     if let Some((pattern, limit)) = &self.part_limit {
                         if self.part_bytes > *limit {
-                            return Some(BodyTooLarge {
+                            return Some(BodyFault::TooLarge(BodyTooLarge {
                                 limit: *limit,
                                 pattern: Some(pattern.clone()),
-                            });
+                            }));
                         }
                     }
                 }
@@ -391,7 +404,9 @@ impl MultipartScanner {
                         self.headers.push(b);
                     }
                     if self.headers.ends_with(b"\r\n\r\n") || self.headers == b"\r\n" {
-                        self.start_part();
+                        if let Err(fault) = self.start_part() {
+                            return Some(fault);
+                        }
                     }
                 }
                 Scan::Epilogue => return None,
@@ -400,19 +415,37 @@ impl MultipartScanner {
         None
     }
 
-    fn start_part(&mut self) {
+    /// A part's headers are complete: its limit, by its one `Content-Type`.
+    /// Two of them, or one that is not a media type, could be read two ways.
+    fn start_part(&mut self) -> Result<(), BodyFault> {
         let text = String::from_utf8_lossy(&self.headers);
-        let content_type = text.split("\r\n").find_map(|line| {
+        let mut types = text.split("\r\n").filter_map(|line| {
             let (name, value) = line.split_once(':')?;
             name.trim()
                 .eq_ignore_ascii_case("content-type")
-                .then(|| media_type(value))
+                .then_some(value)
         });
-        self.part_limit =
-            content_type.and_then(|ct| self.limits.for_type(&ct).map(|(p, n)| (p.to_owned(), n)));
+        let content_type = types.next();
+        if types.next().is_some() {
+            return Err(BodyFault::Broken(
+                "a multipart part has more than one Content-Type".into(),
+            ));
+        }
+        if let Some(ct) = content_type {
+            if !is_media_type(ct) {
+                return Err(BodyFault::Broken(format!(
+                    "a multipart part's Content-Type {:?} is not a media type",
+                    ct.trim()
+                )));
+            }
+        }
+        self.part_limit = content_type
+            .map(media_type)
+            .and_then(|ct| self.limits.for_type(&ct).map(|(p, n)| (p.to_owned(), n)));
         self.part_bytes = 0;
         self.matched = 0;
         self.state = Scan::Content;
+        Ok(())
     }
 }
 
@@ -558,7 +591,30 @@ mod tests {
 
     fn scan(body: &[u8], chunk: usize) -> Option<BodyTooLarge> {
         let mut s = MultipartScanner::new("XyZ", limits());
-        body.chunks(chunk).find_map(|c| s.feed(c))
+        body.chunks(chunk).find_map(|c| s.feed(c)).map(|f| match f {
+            BodyFault::TooLarge(t) => t,
+            other => panic!("{other}"),
+        })
+    }
+
+    #[test]
+    fn a_part_type_read_two_ways_is_refused() {
+        for bad in [
+            "image/png\r\nContent-Type: text/plain",
+            "image",
+            "image/png/x",
+            "",
+            "image /png",
+        ] {
+            let body = multipart(&[(bad, 20)]);
+            let mut s = MultipartScanner::new("XyZ", limits());
+            let fault = body.chunks(5).find_map(|c| s.feed(c));
+            assert!(
+                matches!(fault, Some(BodyFault::Broken(_))),
+                "{bad:?}: {fault:?}"
+            );
+        }
+        assert!(is_media_type("image/png; q=1") && is_media_type("application/vnd.a+json"));
     }
 
     #[test]

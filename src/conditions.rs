@@ -18,14 +18,20 @@ pub struct Condition {
 }
 
 /// Whether every condition holds for a request whose values `value` reads;
-/// an absent value never matches.
-pub fn hold<'v>(
+/// an absent value never matches. A value that cannot be read (`E`, an
+/// ambiguous one) is an error, never a condition that does not hold: the
+/// request is refused rather than matched to a later route.
+pub fn hold<'v, E>(
     conditions: &[Condition],
-    value: impl Fn(&ValueSource) -> Option<Cow<'v, str>>,
-) -> bool {
-    conditions
-        .iter()
-        .all(|c| value(&c.source).is_some_and(|v| c.values.iter().any(|want| *want == *v)))
+    value: impl Fn(&ValueSource) -> Result<Option<Cow<'v, str>>, E>,
+) -> Result<bool, E> {
+    for c in conditions {
+        let held = value(&c.source)?.is_some_and(|v| c.values.iter().any(|want| *want == *v));
+        if !held {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Whether checking `conditions` reads the JSON body.
@@ -54,14 +60,15 @@ mod tests {
         let read = |k: Option<&'static str>, m: Option<&'static str>| {
             let (kind, model) = (kind.clone(), model.clone());
             hold(&conditions, move |s| {
-                if *s == kind {
+                Ok::<_, ()>(if *s == kind {
                     k.map(Cow::Borrowed)
                 } else if *s == model {
                     m.map(Cow::Borrowed)
                 } else {
                     None
-                }
+                })
             })
+            .unwrap()
         };
         assert!(read(Some("article"), Some("3")));
         assert!(read(Some("blog_post"), Some("true")));
@@ -69,6 +76,12 @@ mod tests {
         assert!(!read(Some("article"), None));
         assert!(!read(None, Some("3")));
         assert!(!read(Some("Article"), Some("3")), "values compare exactly");
-        assert!(hold(&[], |_| None));
+        assert_eq!(hold(&[], |_| Ok::<_, ()>(None)), Ok(true));
+        let e = hold(&conditions, |_| Err::<Option<Cow<'_, str>>, _>("ambiguous"));
+        assert_eq!(
+            e,
+            Err("ambiguous"),
+            "an unreadable value refuses, never falls through"
+        );
     }
 }

@@ -44,6 +44,11 @@ pub struct Activity {
     generated: AtomicU64,
     /// Milliseconds after `opened` of the last exchange's end.
     last_end_ms: AtomicU64,
+    /// One more than the milliseconds after `opened` at which the first
+    /// byte of the next request's head arrived (0: none yet).
+    head_started_ms: AtomicU64,
+    /// Bumped whenever a deadline may have moved earlier.
+    epoch: AtomicU64,
 }
 
 impl Activity {
@@ -56,6 +61,8 @@ impl Activity {
             heads: AtomicU64::new(0),
             generated: AtomicU64::new(0),
             last_end_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -70,7 +77,25 @@ impl Activity {
         let index = self.requests.fetch_add(1, Ordering::Relaxed);
         set_bit(&self.heads, index, head);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started_ms.store(0, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::Release);
         Busy(self.clone(), index)
+    }
+
+    /// Bytes of a request arrived (on an HTTP/1.1 connection): when nothing
+    /// is in flight they begin the next request's head, which must then be
+    /// complete within `header_timeout`. (An idle keep-alive connection
+    /// with no byte waits `idle_timeout`.)
+    pub fn bytes_arrived(&self) {
+        if self.busy()
+            || self.requests.load(Ordering::Relaxed) == 0
+            || self.head_started_ms.load(Ordering::Relaxed) != 0
+        {
+            return;
+        }
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.head_started_ms.store(ms + 1, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::Release);
     }
 
     /// Notes whether the `index`th answer is one turnstile made (before
@@ -113,7 +138,14 @@ impl Activity {
             return self.opened + limits.header_timeout;
         }
         let last = Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
-        self.opened + last + limits.idle_timeout
+        let idle = self.opened + last + limits.idle_timeout;
+        match self.head_started_ms.load(Ordering::Relaxed) {
+            0 => idle,
+            started => {
+                let head = self.opened + Duration::from_millis(started - 1) + limits.header_timeout;
+                idle.min(head)
+            }
+        }
     }
 }
 
@@ -150,7 +182,7 @@ pin_project! {
         // waker is set and `is_elapsed` tells whether it fired.
         timer: Option<Pin<Box<Sleep>>>,
         registered: bool,
-        // The activity's request count when the deadline was last computed.
+        // The activity's epoch when the deadline was last computed.
         seen: u64,
     }
 }
@@ -183,12 +215,12 @@ impl<T: AsyncRead> AsyncRead for Watched<T> {
             return Poll::Pending;
         }
         // The deadline can only have moved earlier if an exchange happened
-        // since it was last looked at.
-        let requests = this.activity.requests.load(Ordering::Relaxed);
+        // or a head began since it was last looked at.
+        let epoch = this.activity.epoch.load(Ordering::Acquire);
         let timer = match this.timer {
-            Some(timer) if *this.seen == requests => timer,
+            Some(timer) if *this.seen == epoch => timer,
             Some(timer) => {
-                *this.seen = requests;
+                *this.seen = epoch;
                 let due = this.activity.idle_deadline(*this.limits);
                 if due < timer.deadline() {
                     timer.as_mut().reset(due);
@@ -197,7 +229,7 @@ impl<T: AsyncRead> AsyncRead for Watched<T> {
                 timer
             }
             None => {
-                *this.seen = requests;
+                *this.seen = epoch;
                 *this.registered = false;
                 let due = this.activity.idle_deadline(*this.limits);
                 this.timer.insert(Box::pin(tokio::time::sleep_until(due)))

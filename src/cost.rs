@@ -41,12 +41,13 @@ impl Cost {
     }
 
     /// The cost of a request whose values `value` reads (`None`: absent);
-    /// the message (for a 400 `invalid_arguments`) names the value that
-    /// could not be priced.
-    pub fn of<'v>(
+    /// [`Unpriced::Value`] names the value that could not be priced (a 400
+    /// `invalid_arguments`), [`Unpriced::Unreadable`] carries the reader's
+    /// error for a value it could not read.
+    pub fn of<'v, E>(
         &self,
-        value: impl Fn(&ValueSource) -> Option<Cow<'v, str>>,
-    ) -> Result<u32, String> {
+        value: impl Fn(&ValueSource) -> Result<Option<Cow<'v, str>>, E>,
+    ) -> Result<u32, Unpriced<E>> {
         let (by, prices, default, times) = match self {
             Cost::Constant(n) => return Ok(*n),
             Cost::Priced {
@@ -56,29 +57,42 @@ impl Cost {
                 times,
             } => (by, prices, default, times),
         };
-        let priced = value(by);
+        let priced = value(by).map_err(Unpriced::Unreadable)?;
         let price = match (priced.as_deref().and_then(|v| prices.get(v)), default) {
             (Some(p), _) => *p,
             (None, Some(d)) => *d,
             (None, None) => {
-                return Err(match priced {
+                return Err(Unpriced::Value(match priced {
                     Some(v) => format!("{by}: no price for {v:?} (priced: {})", listed(prices)),
                     None => format!("{by} is required to price this request"),
-                })
+                }))
             }
         };
         let Some(times) = times else {
             return Ok(price);
         };
-        let count = match value(times) {
+        let count = match value(times).map_err(Unpriced::Unreadable)? {
             None => 1,
             Some(t) => match t.trim().parse::<u32>() {
                 Ok(n) if n > 0 => n,
-                _ => return Err(format!("{times} must be a positive integer, not {t:?}")),
+                _ => {
+                    return Err(Unpriced::Value(format!(
+                        "{times} must be a positive integer, not {t:?}"
+                    )))
+                }
             },
         };
         Ok(price.saturating_mul(count))
     }
+}
+
+/// Why a request could not be priced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unpriced<E> {
+    /// A value read has no price, or is not a positive count (the message).
+    Value(String),
+    /// A value could not be read.
+    Unreadable(E),
 }
 
 /// The priced values, sorted, for a refusal's message.
@@ -155,12 +169,13 @@ mod tests {
     struct Map(Vec<(ValueSource, &'static str)>);
 
     impl Map {
-        fn get(&self) -> impl Fn(&ValueSource) -> Option<Cow<'static, str>> + '_ {
+        fn get(&self) -> impl Fn(&ValueSource) -> Result<Option<Cow<'static, str>>, ()> + '_ {
             |source| {
-                self.0
+                Ok(self
+                    .0
                     .iter()
                     .find(|(s, _)| s == source)
-                    .map(|(_, v)| Cow::Borrowed(*v))
+                    .map(|(_, v)| Cow::Borrowed(*v)))
             }
         }
     }
@@ -186,17 +201,25 @@ mod tests {
         assert_eq!(cost.of(Map(vec![(model.clone(), "flux-pro")]).get()), Ok(8));
         assert_eq!(cost.of(Map(vec![(model.clone(), "sdxl")]).get()), Ok(2));
         assert_eq!(cost.of(Map(vec![]).get()), Ok(2));
-        let e = priced(None)
-            .of(Map(vec![(model.clone(), "sdxl")]).get())
-            .unwrap_err();
+        let message = |r: Result<u32, Unpriced<()>>| match r {
+            Err(Unpriced::Value(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        let e = message(priced(None).of(Map(vec![(model.clone(), "sdxl")]).get()));
         assert!(e.contains("\"sdxl\"") && e.contains("json:/model"), "{e}");
-        let e = priced(None).of(Map(vec![]).get()).unwrap_err();
+        let e = message(priced(None).of(Map(vec![]).get()));
         assert!(e.contains("json:/model is required"), "{e}");
         for bad in ["0", "-1", "1.5", "two"] {
             let v = Map(vec![(model.clone(), "veo-3"), (count.clone(), bad)]);
-            let e = cost.of(v.get()).unwrap_err();
+            let e = message(cost.of(v.get()));
             assert!(e.contains("positive integer"), "{bad}: {e}");
         }
+        let unreadable = cost.of(|_| Err::<Option<Cow<'_, str>>, _>(()));
+        assert_eq!(
+            unreadable,
+            Err(Unpriced::Unreadable(())),
+            "never the default"
+        );
         assert_eq!(Cost::Constant(5).of(Map(vec![]).get()), Ok(5));
         let huge = Map(vec![(model, "veo-3"), (count, "4294967295")]);
         assert_eq!(cost.of(huge.get()), Ok(u32::MAX));

@@ -580,7 +580,14 @@ impl<T: AsyncRead> AsyncRead for CaseWriter<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().io.poll_read(cx, buf)
+        let this = self.project();
+        let before = buf.filled().len();
+        let read = this.io.poll_read(cx, buf);
+        // HTTP/1.1 only: a pass-through stream (HTTP/2) has no heads to time.
+        if buf.filled().len() > before && !matches!(this.stream.framing, Framing::Off) {
+            this.activity.bytes_arrived();
+        }
+        read
     }
 }
 

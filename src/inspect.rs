@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, CONTENT_ENCODING, CONTENT_LENGTH};
+use http::header::{HeaderMap, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -105,6 +105,8 @@ pub enum BodyProblem {
     Overloaded(u64),
     /// A `Content-Encoding` other than identity.
     Encoded(String),
+    /// Not declared JSON (`Content-Type`, as sent, if any).
+    NotDeclaredJson(Option<String>),
     /// Not strict JSON.
     NotJson(String),
 }
@@ -147,6 +149,15 @@ impl BodyProblem {
                 encoding: encoding.clone(),
                 route: route.clone(),
             },
+            BodyProblem::NotDeclaredJson(_) if rpc => Refusal::JsonRpc {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code: crate::mcp::INVALID_REQUEST,
+                message: "send the JSON-RPC message with Content-Type: application/json".into(),
+            },
+            BodyProblem::NotDeclaredJson(sent) => Refusal::NotJson {
+                content_type: sent.clone(),
+                route: route.clone(),
+            },
         }
     }
 }
@@ -178,6 +189,29 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// Whether a body is declared JSON: one `Content-Type`, `application/json`
+/// or `application/*+json` (any parameters). Otherwise what was sent.
+pub fn declared_json(headers: &HeaderMap) -> Result<(), Option<String>> {
+    let mut all = headers.get_all(CONTENT_TYPE).iter();
+    let first = all.next();
+    let sent = || first.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let (Some(value), None) = (first, all.next()) else {
+        return Err(sent());
+    };
+    let media = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase());
+    match media {
+        Some(m) if m == "application/json" => Ok(()),
+        Some(m) if m.starts_with("application/") && m.ends_with("+json") && !m.contains(' ') => {
+            Ok(())
+        }
+        _ => Err(sent()),
+    }
 }
 
 /// The `Content-Encoding` of a body, unless it is absent or `identity`.
@@ -240,6 +274,7 @@ impl RequestBody {
             if let Some(encoding) = encoding(headers) {
                 return Err(BodyProblem::Encoded(encoding));
             }
+            declared_json(headers).map_err(BodyProblem::NotDeclaredJson)?;
             if content_length(headers).is_some_and(|len| len > limits.max) {
                 return Err(BodyProblem::TooLarge(limits.max));
             }

@@ -4,12 +4,9 @@
 //! answer ends one. The counting itself is the `jobs` limit kind
 //! (`limits/jobs.rs`) in the stores; this module reads the ids.
 
-use http::request::Parts;
-use serde_json::Value;
-
 use crate::metrics::Metrics;
-use crate::routing::PathPattern;
 use crate::store::{CounterStore, JobClaim, OwnedCheck};
+use crate::tap::Doc;
 use crate::values::ValueSource;
 
 /// What a route does for job accounting (`job`, `job_status`, `job_cancel`).
@@ -33,18 +30,45 @@ pub enum JobRole {
         /// The states in which a job has ended.
         done: Vec<String>,
     },
-    /// `job_cancel = { id }`: a 2xx answer ends job `id` of the caller.
+    /// `job_cancel = { id, state?, done? }`: a 2xx answer ends job `id` of
+    /// the caller — with `state`, only when the answer's state is in `done`.
     Cancel {
         /// Where the request names the job.
         id: ValueSource,
+        /// Where the answer says the job's state, and the states that mean
+        /// it was cancelled.
+        check: Option<(ValueSource, Vec<String>)>,
     },
+}
+
+/// The prefix of the id a job is held under when its submission's answer
+/// could not be read: no request can name it (ids read from requests are
+/// refused with it), only expiry or the admin API ends it.
+pub const UNREADABLE: &str = "\u{1}unreadable:";
+
+/// Whether a held job's id is one made for an unreadable answer.
+pub fn is_unreadable(id: &str) -> bool {
+    id.starts_with(UNREADABLE)
+}
+
+/// A fresh id for a job whose submission's answer could not be read.
+pub fn unreadable_id() -> String {
+    let mut buf = [0u8; 8];
+    // Without randomness, the time still tells submissions apart.
+    if getrandom::fill(&mut buf).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        buf = t.to_le_bytes();
+    }
+    format!("{UNREADABLE}{}", hex::encode(buf))
 }
 
 impl JobRole {
     /// Whether reading the request's id needs its JSON body.
     pub fn needs_request_json(&self) -> bool {
         match self {
-            JobRole::Status { id, .. } | JobRole::Cancel { id } => id.needs_json(),
+            JobRole::Status { id, .. } | JobRole::Cancel { id, .. } => id.needs_json(),
             _ => false,
         }
     }
@@ -61,6 +85,8 @@ pub enum Ended {
     Expired,
     /// The admin API.
     Admin,
+    /// The upstream said so (`POST /v1/jobs/end`).
+    Upstream,
 }
 
 impl Ended {
@@ -71,6 +97,7 @@ impl Ended {
             Ended::Cancelled => "cancelled",
             Ended::Expired => "expired",
             Ended::Admin => "admin",
+            Ended::Upstream => "upstream",
         }
     }
 }
@@ -88,27 +115,35 @@ pub enum Watch {
     End {
         /// The job.
         id: String,
-        /// `Some((state, done))` for a status poll; `None` for a cancel.
+        /// `Some((state, done))`: the answer's state must be listed (a
+        /// status poll, a checked cancel); `None`: any 2xx ends it.
         state: Option<(ValueSource, Vec<String>)>,
+        /// How the job ends when it does.
+        how: Ended,
         /// The caller's jobs counters.
         counters: Vec<OwnedCheck>,
     },
 }
 
 /// The watch for one request on `role`, if there is anything to watch.
-/// `claims`: the pending slots its admission took.
+/// `claims`: the pending slots its admission took; `job_id`: the job the
+/// request names (read by the caller, which refuses ambiguous values).
 pub fn watch(
     role: &JobRole,
-    pattern: &PathPattern,
-    parts: &Parts,
-    json: Option<&Value>,
+    job_id: Option<String>,
     claims: Vec<JobClaim>,
     counters: impl FnOnce() -> Vec<OwnedCheck>,
 ) -> Option<Watch> {
-    let job_id = |id: &ValueSource| {
-        let path = crate::path::match_form(parts.uri.path());
-        id.from_request(&parts.headers, &path, parts.uri.query(), pattern, json)
-            .map(|v| v.into_owned())
+    let end = |state: Option<(ValueSource, Vec<String>)>, how: Ended| {
+        // An id no request can name (see `UNREADABLE`) ends nothing.
+        let id = job_id.filter(|id| !is_unreadable(id))?;
+        let counters = counters();
+        (!counters.is_empty()).then_some(Watch::End {
+            id,
+            state,
+            how,
+            counters,
+        })
     };
     match role {
         JobRole::None => None,
@@ -117,69 +152,69 @@ pub fn watch(
             claims,
         }),
         JobRole::Submit { .. } => None,
-        JobRole::Status { id, state, done } => {
-            let id = job_id(id)?;
-            let counters = counters();
-            (!counters.is_empty()).then(|| Watch::End {
-                id,
-                state: Some((state.clone(), done.clone())),
-                counters,
-            })
+        JobRole::Status { state, done, .. } => {
+            end(Some((state.clone(), done.clone())), Ended::Done)
         }
-        JobRole::Cancel { id } => {
-            let id = job_id(id)?;
-            let counters = counters();
-            (!counters.is_empty()).then_some(Watch::End {
-                id,
-                state: None,
-                counters,
-            })
+        JobRole::Cancel { check, .. } => end(check.clone(), Ended::Cancelled),
+    }
+}
+
+impl JobRole {
+    /// Where the request names its job (status polls and cancels).
+    pub fn request_id(&self) -> Option<&ValueSource> {
+        match self {
+            JobRole::Status { id, .. } | JobRole::Cancel { id, .. } => Some(id),
+            _ => None,
         }
     }
 }
 
 impl Watch {
-    /// Applies a 2xx answer with these headers and JSON document.
+    /// Applies a 2xx answer with these headers and document. A submission
+    /// whose answer cannot be read at its id keeps its slot as a job
+    /// without a known id; the reason is returned, to be counted and logged.
     pub(crate) async fn act(
         self,
         store: &CounterStore,
         metrics: &Metrics,
         headers: &http::HeaderMap,
-        doc: Option<&Value>,
-    ) {
+        doc: &Doc,
+    ) -> Option<&'static str> {
         match self {
             Watch::Submit { id, claims } => {
-                let Some(job) = id.from_response(headers, doc) else {
-                    return;
+                let (job, unreadable) = match id.from_response(headers, doc) {
+                    Ok(Some(job)) => (job, None),
+                    // Readable, and no job named: the slots go back.
+                    Ok(None) => return None,
+                    Err(why) => (unreadable_id(), Some(why.0)),
                 };
                 for claim in claims {
                     if let Err(e) = claim.bind(&job).await {
                         tracing::warn!(error = %e, "could not record a job: its slot frees at the lease's end");
                     }
                 }
+                unreadable
             }
             Watch::End {
                 id,
                 state,
+                how,
                 counters,
             } => {
-                let how = match &state {
-                    None => Ended::Cancelled,
-                    Some((state, done)) => {
-                        let Some(now) = state.from_response(headers, doc) else {
-                            return;
-                        };
-                        if !done.iter().any(|d| *d == *now) {
-                            return;
-                        }
-                        Ended::Done
+                if let Some((state, done)) = &state {
+                    let Ok(Some(now)) = state.from_response(headers, doc) else {
+                        return None;
+                    };
+                    if !done.contains(&now) {
+                        return None;
                     }
-                };
+                }
                 match store.end_job(&counters, &id).await {
                     Ok(true) => metrics.job_ended(how.label()),
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "could not end a job"),
                 }
+                None
             }
         }
     }

@@ -5,6 +5,8 @@
 //! so a body with one is refused rather than guessed at; invalid UTF-8 and
 //! nesting deeper than [`MAX_DEPTH`] levels are refused too.
 
+pub mod pointer;
+
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};

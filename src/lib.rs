@@ -18,6 +18,7 @@ pub mod conditions;
 pub mod config;
 pub mod conn;
 pub mod cost;
+pub mod decode;
 pub mod example_api;
 pub mod header_case;
 pub mod identity;

@@ -40,6 +40,38 @@ pub fn request_id(body: &Value) -> Value {
     body.get("id").cloned().unwrap_or(Value::Null)
 }
 
+/// Whether two JSON-RPC ids are one id, compared by value: `0`, `-0` and
+/// `0.0` are one id, as are `1` and `1.0`; strings compare exactly.
+pub fn same_id(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            if let (Some(x), Some(y)) = (x.as_i64(), y.as_i64()) {
+                return x == y;
+            }
+            if let (Some(x), Some(y)) = (x.as_u64(), y.as_u64()) {
+                return x == y;
+            }
+            matches!((x.as_f64(), y.as_f64()), (Some(x), Some(y)) if x == y)
+        }
+        _ => a == b,
+    }
+}
+
+/// Whether a request id is one every JSON-RPC peer reads alike: a string,
+/// an integer-valued number, or null (absent).
+pub fn plain_id(id: &Value) -> bool {
+    match id {
+        Value::Null | Value::String(_) => true,
+        Value::Number(n) => {
+            n.is_i64()
+                || n.is_u64()
+                || n.as_f64()
+                    .is_some_and(|f| f.is_finite() && f.fract() == 0.0)
+        }
+        _ => false,
+    }
+}
+
 /// Characters (Unicode scalar values) of every string inside `value`.
 fn chars_in(value: &Value) -> u64 {
     match value {
@@ -109,6 +141,29 @@ pub fn rpc_error(id: &Value, code: i64, message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_compare_by_value() {
+        let id = |t: &str| serde_json::from_str::<Value>(t).unwrap();
+        for (a, b) in [
+            ("0", "-0"),
+            ("0", "0.0"),
+            ("-0", "0.0"),
+            ("1", "1.0"),
+            ("\"a\"", "\"a\""),
+        ] {
+            assert!(same_id(&id(a), &id(b)), "{a} {b}");
+        }
+        for (a, b) in [("1", "2"), ("1", "\"1\""), ("null", "0"), ("1.5", "1")] {
+            assert!(!same_id(&id(a), &id(b)), "{a} {b}");
+        }
+        for ok in ["1", "-0", "1.0", "\"x\"", "null", "18446744073709551615"] {
+            assert!(plain_id(&id(ok)), "{ok}");
+        }
+        for bad in ["1.5", "{}", "[1]", "true"] {
+            assert!(!plain_id(&id(bad)), "{bad}");
+        }
+    }
 
     #[test]
     fn tool_calls_are_recognised() {

@@ -171,6 +171,19 @@ pub async fn check(
                 }
             };
             index += 1;
+            // One Content-Type that parses, or none: anything else could
+            // be read two ways (and a part of a listed type go unmeasured).
+            let types = field.headers().get_all(http::header::CONTENT_TYPE);
+            let declared = types.iter().count();
+            let parsed = field.content_type().is_some()
+                && types
+                    .iter()
+                    .all(|v| v.to_str().is_ok_and(crate::body::is_media_type));
+            if declared > 1 || (declared == 1 && !parsed) {
+                return Err(MediaProblem::Malformed(format!(
+                    "multipart part #{index} has a Content-Type that cannot be read one way"
+                )));
+            }
             let Some(part_type) = field
                 .content_type()
                 .map(|m| m.essence_str().to_ascii_lowercase())

@@ -85,6 +85,7 @@ pub struct Metrics {
     jobs_in_progress: Gauge,
     jobs_ended: Family<HowLabels, Counter>,
     credits_spent: Family<RouteLabels, Counter>,
+    jobs_unreadable: Family<RouteLabels, Counter>,
     refunds: Family<RefundLabels, Counter>,
     shadow_refusals: Family<ShadowLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
@@ -195,6 +196,12 @@ impl Metrics {
                 "Jobs ended, by how (done, cancelled, expired, admin)",
                 Family::<HowLabels, Counter>::default(),
             ),
+            jobs_unreadable: register(
+                reg,
+                "jobs_unreadable",
+                "Job submissions whose answer could not be read (or did not come in time): each holds its slot as a job without a known id",
+                Family::<RouteLabels, Counter>::default(),
+            ),
             credits_spent: register(
                 reg,
                 "credits_spent",
@@ -242,6 +249,15 @@ impl Metrics {
     /// are read from the store at scrape time).
     pub fn job_ended(&self, how: &'static str) {
         self.jobs_ended.get_or_create(&HowLabels { how }).inc();
+    }
+
+    /// Counts one job submission on `route` whose answer could not be read.
+    pub fn job_unreadable(&self, route: &Arc<str>) {
+        self.jobs_unreadable
+            .get_or_create(&RouteLabels {
+                route: Name(route.clone()),
+            })
+            .inc();
     }
 
     /// Counts `n` credits taken from balances on `route`.

@@ -113,6 +113,17 @@ pub enum Refusal {
         /// Route name (or the path, before a route is known).
         route: Arc<str>,
     },
+    /// 415: a route reads the JSON body, and the body is not declared JSON.
+    #[error(
+        "route {route} reads the request's JSON body: send it with Content-Type: application/json{}",
+        .content_type.as_deref().map(|c| format!(" (not {c})")).unwrap_or_default()
+    )]
+    NotJson {
+        /// The `Content-Type` sent, if any.
+        content_type: Option<String>,
+        /// Route name.
+        route: Arc<str>,
+    },
     /// 431: more header fields than HTTP/1.1 accepts.
     #[error("{0}")]
     HeadersTooLarge(String),
@@ -248,7 +259,9 @@ impl Refusal {
             Refusal::BrokenBody(_) => StatusCode::BAD_REQUEST,
             Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Refusal::UnsupportedEncoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Refusal::UnsupportedEncoding { .. } | Refusal::NotJson { .. } => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             Refusal::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -274,7 +287,9 @@ impl Refusal {
             Refusal::BrokenBody(_) => "bad_request",
             Refusal::MethodNotAllowed(_) => "method_not_allowed",
             Refusal::RequestTimeout(_) => "request_timeout",
-            Refusal::UnsupportedEncoding { .. } => "unsupported_media_type",
+            Refusal::UnsupportedEncoding { .. } | Refusal::NotJson { .. } => {
+                "unsupported_media_type"
+            }
             Refusal::HeadersTooLarge(_) => "headers_too_large",
             Refusal::Overloaded(_) => "overloaded",
         }

@@ -192,6 +192,8 @@ impl Server {
             task.abort();
         }
         write_snapshot(&app).await;
+        // Every exchange served has ended: its access line is written before exit.
+        app.flush_access_log();
         Ok(())
     }
 }
@@ -213,15 +215,18 @@ async fn serve_io<IO>(
 /// HTTP/1.1 and HTTP/2 settings of the proxy listener.
 fn connection_builder(policy: &crate::config::Policy) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // `header_timeout` is kept by the connection itself (`conn::Watched`):
+    // hyper's own timer would also run while a keep-alive connection idles.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(policy.server.header_timeout)
+        .header_read_timeout(None)
         .max_headers(crate::proxy::MAX_HEADERS)
         .max_buf_size(64 * 1024);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(policy.server.max_concurrent_streams)
         .max_header_list_size(64 * 1024);
     builder
 }
@@ -347,7 +352,7 @@ async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>, stopping: watch
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(policy.server.header_timeout)
+        .header_read_timeout(None)
         .max_headers(crate::proxy::MAX_HEADERS);
     let builder = Arc::new(builder);
     let mut accept_errors = AcceptErrors::default();
@@ -402,6 +407,20 @@ impl tower::Service<Request<Incoming>> for ProxyService {
             .activity
             .begin_request(req.method() == http::Method::HEAD);
         let (index, activity) = (busy.index(), self.activity.clone());
+        if req.version() == http::Version::HTTP_2 {
+            // hyper drops a stream's future when the client resets the
+            // stream; run the exchange as its own task so that it ends as
+            // on HTTP/1.1 (a body cut short refunds what it consumed).
+            return Box::pin(async move {
+                let exchange = tokio::spawn(async move { app.handle(req, &peer, busy).await.0 });
+                Ok(exchange.await.unwrap_or_else(|_| {
+                    let failed =
+                        crate::responses::Refusal::BadGateway("the exchange failed".into());
+                    let ctx = crate::responses::Context::default();
+                    crate::responses::refusal(&failed, &ctx, http::HeaderMap::new())
+                }))
+            });
+        }
         Box::pin(async move {
             let (response, generated) = app.handle(req, &peer, busy).await;
             // Before hyper writes the head: CaseWriter spells every name of

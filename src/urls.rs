@@ -90,6 +90,7 @@ fn v6_not_public(ip: Ipv6Addr) -> Option<&'static str> {
         0xfec0..=0xfeff => "site-local (fec0::/10)",
         0xff00..=0xffff => "multicast (ff00::/8)",
         0x2001 if s[1] == 0x0db8 => "documentation (2001:db8::/32)",
+        0x3fff if s[1] < 0x1000 => "documentation (3fff::/20)",
         0x2001 if s[1] < 0x0200 => "IETF protocol assignments (2001::/23, Teredo)",
         0x0100 if s[1..4] == [0, 0, 0] => "discard (100::/64)",
         0x2000..=0x3fff => return None,
@@ -261,6 +262,7 @@ mod tests {
             "HTTPS://IMAGES.EXAMPLE.COM./x",
             "http://8.8.8.8",
             "http://[2002:808:808::]/",
+            "http://[3fff:1000::1]/",
         ] {
             assert_eq!(ok(url).await, Ok(()), "{url}");
         }
@@ -307,7 +309,15 @@ mod tests {
             "http://[fc00::1]/",
             "http://[ff02::1]/",
             "http://[2001:db8::1]/",
+            "http://[3fff::1]/",
+            "http://[3fff:fff::1]/",
             "http://[2001::1]/",
+            "http://[64:ff9b:1::1]/",
+            "http://[100:0:0:1::1]/",
+            "http://[5f00::1]/",
+            "http://192.0.0.9/",
+            "http://100.127.255.255/",
+            "http://255.255.255.255/",
             "http://①②⑦.0.0.1/",
             "http://127。0。0。1/",
         ] {

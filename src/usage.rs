@@ -197,8 +197,10 @@ async fn jobs_of(store: &CounterStore, row: &Row<'_>) -> Result<Option<Value>, S
     Ok(Some(Value::Array(
         jobs.iter()
             .map(|j| {
+                // A job whose submission's answer could not be read has no id.
+                let id = (!crate::jobs::is_unreadable(&j.id)).then_some(&*j.id);
                 json!({
-                    "id": &*j.id,
+                    "id": id,
                     "started": j.started / SECOND,
                     "expires": j.expires.div_ceil(SECOND),
                 })

@@ -8,7 +8,9 @@ use std::borrow::Cow;
 use http::{HeaderMap, HeaderName};
 use serde_json::Value;
 
+use crate::json::pointer::Malformed;
 use crate::routing::PathPattern;
+use crate::tap::Doc;
 
 /// Where a value comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +82,10 @@ impl ValueSource {
     }
 
     /// The value in a request: its headers, path (in match form), query and
-    /// JSON body (when it was read). Absent: `None`.
+    /// JSON body (when it was read). Absent: `None`; present but empty: the
+    /// empty string. A query parameter or header present more than once
+    /// (for a header, also several comma-separated values) could be read two
+    /// ways: [`Ambiguous`].
     pub fn from_request<'a>(
         &self,
         headers: &'a HeaderMap,
@@ -88,25 +93,51 @@ impl ValueSource {
         query: Option<&'a str>,
         pattern: &PathPattern,
         json: Option<&'a Value>,
-    ) -> Option<Cow<'a, str>> {
+    ) -> Result<Option<Cow<'a, str>>, Ambiguous> {
         match self {
-            ValueSource::Json(pointer) => json_text(json?.pointer(pointer)?),
-            ValueSource::Header(name) => header_text(headers, name),
-            ValueSource::Query(name) => query_value(query?, name),
-            ValueSource::Path(param) => pattern.param(path, param).map(Cow::Borrowed),
+            ValueSource::Json(pointer) => {
+                Ok(json.and_then(|j| j.pointer(pointer)).and_then(json_text))
+            }
+            ValueSource::Header(name) => request_header(headers, name),
+            ValueSource::Query(name) => match query {
+                Some(q) => query_value(q, name),
+                None => Ok(None),
+            },
+            ValueSource::Path(param) => Ok(pattern.param(path, param).map(Cow::Borrowed)),
         }
     }
 
-    /// The value in an upstream answer: its headers and JSON document.
-    pub fn from_response<'a>(
+    /// The value in an upstream answer: its headers and document.
+    /// `Ok(None)`: readable, and nothing there (or `null`); an answer that
+    /// cannot be read there, a header sent twice, or an object or array
+    /// where a value is expected: [`Malformed`].
+    pub fn from_response(
         &self,
-        headers: &'a HeaderMap,
-        json: Option<&'a Value>,
-    ) -> Option<Cow<'a, str>> {
+        headers: &HeaderMap,
+        doc: &Doc,
+    ) -> Result<Option<String>, Malformed> {
         match self {
-            ValueSource::Json(pointer) => json_text(json?.pointer(pointer)?),
-            ValueSource::Header(name) => header_text(headers, name),
-            ValueSource::Query(_) | ValueSource::Path(_) => None,
+            ValueSource::Json(pointer) => match doc.value(pointer)? {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => json_text(&v)
+                    .map(|t| Some(t.into_owned()))
+                    .ok_or(Malformed("an object or array where a value is expected")),
+            },
+            ValueSource::Header(name) => {
+                if headers.get_all(name).iter().nth(1).is_some() {
+                    return Err(Malformed("the header appears more than once"));
+                }
+                Ok(header_text(headers, name).map(Cow::into_owned))
+            }
+            ValueSource::Query(_) | ValueSource::Path(_) => Ok(None),
+        }
+    }
+
+    /// The JSON pointer this source reads, if it reads one.
+    pub fn pointer(&self) -> Option<&str> {
+        match self {
+            ValueSource::Json(p) => Some(p),
+            _ => None,
         }
     }
 }
@@ -128,10 +159,16 @@ pub struct RequestValues<'a> {
 
 impl<'a> RequestValues<'a> {
     /// The value at `source` (`None`: absent).
-    pub fn get(&self, source: &ValueSource) -> Option<Cow<'a, str>> {
+    pub fn get(&self, source: &ValueSource) -> Result<Option<Cow<'a, str>>, Ambiguous> {
         source.from_request(self.headers, self.path, self.query, self.pattern, self.json)
     }
 }
+
+/// A request value that could be read two ways (refused with 400: what
+/// turnstile reads must be what the upstream reads).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ambiguous value: {0}")]
+pub struct Ambiguous(pub String);
 
 impl std::fmt::Display for ValueSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,13 +182,25 @@ impl std::fmt::Display for ValueSource {
 }
 
 /// A JSON value as text: strings as they are, numbers and booleans as their
-/// JSON text; null, arrays and objects are not values.
+/// JSON text (an integer-valued number as the integer: `3.0` and `-0` read
+/// `3` and `0`, as peers that compare numbers by value read them); null,
+/// arrays and objects are not values.
 pub fn json_text(v: &Value) -> Option<Cow<'_, str>> {
     match v {
         Value::String(s) => Some(Cow::Borrowed(s)),
-        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        Value::Number(n) => Some(Cow::Owned(number_text(n))),
         Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
         _ => None,
+    }
+}
+
+/// A number's text, integer-valued ones as integers.
+fn number_text(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if !n.is_i64() && !n.is_u64() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
+            format!("{}", f as i64)
+        }
+        _ => n.to_string(),
     }
 }
 
@@ -160,12 +209,52 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<Cow<'a, 
     (!v.is_empty()).then_some(Cow::Borrowed(v))
 }
 
-/// The first value of `name` in a query string, percent-decoded (`+` is a space).
-fn query_value<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v)
-        .filter(|v| !v.is_empty())
+/// A request header's one value (trimmed; empty is the empty string).
+fn request_header<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<Cow<'a, str>>, Ambiguous> {
+    let mut all = headers.get_all(name).iter();
+    let Some(first) = all.next() else {
+        return Ok(None);
+    };
+    let count = 1 + all.count();
+    if count > 1 {
+        return Err(Ambiguous(format!(
+            "header \"{name}\" appears {count} times"
+        )));
+    }
+    // A value that is not visible ASCII is not one turnstile can compare;
+    // the upstream may decode it otherwise.
+    let text = first
+        .to_str()
+        .map_err(|_| Ambiguous(format!("header \"{name}\" is not plain text")))?
+        .trim();
+    if text.contains(',') {
+        return Err(Ambiguous(format!(
+            "header \"{name}\" has several comma-separated values"
+        )));
+    }
+    Ok(Some(Cow::Borrowed(text)))
+}
+
+/// The one value of `name` in a query string, percent-decoded (`+` is a
+/// space; empty is the empty string).
+fn query_value<'a>(query: &'a str, name: &str) -> Result<Option<Cow<'a, str>>, Ambiguous> {
+    let mut found = None;
+    let mut count = 0;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k == name {
+            count += 1;
+            found.get_or_insert(v);
+        }
+    }
+    if count > 1 {
+        return Err(Ambiguous(format!(
+            "query parameter \"{name}\" appears {count} times"
+        )));
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -211,14 +300,16 @@ mod tests {
                 .from_request(
                     &h,
                     "/v1/tools/executions/ex-9/cancel",
-                    Some("id=a%20b&id=second"),
+                    Some("id=a%20b&twice=1&tw%69ce=2&empty="),
                     &p,
                     Some(&body),
                 )
+                .unwrap()
                 .map(|v| v.into_owned())
         };
         assert_eq!(read("path:id").as_deref(), Some("ex-9"));
         assert_eq!(read("query:id").as_deref(), Some("a b"));
+        assert_eq!(read("query:empty").as_deref(), Some(""));
         assert_eq!(read("header:x-model").as_deref(), Some("flux"));
         assert_eq!(read("json:/n").as_deref(), Some("3"));
         assert_eq!(read("json:/ok").as_deref(), Some("true"));
@@ -226,5 +317,49 @@ mod tests {
         assert_eq!(read("json:/o"), None);
         assert_eq!(read("json:/missing"), None);
         assert_eq!(read("query:other"), None);
+    }
+
+    #[test]
+    fn repeated_values_are_ambiguous() {
+        let p = pattern();
+        let get = |h: &HeaderMap, q: &str, src: &str| {
+            ValueSource::parse(src, Side::Request, &p)
+                .unwrap()
+                .from_request(h, "/", Some(q), &p, None)
+                .map(|v| v.map(Cow::into_owned))
+        };
+        let e = get(&HeaderMap::new(), "model=flux&mod%65l=veo-3", "query:model").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ambiguous value: query parameter \"model\" appears 2 times"
+        );
+        let mut h = HeaderMap::new();
+        h.append("x-model", "flux".parse().unwrap());
+        h.append("x-model", "veo-3".parse().unwrap());
+        let e = get(&h, "", "header:x-model").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ambiguous value: header \"x-model\" appears 2 times"
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-model", "flux, veo-3".parse().unwrap());
+        assert!(get(&h, "", "header:x-model").is_err());
+        let mut h = HeaderMap::new();
+        h.insert("x-model", "".parse().unwrap());
+        assert_eq!(get(&h, "", "header:x-model"), Ok(Some(String::new())));
+    }
+
+    #[test]
+    fn numbers_read_by_value() {
+        for (text, want) in [
+            ("3", "3"),
+            ("3.0", "3"),
+            ("-0", "0"),
+            ("1.5", "1.5"),
+            ("1e3", "1000"),
+        ] {
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(json_text(&v).as_deref(), Some(want), "{text}");
+        }
     }
 }

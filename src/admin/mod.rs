@@ -298,23 +298,32 @@ fn target_rows<'p>(
     Ok(rows)
 }
 
-/// `DELETE /v1/jobs?key=K&id=ID` (or `account=A`): ends one job in progress.
+/// `DELETE /v1/jobs?key=K&id=ID` (or `account=A`): ends one job in
+/// progress; `unreadable=all` instead of `id` ends every job held without a
+/// known id (its submission's answer could not be read).
 async fn end_job(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {
-    let Some(id) = form_urlencoded::parse(query.as_bytes())
-        .find(|(k, v)| k == "id" && !v.is_empty())
-        .map(|(_, v)| v.into_owned())
-    else {
+    let param = |name: &str| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(k, v)| k == name && !v.is_empty())
+            .map(|(_, v)| v.into_owned())
+    };
+    let unreadable = param("unreadable");
+    let id = param("id");
+    if id.is_none() && unreadable.as_deref() != Some("all") {
         return error(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "expected ?key=KEY&id=JOB or ?account=ACCOUNT&id=JOB",
+            "expected ?key=KEY&id=JOB, ?account=ACCOUNT&id=JOB, or unreadable=all instead of id",
         );
-    };
+    }
     let rows = match target_rows(policy, app.keys().cache(), query) {
         Ok(rows) => rows,
         Err(r) => return *r,
     };
     let counters: Vec<OwnedCheck> = rows.iter().filter_map(Row::job_counter).collect();
+    let Some(id) = id else {
+        return end_unreadable(app, &counters).await;
+    };
     match app.store().end_job(&counters, &id).await {
         Ok(true) => {
             app.metrics().job_ended(crate::jobs::Ended::Admin.label());
@@ -328,6 +337,33 @@ async fn end_job(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body
         ),
         Err(e) => store_error(e),
     }
+}
+
+/// Ends every job of `counters` held without a known id.
+async fn end_unreadable(app: &Turnstile, counters: &[OwnedCheck]) -> Response<Body> {
+    let mut ended = 0u64;
+    for counter in counters {
+        let jobs = match app.store().jobs(counter).await {
+            Ok(jobs) => jobs,
+            Err(e) => return store_error(e),
+        };
+        for job in jobs.iter().filter(|j| crate::jobs::is_unreadable(&j.id)) {
+            match app
+                .store()
+                .end_job(std::slice::from_ref(counter), &job.id)
+                .await
+            {
+                Ok(true) => {
+                    ended += 1;
+                    app.metrics().job_ended(crate::jobs::Ended::Admin.label());
+                }
+                Ok(false) => {}
+                Err(e) => return store_error(e),
+            }
+        }
+    }
+    tracing::info!(ended, "jobs without a known id ended through the admin API");
+    json_response(StatusCode::OK, &json!({ "ended_unreadable": ended }))
 }
 
 async fn reset(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> {

@@ -127,6 +127,8 @@ pub struct ServerSettings {
     pub body_timeout: Duration,
     /// Most client connections open at once; more wait in the accept backlog.
     pub max_connections: usize,
+    /// Most HTTP/2 streams open at once on one connection.
+    pub max_concurrent_streams: u32,
     /// Most bytes of request bodies held for inspection at once (503 past it).
     pub max_buffered: u64,
     /// Longest wait for a `url_args` host name to resolve.
@@ -284,6 +286,9 @@ pub struct Route {
     /// Whether matching this route reads the JSON body (`mcp_tool`, or a
     /// `json:` condition).
     pub match_reads_json: bool,
+    /// Whether the upstream's answer is read (`job`, `job_status`,
+    /// `job_cancel`, `settle`): the request asks for a whole, uncompressed answer.
+    pub reads_answer: bool,
     /// Refusal templates in force (route over global).
     pub responses: Arc<ResponseSet>,
 }
@@ -676,6 +681,11 @@ fn compile_server(
             Some(n) if *n.get_ref() >= 1 => *n.get_ref() as usize,
             Some(n) => return Err(src.at(n.span(), "max_connections must be at least 1")),
         },
+        max_concurrent_streams: match &raw.max_concurrent_streams {
+            None => 100,
+            Some(n) if *n.get_ref() >= 1 => *n.get_ref(),
+            Some(n) => return Err(src.at(n.span(), "max_concurrent_streams must be at least 1")),
+        },
         max_buffered: size(src, &raw.max_buffered, 256_000_000)?,
         resolve_timeout: duration(src, &raw.resolve_timeout, Duration::from_secs(2))?,
         tls: match &raw.tls {
@@ -825,6 +835,8 @@ fn compile_route(
         .as_ref()
         .map(|h| crate::routing::strip_port(h.get_ref()).to_ascii_lowercase());
     let when = content::when(src, r, &path)?;
+    let job = job_role(src, r, &path)?;
+    let settle = content::settle(src, r, &path)?;
     let responses = match &r.responses {
         None => global.clone(),
         Some(own) => {
@@ -851,13 +863,14 @@ fn compile_route(
         plans: None,
         plan_names: Vec::new(),
         arg_limits: arg_limits(src, r.arg_limits.as_deref())?,
-        job: job_role(src, r, &path)?,
         media: content::media_limits(src, r)?,
         url_args: content::url_args(src, r)?,
         cost: content::cost(src, r, &path)?,
-        settle: content::settle(src, r, &path)?,
         refund_on: content::refund_on(src, r)?,
         match_reads_json: r.mcp_tool.is_some() || crate::conditions::need_json(&when),
+        reads_answer: !matches!(job, JobRole::None) || settle.is_some(),
+        job,
+        settle,
         when,
         matcher: RouteMatcher { method, path, host },
         responses,
@@ -893,10 +906,33 @@ fn job_role(src: &Source, r: &RawRoute, pattern: &PathPattern) -> Result<JobRole
         ));
     }
     if let Some(j) = &r.job_cancel {
+        let raw = j.get_ref();
+        let check = match (&raw.state, &raw.done) {
+            (None, None) => None,
+            (Some(state), Some(done)) if !done.get_ref().is_empty() => {
+                Some((source(state, Side::Response)?, done.get_ref().clone()))
+            }
+            (Some(_), Some(done)) => {
+                return Err(src.at(done.span(), "`done` lists at least one state"))
+            }
+            (Some(state), None) => {
+                return Err(src.at(
+                    state.span(),
+                    "`state` needs `done`: the states in which the job was cancelled",
+                ))
+            }
+            (None, Some(done)) => {
+                return Err(src.at(
+                    done.span(),
+                    "`done` needs `state`: where the answer says the job's state",
+                ))
+            }
+        };
         roles.push((
             j.span(),
             JobRole::Cancel {
-                id: source(&j.get_ref().id, Side::Request)?,
+                id: source(&raw.id, Side::Request)?,
+                check,
             },
         ));
     }
@@ -1176,7 +1212,11 @@ impl Applied<'_> {
                 ),
             ));
         }
-        // The counter's identity leaves out the numbers a reload may change.
+        // The counter's identity leaves out the numbers a reload may change,
+        // and the plan: counters belong to the subject, so a key's plan
+        // change keeps its window counts, jobs and balance, and keys of one
+        // account on different plans share its `per = "account"` counters
+        // (each request checked against its own plan's figures).
         let identity_window = match kind {
             RawKind::Fixed | RawKind::Rolling => &*self.spec.window_text,
             RawKind::Bucket | RawKind::Concurrency | RawKind::Jobs | RawKind::Credits => "",
@@ -1187,7 +1227,6 @@ impl Applied<'_> {
             ""
         };
         let mut identity = vec![
-            self.plan,
             lname,
             &self.spec.routes_text,
             kind.as_str(),

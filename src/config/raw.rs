@@ -65,6 +65,7 @@ pub(crate) struct RawServer {
     pub(crate) idle_timeout: Option<Spanned<String>>,
     pub(crate) body_timeout: Option<Spanned<String>>,
     pub(crate) max_connections: Option<Spanned<u32>>,
+    pub(crate) max_concurrent_streams: Option<Spanned<u32>>,
     pub(crate) max_buffered: Option<Spanned<RawSize>>,
     pub(crate) resolve_timeout: Option<Spanned<String>>,
     pub(crate) tls: Option<Spanned<RawTls>>,
@@ -180,7 +181,7 @@ pub(crate) struct RawRoute {
     pub(crate) arg_limits: Option<Vec<Spanned<RawArgLimit>>>,
     pub(crate) job: Option<Spanned<RawJob>>,
     pub(crate) job_status: Option<Spanned<RawJobStatus>>,
-    pub(crate) job_cancel: Option<Spanned<RawJob>>,
+    pub(crate) job_cancel: Option<Spanned<RawJobCancel>>,
     /// A constant or `{ by, prices, default, times }` (read in `content.rs`).
     pub(crate) cost: Option<Spanned<toml::Value>>,
     pub(crate) settle: Option<Spanned<String>>,
@@ -198,11 +199,20 @@ pub(crate) struct RawUrlArg {
     pub(crate) pointers: Vec<String>,
 }
 
-/// `job = { id = "..." }` and `job_cancel = { id = "..." }`.
+/// `job = { id = "..." }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawJob {
     pub(crate) id: Spanned<String>,
+}
+
+/// `job_cancel = { id, state?, done? }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawJobCancel {
+    pub(crate) id: Spanned<String>,
+    pub(crate) state: Option<Spanned<String>>,
+    pub(crate) done: Option<Spanned<Vec<String>>>,
 }
 
 /// `job_status = { id, state, done }`.

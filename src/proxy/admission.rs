@@ -12,8 +12,9 @@ use http::{Method, Uri};
 
 use super::forward::content_type;
 use super::Identified;
-use crate::body::{multipart_boundary, BodyTooLarge, MultipartScanner};
+use crate::body::{multipart_boundary, BodyFault, BodyTooLarge, MultipartScanner};
 use crate::config::{Format, Policy, Route};
+use crate::cost::Unpriced;
 use crate::identity::{AuthError, Caller};
 use crate::inspect::BodyProblem;
 use crate::inspect::{content_length, Budget, ReadLimits, RequestBody};
@@ -106,12 +107,12 @@ pub(super) async fn check_admission(
     if !route.media.is_empty() {
         check_media(policy, budget, route, headers, whole, body).await?;
     }
-    let cost_reads_json = route.cost.as_ref().is_some_and(|c| c.needs_json());
-    let reads_json = !route.arg_limits.is_empty()
-        || !route.url_args.is_empty()
-        || route.job.needs_request_json()
-        || cost_reads_json;
-    if reads_json {
+    // Argument limits and fetchable URLs need the body; `json:` values of a
+    // price or a job id are absent from a request without one.
+    let needs_body = !route.arg_limits.is_empty() || !route.url_args.is_empty();
+    let reads_values =
+        route.job.needs_request_json() || route.cost.as_ref().is_some_and(|c| c.needs_json());
+    if needs_body || (reads_values && !body.is_empty()) {
         let subject = route.mcp_tool.as_deref().unwrap_or(&route.name);
         let limits = ReadLimits {
             max: policy.server.mcp_max_body,
@@ -170,8 +171,10 @@ async fn check_media(
     // Each part's own size limit, before anything is forwarded.
     if let Some(boundary) = multipart.then(|| multipart_boundary(ct)).flatten() {
         let mut scanner = MultipartScanner::new(&boundary, route.body.clone());
-        if let Some(over) = scanner.feed(bytes) {
-            return Err(too_large(over.limit, over.pattern));
+        match scanner.feed(bytes) {
+            None => {}
+            Some(BodyFault::TooLarge(over)) => return Err(too_large(over.limit, over.pattern)),
+            Some(fault) => return Err(Refusal::BadRequest(fault.to_string())),
         }
     }
     crate::media::check(bytes, ct, &route.media)
@@ -197,21 +200,51 @@ async fn check_media(
 }
 
 /// What the request costs on `route` (docs/configuration.md, "Cost"): 1
-/// without a `cost`; a value that cannot be priced is a 400.
+/// without a `cost`; a value that cannot be priced is a 400, and so is an
+/// ambiguous one (never the `default` price).
 pub(super) fn price(route: &Route, parts: &Parts, body: &RequestBody) -> Result<u32, Refusal> {
     let Some(cost) = &route.cost else {
         return Ok(1);
     };
     let form = crate::path::match_form(parts.uri.path());
-    let values = RequestValues {
+    let values = request_values(route, parts, &form, body);
+    cost.of(|s| values.get(s)).map_err(|e| match e {
+        Unpriced::Value(m) => Refusal::InvalidArguments(m),
+        Unpriced::Unreadable(a) => Refusal::BadRequest(a.to_string()),
+    })
+}
+
+/// The job a status poll or cancel names (docs/configuration.md, "Jobs"),
+/// read before any limit counts: an ambiguous id is a 400.
+pub(super) fn job_id(
+    route: &Route,
+    parts: &Parts,
+    body: &RequestBody,
+) -> Result<Option<String>, Refusal> {
+    let Some(source) = route.job.request_id() else {
+        return Ok(None);
+    };
+    let form = crate::path::match_form(parts.uri.path());
+    let values = request_values(route, parts, &form, body);
+    values
+        .get(source)
+        .map(|v| v.map(std::borrow::Cow::into_owned))
+        .map_err(|a| Refusal::BadRequest(a.to_string()))
+}
+
+fn request_values<'a>(
+    route: &'a Route,
+    parts: &'a Parts,
+    form: &'a str,
+    body: &'a RequestBody,
+) -> RequestValues<'a> {
+    RequestValues {
         headers: &parts.headers,
-        path: &form,
+        path: form,
         query: parts.uri.query(),
         pattern: &route.matcher.path,
         json: body.parsed(),
-    };
-    cost.of(|s| values.get(s))
-        .map_err(Refusal::InvalidArguments)
+    }
 }
 
 /// The request's `Host`, or the authority of an absolute-form target.

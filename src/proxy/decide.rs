@@ -4,17 +4,16 @@
 
 use std::sync::Arc;
 
-use http::request::Parts;
 use smallvec::SmallVec;
 
 use super::{Decided, Exchange, Identified, Turnstile};
 use crate::answer;
-use crate::config::{AppliedLimit, Plan, Route};
+use crate::config::{AppliedLimit, Policy, Route};
 use crate::inspect::RequestBody;
 use crate::jobs;
 use crate::limits::Rule;
 use crate::responses::{self, Checked, Refusal};
-use crate::store::{Lease, LimitCheck, OwnedCheck, Store, Subject};
+use crate::store::{Lease, LimitCheck, OwnedCheck, Store, StoreError, Subject};
 
 impl Turnstile {
     /// Decides the request's limits; admitted: the slots it holds. The
@@ -30,6 +29,9 @@ impl Turnstile {
         }
         let d = match self.store.decide(&checks).await {
             Ok(d) => d,
+            Err(StoreError::Full) => {
+                return Err(Refusal::Overloaded(StoreError::Full.to_string()));
+            }
             Err(e) => {
                 self.metrics.store_error();
                 tracing::error!(error = %e, "counter store failed");
@@ -97,7 +99,7 @@ impl Turnstile {
         &self,
         cx: &Exchange<'_>,
         route: &Route,
-        parts: &Parts,
+        job_id: Option<String>,
         body: &RequestBody,
         lease: &mut Lease,
     ) -> Option<answer::Watcher> {
@@ -107,14 +109,9 @@ impl Turnstile {
             None
         } else {
             let caller = &who.caller;
-            jobs::watch(
-                &route.job,
-                &route.matcher.path,
-                parts,
-                body.parsed(),
-                lease.take_jobs(),
-                || job_counters(who.plan, &caller.digest, caller.account.as_ref()),
-            )
+            jobs::watch(&route.job, job_id, lease.take_jobs(), || {
+                job_counters(policy, &caller.digest, caller.account.as_ref())
+            })
         };
         let settle = route.settle.as_ref().and_then(|source| {
             let d = cx.decided.as_ref()?;
@@ -144,6 +141,8 @@ impl Turnstile {
             metrics: self.metrics.clone(),
             max: policy.server.mcp_max_body,
             rpc_id: body.rpc_id().cloned(),
+            route: route.name.clone(),
+            key_fp: Arc::from(who.caller.fingerprint.as_str()),
         })
     }
 }
@@ -174,21 +173,31 @@ fn limit_checks<'p>(
         .collect()
 }
 
-/// The jobs counters of `plan` for a caller: every jobs limit, every route
-/// it counts (per-route limits have one counter per route), deduplicated.
+/// The jobs counters a caller may hold jobs in: every jobs limit of every
+/// plan (a job started under one plan is ended by a poll under another),
+/// every route it counts (per-route limits have one counter per route),
+/// deduplicated.
 fn job_counters(
-    plan: &Plan,
+    policy: &Policy,
     digest: &crate::identity::KeyDigest,
     account: Option<&Arc<str>>,
 ) -> Vec<OwnedCheck> {
     let mut out: Vec<OwnedCheck> = Vec::new();
-    for applied in plan.by_route.iter().flatten() {
+    let applied = policy
+        .plans
+        .iter()
+        .flat_map(|plan| plan.by_route.iter().flatten().map(move |a| (plan, a)));
+    for (plan, applied) in applied {
         let spec = &plan.limits[applied.limit];
-        if !matches!(spec.rule, Rule::Jobs(_)) || out.iter().any(|c| c.counter == applied.counter) {
+        let subject = Subject::counted(spec.per, digest, account);
+        let known = out
+            .iter()
+            .any(|c| c.counter == applied.counter && c.subject == subject);
+        if !matches!(spec.rule, Rule::Jobs(_)) || known {
             continue;
         }
         out.push(OwnedCheck {
-            subject: Subject::counted(spec.per, digest, account),
+            subject,
             group: Subject::group(digest, account),
             counter: applied.counter,
             rule: spec.rule,

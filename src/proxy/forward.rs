@@ -101,7 +101,13 @@ impl Turnstile {
         let upstream = live.upstream.clone();
         let exchange = async move {
             match tokio::time::timeout_at(deadline, upstream.send(request)).await {
-                Err(_) => Err(None),
+                Err(_) => {
+                    // The upstream may be running the work it did not answer for.
+                    if let Some(w) = watcher {
+                        w.unanswered().await;
+                    }
+                    Err(None)
+                }
                 Ok(Err(e)) => Err(Some(e)),
                 Ok(Ok(response)) => {
                     let response = streamed_back(response, deadline);
@@ -188,6 +194,11 @@ fn upstream_request(
 /// the body bounded by the exchange's deadline.
 fn streamed_back(response: Response<Incoming>, deadline: tokio::time::Instant) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
+    // Framed by its chunked encoding (RFC 9112 §6.3): a Content-Length
+    // beside it is not the body's length, and passed on would cut it.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Deadline::new(body, deadline).boxed())
 }

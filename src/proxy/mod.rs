@@ -242,6 +242,13 @@ impl Turnstile {
             .map_or(0, AccessLog::dropped)
     }
 
+    /// Writes every access line queued so far (a graceful stop).
+    pub fn flush_access_log(&self) {
+        if let Some(log) = self.access_log.get().and_then(Option::as_ref) {
+            log.flush(std::time::Duration::from_secs(2));
+        }
+    }
+
     /// The access log, started on first use; `None` when it is off.
     fn access_log(&self, policy: &Policy) -> Option<&AccessLog> {
         if !policy.log.access {
@@ -498,13 +505,24 @@ impl Turnstile {
         cx.rpc_id = body.rpc_id().cloned();
         admission?;
         cx.cost = admission::price(route, &parts, &body)?;
+        let job_id = admission::job_id(route, &parts, &body)?;
+        if route.reads_answer {
+            // A partial or compressed answer is never what is read: ask
+            // for the whole, uncompressed (a compressed one is still decoded).
+            parts.headers.remove(http::header::RANGE);
+            parts.headers.remove(http::header::IF_RANGE);
+            parts.headers.insert(
+                http::header::ACCEPT_ENCODING,
+                http::HeaderValue::from_static("identity"),
+            );
+        }
 
         // 5. Limits, decided together.
         let mut lease = self.decide(cx).await?;
 
         // 6. Forward, watching the answer for jobs; 7. the slots are held
         // until the response body is done with.
-        let watcher = self.answer_watcher(cx, route, &parts, &body, &mut lease);
+        let watcher = self.answer_watcher(cx, route, job_id, &body, &mut lease);
         let response = self.forward(cx, parts, body.into_body(), watcher).await?;
         Ok(if lease.is_empty() {
             response

@@ -74,7 +74,9 @@ impl Turnstile {
                 pattern: &r.matcher.path,
                 json,
             };
-            if crate::conditions::hold(&r.when, |s| values.get(s)) {
+            let held = crate::conditions::hold(&r.when, |s| values.get(s))
+                .map_err(|a| Refusal::BadRequest(a.to_string()))?;
+            if held {
                 return Ok(Some(r));
             }
         }
@@ -97,6 +99,13 @@ async fn read_json<'b>(
         Ok(message) => message,
         Err(problem) => return Err(problem.refusal(rpc, &r.name)),
     };
+    if r.mcp_tool.is_some() && !mcp::plain_id(&mcp::request_id(message)) {
+        return Err(Refusal::JsonRpc {
+            status: StatusCode::BAD_REQUEST,
+            code: mcp::INVALID_REQUEST,
+            message: "the request id must be a string, an integer or null".into(),
+        });
+    }
     if r.mcp_tool.is_some() && mcp::batch_calls_a_tool(message) {
         return Err(Refusal::JsonRpc {
             status: StatusCode::BAD_REQUEST,

@@ -319,6 +319,23 @@ impl Inner {
         self.evicting.store(false, Ordering::Release);
     }
 
+    /// Whether the counters of `checks` may be kept: always for subjects
+    /// already counted; for a new one, only while counter memory is under
+    /// `max_counters` once everything that can be evicted was. (Counters
+    /// that hold something — jobs, spent balances, slots — are never
+    /// evicted: dropping one would hand its slot or its credits out again.)
+    fn room_for(&self, checks: &[LimitCheck<'_>]) -> bool {
+        let max = self.max_counters.load(Ordering::Relaxed);
+        if self.live.load(Ordering::Relaxed) <= max {
+            return true;
+        }
+        if checks.iter().all(|c| self.map.contains_key(&c.subject)) {
+            return true;
+        }
+        self.enforce_cap();
+        self.live.load(Ordering::Relaxed) <= max
+    }
+
     /// One decision under lock. `reserved`: a check whose slot was handed to
     /// this request by the queue (already counted).
     fn attempt(
@@ -925,6 +942,9 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     async fn decide(&self, checks: &[LimitCheck<'_>]) -> Result<Decision, StoreError> {
+        if !self.inner.room_for(checks) {
+            return Err(StoreError::Full);
+        }
         let mut reserved: Option<Slot> = None;
         let mut deadline = None;
         loop {

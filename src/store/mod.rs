@@ -269,8 +269,18 @@ pub struct Decision {
 
 /// The store could not decide.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("counter store unavailable: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// It cannot be reached or did not answer.
+    #[error("counter store unavailable: {0}")]
+    Unavailable(String),
+    /// Counter memory is at `[store] max_counters` and every counter in it
+    /// holds something that cannot be given away (jobs in progress, spent
+    /// balances, slots): a new subject cannot be counted.
+    #[error(
+        "counter memory is full ([store] max_counters) and none of it can be freed: retry shortly"
+    )]
+    Full,
+}
 
 /// Decides all limits of one request atomically.
 pub trait Store: Send + Sync + 'static {

@@ -312,11 +312,13 @@ impl Inner {
     /// One script call, bounded by the timeout; failures open the breaker.
     async fn call<T: FromRedisValue>(&self, inv: ScriptInvocation<'_>) -> Result<T, StoreError> {
         if !self.breaker.allow() {
-            return Err(StoreError("redis unavailable (circuit open)".into()));
+            return Err(StoreError::Unavailable(
+                "redis unavailable (circuit open)".into(),
+            ));
         }
         let Some(mut conn) = self.connection().await else {
             self.breaker.failure();
-            return Err(StoreError("cannot connect to redis".into()));
+            return Err(StoreError::Unavailable("cannot connect to redis".into()));
         };
         match tokio::time::timeout(self.settings.timeout, conn.invoke::<T>(&inv)).await {
             Ok(Ok(v)) => {
@@ -331,7 +333,7 @@ impl Inner {
                     tracing::error!(error = %e, "redis failed: falling back to on_error");
                 }
                 self.breaker.failure();
-                Err(StoreError(format!("redis: {e}")))
+                Err(StoreError::Unavailable(format!("redis: {e}")))
             }
             Err(_) => {
                 if !self.breaker.is_open() {
@@ -341,7 +343,7 @@ impl Inner {
                     );
                 }
                 self.breaker.failure();
-                Err(StoreError("redis timed out".into()))
+                Err(StoreError::Unavailable("redis timed out".into()))
             }
         }
     }
@@ -641,14 +643,14 @@ impl RedisStore {
         let mut deleted = 0;
         for c in checks.iter().filter(|c| c.rule.is_quota()) {
             let Some(mut conn) = inner.connection().await else {
-                return Err(StoreError("cannot connect to redis".into()));
+                return Err(StoreError::Unavailable("cannot connect to redis".into()));
             };
             let cmd = redis::cmd("DEL").arg(inner.key(c)).to_owned();
             let n: redis::RedisResult<i64> = match &mut conn {
                 Conn::Single(x) => cmd.query_async(x).await,
                 Conn::Cluster(x) => cmd.query_async(x).await,
             };
-            deleted += n.map_err(|e| StoreError(e.to_string()))? as usize;
+            deleted += n.map_err(|e| StoreError::Unavailable(e.to_string()))? as usize;
         }
         Ok(deleted)
     }
@@ -675,7 +677,7 @@ impl RedisStore {
     pub async fn jobs(&self, counter: &OwnedCheck) -> Result<Vec<Job>, StoreError> {
         let inner = &self.inner;
         let Some(mut conn) = inner.connection().await else {
-            return Err(StoreError("cannot connect to redis".into()));
+            return Err(StoreError::Unavailable("cannot connect to redis".into()));
         };
         let cmd = redis::cmd("ZRANGE")
             .arg(inner.key(&counter.check()))
@@ -691,8 +693,8 @@ impl RedisStore {
         };
         let members = tokio::time::timeout(inner.settings.timeout, query)
             .await
-            .map_err(|_| StoreError("redis timed out".into()))?
-            .map_err(|e| StoreError(e.to_string()))?;
+            .map_err(|_| StoreError::Unavailable("redis timed out".into()))?
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let now = inner.clock.now();
         let duration = counter.max_duration();
         Ok(members
@@ -767,7 +769,7 @@ impl RedisStore {
 
 fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, u64, Verdicts), StoreError> {
     if out.len() != 3 + 6 * n {
-        return Err(StoreError(format!(
+        return Err(StoreError::Unavailable(format!(
             "unexpected reply from the decide script ({} values)",
             out.len()
         )));
