@@ -236,3 +236,69 @@ async fn generations_are_jobs(mode: &str) {
     assert_eq!(after["is_error"], false, "music-1 was done: {after}");
     assert_eq!(after["structured"]["generation_id"], "music-6");
 }
+
+/// One JSON-RPC POST to the proxy's `/mcp` as an MCP client sends it.
+async fn rpc(p: &Proxy, session: Option<&str>, body: &str) -> Got {
+    let mut b = req("POST", &p.url("/mcp"))
+        .header("authorization", "Bearer kz-token-laptop")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18");
+    if let Some(s) = session {
+        b = b.header("mcp-session-id", s);
+    }
+    send(b.body(body.to_owned().into()).unwrap()).await
+}
+
+#[tokio::test]
+async fn request_ids_compare_by_value_with_the_sdk_server() {
+    let server = McpServer::start().await;
+    let p = Proxy::start_example("kubeez.toml", &server.upstream().await).await;
+    let init = rpc(
+        &p,
+        None,
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#,
+    )
+    .await;
+    assert_eq!(init.status, 200, "{}", init.body);
+    let session = init.h("mcp-session-id").to_owned();
+    let note = rpc(&p, Some(&session), r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).await;
+    assert_eq!(note.status, 202, "{}", note.body);
+    let tool = |id: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"generate_music","arguments":{{"prompt":"a"}}}}}}"#
+        )
+    };
+    // The SDK answers `-0` as 0: its answer is found, the job named.
+    for _ in 0..3 {
+        let r = rpc(&p, Some(&session), &tool("-0")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.contains("music-"), "{}", r.body);
+    }
+    // It does not take `1.0` as a request id: whatever it answers
+    // without the answer to the call holds the slot (fail closed).
+    let r = rpc(&p, Some(&session), &tool("1.0")).await;
+    assert!(r.status < 300 && !r.body.contains("music-"), "{}", r.body);
+    let r = rpc(&p, Some(&session), &tool("2")).await;
+    assert!(r.body.contains("music-"), "{}", r.body);
+    let sixth = rpc(&p, Some(&session), &tool("-0")).await;
+    assert!(
+        sixth.body.contains("Too many generations in progress (at most 5)"),
+        "{}",
+        sixth.body
+    );
+    // Five in progress, of which only the `1.0` call's is without an id.
+    assert_eq!(p.app.store().jobs_in_progress(), 5);
+    let metrics = p.app.metrics().render(Default::default());
+    assert!(
+        metrics.contains("turnstile_jobs_unreadable_total{route=\"generate_music\"} 1"),
+        "{metrics}"
+    );
+    // An id peers could read two ways never reaches the server.
+    for id in [r#"{"a":1}"#, "[1]", "1.5", "true"] {
+        let r = rpc(&p, Some(&session), &tool(id)).await;
+        assert_eq!(r.status, 400, "{id}: {}", r.body);
+        assert!(r.body.contains("must be a string, an integer or null"), "{}", r.body);
+    }
+    drop(server);
+}

@@ -343,11 +343,16 @@ impl Proxy {
     /// URL) and extra files (name, text) written beside it. The clock stands at
     /// `T0 + 10 s`.
     pub async fn start_with(config: &str, upstream: &Upstream, files: &[(&str, &str)]) -> Self {
+        Self::start_url(config, &upstream.url(), files).await
+    }
+
+    /// As [`Proxy::start_with`], with `{upstream}` replaced by `url`.
+    pub async fn start_url(config: &str, url: &str, files: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
-        let config = config.replace("{upstream}", &upstream.url());
+        let config = config.replace("{upstream}", url);
         let config = if config.contains("[server]") {
             config.replace("[server]", "[server]\nlisten = \"127.0.0.1:0\"")
         } else {
