@@ -25,7 +25,6 @@ use tokio::net::TcpListener;
 /// What the adversarial upstream received.
 #[derive(Debug, Clone)]
 struct Got2 {
-    uri: String,
     headers: HeaderMap,
 }
 
@@ -78,9 +77,12 @@ impl Tricky {
 
     async fn serve(self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
         let (parts, body) = req.into_parts();
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         self.seen.lock().unwrap().push(Got2 {
-            uri: parts.uri.to_string(),
             headers: parts.headers.clone(),
         });
         let q = parts.uri.query().unwrap_or("").to_owned();
@@ -117,11 +119,19 @@ impl Tricky {
                 (200, "application/json", doc.to_string())
             }
         } else if path.ends_with("/cancel") {
-            let state = if param("refuse") == "1" { "running" } else { "cancelled" };
+            let state = if param("refuse") == "1" {
+                "running"
+            } else {
+                "cancelled"
+            };
             let doc = serde_json::json!({"cancelled": state == "cancelled", "state": state});
             (200, "application/json", doc.to_string())
         } else if path == "/bill" {
-            (200, "application/json", format!("{{\"credits_used\":{}}}", param("used")))
+            (
+                200,
+                "application/json",
+                format!("{{\"credits_used\":{}}}", param("used")),
+            )
         } else {
             (200, "application/json", "{\"ok\":true}".into())
         };
@@ -305,8 +315,17 @@ async fn compressed_answers_count_and_end_jobs_as_uncompressed_ones() {
         let (status, _, _) = go(&p, "POST", &format!("/bill?used=200&enc={enc}"), &key, "").await;
         assert_eq!(status, 200);
         let u = usage(&p, &key).await;
-        let credits = u["counters"].as_array().unwrap().iter().find(|l| l["name"] == "credits").cloned().unwrap();
-        assert_eq!(credits["balance"], 800, "{enc}: settled at 200, not the estimate of 10");
+        let credits = u["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "credits")
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            credits["balance"], 800,
+            "{enc}: settled at 200, not the estimate of 10"
+        );
     }
 }
 
@@ -330,10 +349,16 @@ async fn every_unreadable_answer_holds_the_slot() {
         if what == "timed out" {
             assert_eq!((first, second), (504, 504), "{what}");
         } else {
-            assert!(matches!(first, 200 | 206) && first == second, "{what}: {first} {second}");
+            assert!(
+                matches!(first, 200 | 206) && first == second,
+                "{what}: {first} {second}"
+            );
         }
         let (third, _, _) = go(&p, "POST", "/gen", &key, "").await;
-        assert_eq!(third, 429, "{what}: two unreadable submissions hold both slots");
+        assert_eq!(
+            third, 429,
+            "{what}: two unreadable submissions hold both slots"
+        );
         let jobs = jobs_of(&usage(&p, &key).await);
         assert_eq!(jobs.len(), 2, "{what}");
         assert!(jobs.iter().all(|j| j["id"].is_null()), "{what}: {jobs:?}");
@@ -344,7 +369,11 @@ async fn every_unreadable_answer_holds_the_slot() {
             None,
         )
         .await;
-        assert_eq!((del.status, del.json()["ended_unreadable"].as_u64()), (200, Some(2)), "{what}");
+        assert_eq!(
+            (del.status, del.json()["ended_unreadable"].as_u64()),
+            (200, Some(2)),
+            "{what}"
+        );
         assert_eq!(go(&p, "POST", "/gen", &key, "").await.0, 200, "{what}");
     }
     let m = metric(&p, "turnstile_jobs_unreadable_total").await;
@@ -356,13 +385,20 @@ async fn echoed_prompts_do_not_make_an_answer_unreadable_and_no_id_starts_nothin
     let t = Tricky::start().await;
     let p = Proxy::start_url(CONFIG, &t.url(), &[]).await;
     let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
-    for prompt in [r#"{"prompt":"\ud800"}"#.to_owned(), format!("{{\"prompt\":{deep}}}")] {
+    for prompt in [
+        r#"{"prompt":"\ud800"}"#.to_owned(),
+        format!("{{\"prompt\":{deep}}}"),
+    ] {
         let key = format!("e-{}", prompt.len());
         for _ in 0..2 {
             assert_eq!(go(&p, "POST", "/gen", &key, &prompt).await.0, 200);
         }
         let jobs = jobs_of(&usage(&p, &key).await);
-        assert!(jobs.iter().all(|j| j["id"].as_str().is_some_and(|i| i.starts_with("job-"))), "{jobs:?}");
+        assert!(
+            jobs.iter()
+                .all(|j| j["id"].as_str().is_some_and(|i| i.starts_with("job-"))),
+            "{jobs:?}"
+        );
         assert_eq!(go(&p, "POST", "/gen", &key, &prompt).await.0, 429);
     }
     // Readable, and no id: no job, the slot goes back.
@@ -392,16 +428,36 @@ async fn partial_and_refused_answers_end_nothing() {
     assert_eq!(r.status, 200);
     assert!(t.last().headers.get("range").is_none() && t.last().headers.get("if-range").is_none());
     // ...and a 206 "completed" (a slice of another document) ends nothing.
-    assert_eq!(go(&p, "GET", "/gen/status?id=job-1&mode=partial", "r", "").await.0, 206);
+    assert_eq!(
+        go(&p, "GET", "/gen/status?id=job-1&mode=partial", "r", "")
+            .await
+            .0,
+        206
+    );
     // A cancel the upstream declines ends nothing either.
-    assert_eq!(go(&p, "POST", "/gen/job-2/cancel?refuse=1", "r", "").await.0, 200);
+    assert_eq!(
+        go(&p, "POST", "/gen/job-2/cancel?refuse=1", "r", "")
+            .await
+            .0,
+        200
+    );
     assert_eq!(jobs_of(&usage(&p, "r").await).len(), 2);
     // A job id twice: refused before the upstream, nothing ended.
     let before = t.count();
-    let (status, _, body) = go(&p, "GET", "/gen/status?id=job-1&id=job-2&state=completed", "r", "").await;
+    let (status, _, body) = go(
+        &p,
+        "GET",
+        "/gen/status?id=job-1&id=job-2&state=completed",
+        "r",
+        "",
+    )
+    .await;
     assert_eq!(status, 400, "{body:?}");
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body["message"], "ambiguous value: query parameter \"id\" appears 2 times");
+    assert_eq!(
+        body["message"],
+        "ambiguous value: query parameter \"id\" appears 2 times"
+    );
     assert_eq!(t.count(), before);
     assert_eq!(jobs_of(&usage(&p, "r").await).len(), 2);
     assert_eq!(go(&p, "POST", "/gen/job-2/cancel", "r", "").await.0, 200);
@@ -484,26 +540,162 @@ async fn a_request_read_two_ways_is_refused_never_priced_cheap() {
     let json = Some("application/json");
     let table = [
         // The body is a form: the upstream reads model=veo-3; turnstile does not guess.
-        Spelling { path: "/j", content_type: form, headers: &[], body: "model=veo-3", status: 415, cost: 0, message: "Content-Type: application/json" },
-        Spelling { path: "/j", content_type: None, headers: &[], body: "{\"model\":\"veo-3\"}", status: 415, cost: 0, message: "application/json" },
-        Spelling { path: "/j", content_type: Some("text/plain"), headers: &[], body: "{\"model\":\"veo-3\"}", status: 415, cost: 0, message: "text/plain" },
-        Spelling { path: "/j", content_type: Some("application/vnd.api+json; charset=utf-8"), headers: &[], body: "{\"model\":\"veo-3\"}", status: 200, cost: 800, message: "" },
-        Spelling { path: "/j", content_type: json, headers: &[], body: "{\"model\":\"veo-3\"}", status: 200, cost: 800, message: "" },
+        Spelling {
+            path: "/j",
+            content_type: form,
+            headers: &[],
+            body: "model=veo-3",
+            status: 415,
+            cost: 0,
+            message: "Content-Type: application/json",
+        },
+        Spelling {
+            path: "/j",
+            content_type: None,
+            headers: &[],
+            body: "{\"model\":\"veo-3\"}",
+            status: 415,
+            cost: 0,
+            message: "application/json",
+        },
+        Spelling {
+            path: "/j",
+            content_type: Some("text/plain"),
+            headers: &[],
+            body: "{\"model\":\"veo-3\"}",
+            status: 415,
+            cost: 0,
+            message: "text/plain",
+        },
+        Spelling {
+            path: "/j",
+            content_type: Some("application/vnd.api+json; charset=utf-8"),
+            headers: &[],
+            body: "{\"model\":\"veo-3\"}",
+            status: 200,
+            cost: 800,
+            message: "",
+        },
+        Spelling {
+            path: "/j",
+            content_type: json,
+            headers: &[],
+            body: "{\"model\":\"veo-3\"}",
+            status: 200,
+            cost: 800,
+            message: "",
+        },
         // No body: no json: values, so the default price applies.
-        Spelling { path: "/j", content_type: None, headers: &[], body: "", status: 200, cost: 5, message: "" },
-        Spelling { path: "/j", content_type: json, headers: &[], body: "{\"model\":\"flux\",\"model\":\"veo-3\"}", status: 400, cost: 0, message: "duplicate object key" },
+        Spelling {
+            path: "/j",
+            content_type: None,
+            headers: &[],
+            body: "",
+            status: 200,
+            cost: 5,
+            message: "",
+        },
+        Spelling {
+            path: "/j",
+            content_type: json,
+            headers: &[],
+            body: "{\"model\":\"flux\",\"model\":\"veo-3\"}",
+            status: 400,
+            cost: 0,
+            message: "duplicate object key",
+        },
         // Repeated query parameters: frameworks take the first or the last.
-        Spelling { path: "/q?model=flux&model=veo-3", content_type: None, headers: &[], body: "", status: 400, cost: 0, message: "query parameter \"model\" appears 2 times" },
-        Spelling { path: "/q?model=veo-3&mod%65l=flux", content_type: None, headers: &[], body: "", status: 400, cost: 0, message: "appears 2 times" },
-        Spelling { path: "/q?model=veo-3", content_type: None, headers: &[], body: "", status: 200, cost: 800, message: "" },
-        Spelling { path: "/q?model=", content_type: None, headers: &[], body: "", status: 200, cost: 2, message: "" },
-        Spelling { path: "/pq?model=", content_type: None, headers: &[], body: "", status: 400, cost: 0, message: "no price for \"\"" },
-        Spelling { path: "/pq?model=veo-3&model=veo-3", content_type: None, headers: &[], body: "", status: 400, cost: 0, message: "appears 2 times" },
+        Spelling {
+            path: "/q?model=flux&model=veo-3",
+            content_type: None,
+            headers: &[],
+            body: "",
+            status: 400,
+            cost: 0,
+            message: "query parameter \"model\" appears 2 times",
+        },
+        Spelling {
+            path: "/q?model=veo-3&mod%65l=flux",
+            content_type: None,
+            headers: &[],
+            body: "",
+            status: 400,
+            cost: 0,
+            message: "appears 2 times",
+        },
+        Spelling {
+            path: "/q?model=veo-3",
+            content_type: None,
+            headers: &[],
+            body: "",
+            status: 200,
+            cost: 800,
+            message: "",
+        },
+        Spelling {
+            path: "/q?model=",
+            content_type: None,
+            headers: &[],
+            body: "",
+            status: 200,
+            cost: 2,
+            message: "",
+        },
+        Spelling {
+            path: "/pq?model=",
+            content_type: None,
+            headers: &[],
+            body: "",
+            status: 400,
+            cost: 0,
+            message: "no price for \"\"",
+        },
+        Spelling {
+            path: "/pq?model=veo-3&model=veo-3",
+            content_type: None,
+            headers: &[],
+            body: "",
+            status: 400,
+            cost: 0,
+            message: "appears 2 times",
+        },
         // Repeated headers, or one header with a list.
-        Spelling { path: "/h", content_type: None, headers: &[("x-model", "flux"), ("x-model", "veo-3")], body: "", status: 400, cost: 0, message: "header \"x-model\" appears 2 times" },
-        Spelling { path: "/h", content_type: None, headers: &[("x-model", "veo-3, flux")], body: "", status: 400, cost: 0, message: "comma-separated" },
-        Spelling { path: "/h", content_type: None, headers: &[("x-model", " veo-3 ")], body: "", status: 200, cost: 800, message: "" },
-        Spelling { path: "/h", content_type: None, headers: &[("x-model", "")], body: "", status: 200, cost: 2, message: "" },
+        Spelling {
+            path: "/h",
+            content_type: None,
+            headers: &[("x-model", "flux"), ("x-model", "veo-3")],
+            body: "",
+            status: 400,
+            cost: 0,
+            message: "header \"x-model\" appears 2 times",
+        },
+        Spelling {
+            path: "/h",
+            content_type: None,
+            headers: &[("x-model", "veo-3, flux")],
+            body: "",
+            status: 400,
+            cost: 0,
+            message: "comma-separated",
+        },
+        Spelling {
+            path: "/h",
+            content_type: None,
+            headers: &[("x-model", " veo-3 ")],
+            body: "",
+            status: 200,
+            cost: 800,
+            message: "",
+        },
+        Spelling {
+            path: "/h",
+            content_type: None,
+            headers: &[("x-model", "")],
+            body: "",
+            status: 200,
+            cost: 2,
+            message: "",
+        },
     ];
     let mut balance = 100_000i64;
     for (i, s) in table.iter().enumerate() {
@@ -515,9 +707,17 @@ async fn a_request_read_two_ways_is_refused_never_priced_cheap() {
         for (name, value) in s.headers {
             b = b.header(*name, *value);
         }
-        let r = send(b.body(Full::new(Bytes::from_static(s.body.as_bytes()))).unwrap()).await;
+        let r = send(
+            b.body(Full::new(Bytes::from_static(s.body.as_bytes())))
+                .unwrap(),
+        )
+        .await;
         assert_eq!(r.status, s.status, "#{i} {}: {}", s.path, r.body);
-        let said = if s.status == 200 { String::new() } else { r.json()["message"].as_str().unwrap().to_owned() };
+        let said = if s.status == 200 {
+            String::new()
+        } else {
+            r.json()["message"].as_str().unwrap().to_owned()
+        };
         assert!(said.contains(s.message), "#{i}: {}", r.body);
         if s.status == 200 {
             assert_eq!(up.hits(), before + 1, "#{i}");
@@ -527,11 +727,272 @@ async fn a_request_read_two_ways_is_refused_never_priced_cheap() {
             if s.status == 415 {
                 assert_eq!(r.json()["error"], "unsupported_media_type");
             } else {
-                assert!(matches!(r.json()["error"].as_str(), Some("bad_request" | "invalid_arguments")));
+                assert!(matches!(
+                    r.json()["error"].as_str(),
+                    Some("bad_request" | "invalid_arguments")
+                ));
             }
         }
         balance -= s.cost;
         let u = usage(&p, "spell").await;
         assert_eq!(u["counters"][0]["balance"], balance, "#{i} {}", s.path);
     }
+}
+
+const PLANS: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[identity]
+keys_file = "keys.toml"
+
+[[routes]]
+name = "gen"
+method = "POST"
+path = "/gen"
+job = { id = "json:/id" }
+
+[[routes]]
+name = "status"
+method = "GET"
+path = "/gen/status"
+job_status = { id = "query:id", state = "json:/status", done = ["completed"] }
+
+[[routes]]
+name = "bill"
+method = "POST"
+path = "/bill"
+cost = 600
+
+[plans.free]
+[[plans.free.limits]]
+name = "jobs"
+kind = "jobs"
+max = 2
+routes = ["gen"]
+
+[[plans.free.limits]]
+name = "credits"
+kind = "credits"
+grant = 1000
+per = "account"
+routes = ["bill"]
+
+[plans.pro]
+[[plans.pro.limits]]
+name = "jobs"
+kind = "jobs"
+max = 3
+routes = ["gen"]
+
+[[plans.pro.limits]]
+name = "credits"
+kind = "credits"
+grant = 1000
+per = "account"
+routes = ["bill"]
+"#;
+
+fn keys(plan_of_k: &str) -> String {
+    format!(
+        "[[keys]]\nkey = \"k\"\nplan = \"{plan_of_k}\"\n\n\
+         [[keys]]\nkey = \"a\"\naccount = \"acme\"\nplan = \"free\"\n\n\
+         [[keys]]\nkey = \"b\"\naccount = \"acme\"\nplan = \"pro\"\n"
+    )
+}
+
+async fn post(p: &Proxy, path: &str, key: &str) -> Got {
+    call("POST", &p.url(path), Some(key)).await
+}
+
+#[tokio::test]
+async fn counters_belong_to_the_subject_whatever_its_plan() {
+    let up = Upstream::start().await;
+    let p = Proxy::start_with(PLANS, &up, &[("keys.toml", &keys("free"))]).await;
+    assert_eq!(post(&p, "/gen", "k").await.status, 200);
+    assert_eq!(post(&p, "/gen", "k").await.status, 200);
+    assert_eq!(post(&p, "/gen", "k").await.status, 429);
+    // Moved to pro (max 3): its two jobs go with it, one more fits.
+    std::fs::write(p.dir.path().join("keys.toml"), keys("pro")).unwrap();
+    p.app.reload().unwrap();
+    assert_eq!(post(&p, "/gen", "k").await.status, 200);
+    assert_eq!(
+        post(&p, "/gen", "k").await.status,
+        429,
+        "2 + 1 of 3, not 2 more"
+    );
+    // A job started on free is ended by a poll on pro.
+    let r = call(
+        "GET",
+        &p.url("/gen/status?id=job-1&state=completed"),
+        Some("k"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(post(&p, "/gen", "k").await.status, 200);
+    // Keys of one account on two plans share its balance: 600 + 600 > 1000.
+    assert_eq!(call("POST", &p.url("/bill"), Some("a")).await.status, 200);
+    let second = call("POST", &p.url("/bill"), Some("b")).await;
+    assert_eq!(second.status, 402, "{}", second.body);
+}
+
+const FULL: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[identity]
+unknown_key = "default"
+default_plan = "free"
+
+[store]
+max_counters = 4
+
+[[routes]]
+name = "gen"
+method = "POST"
+path = "/gen"
+job = { id = "json:/id" }
+
+[[routes]]
+name = "status"
+method = "GET"
+path = "/gen/status"
+job_status = { id = "query:id", state = "json:/status", done = ["completed"] }
+
+[plans.free]
+[[plans.free.limits]]
+name = "jobs"
+kind = "jobs"
+max = 1
+routes = ["gen"]
+"#;
+
+#[tokio::test]
+async fn counter_memory_full_of_jobs_refuses_new_subjects_and_gives_nothing_away() {
+    let up = Upstream::start().await;
+    let p = Proxy::start(FULL, &up).await;
+    for k in ["k1", "k2", "k3", "k4"] {
+        assert_eq!(call("POST", &p.url("/gen"), Some(k)).await.status, 200);
+    }
+    // Every counter holds a job: none is evicted (that would free its slot).
+    let r = call("POST", &p.url("/gen"), Some("k5")).await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (503, Some("overloaded")),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        call("POST", &p.url("/gen"), Some("k1")).await.status,
+        429,
+        "k1's job is kept"
+    );
+    assert_eq!(up.hits(), 4);
+    // Once a job ends, its counter can go and a new subject fits.
+    let r = call(
+        "GET",
+        &p.url("/gen/status?id=job-1&state=completed"),
+        Some("k1"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(call("POST", &p.url("/gen"), Some("k5")).await.status, 200);
+}
+
+/// An upstream that frames its answer with chunked encoding and also
+/// sends a (wrong) Content-Length.
+async fn both_framings() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let Ok(n) = s.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n9\r\n\"whole\"}\n\r\n0\r\n\r\n";
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn an_answer_with_both_framings_reaches_the_client_whole() {
+    let url = both_framings().await;
+    let p = Proxy::start_url(CONFIG, &url, &[]).await;
+    let c = client();
+    for _ in 0..3 {
+        let r = c
+            .request(
+                req("GET", &p.url("/other"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            &body[..],
+            b"{\"a\":\"whole\"}\n",
+            "never cut at the Content-Length"
+        );
+    }
+}
+
+const IDLE: &str = r#"
+[server]
+header_timeout = "1s"
+idle_timeout = "30s"
+
+[upstream]
+url = "{upstream}"
+"#;
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_lives_past_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let p = Proxy::start(IDLE, &up).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut buf = vec![0u8; 4096];
+    s.write_all(get).await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    s.write_all(get).await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // A head that began must still be complete within header_timeout.
+    s.write_all(b"GET /a HTTP/1.1\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("a slow head is cut")
+        .unwrap_or(0);
+    assert!(n == 0 || buf[..n].starts_with(b"HTTP/1.1 408"));
+    assert!(started.elapsed() < Duration::from_secs(3));
 }

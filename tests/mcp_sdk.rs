@@ -262,7 +262,12 @@ async fn request_ids_compare_by_value_with_the_sdk_server() {
     .await;
     assert_eq!(init.status, 200, "{}", init.body);
     let session = init.h("mcp-session-id").to_owned();
-    let note = rpc(&p, Some(&session), r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).await;
+    let note = rpc(
+        &p,
+        Some(&session),
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+    )
+    .await;
     assert_eq!(note.status, 202, "{}", note.body);
     let tool = |id: &str| {
         format!(
@@ -283,7 +288,9 @@ async fn request_ids_compare_by_value_with_the_sdk_server() {
     assert!(r.body.contains("music-"), "{}", r.body);
     let sixth = rpc(&p, Some(&session), &tool("-0")).await;
     assert!(
-        sixth.body.contains("Too many generations in progress (at most 5)"),
+        sixth
+            .body
+            .contains("Too many generations in progress (at most 5)"),
         "{}",
         sixth.body
     );
@@ -298,7 +305,11 @@ async fn request_ids_compare_by_value_with_the_sdk_server() {
     for id in [r#"{"a":1}"#, "[1]", "1.5", "true"] {
         let r = rpc(&p, Some(&session), &tool(id)).await;
         assert_eq!(r.status, 400, "{id}: {}", r.body);
-        assert!(r.body.contains("must be a string, an integer or null"), "{}", r.body);
+        assert!(
+            r.body.contains("must be a string, an integer or null"),
+            "{}",
+            r.body
+        );
     }
     drop(server);
 }

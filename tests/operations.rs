@@ -486,3 +486,33 @@ async fn the_access_log_has_one_line_per_exchange() {
     let m = call("GET", &b.admin("/metrics"), None).await.body;
     assert!(m.contains("turnstile_access_log_dropped_total 0"), "{m}");
 }
+
+#[tokio::test]
+async fn a_graceful_stop_writes_every_access_line() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = start(&dir, &up, ACCESS).await;
+    // Exchanges still in flight when the stop begins end during the drain,
+    // right before the process exits.
+    let pending: Vec<_> = (0..20)
+        .map(|i| {
+            let url = b.url(&format!("/last-{i}?hold"));
+            tokio::spawn(async move { call("GET", &url, None).await.status })
+        })
+        .collect();
+    eventually("all 20 reached the upstream", || up.hits() == 20).await;
+    b.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    up.release(20);
+    for p in pending {
+        assert_eq!(p.await.unwrap(), 200);
+    }
+    assert!(b.wait().await.success());
+    let logs = b.logs();
+    for i in 0..20 {
+        assert!(
+            logs.contains(&format!("\"path\":\"/last-{i}\"")),
+            "line {i} missing:\n{logs}"
+        );
+    }
+}

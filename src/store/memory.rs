@@ -274,7 +274,11 @@ impl Inner {
     /// the ones whose windows end soonest. Subjects holding concurrency slots
     /// or waiters are kept. Must not be called with a subject locked.
     fn enforce_cap(&self) {
-        let max = self.max_counters.load(Ordering::Relaxed);
+        self.evict_over(self.max_counters.load(Ordering::Relaxed));
+    }
+
+    /// Past `max` live counters, evicts as [`Inner::enforce_cap`] says.
+    fn evict_over(&self, max: usize) {
         if self.live.load(Ordering::Relaxed) <= max || self.evicting.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -326,14 +330,14 @@ impl Inner {
     /// evicted: dropping one would hand its slot or its credits out again.)
     fn room_for(&self, checks: &[LimitCheck<'_>]) -> bool {
         let max = self.max_counters.load(Ordering::Relaxed);
-        if self.live.load(Ordering::Relaxed) <= max {
+        if self.live.load(Ordering::Relaxed) < max {
             return true;
         }
         if checks.iter().all(|c| self.map.contains_key(&c.subject)) {
             return true;
         }
-        self.enforce_cap();
-        self.live.load(Ordering::Relaxed) <= max
+        self.evict_over(max.saturating_sub(1));
+        self.live.load(Ordering::Relaxed) < max
     }
 
     /// One decision under lock. `reserved`: a check whose slot was handed to
