@@ -1,5 +1,5 @@
-//! Fail closed (docs/security.md, "What turnstile reads"): an answer
-//! turnstile cannot read is assumed to have started the work, and a request
+//! Fail closed (docs/security.md, "Values read, and answers turnstile cannot
+//! read"): an answer turnstile cannot read is assumed to have started the work, and a request
 //! value it could read otherwise than the upstream is refused. Probed
 //! against an upstream that compresses whatever it is told to, echoes
 //! prompts, serves partial answers and says "not cancelled".
