@@ -996,3 +996,71 @@ async fn an_idle_keep_alive_connection_lives_past_header_timeout() {
     assert!(n == 0 || buf[..n].starts_with(b"HTTP/1.1 408"));
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+const H2: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[identity]
+unknown_key = "default"
+default_plan = "free"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[routes]]
+name = "upload"
+method = "POST"
+path = "/upload"
+cost = 10
+
+[plans.free]
+[[plans.free.limits]]
+name = "credits"
+kind = "credits"
+grant = 100
+"#;
+
+#[tokio::test]
+async fn an_http2_stream_reset_mid_body_is_refunded_like_http1() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let up = Upstream::start().await;
+    let p = Proxy::start(H2, &up).await;
+    let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+    let request = req("POST", &p.url("/upload"))
+        .header("authorization", "Bearer h2")
+        .body(body)
+        .unwrap();
+    let pending = tokio::spawn(async move { h2.request(request).await });
+    tx.send(Ok(Frame::data(Bytes::from_static(b"part of it"))))
+        .await
+        .unwrap();
+    eventually("the request was admitted", || {
+        p.app
+            .metrics()
+            .render(Default::default())
+            .contains("turnstile_in_flight_exchanges 1")
+    })
+    .await;
+    // The client gives up mid-body: its stream is reset.
+    tx.send(Err(std::io::Error::other("client gave up")))
+        .await
+        .unwrap();
+    drop(tx);
+    let _ = pending.await;
+    let mut balance = serde_json::Value::Null;
+    for _ in 0..200 {
+        balance = usage(&p, "h2").await["counters"][0]["balance"].clone();
+        if balance == 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(balance, 100, "the 10 credits came back");
+    assert!(up.seen().is_empty(), "nothing reached the upstream whole");
+}
