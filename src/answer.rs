@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::body::Body;
 use crate::clock::Nanos;
-use crate::decode::Coding;
+use crate::decode::{Coding, Decoder};
 use crate::jobs::Watch;
 use crate::metrics::Metrics;
 use crate::store::{CounterStore, OwnedCheck};
@@ -57,6 +57,36 @@ impl Settle {
     }
 }
 
+/// How to read a 2xx answer's body, or (when the body need not or cannot
+/// be read) the document to act on at once: nothing to read in the body
+/// (`nothing_wanted`), a partial answer, a content type or coding
+/// turnstile does not read.
+fn how_to_read(
+    response: &Response<Body>,
+    nothing_wanted: bool,
+    max: u64,
+) -> Result<(Framing, Option<Decoder>), Doc> {
+    if response.status() == StatusCode::PARTIAL_CONTENT {
+        return Err(Doc::Unreadable("a partial answer (206)"));
+    }
+    if nothing_wanted {
+        return Err(Doc::Nothing);
+    }
+    let headers = response.headers();
+    let Some(framing) = Framing::of(headers) else {
+        return Err(Doc::Unreadable(
+            "its content type is not JSON or an event stream",
+        ));
+    };
+    match Coding::of(headers, usize::try_from(max).unwrap_or(usize::MAX)) {
+        Coding::Identity => Ok((framing, None)),
+        Coding::Known(d) => Ok((framing, Some(d))),
+        Coding::Unknown => Err(Doc::Unreadable(
+            "a content coding turnstile does not decode",
+        )),
+    }
+}
+
 /// Everything the answer's handling needs, owned: it may outlive the
 /// request (a client gone before the answer).
 pub struct Watcher {
@@ -92,32 +122,11 @@ impl Watcher {
             return response;
         }
         let wanted = self.pointers();
-        if status == StatusCode::PARTIAL_CONTENT {
-            let headers = response.headers().clone();
-            self.act(&headers, Doc::Unreadable("a partial answer (206)"))
-                .await;
-            return response;
-        }
-        if wanted.is_empty() {
-            let headers = response.headers().clone();
-            self.act(&headers, Doc::Nothing).await;
-            return response;
-        }
-        let max = usize::try_from(self.max).unwrap_or(usize::MAX);
-        let unreadable = match (
-            Framing::of(response.headers()),
-            Coding::of(response.headers(), max),
-        ) {
-            (None, _) => Err("its content type is not JSON or an event stream"),
-            (_, Coding::Unknown) => Err("a content coding turnstile does not decode"),
-            (Some(framing), Coding::Identity) => Ok((framing, None)),
-            (Some(framing), Coding::Known(d)) => Ok((framing, Some(d))),
-        };
-        let (framing, decoder) = match unreadable {
+        let (framing, decoder) = match how_to_read(&response, wanted.is_empty(), self.max) {
             Ok(found) => found,
-            Err(why) => {
+            Err(doc) => {
                 let headers = response.headers().clone();
-                self.act(&headers, Doc::Unreadable(why)).await;
+                self.act(&headers, doc).await;
                 return response;
             }
         };

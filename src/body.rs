@@ -89,6 +89,12 @@ pub fn media_type(content_type: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Whether a media type (as [`media_type`] gives it) is JSON:
+/// `application/json` or `application/*+json`.
+pub fn is_json(media: &str) -> bool {
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
+}
+
 /// The most specific entry of `(pattern, value)` pairs for a media type:
 /// `image/png` over `image/*` over `*/*`.
 pub fn most_specific<'a, T: Copy>(

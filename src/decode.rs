@@ -18,7 +18,7 @@ pub enum DecodeError {
 }
 
 /// The coding of an answer as its headers declare it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Coding {
     /// None, or `identity`.
     Identity,
@@ -76,14 +76,6 @@ impl std::fmt::Debug for Decoder {
         })
     }
 }
-
-impl PartialEq for Decoder {
-    fn eq(&self, other: &Self) -> bool {
-        std::mem::discriminant(self) == std::mem::discriminant(other)
-    }
-}
-
-impl Eq for Decoder {}
 
 impl Coding {
     /// The coding `headers` declare; decoded output bounded by `max` bytes.

@@ -200,17 +200,13 @@ pub fn declared_json(headers: &HeaderMap) -> Result<(), Option<String>> {
     let (Some(value), None) = (first, all.next()) else {
         return Err(sent());
     };
-    let media = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split(';').next())
-        .map(|m| m.trim().to_ascii_lowercase());
-    match media {
-        Some(m) if m == "application/json" => Ok(()),
-        Some(m) if m.starts_with("application/") && m.ends_with("+json") && !m.contains(' ') => {
-            Ok(())
-        }
-        _ => Err(sent()),
+    let json = value.to_str().is_ok_and(|v| {
+        crate::body::is_media_type(v) && crate::body::is_json(&crate::body::media_type(v))
+    });
+    if json {
+        Ok(())
+    } else {
+        Err(sent())
     }
 }
 

@@ -65,12 +65,17 @@ pub fn unreadable_id() -> String {
 }
 
 impl JobRole {
+    /// Where the request names its job (status polls and cancels).
+    pub fn request_id(&self) -> Option<&ValueSource> {
+        match self {
+            JobRole::Status { id, .. } | JobRole::Cancel { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
     /// Whether reading the request's id needs its JSON body.
     pub fn needs_request_json(&self) -> bool {
-        match self {
-            JobRole::Status { id, .. } | JobRole::Cancel { id, .. } => id.needs_json(),
-            _ => false,
-        }
+        self.request_id().is_some_and(ValueSource::needs_json)
     }
 }
 
@@ -85,8 +90,6 @@ pub enum Ended {
     Expired,
     /// The admin API.
     Admin,
-    /// The upstream said so (`POST /v1/jobs/end`).
-    Upstream,
 }
 
 impl Ended {
@@ -97,7 +100,6 @@ impl Ended {
             Ended::Cancelled => "cancelled",
             Ended::Expired => "expired",
             Ended::Admin => "admin",
-            Ended::Upstream => "upstream",
         }
     }
 }
@@ -156,16 +158,6 @@ pub fn watch(
             end(Some((state.clone(), done.clone())), Ended::Done)
         }
         JobRole::Cancel { check, .. } => end(check.clone(), Ended::Cancelled),
-    }
-}
-
-impl JobRole {
-    /// Where the request names its job (status polls and cancels).
-    pub fn request_id(&self) -> Option<&ValueSource> {
-        match self {
-            JobRole::Status { id, .. } | JobRole::Cancel { id, .. } => Some(id),
-            _ => None,
-        }
     }
 }
 

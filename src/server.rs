@@ -191,11 +191,16 @@ impl Server {
         for task in background.into_iter().chain(admin_task) {
             task.abort();
         }
-        write_snapshot(&app).await;
-        // Every exchange served has ended: its access line is written before exit.
-        app.flush_access_log();
+        wind_down(&app).await;
         Ok(())
     }
+}
+
+/// After the drain: the snapshot written, and the access line of every
+/// exchange served (all have ended) written before the process exits.
+async fn wind_down(app: &Arc<Turnstile>) {
+    write_snapshot(app).await;
+    app.flush_access_log();
 }
 
 /// Serves one client connection (plain or TLS) with the proxy's settings

@@ -61,7 +61,7 @@ impl Reader<'_> {
         }
     }
 
-    fn expect(&mut self, byte: u8) -> Result<(), Malformed> {
+    fn consume(&mut self, byte: u8) -> Result<(), Malformed> {
         self.ws();
         if self.peek() != Some(byte) {
             return Err(NOT_JSON);
@@ -105,7 +105,7 @@ impl Reader<'_> {
         loop {
             self.ws();
             let key = self.string()?;
-            self.expect(b':')?;
+            self.consume(b':')?;
             if key.as_deref() == Some(token) {
                 if matched {
                     return Err(Malformed("the same key twice on the pointer's path"));
@@ -263,7 +263,7 @@ impl Reader<'_> {
                     } else {
                         open.push(true);
                         self.skip_string()?;
-                        self.expect(b':')?;
+                        self.consume(b':')?;
                         continue;
                     }
                 }
@@ -295,7 +295,7 @@ impl Reader<'_> {
                         if object {
                             self.ws();
                             self.skip_string()?;
-                            self.expect(b':')?;
+                            self.consume(b':')?;
                         }
                         break;
                     }

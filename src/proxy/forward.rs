@@ -174,6 +174,9 @@ fn upstream_request(
     let uri = upstream_uri(&policy.upstream, &parts.uri)?;
     let mut headers = parts.headers;
     upstream_headers(policy, &mut headers, &parts.uri, cx.peer, cx.who.as_ref());
+    if cx.route.is_some_and(|r| r.reads_answer) {
+        ask_for_whole_answer(&mut headers);
+    }
     let body = LimitedBody::new(
         body,
         limits,
@@ -188,6 +191,18 @@ fn upstream_request(
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Ok(request)
+}
+
+/// On a route whose answer is read: a partial or compressed answer is
+/// never what is read, so the upstream is asked for the whole answer,
+/// uncompressed (one compressed all the same is still decoded).
+fn ask_for_whole_answer(headers: &mut HeaderMap) {
+    headers.remove(header::RANGE);
+    headers.remove(header::IF_RANGE);
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
 }
 
 /// The upstream's answer as the client gets it: hop-by-hop headers removed,

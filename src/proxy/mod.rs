@@ -506,16 +506,6 @@ impl Turnstile {
         admission?;
         cx.cost = admission::price(route, &parts, &body)?;
         let job_id = admission::job_id(route, &parts, &body)?;
-        if route.reads_answer {
-            // A partial or compressed answer is never what is read: ask
-            // for the whole, uncompressed (a compressed one is still decoded).
-            parts.headers.remove(http::header::RANGE);
-            parts.headers.remove(http::header::IF_RANGE);
-            parts.headers.insert(
-                http::header::ACCEPT_ENCODING,
-                http::HeaderValue::from_static("identity"),
-            );
-        }
 
         // 5. Limits, decided together.
         let mut lease = self.decide(cx).await?;
