@@ -125,8 +125,7 @@ impl Watcher {
         let (framing, decoder) = match how_to_read(&response, wanted.is_empty(), self.max) {
             Ok(found) => found,
             Err(doc) => {
-                let headers = response.headers().clone();
-                self.act(&headers, doc).await;
+                self.act(response.headers().clone(), doc).await;
                 return response;
             }
         };
@@ -139,23 +138,19 @@ impl Watcher {
             decoder,
         };
         let headers = parts.headers.clone();
-        let reader: Reader = Box::new(move |doc: Doc| -> Option<Follow> {
-            Some(Box::pin(async move {
-                self.act(&headers, doc).await;
-            }))
-        });
+        let reader: Reader =
+            Box::new(move |doc: Doc| -> Option<Follow> { Some(self.act(headers, doc)) });
         Response::from_parts(parts, Tap::new(body, reading, reader).boxed())
     }
 
     /// No answer within the route's timeout: the upstream may be running
     /// the work, so a submission keeps its slot (nothing ends, the
     /// estimate stands).
-    pub async fn unanswered(self) {
+    pub fn unanswered(self) -> Follow {
         self.act(
-            &HeaderMap::new(),
+            HeaderMap::new(),
             Doc::Unreadable("no answer within the route's timeout"),
         )
-        .await;
     }
 
     /// The JSON pointers the answer is read at.
@@ -170,8 +165,15 @@ impl Watcher {
             .collect()
     }
 
-    /// Applies a 2xx answer with these headers and document.
-    async fn act(self, headers: &HeaderMap, doc: Doc) {
+    /// Applies a 2xx answer with these headers and document. Boxed: the
+    /// store's futures are large, and the exchange's future (copied on
+    /// every request, of every route) should not carry them inline.
+    fn act(self, headers: HeaderMap, doc: Doc) -> Follow {
+        Box::pin(self.act_now(headers, doc))
+    }
+
+    async fn act_now(self, headers: HeaderMap, doc: Doc) {
+        let headers = &headers;
         if let Some(watch) = self.watch {
             let unreadable = watch.act(&self.store, &self.metrics, headers, &doc).await;
             if let Some(why) = unreadable {
