@@ -38,16 +38,19 @@ pub const VIDEO_TAKES: Duration = Duration::from_secs(20);
 /// Videos remembered at most (a demo: the oldest finished ones are forgotten).
 const MAX_VIDEOS: usize = 10_000;
 
-/// The example API's state: ids handed out, and when each video started.
+/// The example API's state: ids handed out (images and videos counted
+/// apart, so the first video is `vid_1` whatever came before), and when
+/// each video started.
 #[derive(Default)]
 struct State {
     ids: AtomicU64,
+    video_ids: AtomicU64,
     videos: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 impl State {
     fn start_video(&self) -> String {
-        let id = format!("vid_{}", self.ids.fetch_add(1, Ordering::Relaxed) + 1);
+        let id = format!("vid_{}", self.video_ids.fetch_add(1, Ordering::Relaxed) + 1);
         let mut videos = self.videos.lock().unwrap_or_else(|p| p.into_inner());
         if videos.len() >= MAX_VIDEOS {
             videos.retain(|_, started| started.elapsed() < VIDEO_TAKES);
@@ -271,6 +274,11 @@ mod tests {
         };
         let get_req =
             |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        // Images before it (as in the quickstart) do not move the video ids.
+        for _ in 0..3 {
+            let out = get(addr, &post("/v1/images/generations")).await;
+            assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        }
         let out = get(addr, &post("/v1/videos")).await;
         assert!(
             out.contains("{\"id\":\"vid_1\",\"status\":\"queued\""),
