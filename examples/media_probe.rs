@@ -23,7 +23,7 @@ fn main() {
     let mut found = Err(String::new());
     for _ in 0..runs.max(1) {
         let started = Instant::now();
-        found = turnstile::media::duration_of(file.clone());
+        found = turnstile::content::media::duration_of(file.clone());
         times.push(started.elapsed());
     }
     times.sort();

@@ -140,7 +140,7 @@ enum KeysAction {
 }
 
 fn keys(admin: &str, action: KeysAction) -> ExitCode {
-    use turnstile::keys_cli::{hash_entry, run, KeysCall};
+    use turnstile::cli::keys::{hash_entry, run, KeysCall};
     let call = match action {
         KeysAction::Hash { key } => {
             let key = if key == "-" {
@@ -307,7 +307,7 @@ async fn example_api(listen: SocketAddr) -> std::io::Result<()> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
     tracing::info!(listen = %listener.local_addr()?, "example generation API listening");
     tokio::select! {
-        served = turnstile::example_api::serve(listener) => served,
+        served = turnstile::cli::example_api::serve(listener) => served,
         () = shutdown_signal() => Ok(()),
     }
 }
@@ -367,7 +367,7 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    turnstile::access_log::set_json(matches!(format, LogFormat::Json));
+    turnstile::observe::access_log::set_json(matches!(format, LogFormat::Json));
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),

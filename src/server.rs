@@ -20,13 +20,13 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::body::{Body, WithGuard};
 use crate::clock::Clock;
 use crate::config::{Backend, Policy};
-use crate::conn::{self, Activity, ConnLimits, Watched};
-use crate::header_case::CaseWriter;
-use crate::proxy::{Peer, Turnstile};
+use crate::pipeline::{Peer, Turnstile};
 use crate::store::{CounterStore, MemoryStore, RedisStore};
+use crate::wire::body::{Body, WithGuard};
+use crate::wire::conn::{self, Activity, ConnLimits, Watched};
+use crate::wire::header_case::CaseWriter;
 use http_body_util::BodyExt;
 
 /// How often idle counters are swept.
@@ -79,7 +79,7 @@ impl Server {
                 }
             }
         }
-        let keys = crate::keystore::RuntimeKeys::open(&policy.identity, &store)
+        let keys = crate::keys::runtime::RuntimeKeys::open(&policy.identity, &store)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         keys.load().await;
         let app = Arc::new(Turnstile::new(policy, store, keys));
@@ -226,7 +226,7 @@ fn connection_builder(policy: &crate::config::Policy) -> auto::Builder<TokioExec
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
-        .max_headers(crate::proxy::MAX_HEADERS)
+        .max_headers(crate::pipeline::MAX_HEADERS)
         .max_buf_size(64 * 1024);
     builder
         .http2()
@@ -358,7 +358,7 @@ async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>, stopping: watch
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
-        .max_headers(crate::proxy::MAX_HEADERS);
+        .max_headers(crate::pipeline::MAX_HEADERS);
     let builder = Arc::new(builder);
     let mut accept_errors = AcceptErrors::default();
     loop {
@@ -419,10 +419,9 @@ impl tower::Service<Request<Incoming>> for ProxyService {
             return Box::pin(async move {
                 let exchange = tokio::spawn(async move { app.handle(req, &peer, busy).await.0 });
                 Ok(exchange.await.unwrap_or_else(|_| {
-                    let failed =
-                        crate::responses::Refusal::BadGateway("the exchange failed".into());
-                    let ctx = crate::responses::Context::default();
-                    crate::responses::refusal(&failed, &ctx, http::HeaderMap::new())
+                    let failed = crate::respond::Refusal::BadGateway("the exchange failed".into());
+                    let ctx = crate::respond::Context::default();
+                    crate::respond::refusal(&failed, &ctx, http::HeaderMap::new())
                 }))
             });
         }

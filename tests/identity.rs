@@ -46,7 +46,7 @@ revoked = true
 
 async fn setup() -> (Upstream, Proxy) {
     let up = Upstream::start().await;
-    let digest = hex::encode(turnstile::identity::digest("rfn_live_hashed"));
+    let digest = hex::encode(turnstile::keys::identity::digest("rfn_live_hashed"));
     let keys = KEYS.replace("SHA_OF_HASHED", &digest);
     let proxy = Proxy::start_with(CONFIG, &up, &[("keys.toml", &keys)]).await;
     (up, proxy)
@@ -154,7 +154,7 @@ async fn upstream_gets_account_and_plan_never_spoofed_copies() {
 
     // A key without an account is its own account, named by its fingerprint.
     call("POST", &p.url("/mcp"), Some("rfn_live_hashed")).await;
-    let fp = &hex::encode(turnstile::identity::digest("rfn_live_hashed"))[..8];
+    let fp = &hex::encode(turnstile::keys::identity::digest("rfn_live_hashed"))[..8];
     assert_eq!(up.last().headers["x-turnstile-account"], fp);
 }
 
@@ -186,7 +186,7 @@ window = "1m"
     assert_eq!(up.last().headers["x-plan"], "free");
     assert_eq!(
         up.last().headers["x-account"],
-        &hex::encode(turnstile::identity::digest("anything-1"))[..8]
+        &hex::encode(turnstile::keys::identity::digest("anything-1"))[..8]
     );
     assert_eq!(
         call("GET", &p.url("/gen"), Some("anything-1")).await.status,
@@ -273,8 +273,9 @@ async fn each_request_on_a_connection_is_identified_by_its_own_key() {
                 .to_owned()
         })
         .collect();
-    let hashed =
-        turnstile::identity::Fingerprint::of(&turnstile::identity::digest("rfn_live_hashed"))
-            .to_string();
+    let hashed = turnstile::keys::identity::Fingerprint::of(&turnstile::keys::identity::digest(
+        "rfn_live_hashed",
+    ))
+    .to_string();
     assert_eq!(accounts, ["acme", hashed.as_str(), "acme", "acme"]);
 }

@@ -282,7 +282,7 @@ async fn ended_jobs_are_counted_by_how_they_ended() {
     submit(&p, "", "k").await;
     poll(&p, "job-1", "failed", "k").await;
     call("POST", &p.url("/gen/job-2/cancel"), Some("k")).await;
-    let figures = turnstile::metrics::StoreFigures {
+    let figures = turnstile::observe::metrics::StoreFigures {
         jobs_in_progress: p.app.store().jobs_in_progress(),
         ..Default::default()
     };
@@ -546,7 +546,7 @@ async fn the_quickstart_counts_videos_in_progress() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut api = Upstream::start().await;
     api.addr = listener.local_addr().unwrap();
-    tokio::spawn(turnstile::example_api::serve(listener));
+    tokio::spawn(turnstile::cli::example_api::serve(listener));
     let p = Proxy::start_with(&config, &api, &[("keys.toml", &keys)]).await;
     let key = "demo-free-key";
     let video = |p: &Proxy| {

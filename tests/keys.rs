@@ -477,7 +477,7 @@ async fn the_cli_creates_lists_and_revokes() {
         line.trim(),
         format!(
             "sha256 = \"{}\"",
-            turnstile::identity::digest("sk-offline")
+            turnstile::keys::identity::digest("sk-offline")
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>()

@@ -274,7 +274,7 @@ async fn admin_usage_reset_metrics_and_token() {
     let r = admin_call(&b, "GET", "/v1/usage?key=key-a", Some("s3cret")).await;
     assert_eq!(r.status, 200);
     let u = r.json();
-    let fp = &hex::encode(turnstile::identity::digest("key-a"))[..8];
+    let fp = &hex::encode(turnstile::keys::identity::digest("key-a"))[..8];
     assert_eq!(
         (u["key"].as_str(), u["account"].as_str(), u["plan"].as_str()),
         (Some(fp), Some("acme"), Some("free"))
@@ -386,7 +386,9 @@ async fn admin_usage_reset_metrics_and_token() {
             .status,
         401
     );
-    let fp = turnstile::identity::Fingerprint::of(&turnstile::identity::digest("stolen-key-42"));
+    let fp = turnstile::keys::identity::Fingerprint::of(&turnstile::keys::identity::digest(
+        "stolen-key-42",
+    ));
     let line = b.log_line("unknown API key").await;
     assert!(
         line.contains(&format!("\"key_fp\":\"{}\"", fp.as_str()))
@@ -454,8 +456,10 @@ async fn the_access_log_has_one_line_per_exchange() {
     );
     assert_eq!(call("GET", &b.url("/elsewhere"), None).await.status, 200);
 
-    let fp =
-        |k: &str| turnstile::identity::Fingerprint::of(&turnstile::identity::digest(k)).to_string();
+    let fp = |k: &str| {
+        turnstile::keys::identity::Fingerprint::of(&turnstile::keys::identity::digest(k))
+            .to_string()
+    };
     let ok = access_line(&b, "\"path\":\"/gen\",\"route\":\"gen\",\"plan\":\"free\",\"key_fp\":\"f10f7812\",\"account\":\"acme\",\"status\":200").await;
     let f = &ok["fields"];
     assert_eq!(f["route"], "gen", "{ok}");

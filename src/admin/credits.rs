@@ -12,13 +12,13 @@ use super::{
     unknown_fingerprint,
 };
 use super::{Row, Target};
-use crate::body::Body;
 use crate::config::Policy;
-use crate::keystore::KeyCache;
+use crate::keys::runtime::KeyCache;
 use crate::limits::{Per, Rule};
-use crate::proxy::Turnstile;
+use crate::pipeline::usage::next_refill;
+use crate::pipeline::Turnstile;
 use crate::store::{BalanceChange, OwnedCheck};
-use crate::usage::next_refill;
+use crate::wire::body::Body;
 
 /// Largest body a `POST /v1/credits` may carry.
 const MAX_BODY: usize = 4096;

@@ -11,11 +11,11 @@ use http::{HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use super::json_response;
-use crate::body::{full, Body};
 use crate::clock::SECOND;
 use crate::config::Policy;
 use crate::limits::Rule;
-use crate::proxy::Turnstile;
+use crate::pipeline::Turnstile;
+use crate::wire::body::{full, Body};
 
 /// The page.
 const PAGE: &str = include_str!("dashboard.html");

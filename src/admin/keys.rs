@@ -1,5 +1,5 @@
 //! `/v1/keys` and `/v1/accounts` (SPEC §14): keys created, listed,
-//! re-planned and revoked at runtime ([`crate::keystore`]), accounts
+//! re-planned and revoked at runtime ([`crate::keys::runtime`]), accounts
 //! disabled. A new key is in the answer to its creation and nowhere else:
 //! not in logs, not in later answers (fingerprints only).
 
@@ -9,12 +9,12 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use super::{error, json_response};
-use crate::body::Body;
 use crate::clock::SECOND;
 use crate::config::Policy;
-use crate::identity::Fingerprint;
-use crate::keystore::{format_time, KeyError, KeyPatch, NewKey, RuntimeKey};
-use crate::proxy::Turnstile;
+use crate::keys::identity::Fingerprint;
+use crate::keys::runtime::{format_time, KeyError, KeyPatch, NewKey, RuntimeKey};
+use crate::pipeline::Turnstile;
+use crate::wire::body::Body;
 
 const MAX_BODY: usize = 16 * 1024;
 

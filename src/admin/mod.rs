@@ -14,15 +14,15 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use crate::body::{full, Body};
 use crate::config::Policy;
-use crate::identity::{self, Fingerprint, KeyDigest};
-use crate::keystore::KeyCache;
+use crate::keys::identity::{self, Fingerprint, KeyDigest};
+use crate::keys::runtime::KeyCache;
 use crate::limits::Per;
-use crate::metrics::StoreFigures;
-use crate::proxy::Turnstile;
+use crate::observe::metrics::StoreFigures;
+use crate::pipeline::usage::{account_keys, key_view, render_rows, rows_of, Row};
+use crate::pipeline::Turnstile;
 use crate::store::{LimitCheck, OwnedCheck, StoreError};
-use crate::usage::{account_keys, key_view, render_rows, rows_of, Row};
+use crate::wire::body::{full, Body};
 
 /// Answers one admin request.
 pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
@@ -216,7 +216,7 @@ async fn usage(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body> 
             let Some(key) = key_view(policy, app.keys().cache(), digest) else {
                 return error(StatusCode::NOT_FOUND, "not_found", "unknown API key");
             };
-            match crate::usage::of_key(app.store(), policy, &key).await {
+            match crate::pipeline::usage::of_key(app.store(), policy, &key).await {
                 Ok(usage) => json_response(StatusCode::OK, &usage),
                 Err(e) => store_error(e),
             }
@@ -389,7 +389,7 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    crate::responses::error_response(status, code, message)
+    crate::respond::error_response(status, code, message)
 }
 
 /// What `turnstile health` found.

@@ -10,10 +10,10 @@ use toml::{Spanned, Value};
 
 use super::raw::RawRoute;
 use super::{parse_duration, type_pattern, ConfigError, Source};
-use crate::conditions::Condition;
-use crate::cost::{Cost, RefundOn};
-use crate::routing::PathPattern;
-use crate::values::{Side, ValueSource};
+use crate::content::conditions::Condition;
+use crate::content::cost::{Cost, RefundOn};
+use crate::content::routing::PathPattern;
+use crate::content::values::{Side, ValueSource};
 
 /// A value source of the request or the answer, located on error.
 fn source(
@@ -199,7 +199,7 @@ pub(super) fn when(
 pub(super) fn media_limits(
     src: &Source,
     r: &RawRoute,
-) -> Result<crate::media::MediaLimits, ConfigError> {
+) -> Result<crate::content::media::MediaLimits, ConfigError> {
     let mut by_type = Vec::new();
     for (pattern, limit) in r.max_duration_by_type.iter().flatten() {
         let p = type_pattern(src, pattern, limit.span())?;
@@ -212,14 +212,14 @@ pub(super) fn media_limits(
         }
         by_type.push((p, d.as_secs()));
     }
-    Ok(crate::media::MediaLimits { by_type })
+    Ok(crate::content::media::MediaLimits { by_type })
 }
 
 /// `url_args = [{ pointers = ["/params/arguments/sourceUrls"] }]`.
 pub(super) fn url_args(
     src: &Source,
     r: &RawRoute,
-) -> Result<Vec<crate::urls::UrlArg>, ConfigError> {
+) -> Result<Vec<crate::content::urls::UrlArg>, ConfigError> {
     let mut out = Vec::new();
     for rule in r.url_args.iter().flatten() {
         let pointers = &rule.get_ref().pointers;
@@ -229,7 +229,7 @@ pub(super) fn url_args(
                 "url_args needs JSON pointers starting with '/', e.g. \"/params/arguments/sourceUrls\"",
             ));
         }
-        out.push(crate::urls::UrlArg {
+        out.push(crate::content::urls::UrlArg {
             pointers: pointers.clone(),
         });
     }

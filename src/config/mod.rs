@@ -8,8 +8,8 @@ mod kinds;
 mod raw;
 mod units;
 
-use crate::header_case::Spellings;
-use crate::identity::KeyStoreAt;
+use crate::keys::identity::KeyStoreAt;
+use crate::wire::header_case::Spellings;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -24,18 +24,20 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-pub use crate::body::display_size;
-use crate::body::BodyLimits;
-use crate::conditions::Condition;
-use crate::cost::{Cost, RefundOn};
-use crate::identity::{self, IdentitySettings, KeyRecord, KeyRegistry, KeySource, UnknownKey};
+use crate::content::conditions::Condition;
+use crate::content::cost::{Cost, RefundOn};
+pub use crate::content::mcp::ArgLimit;
+use crate::content::routing::{PathPattern, RouteMatcher};
+use crate::content::values::{Side, ValueSource};
 use crate::jobs::JobRole;
+use crate::keys::identity::{
+    self, IdentitySettings, KeyRecord, KeyRegistry, KeySource, UnknownKey,
+};
 pub use crate::limits::{HeaderTrio, LimitSpec, Per, QueueSpec};
-pub use crate::mcp::ArgLimit;
-use crate::responses::{HeaderSettings, ResetFormat, ResponseSet, Template, RESPONSE_NAMES};
-use crate::routing::{PathPattern, RouteMatcher};
+use crate::respond::{HeaderSettings, ResetFormat, ResponseSet, Template, RESPONSE_NAMES};
 pub use crate::store::{OnError, RedisSettings};
-use crate::values::{Side, ValueSource};
+pub use crate::wire::body::display_size;
+use crate::wire::body::BodyLimits;
 use raw::*;
 pub use units::{parse_duration, parse_rate, parse_size, RawSize};
 
@@ -134,7 +136,7 @@ pub struct ServerSettings {
     /// Longest wait for a `url_args` host name to resolve.
     pub resolve_timeout: Duration,
     /// HTTPS on the proxy listener (`None`: plain HTTP).
-    pub tls: Option<crate::tls::TlsSettings>,
+    pub tls: Option<crate::wire::tls::TlsSettings>,
     /// `GET` here answers the caller's own usage, uncounted (`None`: off).
     pub usage_path: Option<String>,
 }
@@ -272,9 +274,9 @@ pub struct Route {
     /// What the route's answers mean for jobs in progress (docs/configuration.md, "Jobs").
     pub job: JobRole,
     /// Media duration limits by content type (`max_duration_by_type`).
-    pub media: crate::media::MediaLimits,
+    pub media: crate::content::media::MediaLimits,
     /// JSON values that must be fetchable public URLs (`url_args`).
-    pub url_args: Vec<crate::urls::UrlArg>,
+    pub url_args: Vec<crate::content::urls::UrlArg>,
     /// What a request costs (`None`: 1).
     pub cost: Option<Cost>,
     /// Where the answer says what the request cost.
@@ -692,8 +694,10 @@ fn compile_server(
             None => None,
             Some(t) => {
                 let files = t.get_ref();
-                let loaded =
-                    crate::tls::TlsSettings::load(&base.join(&files.cert), &base.join(&files.key));
+                let loaded = crate::wire::tls::TlsSettings::load(
+                    &base.join(&files.cert),
+                    &base.join(&files.key),
+                );
                 Some(loaded.map_err(|m| src.at(t.span(), m))?)
             }
         },
@@ -833,7 +837,7 @@ fn compile_route(
     let host = r
         .host
         .as_ref()
-        .map(|h| crate::routing::strip_port(h.get_ref()).to_ascii_lowercase());
+        .map(|h| crate::content::routing::strip_port(h.get_ref()).to_ascii_lowercase());
     let when = content::when(src, r, &path)?;
     let job = job_role(src, r, &path)?;
     let settle = content::settle(src, r, &path)?;
@@ -867,7 +871,7 @@ fn compile_route(
         url_args: content::url_args(src, r)?,
         cost: content::cost(src, r, &path)?,
         refund_on: content::refund_on(src, r)?,
-        match_reads_json: r.mcp_tool.is_some() || crate::conditions::need_json(&when),
+        match_reads_json: r.mcp_tool.is_some() || crate::content::conditions::need_json(&when),
         reads_answer: !matches!(job, JobRole::None) || settle.is_some(),
         job,
         settle,
@@ -1418,9 +1422,9 @@ fn load_keys(
         };
         let expires_at = match &k.expires_at {
             None => None,
-            Some(t) => {
-                Some(crate::keystore::parse_time(t.get_ref()).map_err(|m| src.at(t.span(), m))?)
-            }
+            Some(t) => Some(
+                crate::keys::runtime::parse_time(t.get_ref()).map_err(|m| src.at(t.span(), m))?,
+            ),
         };
         let record = KeyRecord {
             account: k.account.as_deref().map(Arc::from),
@@ -1476,10 +1480,10 @@ impl Policy {
                 let _ = write!(matched, " {}={}", c.source, c.values.join("|"));
             }
             match &r.cost {
-                Some(crate::cost::Cost::Constant(n)) => {
+                Some(crate::content::cost::Cost::Constant(n)) => {
                     let _ = write!(matched, " cost={n}");
                 }
-                Some(crate::cost::Cost::Priced { by, .. }) => {
+                Some(crate::content::cost::Cost::Priced { by, .. }) => {
                     let _ = write!(matched, " cost=by {by}");
                 }
                 None => {}
@@ -1489,7 +1493,11 @@ impl Policy {
                 let _ = write!(body, ", {pattern} {}", display_size(*limit));
             }
             for (pattern, secs) in &r.media.by_type {
-                let _ = write!(body, ", {pattern} {}", crate::media::shown(*secs, *secs));
+                let _ = write!(
+                    body,
+                    ", {pattern} {}",
+                    crate::content::media::shown(*secs, *secs)
+                );
             }
             let mut row = vec![r.name.to_string(), matched, body];
             for (plan_index, p) in self.plans.iter().enumerate() {

@@ -206,7 +206,7 @@ fn keys_file_errors_name_the_keys_file() {
 #[test]
 fn keys_file_with_digests_and_revocation() {
     let dir = tempfile::tempdir().unwrap();
-    let digest = hex::encode(crate::identity::digest("secret"));
+    let digest = hex::encode(crate::keys::identity::digest("secret"));
     write(&dir, "keys.toml", &format!("[[keys]]\nsha256 = \"{digest}\"\naccount = \"acme\"\n\n[[keys]]\nkey = \"old\"\nrevoked = true\n"));
     let cfg = write(
         &dir,
@@ -216,9 +216,13 @@ fn keys_file_with_digests_and_revocation() {
     let p = load(&cfg).unwrap();
     let keys = p.identity.keys.as_ref().unwrap();
     assert_eq!(keys.len(), 2);
-    let rec = keys.get(&crate::identity::digest("secret")).unwrap();
+    let rec = keys.get(&crate::keys::identity::digest("secret")).unwrap();
     assert_eq!(rec.account.as_deref(), Some("acme"));
-    assert!(keys.get(&crate::identity::digest("old")).unwrap().revoked);
+    assert!(
+        keys.get(&crate::keys::identity::digest("old"))
+            .unwrap()
+            .revoked
+    );
 }
 
 #[test]

@@ -90,7 +90,7 @@ pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::body::display_size;
+    use crate::wire::body::display_size;
 
     #[test]
     fn durations_as_in_the_spec() {

@@ -16,7 +16,7 @@ pub use memory::MemoryStore;
 pub use snapshot::SnapshotError;
 
 use crate::clock::Nanos;
-use crate::identity::KeyDigest;
+use crate::keys::identity::KeyDigest;
 pub use crate::limits::QueueSpec;
 use crate::limits::{Job, Per, Rule, Verdict};
 

@@ -21,8 +21,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify, Semaphore};
-use turnstile::body::{full, Body};
 use turnstile::clock::SECOND;
+use turnstile::wire::body::{full, Body};
 use turnstile::ManualClock;
 
 /// 2026-05-05T16:00:00Z: a whole hour, so windows are easy to reason about.
@@ -179,7 +179,7 @@ async fn serve(
         s.gate.acquire().await.unwrap().forget();
         json(200, "{\"held\":true}")
     } else if path == "/sse" {
-        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, turnstile::body::BoxError>>(4);
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, turnstile::wire::body::BoxError>>(4);
         let s2 = s.clone();
         tokio::spawn(async move {
             let _ = tx
@@ -197,7 +197,7 @@ async fn serve(
         r
     } else if path == "/reset" {
         // One chunk, then the stream fails: the connection is cut mid-body.
-        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, turnstile::body::BoxError>>(2);
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, turnstile::wire::body::BoxError>>(2);
         let _ = tx.try_send(Ok(Frame::data(Bytes::from_static(b"partial"))));
         let _ = tx.try_send(Err("upstream reset".into()));
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
@@ -334,7 +334,7 @@ pub struct Proxy {
     pub admin: Option<SocketAddr>,
     pub clock: ManualClock,
     pub dir: tempfile::TempDir,
-    pub app: Arc<turnstile::proxy::Turnstile>,
+    pub app: Arc<turnstile::pipeline::Turnstile>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 

@@ -1,0 +1,13 @@
+//! Observation: what turnstile tells operators about the traffic it sees.
+//!
+//! Owns the Prometheus metrics ([`metrics`]), the access log
+//! ([`access_log`]), the sampled refusal log ([`refusal_log`]) and the
+//! most-refused keys ([`top_refused`]). Nothing here decides anything.
+//!
+//! May import: [`crate::respond`] (refusal codes), [`crate::wire`],
+//! [`crate::clock`].
+
+pub mod access_log;
+pub mod metrics;
+pub mod refusal_log;
+pub mod top_refused;
