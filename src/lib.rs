@@ -1,9 +1,13 @@
 //! turnstile: a rate-limiting reverse proxy for generation APIs.
 //!
 //! The binary is a thin shell over this library so tests can start the real
-//! server in-process with a fake clock. Modules follow the request pipeline
-//! of one request (docs/architecture.md): [`config`] → [`routing`] → [`identity`] → [`limits`] /
-//! [`store`] → [`proxy`] → [`responses`].
+//! server in-process with a fake clock. The modules are layers, bottom
+//! first; each imports only those below it (docs/architecture.md;
+//! `tools/layout.py` checks it):
+//!
+//! [`clock`] → [`wire`] → [`limits`] → [`store`] → [`content`] → [`keys`] →
+//! [`respond`] → [`observe`] → [`jobs`] → [`config`] → [`pipeline`] →
+//! [`admin`] → [`server`] → [`cli`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

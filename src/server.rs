@@ -150,40 +150,7 @@ impl Server {
                 },
                 () = &mut shutdown => break,
             };
-            let _ = stream.set_nodelay(true);
-            // Read per connection: a reload's new certificate serves new
-            // connections; open ones keep theirs.
-            let tls = app.policy().server.tls.as_ref().map(|t| t.acceptor());
-            let peer = match tls {
-                Some(_) => Peer::new(peer).over_tls(),
-                None => Peer::new(peer),
-            };
-            let activity = Activity::new();
-            let service = TowerToHyperService::new(ProxyService {
-                app: app.clone(),
-                peer,
-                activity: activity.clone(),
-            });
-            let spellings = app.policy().headers.spellings.clone();
-            let io = Watched::new(stream, activity.clone(), limits);
-            let (builder, stopping) = (builder.clone(), stopping.clone());
-            tokio::spawn(async move {
-                match tls {
-                    None => {
-                        let io = CaseWriter::new(io, spellings, activity);
-                        serve_io(&builder, TokioIo::new(io), service, stopping).await;
-                    }
-                    // The handshake reads through `Watched`: header_timeout bounds it.
-                    Some(acceptor) => match acceptor.accept(io).await {
-                        Ok(stream) => {
-                            let io = CaseWriter::new(stream, spellings, activity);
-                            serve_io(&builder, TokioIo::new(io), service, stopping).await;
-                        }
-                        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    },
-                }
-                drop(permit);
-            });
+            spawn_connection(&app, stream, peer, &builder, limits, &stopping, permit);
         }
         drop(listener);
         let _ = stop.send(true);
@@ -194,6 +161,53 @@ impl Server {
         wind_down(&app).await;
         Ok(())
     }
+}
+
+/// Serves one accepted connection on its own task (TLS handshake first when
+/// the listener has a certificate); the permit is released when it closes.
+fn spawn_connection(
+    app: &Arc<Turnstile>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    builder: &Arc<auto::Builder<TokioExecutor>>,
+    limits: ConnLimits,
+    stopping: &watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    // Read per connection: a reload's new certificate serves new
+    // connections; open ones keep theirs.
+    let tls = app.policy().server.tls.as_ref().map(|t| t.acceptor());
+    let peer = match tls {
+        Some(_) => Peer::new(peer).over_tls(),
+        None => Peer::new(peer),
+    };
+    let activity = Activity::new();
+    let service = TowerToHyperService::new(ProxyService {
+        app: app.clone(),
+        peer,
+        activity: activity.clone(),
+    });
+    let spellings = app.policy().headers.spellings.clone();
+    let io = Watched::new(stream, activity.clone(), limits);
+    let (builder, stopping) = (builder.clone(), stopping.clone());
+    tokio::spawn(async move {
+        match tls {
+            None => {
+                let io = CaseWriter::new(io, spellings, activity);
+                serve_io(&builder, TokioIo::new(io), service, stopping).await;
+            }
+            // The handshake reads through `Watched`: header_timeout bounds it.
+            Some(acceptor) => match acceptor.accept(io).await {
+                Ok(stream) => {
+                    let io = CaseWriter::new(stream, spellings, activity);
+                    serve_io(&builder, TokioIo::new(io), service, stopping).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+            },
+        }
+        drop(permit);
+    });
 }
 
 /// After the drain: the snapshot written, and the access line of every

@@ -210,6 +210,10 @@ async fn bucket_limit_headers_show_burst_and_refill() {
         (r.status, r.h("x-ratelimit-type"), r.h("retry-after")),
         (429, "burst", "1")
     );
+    assert_eq!(
+        r.json()["message"],
+        "Rate limit exceeded: bursts of 4 requests, refilled at 2/s (burst). Retry in 1 s."
+    );
     // Full again 2 s after now (4 tokens at 2/s).
     assert_eq!(r.h("x-ratelimit-reset"), (T0 + 12).to_string());
     p.clock.advance(500_000_000); // one token back

@@ -91,7 +91,11 @@ pub(super) async fn create(
         Err(r) => return *r,
     };
     let now = now(app);
-    match app.keys().create(new, policy, now).await {
+    match app
+        .keys()
+        .create(new, &policy.identity, &policy.plan_names(), now)
+        .await
+    {
         Ok(made) => {
             let fp = Fingerprint::of(&made.digest);
             tracing::info!(
@@ -187,7 +191,11 @@ pub(super) async fn update(
         Err(r) => return *r,
     };
     let now = now(app);
-    match app.keys().update(fp, patch, policy, now).await {
+    match app
+        .keys()
+        .update(fp, patch, &policy.plan_names(), now)
+        .await
+    {
         Ok((digest, k)) => {
             let fp = Fingerprint::of(&digest);
             tracing::info!(

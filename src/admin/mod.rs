@@ -2,6 +2,9 @@
 //! account, resets, credits balances ([`credits`]) and reloads. JSON everywhere; keys appear only as
 //! fingerprints. With `[admin] token`, every `/v1/*` call needs
 //! `Authorization: Bearer TOKEN`; probes and metrics stay open.
+//!
+//! May import: [`crate::pipeline`] (the running proxy it reports on and
+//! reloads) and everything below it.
 
 mod credits;
 mod dashboard;

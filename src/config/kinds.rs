@@ -220,6 +220,12 @@ pub(super) fn parse_window(
         }
         return Ok(Window::Month);
     }
+    if text.to_ascii_lowercase().contains("month") {
+        return Err(src.at(
+            w.span(),
+            format!("{text:?} is not a window: write \"month\" for calendar months (UTC), or a duration such as \"30d\""),
+        ));
+    }
     let d = parse_duration(text).map_err(|m| src.at(w.span(), m))?;
     if d.subsec_nanos() != 0 || d.as_secs() == 0 {
         return Err(src.at(

@@ -127,7 +127,7 @@ fn cost_credits_refund_and_when_errors_point_at_the_value() {
 fn semantic_errors_point_at_the_value() {
     let (line, col, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nroutes = [\"gen\", \"nope\"]\nrequests = 1\nwindow = \"1m\"\n"));
     assert_eq!((line, col), (17, 10));
-    assert_eq!(msg, "unknown route \"nope\"");
+    assert_eq!(msg, "unknown route \"nope\": routes are gen, status");
     let (line, col, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nrequests = 1\nwindow = \"1 fortnight\"\n"));
     assert_eq!((line, col), (18, 10));
     assert!(msg.starts_with("invalid duration"), "{msg}");
@@ -181,6 +181,33 @@ fn counter_ids_survive_number_changes_but_not_window_changes() {
         id(&a, 1),
         "per_route: each route its own counter"
     );
+}
+
+#[test]
+fn messages_say_what_to_write_instead() {
+    // A bare number where a duration string goes.
+    let (line, col, msg) = err_at(&format!("{BASE}\n[upstream.x]\n").replace(
+        "url = \"http://127.0.0.1:9000\"",
+        "url = \"http://127.0.0.1:9000\"\ntimeout = 120",
+    ));
+    assert_eq!((line, col), (4, 11));
+    assert!(
+        msg.starts_with(
+            "timeout is a duration: write it as a string with a unit, e.g. timeout = \"120s\""
+        ),
+        "{msg}"
+    );
+    // "monthly" for a credits refill or a window.
+    let (_, _, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"c\"\nkind = \"credits\"\ngrant = 5\nrefill = \"monthly\"\n"));
+    assert!(msg.contains("write \"month\" for calendar months"), "{msg}");
+    let (_, _, msg) = err_at(&format!("{BASE}\n[plans.free]\n[[plans.free.limits]]\nname = \"m\"\nrequests = 5\nwindow = \"1 month\"\n"));
+    assert!(msg.contains("write \"month\" for calendar months"), "{msg}");
+    // A keys file that is not there: the config line naming it.
+    let (line, col, msg) = err_at(&format!(
+        "{BASE}\n[identity]\nkeys_file = \"missing.toml\"\n"
+    ));
+    assert_eq!((line, col), (15, 13));
+    assert!(msg.starts_with("keys_file \"missing.toml\": "), "{msg}");
 }
 
 #[test]

@@ -3,6 +3,12 @@
 //! slot becomes the job's), a status answer in a done state or a cancel
 //! answer ends one. The counting itself is the `jobs` limit kind
 //! (`limits/jobs.rs`) in the stores; this module reads the ids.
+//!
+//! Also [`answer`]: what an exchange watches its answer for (the job it
+//! started or ended, the settled cost), acted on once the answer is read.
+//!
+//! May import: [`crate::observe`], [`crate::store`], [`crate::content`],
+//! [`crate::limits`], [`crate::wire`], [`crate::clock`].
 
 pub mod answer;
 

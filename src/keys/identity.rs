@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use sha2::{Digest, Sha256};
 use smallvec::SmallVec;
+
+pub use super::digest::{digest, Fingerprint, KeyDigest};
 
 /// Where a key may be found, tried in configured order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,45 +83,6 @@ pub enum AuthError {
     /// Two different credentials in one request.
     #[error("ambiguous credentials: send one API key, in one place")]
     Ambiguous,
-}
-
-/// A key's SHA-256 digest: how keys are stored and compared.
-pub type KeyDigest = [u8; 32];
-
-/// SHA-256 of a key.
-pub fn digest(key: &str) -> KeyDigest {
-    Sha256::digest(key.as_bytes()).into()
-}
-
-/// The first 8 hex characters of a key's SHA-256: what logs and admin output show.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint([u8; 8]);
-
-impl Fingerprint {
-    /// The fingerprint of a digest.
-    pub fn of(digest: &KeyDigest) -> Self {
-        let mut out = [0u8; 8];
-        // Encoding 4 bytes into 8 hex characters cannot fail.
-        let _ = hex::encode_to_slice(&digest[..4], &mut out);
-        Self(out)
-    }
-
-    /// The 8 lower-case hex characters.
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).unwrap_or("????????")
-    }
-}
-
-impl std::fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// One entry of the keys file.
@@ -274,7 +236,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// the time, and the policy's plans by name.
 pub struct Lookup<'a> {
     /// Runtime keys and disabled accounts.
-    pub runtime: &'a crate::keys::runtime::KeyCache,
+    pub runtime: &'a crate::keys::cache::KeyCache,
     /// Unix seconds now (the injected clock's).
     pub now: u64,
     /// A plan's index by name.
@@ -495,8 +457,8 @@ mod tests {
         None
     }
 
-    fn runtime() -> &'static crate::keys::runtime::KeyCache {
-        static CACHE: std::sync::OnceLock<crate::keys::runtime::KeyCache> =
+    fn runtime() -> &'static crate::keys::cache::KeyCache {
+        static CACHE: std::sync::OnceLock<crate::keys::cache::KeyCache> =
             std::sync::OnceLock::new();
         CACHE.get_or_init(Default::default)
     }

@@ -7,5 +7,7 @@
 //! May import: [`crate::store`] (the shared Redis connection, key digests),
 //! [`crate::content`], [`crate::wire`], [`crate::limits`], [`crate::clock`].
 
+pub mod cache;
+pub mod digest;
 pub mod identity;
 pub mod runtime;

@@ -5,6 +5,8 @@
 //! looks without counting, [`Rule::record`] counts an admitted request.
 //! One module per kind (its parameters and its [`LimitKind`] maths); the
 //! `kinds!` list below registers them.
+//!
+//! May import: [`crate::clock`] only.
 
 mod bucket;
 mod calendar;

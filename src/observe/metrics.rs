@@ -78,23 +78,64 @@ pub struct Metrics {
     refusals: Family<LimitLabels, Counter>,
     upstream_latency: Family<RouteLabels, Histogram>,
     in_flight: Gauge,
-    counters: Gauge,
-    evicted: Counter,
-    queued: Gauge,
-    slots: Gauge,
-    jobs_in_progress: Gauge,
+    store: StoreMetrics,
     jobs_ended: Family<HowLabels, Counter>,
     credits_spent: Family<RouteLabels, Counter>,
     jobs_unreadable: Family<RouteLabels, Counter>,
     refunds: Family<RefundLabels, Counter>,
     shadow_refusals: Family<ShadowLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
-    snapshots: Family<OutcomeLabels, Counter>,
-    store_errors: Counter,
     access_log_dropped: Counter,
-    store_up: Gauge,
     /// Route totals sampled once a second, for the dashboard's rates.
     samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
+}
+
+/// What the counter store reports: set from [`StoreFigures`] at scrape time,
+/// or counted as the store answers.
+struct StoreMetrics {
+    counters: Gauge,
+    evicted: Counter,
+    queued: Gauge,
+    slots: Gauge,
+    jobs_in_progress: Gauge,
+    snapshots: Family<OutcomeLabels, Counter>,
+    store_errors: Counter,
+    store_up: Gauge,
+}
+
+impl StoreMetrics {
+    fn new(reg: &mut Registry) -> Self {
+        Self {
+            counters: register(reg, "tracked_counters", "Limit counters held in memory", Gauge::default()),
+            evicted: register(
+                reg,
+                "counters_evicted",
+                "Counters evicted to stay under [store] max_counters",
+                Counter::default(),
+            ),
+            queued: register(reg, "queued_requests", "Requests waiting for a concurrency slot", Gauge::default()),
+            slots: register(reg, "concurrency_slots_in_use", "Concurrency slots taken", Gauge::default()),
+            jobs_in_progress: register(
+                reg,
+                "jobs_in_progress",
+                "Jobs in progress (redis: started minus ended as seen by this instance; sum over instances)",
+                Gauge::default(),
+            ),
+            snapshots: register(
+                reg,
+                "snapshots",
+                "Counter snapshots written by outcome (ok, error)",
+                Family::default(),
+            ),
+            store_errors: register(reg, "store_errors", "Decisions the counter store could not make", Counter::default()),
+            store_up: register(
+                reg,
+                "store_up",
+                "1 while the counter store answers (redis: circuit closed), else 0",
+                Gauge::default(),
+            ),
+        }
+    }
 }
 
 /// Route totals as they stood at one moment.
@@ -169,25 +210,11 @@ impl Metrics {
             requests,
             refusals,
             upstream_latency,
+            store: StoreMetrics::new(reg),
             in_flight: register(
                 reg,
                 "in_flight_exchanges",
                 "Exchanges being handled (until the response body is sent)",
-                Gauge::default(),
-            ),
-            counters: register(reg, "tracked_counters", "Limit counters held in memory", Gauge::default()),
-            evicted: register(
-                reg,
-                "counters_evicted",
-                "Counters evicted to stay under [store] max_counters",
-                Counter::default(),
-            ),
-            queued: register(reg, "queued_requests", "Requests waiting for a concurrency slot", Gauge::default()),
-            slots: register(reg, "concurrency_slots_in_use", "Concurrency slots taken", Gauge::default()),
-            jobs_in_progress: register(
-                reg,
-                "jobs_in_progress",
-                "Jobs in progress (redis: started minus ended as seen by this instance; sum over instances)",
                 Gauge::default(),
             ),
             jobs_ended: register(
@@ -221,24 +248,11 @@ impl Metrics {
                 Family::<ShadowLabels, Counter>::default(),
             ),
             reloads: register(reg, "reloads", "Config reloads by outcome (ok, error)", Family::default()),
-            snapshots: register(
-                reg,
-                "snapshots",
-                "Counter snapshots written by outcome (ok, error)",
-                Family::default(),
-            ),
             access_log_dropped: register(
                 reg,
                 "access_log_dropped",
                 "Access log lines dropped because the log writer was behind (requests never wait for it)",
                 Counter::default(),
-            ),
-            store_errors: register(reg, "store_errors", "Decisions the counter store could not make", Counter::default()),
-            store_up: register(
-                reg,
-                "store_up",
-                "1 while the counter store answers (redis: circuit closed), else 0",
-                Gauge::default(),
             ),
             registry: r,
             samples: Default::default(),
@@ -328,7 +342,8 @@ impl Metrics {
 
     /// Counts a snapshot write.
     pub fn snapshot(&self, ok: bool) {
-        self.snapshots
+        self.store
+            .snapshots
             .get_or_create(&OutcomeLabels {
                 outcome: if ok { "ok" } else { "error" },
             })
@@ -337,7 +352,7 @@ impl Metrics {
 
     /// Counts a store failure.
     pub fn store_error(&self) {
-        self.store_errors.inc();
+        self.store.store_errors.inc();
     }
 
     /// A guard counting one exchange in flight until dropped.
@@ -348,13 +363,14 @@ impl Metrics {
 
     /// The Prometheus text exposition, with store figures read now.
     pub fn render(&self, figures: StoreFigures) -> String {
-        self.counters.set(figures.counters as i64);
-        self.evicted
-            .inc_by(figures.evicted.saturating_sub(self.evicted.get()));
-        self.queued.set(figures.queued as i64);
-        self.slots.set(figures.slots as i64);
-        self.store_up.set(i64::from(figures.store_up));
-        self.jobs_in_progress.set(figures.jobs_in_progress);
+        self.store.counters.set(figures.counters as i64);
+        self.store
+            .evicted
+            .inc_by(figures.evicted.saturating_sub(self.store.evicted.get()));
+        self.store.queued.set(figures.queued as i64);
+        self.store.slots.set(figures.slots as i64);
+        self.store.store_up.set(i64::from(figures.store_up));
+        self.store.jobs_in_progress.set(figures.jobs_in_progress);
         let expired = self.jobs_ended.get_or_create(&HowLabels { how: "expired" });
         expired.inc_by(figures.jobs_expired.saturating_sub(expired.get()));
         drop(expired);

@@ -5,6 +5,11 @@
 //! with its rate-limit headers, or the refusal rendered by
 //! [`crate::respond`], counted, logged and, when the upstream never got
 //! the whole request, refunded.
+//!
+//! Also the request-body reader ([`inspect`]) and the usage report
+//! ([`usage`]) served at `usage_path`.
+//!
+//! May import everything below it: [`crate::config`] and the layers under it.
 
 mod admission;
 mod decide;

@@ -1,11 +1,14 @@
 //! Counter storage behind one trait whose unit of work is "decide every limit
 //! of this request": admit only if all admit, count only then, atomically.
-//! The memory backend lives here; a networked backend makes the same
-//! decision in one round trip.
+//! Two backends: `memory` (one process: counters in a sharded map, eviction
+//! under `max_counters`, the snapshot file) and `redis` (every replica:
+//! one Lua script per decision, the connection and its breaker, what an
+//! outage decided locally reconciled afterwards).
+//!
+//! May import: [`crate::limits`] (the maths the stores run), [`crate::clock`].
 
 mod memory;
 mod redis;
-mod snapshot;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,12 +16,15 @@ use std::time::Duration;
 
 pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
-pub use snapshot::SnapshotError;
+pub use memory::SnapshotError;
 
 use crate::clock::Nanos;
-use crate::keys::identity::KeyDigest;
 pub use crate::limits::QueueSpec;
 use crate::limits::{Job, Per, Rule, Verdict};
+
+/// An API key's SHA-256 digest: how the stores name a caller's counters
+/// (the key itself is never kept; [`crate::keys::digest`] makes it).
+pub type KeyDigest = [u8; 32];
 
 /// Who a counter counts for.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]

@@ -106,13 +106,24 @@ impl Activity {
 
     /// What the connection's `index`th exchange (from 0) was; good for the
     /// 64 most recent.
-    pub fn marks(&self, index: u64) -> crate::wire::header_case::Marks {
+    pub fn marks(&self, index: u64) -> Marks {
         let bit = 1u64 << (index % 64);
-        crate::wire::header_case::Marks {
+        Marks {
             head: self.heads.load(Ordering::Acquire) & bit != 0,
             generated: self.generated.load(Ordering::Acquire) & bit != 0,
         }
     }
+}
+
+/// What the connection's `n`th exchange was: a HEAD request (no body in
+/// the answer), an answer turnstile made itself (every name of it is
+/// turnstile's to spell).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Marks {
+    /// The request was a HEAD.
+    pub head: bool,
+    /// The response was made by turnstile, not forwarded.
+    pub generated: bool,
 }
 
 /// Sets bit `index % 64` of `bits` to `on` (no write when it already is

@@ -25,7 +25,7 @@ use pin_project_lite::pin_project;
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::wire::conn::Activity;
+use crate::wire::conn::{Activity, Marks};
 
 /// The spellings of the header names turnstile writes into answers it
 /// forwards and makes (`X-RateLimit-Limit`, `RateLimit-Policy`,
@@ -178,15 +178,90 @@ struct Edit {
 
 type Edits = SmallVec<[Edit; 16]>;
 
-/// What the connection's `n`th exchange was: a HEAD request (no body in
-/// the answer), an answer turnstile made itself (every name of it is
-/// turnstile's to spell).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Marks {
-    /// The request was a HEAD.
-    pub head: bool,
-    /// The response was made by turnstile, not forwarded.
-    pub generated: bool,
+/// What one step through a head did.
+enum HeadStep {
+    /// The rest of the buffer went into a line not yet ended.
+    More(usize),
+    /// Not followed any further (not HTTP/1.x, or a line it cannot read).
+    Off,
+    /// A line ended after `used` bytes; `ended_head`: it was the blank line.
+    Line { ended_head: bool, used: usize },
+}
+
+/// Reads the head line starting at `rest` (offset `i` of the write),
+/// noting the edits its header name needs.
+fn head_line(
+    head: &mut Head,
+    rest: &[u8],
+    i: usize,
+    next: u64,
+    spellings: &Spellings,
+    marks: &dyn Fn(u64) -> Marks,
+    edits: &mut Edits,
+) -> HeadStep {
+    let end = memchr(b'\n', rest);
+    let read = match end {
+        // The usual case: the whole line is in this buffer.
+        Some(end) if head.len == 0 => {
+            let line = &rest[..end];
+            let read = read_line(head, line, next, marks);
+            if let Some(Line::Header { colon }) = read {
+                if let Some(spell) = spell(spellings, head.generated, &line[..colon], 0) {
+                    edits.push(Edit {
+                        at: i,
+                        len: colon,
+                        spell,
+                    });
+                }
+            }
+            read.map(|l| matches!(l, Line::End))
+        }
+        // A line split across writes: what it held so far is
+        // kept (its first LINE_KEEP bytes).
+        _ => {
+            let segment = &rest[..end.unwrap_or(rest.len())];
+            let before = head.len;
+            keep(head, segment);
+            if head.first {
+                // An HTTP/2 connection (or anything else) is not followed.
+                let kept = head.kept();
+                let n = kept.len().min(7);
+                if kept[..n] != b"HTTP/1."[..n] {
+                    return HeadStep::Off;
+                }
+            } else if !head.named {
+                if let Some(colon) = memchr(b':', segment) {
+                    head.named = true;
+                    let name_len = before + colon;
+                    if name_len < LINE_KEEP && colon > 0 {
+                        let name = &head.line[..name_len];
+                        if let Some(spell) = spell(spellings, head.generated, name, before) {
+                            edits.push(Edit {
+                                at: i,
+                                len: colon,
+                                spell,
+                            });
+                        }
+                    }
+                }
+            }
+            match end {
+                None => None,
+                Some(_) => kept_line(head, next, marks),
+            }
+        }
+    };
+    match (end, read) {
+        (None, _) => HeadStep::More(rest.len()),
+        (Some(_), None) => {
+            edits.clear();
+            HeadStep::Off
+        }
+        (Some(end), Some(ended_head)) => HeadStep::Line {
+            ended_head,
+            used: end + 1,
+        },
+    }
 }
 
 /// A complete head line, read.
@@ -305,74 +380,15 @@ impl Stream {
                     }
                 },
                 Framing::Head(head) => {
-                    let rest = &buf[i..];
-                    let end = memchr(b'\n', rest);
-                    let read = match end {
-                        // The usual case: the whole line is in this buffer.
-                        Some(end) if head.len == 0 => {
-                            let line = &rest[..end];
-                            let read = read_line(head, line, next, marks);
-                            if let Some(Line::Header { colon }) = read {
-                                if let Some(spell) =
-                                    spell(spellings, head.generated, &line[..colon], 0)
-                                {
-                                    edits.push(Edit {
-                                        at: i,
-                                        len: colon,
-                                        spell,
-                                    });
-                                }
-                            }
-                            read.map(|l| matches!(l, Line::End))
-                        }
-                        // A line split across writes: what it held so far is
-                        // kept (its first LINE_KEEP bytes).
-                        _ => {
-                            let segment = &rest[..end.unwrap_or(rest.len())];
-                            let before = head.len;
-                            keep(head, segment);
-                            if head.first {
-                                // An HTTP/2 connection (or anything else) is not followed.
-                                let kept = head.kept();
-                                let n = kept.len().min(7);
-                                if kept[..n] != b"HTTP/1."[..n] {
-                                    self.framing = Framing::Off;
-                                    return;
-                                }
-                            } else if !head.named {
-                                if let Some(colon) = memchr(b':', segment) {
-                                    head.named = true;
-                                    let name_len = before + colon;
-                                    if name_len < LINE_KEEP && colon > 0 {
-                                        let name = &head.line[..name_len];
-                                        if let Some(spell) =
-                                            spell(spellings, head.generated, name, before)
-                                        {
-                                            edits.push(Edit {
-                                                at: i,
-                                                len: colon,
-                                                spell,
-                                            });
-                                        }
-                                    }
-                                }
-                            }
-                            match end {
-                                None => None,
-                                Some(_) => kept_line(head, next, marks),
-                            }
-                        }
-                    };
-                    match (end, read) {
-                        (None, _) => rest.len(),
-                        (Some(_), None) => {
-                            edits.clear();
+                    match head_line(head, &buf[i..], i, next, spellings, marks, edits) {
+                        HeadStep::More(used) => used,
+                        HeadStep::Off => {
                             self.framing = Framing::Off;
                             return;
                         }
-                        (Some(end), Some(ended_head)) => {
+                        HeadStep::Line { ended_head, used } => {
                             self.line_ended(ended_head, marks);
-                            end + 1
+                            used
                         }
                     }
                 }

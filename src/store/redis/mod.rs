@@ -13,13 +13,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
-use redis::aio::ConnectionManager;
-use redis::cluster_async::ClusterConnection;
-use redis::{FromRedisValue, Script, ScriptInvocation};
+use std::time::{Duration, Instant};
+
+use redis::{FromRedisValue, Script};
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -29,6 +28,11 @@ use super::{
 use super::{OnError, RedisSettings};
 use crate::clock::{Clock, Nanos};
 use crate::limits::{Job, Rule, Verdict};
+
+mod client;
+mod outage;
+
+use client::{Breaker, Conn};
 
 /// A server-side script: the shared prelude, then one fragment per limit
 /// kind (each registers its functions under its kind number, the
@@ -49,70 +53,8 @@ macro_rules! with_kinds {
     };
 }
 
-/// How long the breaker stays open before one request probes Redis again.
-const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// How often waiting requests of a queued concurrency limit retry.
 const QUEUE_POLL: Duration = Duration::from_millis(20);
-
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl Conn {
-    async fn invoke<T: FromRedisValue>(
-        &mut self,
-        inv: &ScriptInvocation<'_>,
-    ) -> redis::RedisResult<T> {
-        match self {
-            Conn::Single(c) => inv.invoke_async(c).await,
-            Conn::Cluster(c) => inv.invoke_async(c).await,
-        }
-    }
-}
-
-/// Opens after a failure; lets one probe through every [`PROBE_EVERY`].
-struct Breaker {
-    started: Instant,
-    open_until_ms: AtomicU64,
-    probing: AtomicBool,
-}
-
-impl Breaker {
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64 + 1
-    }
-
-    fn allow(&self) -> bool {
-        let until = self.open_until_ms.load(Ordering::Acquire);
-        if until == 0 {
-            return true;
-        }
-        self.now_ms() >= until
-            && self
-                .probing
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-    }
-
-    fn success(&self) {
-        self.open_until_ms.store(0, Ordering::Release);
-        self.probing.store(false, Ordering::Release);
-    }
-
-    fn failure(&self) {
-        self.open_until_ms.store(
-            self.now_ms() + PROBE_EVERY.as_millis() as u64,
-            Ordering::Release,
-        );
-        self.probing.store(false, Ordering::Release);
-    }
-
-    fn is_open(&self) -> bool {
-        self.open_until_ms.load(Ordering::Acquire) != 0
-    }
-}
 
 struct Inner {
     settings: RedisSettings,
@@ -260,92 +202,6 @@ impl Inner {
             "{}{{{tag}}}:{subject}:{:016x}",
             self.settings.prefix, check.counter
         )
-    }
-
-    async fn connection(&self) -> Option<Conn> {
-        if let Some(c) = self.conn.load_full() {
-            return Some((*c).clone());
-        }
-        let _guard = self.connecting.lock().await;
-        if let Some(c) = self.conn.load_full() {
-            return Some((*c).clone());
-        }
-        let connect = async {
-            let s = &self.settings;
-            if s.cluster {
-                let client = redis::cluster::ClusterClient::builder(vec![s.url.as_str()])
-                    .connection_timeout(s.timeout.max(Duration::from_millis(200)))
-                    .response_timeout(s.timeout)
-                    .build()?;
-                client.get_async_connection().await.map(Conn::Cluster)
-            } else {
-                let client = redis::Client::open(s.url.as_str())?;
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(s.timeout.max(Duration::from_millis(200))))
-                    .set_response_timeout(Some(s.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(200));
-                client
-                    .get_connection_manager_with_config(config)
-                    .await
-                    .map(Conn::Single)
-            }
-        };
-        match tokio::time::timeout(
-            self.settings.timeout.max(Duration::from_millis(500)),
-            connect,
-        )
-        .await
-        {
-            Ok(Ok(conn)) => {
-                self.conn.store(Some(Arc::new(conn.clone())));
-                Some(conn)
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot connect to redis");
-                None
-            }
-            Err(_) => None,
-        }
-    }
-
-    /// One script call, bounded by the timeout; failures open the breaker.
-    async fn call<T: FromRedisValue>(&self, inv: ScriptInvocation<'_>) -> Result<T, StoreError> {
-        if !self.breaker.allow() {
-            return Err(StoreError::Unavailable(
-                "redis unavailable (circuit open)".into(),
-            ));
-        }
-        let Some(mut conn) = self.connection().await else {
-            self.breaker.failure();
-            return Err(StoreError::Unavailable("cannot connect to redis".into()));
-        };
-        match tokio::time::timeout(self.settings.timeout, conn.invoke::<T>(&inv)).await {
-            Ok(Ok(v)) => {
-                if self.breaker.is_open() {
-                    tracing::info!("redis is back");
-                }
-                self.breaker.success();
-                Ok(v)
-            }
-            Ok(Err(e)) => {
-                if !self.breaker.is_open() {
-                    tracing::error!(error = %e, "redis failed: falling back to on_error");
-                }
-                self.breaker.failure();
-                Err(StoreError::Unavailable(format!("redis: {e}")))
-            }
-            Err(_) => {
-                if !self.breaker.is_open() {
-                    tracing::error!(
-                        timeout_ms = self.settings.timeout.as_millis() as u64,
-                        "redis timed out: falling back to on_error"
-                    );
-                }
-                self.breaker.failure();
-                Err(StoreError::Unavailable("redis timed out".into()))
-            }
-        }
     }
 }
 
@@ -523,108 +379,6 @@ impl RedisStore {
             verdicts,
             lease,
         })
-    }
-
-    async fn fall_back(
-        &self,
-        checks: &[LimitCheck<'_>],
-        error: StoreError,
-    ) -> Result<Decision, StoreError> {
-        match self.inner.settings.on_error {
-            OnError::Local => {
-                let decision = self.inner.fallback.decide(checks).await?;
-                if decision.admitted {
-                    self.remember_unsynced(checks, decision.now);
-                }
-                Ok(decision)
-            }
-            OnError::Allow => Ok(Decision {
-                now: self.inner.clock.now(),
-                admitted: true,
-                verdicts: Verdicts::new(),
-                lease: Lease::default(),
-            }),
-            OnError::Deny => Err(error),
-        }
-    }
-
-    /// Notes a request the local fallback admitted, to add to Redis later.
-    fn remember_unsynced(&self, checks: &[LimitCheck<'_>], now: Nanos) {
-        let inner = &self.inner;
-        let mut unsynced = inner
-            .unsynced
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for c in checks
-            .iter()
-            .filter(|c| !c.rule.holds_slot() && c.units > 0)
-        {
-            let entry = unsynced.entry(inner.key(c)).or_insert(Unsynced {
-                rule: c.rule.redis_args(),
-                count: 0,
-                at_us: 0,
-            });
-            entry.count += u64::from(c.units);
-            entry.at_us = entry.at_us.max(now / 1_000);
-        }
-        inner.has_unsynced.store(true, Ordering::Release);
-    }
-
-    /// Once Redis answers again, adds what the fallback admitted meanwhile
-    /// (in the background; one reconciliation at a time). Entries that could
-    /// not be sent are kept for the next try.
-    fn reconcile_soon(&self) {
-        let inner = &self.inner;
-        if !inner.has_unsynced.load(Ordering::Acquire)
-            || inner.reconciling.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
-        let store = self.clone();
-        tokio::spawn(async move {
-            let inner = &store.inner;
-            let pending: Vec<(String, Unsynced)> = {
-                let mut unsynced = inner
-                    .unsynced
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                inner.has_unsynced.store(false, Ordering::Release);
-                unsynced.drain().collect()
-            };
-            let mut added = 0;
-            let mut failed = Vec::new();
-            let now_us = inner.clock.now() / 1_000;
-            for (key, u) in pending {
-                let mut inv = inner.reconcile.prepare_invoke();
-                inv.key(&key)
-                    .arg(u.rule.0)
-                    .arg(u.rule.1)
-                    .arg(u.rule.2)
-                    .arg(u.count)
-                    .arg(now_us.saturating_sub(u.at_us));
-                match inner.call::<i64>(inv).await {
-                    Ok(_) => added += u.count,
-                    Err(_) => failed.push((key, u)),
-                }
-            }
-            if !failed.is_empty() {
-                let mut unsynced = inner
-                    .unsynced
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                for (key, u) in failed {
-                    let e = unsynced.entry(key).or_insert(Unsynced { count: 0, ..u });
-                    e.count += u.count;
-                    e.at_us = e.at_us.max(u.at_us);
-                }
-                inner.has_unsynced.store(true, Ordering::Release);
-            }
-            tracing::info!(
-                added,
-                "redis is back: counts taken by the local fallback added to redis"
-            );
-            inner.reconciling.store(false, Ordering::Release);
-        });
     }
 
     /// The limits' figures without counting anything (admin usage).

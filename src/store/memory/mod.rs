@@ -10,23 +10,25 @@
 //! waiters are served in arrival order and newcomers cannot jump the queue.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
+use smallvec::SmallVec;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
-use std::path::Path;
-
-use super::snapshot::{self, SavedCounter, SavedSubject};
-use smallvec::SmallVec;
-
 use super::{
-    BalanceChange, Decision, JobClaim, Lease, LimitCheck, OwnedCheck, SnapshotError, Store,
-    StoreError, Subject, Verdicts,
+    BalanceChange, Decision, JobClaim, Lease, LimitCheck, OwnedCheck, Store, StoreError, Subject,
+    Verdicts,
 };
 use crate::clock::{Clock, Nanos};
-use crate::limits::{Concurrency, CounterState, Job, Rule, Verdict};
+use crate::limits::{Concurrency, CounterState, Rule, Verdict};
+
+mod evict;
+mod jobs;
+mod saved;
+pub(crate) mod snapshot;
+pub use snapshot::SnapshotError;
 
 /// Requests waiting for a concurrency slot, oldest first.
 type Waiters = VecDeque<oneshot::Sender<Slot>>;
@@ -269,77 +271,6 @@ impl Inner {
         }
     }
 
-    /// Past `max_counters`, drops whole subjects until a tenth of the cap is
-    /// free again: keys that are not in the keys file first, and among those
-    /// the ones whose windows end soonest. Subjects holding concurrency slots
-    /// or waiters are kept. Must not be called with a subject locked.
-    fn enforce_cap(&self) {
-        self.evict_over(self.max_counters.load(Ordering::Relaxed));
-    }
-
-    /// Past `max` live counters, evicts as [`Inner::enforce_cap`] says.
-    fn evict_over(&self, max: usize) {
-        if self.live.load(Ordering::Relaxed) <= max || self.evicting.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let target = max - max / 10;
-        let mut candidates: Vec<(bool, Nanos, Subject)> = Vec::new();
-        for entry in self.map.iter() {
-            let g = lock(entry.value());
-            let busy = g.list.iter().any(|c| c.state.holds()) || g.any_waiting();
-            if !busy {
-                let ends = g.list.iter().map(|c| c.expires_at).max().unwrap_or(0);
-                candidates.push((g.pinned, ends, entry.key().clone()));
-            }
-        }
-        candidates.sort_unstable_by_key(|c| (c.0, c.1));
-        let mut dropped = 0;
-        for (_, _, subject) in candidates {
-            if self.live.load(Ordering::Relaxed) <= target {
-                break;
-            }
-            self.map.remove_if(&subject, |_, handle| {
-                let mut g = lock(handle);
-                let busy = g.list.iter().any(|c| c.state.holds());
-                if busy {
-                    return false;
-                }
-                g.evicted = true;
-                let n = g.list.len();
-                g.list.clear();
-                self.live.fetch_sub(n, Ordering::Relaxed);
-                dropped += n;
-                true
-            });
-        }
-        self.evicted.fetch_add(dropped as u64, Ordering::Relaxed);
-        if dropped > 0 {
-            tracing::warn!(
-                dropped,
-                max_counters = max,
-                "counter memory full: evicted the counters closest to expiring ([store] max_counters)"
-            );
-        }
-        self.evicting.store(false, Ordering::Release);
-    }
-
-    /// Whether the counters of `checks` may be kept: always for subjects
-    /// already counted; for a new one, only while counter memory is under
-    /// `max_counters` once everything that can be evicted was. (Counters
-    /// that hold something — jobs, spent balances, slots — are never
-    /// evicted: dropping one would hand its slot or its credits out again.)
-    fn room_for(&self, checks: &[LimitCheck<'_>]) -> bool {
-        let max = self.max_counters.load(Ordering::Relaxed);
-        if self.live.load(Ordering::Relaxed) < max {
-            return true;
-        }
-        if checks.iter().all(|c| self.map.contains_key(&c.subject)) {
-            return true;
-        }
-        self.evict_over(max.saturating_sub(1));
-        self.live.load(Ordering::Relaxed) < max
-    }
-
     /// One decision under lock. `reserved`: a check whose slot was handed to
     /// this request by the queue (already counted).
     fn attempt(
@@ -507,26 +438,6 @@ impl Slot {
     }
 }
 
-/// One counter as a snapshot keeps it: window counters while they last,
-/// jobs without the submissions still pending (they belong to this process).
-fn saved_counter(c: &Counter, now: Nanos) -> Option<SavedCounter> {
-    let (state, expires_at) = match &c.state {
-        CounterState::Concurrency { .. } => return None,
-        CounterState::Jobs(j) => {
-            let jobs: Vec<Job> = j.jobs.iter().filter(|j| j.expires > now).cloned().collect();
-            let expires_at = jobs.iter().map(|j| j.expires).max()?;
-            let state = crate::limits::JobsState { pending: 0, jobs };
-            (CounterState::Jobs(Box::new(state)), expires_at)
-        }
-        state => (state.clone(), c.expires_at),
-    };
-    (expires_at > now).then_some(SavedCounter {
-        id: c.id,
-        expires_at,
-        state,
-    })
-}
-
 /// Where each check's counter is: (guard, index in that subject's list).
 type CounterSlots = SmallVec<[(usize, usize); 4]>;
 
@@ -635,17 +546,6 @@ impl MemoryStore {
     /// "Now" as this store's clock tells it.
     pub fn now(&self) -> Nanos {
         self.inner.clock.now()
-    }
-
-    /// Sets `[store] max_counters`: past it, counters are evicted.
-    pub fn set_max_counters(&self, max: usize) {
-        self.inner.max_counters.store(max.max(1), Ordering::Relaxed);
-        self.inner.enforce_cap();
-    }
-
-    /// SubjectCounters evicted to stay under `max_counters`, since start.
-    pub fn evicted_counters(&self) -> u64 {
-        self.inner.evicted.load(Ordering::Relaxed)
     }
 
     /// Number of counters held.
@@ -785,162 +685,6 @@ impl MemoryStore {
                 c.rule.evaluate(&mut state, now, c.units).uncounted(c.units)
             })
             .collect()
-    }
-
-    /// Keeps only counters whose id `keep` accepts (after a reload removed
-    /// limits); counters with slots in use or waiters stay until released.
-    pub fn retain_counters(&self, keep: impl Fn(u64) -> bool) -> usize {
-        let mut dropped = 0;
-        for entry in self.inner.map.iter() {
-            let mut g = lock(entry.value());
-            let before = g.list.len();
-            let SubjectCounters { list, queues, .. } = &mut *g;
-            list.retain_mut(|c| {
-                keep(c.id) || c.expires_at == Nanos::MAX || live_waiters(queues, c.id) > 0
-            });
-            dropped += before - g.list.len();
-            g.tidy_queues();
-        }
-        self.inner.live.fetch_sub(dropped, Ordering::Relaxed);
-        dropped
-    }
-
-    /// Every window counter and job still live, for a snapshot (concurrency
-    /// slots and pending submissions belong to this process's exchanges and
-    /// are not saved).
-    pub(crate) fn saved(&self) -> Vec<SavedSubject> {
-        let now = self.inner.clock.now();
-        let mut out = Vec::new();
-        for entry in self.inner.map.iter() {
-            let g = lock(entry.value());
-            let counters: Vec<SavedCounter> = g
-                .list
-                .iter()
-                .filter_map(|c| saved_counter(c, now))
-                .collect();
-            if !counters.is_empty() {
-                out.push(SavedSubject {
-                    subject: entry.key().clone(),
-                    counters,
-                });
-            }
-        }
-        out
-    }
-
-    /// Ends job `id` in whichever of `counters` holds it; true if one did.
-    pub fn end_job(&self, counters: &[OwnedCheck], id: &str) -> bool {
-        let mut ended = false;
-        for c in counters {
-            let Rule::Jobs(jobs) = c.rule else { continue };
-            let Some(handle) = self.inner.map.get(&c.subject).map(|h| h.clone()) else {
-                continue;
-            };
-            let mut g = lock(&handle);
-            if let Some(counter) = g.list.iter_mut().find(|x| x.id == c.counter) {
-                if jobs.end(&mut counter.state, id) {
-                    counter.expires_at = c.rule.expires_at(&counter.state);
-                    ended = true;
-                }
-            }
-        }
-        ended
-    }
-
-    /// The jobs in progress on one counter, oldest first.
-    pub fn jobs(&self, counter: &OwnedCheck) -> Vec<Job> {
-        let now = self.now();
-        match self.peek(&counter.subject, counter.counter) {
-            Some(CounterState::Jobs(j)) => j.jobs.into_iter().filter(|j| j.expires > now).collect(),
-            _ => Vec::new(),
-        }
-    }
-
-    /// Jobs in progress, summed over every counter (for metrics).
-    pub fn jobs_in_progress(&self) -> u64 {
-        let now = self.now();
-        let mut total = 0;
-        for entry in self.inner.map.iter() {
-            for c in &lock(entry.value()).list {
-                if let CounterState::Jobs(j) = &c.state {
-                    total += j.jobs.iter().filter(|j| j.expires > now).count() as u64;
-                }
-            }
-        }
-        total
-    }
-
-    /// Jobs whose `max_duration` passed before they were seen ending, since start.
-    pub fn jobs_expired(&self) -> u64 {
-        self.inner.jobs_expired.load(Ordering::Relaxed)
-    }
-
-    /// Writes every live window counter to `path` atomically. Returns how many.
-    pub fn save_snapshot(&self, path: &Path) -> Result<usize, SnapshotError> {
-        let subjects = self.saved();
-        let count = subjects.iter().map(|s| s.counters.len()).sum();
-        let bytes = snapshot::encode(self.inner.clock.now(), subjects)?;
-        snapshot::write_atomically(path, &bytes)?;
-        Ok(count)
-    }
-
-    /// Loads counters from `path`, dropping those whose windows have passed.
-    /// Returns how many were restored.
-    pub fn load_snapshot(&self, path: &Path) -> Result<usize, SnapshotError> {
-        let bytes = std::fs::read(path)?;
-        let now = self.inner.clock.now();
-        let mut restored = 0;
-        for saved in snapshot::decode(&bytes)? {
-            let handle = self.inner.handle(&saved.subject);
-            let mut g = lock(&handle);
-            for c in saved.counters.into_iter().filter(|c| c.expires_at > now) {
-                if g.list.iter().any(|x| x.id == c.id) {
-                    continue;
-                }
-                g.list.push(Counter::new(c.id, c.state, c.expires_at));
-                restored += 1;
-            }
-        }
-        self.inner.live.fetch_add(restored, Ordering::Relaxed);
-        self.inner.enforce_cap();
-        Ok(restored)
-    }
-
-    /// Drops every counter whose windows have all passed by now, and subjects
-    /// left without counters. Returns how many counters were dropped.
-    pub fn evict_expired(&self) -> usize {
-        let now = self.inner.clock.now();
-        let mut dropped = 0;
-        let mut jobs_expired = 0;
-        self.inner.map.retain(|_, handle| {
-            let mut g = lock(handle);
-            let before = g.list.len();
-            let SubjectCounters { list, queues, .. } = &mut *g;
-            list.retain_mut(|c| {
-                let keep = c.expires_at > now || live_waiters(queues, c.id) > 0;
-                if let (false, CounterState::Jobs(j)) = (keep, &c.state) {
-                    jobs_expired += j.jobs.len() as u64;
-                }
-                keep
-            });
-            dropped += before - g.list.len();
-            g.tidy_queues();
-            if g.list.is_empty() {
-                g.evicted = true;
-                false
-            } else {
-                true
-            }
-        });
-        self.inner.live.fetch_sub(dropped, Ordering::Relaxed);
-        self.inner
-            .jobs_expired
-            .fetch_add(jobs_expired, Ordering::Relaxed);
-        // Give the table's memory back once most of it is idle.
-        if self.inner.map.capacity() > 4 * self.inner.map.len().max(1024) {
-            self.inner.map.shrink_to_fit();
-        }
-        dropped
     }
 }
 
