@@ -3,7 +3,7 @@
 # compose files name, for a Docker engine that cannot pull them (this
 # project's CI machines have no container registry). An image already
 # present under one of those tags and not made here (a real one) is left
-# alone. Stand-ins carry the label turnstile.standin; remove them with
+# alone, and a pull is tried before any stand-in is built. Stand-ins carry the label turnstile.standin; remove them with
 # `docker/standins.sh --remove`.
 #
 # Recipes, all from one `debootstrap --variant=minbase` Debian tree:
@@ -245,9 +245,21 @@ DOCKERFILE
   rm -rf "$ctx"
 }
 
+# A real image when the engine can get one: a pull is tried first (it also
+# replaces a stand-in left by an earlier run), so a workstation that reaches
+# a registry never builds on a look-alike. TURNSTILE_STANDIN_NO_PULL=1 skips it.
+try_pull() {
+  [[ "${TURNSTILE_STANDIN_NO_PULL:-}" == 1 ]] && return 1
+  timeout "${TURNSTILE_STANDIN_PULL_TIMEOUT:-60}" docker pull -q "$1" >/dev/null 2>&1
+}
+
 for image in $(named_images | sort -u); do
   if exists "$image" && ! is_standin "$image"; then
     say "$image: a real image is present, using it"
+    continue
+  fi
+  if try_pull "$image" && ! is_standin "$image"; then
+    say "$image: pulled the real image"
     continue
   fi
   if exists "$image" && [[ "${TURNSTILE_STANDIN_REBUILD:-}" != 1 ]]; then

@@ -113,7 +113,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum KeysAction {
-    /// Make a key (printed once; only its SHA-256 is stored).
+    /// Make a key: printed alone on stdout, this once (only its SHA-256 is
+    /// stored); `--json` prints the whole answer.
     Create {
         #[arg(long)]
         account: String,
@@ -125,6 +126,10 @@ enum KeysAction {
         /// RFC 3339, e.g. 2027-01-01T00:00:00Z.
         #[arg(long)]
         expires_at: Option<String>,
+        /// Print the whole answer (key, fingerprint, record) as JSON
+        /// instead of the key alone.
+        #[arg(long)]
+        json: bool,
     },
     /// An account's keys (file keys included), by fingerprint.
     List {
@@ -161,11 +166,13 @@ fn keys(admin: &str, action: KeysAction) -> ExitCode {
             plan,
             name,
             expires_at,
+            json,
         } => KeysCall::Create {
             account,
             plan,
             name,
             expires_at,
+            json,
         },
         KeysAction::List { account } => KeysCall::List { account },
         KeysAction::Revoke { fingerprint } => KeysCall::Revoke { fingerprint },
@@ -183,8 +190,11 @@ fn keys(admin: &str, action: KeysAction) -> ExitCode {
         }
     };
     match runtime.block_on(run(admin, token.as_deref(), call)) {
-        Ok(text) => {
-            println!("{text}");
+        Ok(printed) => {
+            println!("{}", printed.stdout);
+            if let Some(note) = printed.note {
+                eprintln!("{note}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -128,3 +128,94 @@ fn the_systemd_unit_checks_runs_and_reloads_the_config() {
         assert!(unit.contains(section), "{section}");
     }
 }
+
+/// The install recipe of docs/production.md, run as written into a
+/// scratch root (`/etc`, `/usr/local/bin` and the unit folder moved under
+/// it; `systemctl` left out): the config it installs needs the admin token
+/// the recipe writes to the unit's `EnvironmentFile`, and keeps its state
+/// in the unit's `StateDirectory`.
+#[test]
+fn the_systemd_recipe_installs_a_config_with_a_token_and_state_in_the_state_directory() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let docs = std::fs::read_to_string(root.join("docs/production.md")).unwrap();
+    let start = docs.find("```sh\ninstall -m 755").expect("the recipe");
+    let recipe = &docs[start + 6..];
+    let recipe = &recipe[..recipe.find("```").unwrap()];
+    let scratch = tempfile::tempdir().unwrap();
+    let at = scratch.path().display().to_string();
+    let script: String = recipe
+        .lines()
+        .filter(|l| !l.starts_with("systemctl"))
+        .map(|l| {
+            l.replace("target/release/turnstile", env!("CARGO_BIN_EXE_turnstile"))
+                .replace("/usr/local/bin/", &format!("{at}/usr/local/bin/"))
+                .replace("/etc/", &format!("{at}/etc/"))
+                + "\n"
+        })
+        .collect();
+    std::fs::create_dir_all(scratch.path().join("usr/local/bin")).unwrap();
+    std::fs::create_dir_all(scratch.path().join("etc/systemd/system")).unwrap();
+    let ran = std::process::Command::new("bash")
+        .args(["-euc", &script])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let etc = scratch.path().join("etc/turnstile");
+    let config = etc.join("turnstile.toml");
+    // The unit reads the token from the file the recipe wrote.
+    let unit = std::fs::read_to_string(scratch.path().join("etc/systemd/system/turnstile.service"))
+        .unwrap();
+    assert!(
+        unit.contains("EnvironmentFile=-/etc/turnstile/admin.env"),
+        "{unit}"
+    );
+    let env = std::fs::read_to_string(etc.join("admin.env")).unwrap();
+    let token = env
+        .trim()
+        .strip_prefix("TURNSTILE_ADMIN_TOKEN=")
+        .expect("the token line");
+    assert_eq!(token.len(), 64, "{env}");
+    let check = |token: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"));
+        c.args(["check", "--config"])
+            .arg(&config)
+            .env_remove("TURNSTILE_ADMIN_TOKEN");
+        if let Some(t) = token {
+            c.env("TURNSTILE_ADMIN_TOKEN", t);
+        }
+        c.output().unwrap()
+    };
+    let with = check(Some(token));
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    // Without the token the unit's ExecStartPre refuses to start: the admin
+    // API is never open without it.
+    let without = check(None);
+    assert!(!without.status.success());
+    assert!(String::from_utf8_lossy(&without.stderr).contains("token_env"));
+    // The snapshot is in /var/lib/<StateDirectory>, writable under
+    // ProtectSystem=strict.
+    let state = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("StateDirectory="))
+        .unwrap();
+    let installed = std::fs::read_to_string(&config).unwrap();
+    let snapshot = installed
+        .lines()
+        .find_map(|l| l.strip_prefix("snapshot = \""))
+        .and_then(|l| l.split('"').next())
+        .expect("a snapshot path");
+    assert!(
+        snapshot.starts_with(&format!("/var/lib/{state}/")),
+        "{snapshot}"
+    );
+    assert!(unit.contains("ProtectSystem=strict"));
+}

@@ -440,10 +440,26 @@ async fn the_cli_creates_lists_and_revokes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The key alone on stdout (so KEY=$(turnstile keys create ...) works);
+    // the reminder that it is shown once on stderr.
     let text = String::from_utf8(out.stdout).unwrap();
-    let key = text.lines().next().unwrap().to_owned();
-    assert!(key.starts_with("sk-"), "{text}");
+    let key = text.trim_end_matches('\n').to_owned();
+    assert!(
+        key.starts_with("sk-") && !key.contains(char::is_whitespace),
+        "{text:?}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shown this once"));
     assert_eq!(call("GET", &b.url("/gen"), Some(&key)).await.status, 200);
+    // --json: the whole answer, key included.
+    let out = cli(&["create", "--account", "acme", "--plan", "pro", "--json"]);
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let second = created["key"].as_str().unwrap();
+    assert!(second.starts_with("sk-") && second != key, "{created}");
+    assert_eq!(
+        created["fingerprint"].as_str().unwrap().len(),
+        8,
+        "{created}"
+    );
 
     let out = cli(&["list", "--account", "acme"]);
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -451,7 +467,7 @@ async fn the_cli_creates_lists_and_revokes() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|k| k["source"] == "runtime")
+        .find(|k| k["source"] == "runtime" && k["fingerprint"] != created["fingerprint"])
         .unwrap()
         .clone();
     assert_eq!(runtime["name"], "laptop");

@@ -1,4 +1,4 @@
-//! The admin listener (README, "Operations"): probes, Prometheus metrics, usage per key or
+//! The admin listener (docs/operations.md): probes, Prometheus metrics, usage per key or
 //! account, resets, credits balances ([`credits`]) and reloads. JSON everywhere; keys appear only as
 //! fingerprints. With `[admin] token`, every `/v1/*` call needs
 //! `Authorization: Bearer TOKEN`; probes and metrics stay open.

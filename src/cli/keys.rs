@@ -22,6 +22,8 @@ pub enum KeysCall {
         name: Option<String>,
         /// RFC 3339.
         expires_at: Option<String>,
+        /// Print the whole answer as JSON instead of the key alone.
+        json: bool,
     },
     /// `GET /v1/keys?account=`.
     List {
@@ -53,7 +55,7 @@ pub fn hash_entry(key: &str) -> String {
 
 /// Carries out `call` against the admin API at `admin`; the text to print,
 /// or the error to print.
-pub async fn run(admin: &str, token: Option<&str>, call: KeysCall) -> Result<String, String> {
+pub async fn run(admin: &str, token: Option<&str>, call: KeysCall) -> Result<Printed, String> {
     let base = admin.trim_end_matches('/');
     let (method, path, body) = match &call {
         KeysCall::Create {
@@ -61,6 +63,7 @@ pub async fn run(admin: &str, token: Option<&str>, call: KeysCall) -> Result<Str
             plan,
             name,
             expires_at,
+            ..
         } => (
             Method::POST,
             "/v1/keys".to_owned(),
@@ -113,11 +116,29 @@ pub async fn run(admin: &str, token: Option<&str>, call: KeysCall) -> Result<Str
     }
     let pretty = serde_json::to_string_pretty(&value).unwrap_or_default();
     Ok(match (&call, value["key"].as_str()) {
-        (KeysCall::Create { .. }, Some(key)) => format!(
-            "{key}\n\nThe key above is shown this once: only its SHA-256 is kept.\n{pretty}"
-        ),
-        _ => pretty,
+        // The key alone on stdout, so `KEY=$(turnstile keys create ...)` works.
+        (KeysCall::Create { json: false, .. }, Some(key)) => Printed {
+            stdout: key.to_owned(),
+            note: Some(format!(
+                "The key is shown this once: only its SHA-256 is kept (fingerprint {}).",
+                value["fingerprint"].as_str().unwrap_or("?")
+            )),
+        },
+        _ => Printed {
+            stdout: pretty,
+            note: None,
+        },
     })
+}
+
+/// What a `keys` command prints: `stdout` for scripts, `note` for people
+/// (standard error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Printed {
+    /// The answer.
+    pub stdout: String,
+    /// A remark beside it.
+    pub note: Option<String>,
 }
 
 #[cfg(test)]

@@ -264,7 +264,7 @@ pub struct UpstreamSettings {
 pub enum Backend {
     /// In this process.
     Memory,
-    /// In Redis, shared by every instance (README, "Distributed mode").
+    /// In Redis, shared by every instance (docs/operations.md, "Distributed mode").
     Redis(RedisSettings),
 }
 

@@ -407,7 +407,7 @@ fn a_flood_of_distinct_keys_stays_under_max_counters_keeping_registered_keys() {
 
 #[test]
 fn a_subject_with_two_counters_fits_in_one_small_allocation() {
-    // The figure behind "bytes per live counter" (README): two counters
+    // The figure behind "bytes per live counter" (docs/performance.md): two counters
     // inline, the queues of queued limits out of line.
     assert_eq!(std::mem::size_of::<Counter>(), 32);
     assert_eq!(std::mem::size_of::<SubjectCounters>(), 88);

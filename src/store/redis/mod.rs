@@ -1,4 +1,4 @@
-//! Counters in Redis, shared by every turnstile instance (README, "Distributed mode").
+//! Counters in Redis, shared by every turnstile instance (docs/operations.md, "Distributed mode").
 //!
 //! Each request is one round trip: `decide.lua` (EVALSHA, reloaded on
 //! NOSCRIPT) evaluates every limit on the Redis server's clock and counts only
