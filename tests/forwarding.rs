@@ -309,3 +309,74 @@ async fn http2_cleartext_clients_are_served() {
     assert_eq!(up.last().uri, "/h2");
     assert_eq!(up.last().headers["host"], p.addr.to_string());
 }
+
+/// Every exchange has one id: the client's `X-Request-Id` when it is 1–128
+/// visible ASCII characters in one header, else one made by turnstile; the
+/// upstream gets exactly that id and the client gets it back, refusals
+/// included.
+#[tokio::test]
+async fn each_exchange_carries_one_request_id_both_ways() {
+    let (up, p) = setup().await;
+    let with = |ids: &[&str]| {
+        let mut r = req("GET", &p.url("/anything")).header("x-api-key", "k");
+        for id in ids {
+            r = r.header("x-request-id", *id);
+        }
+        r.body(Full::new(Bytes::new())).unwrap()
+    };
+    // A usable id is kept, both ways.
+    let got = send(with(&["req-42.a_b"])).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.h("x-request-id"), "req-42.a_b");
+    let seen = up.last().headers;
+    let sent: Vec<_> = seen.get_all("x-request-id").iter().collect();
+    assert_eq!(sent, ["req-42.a_b"]);
+    // None, or one that is not usable: a new one, the same both ways, and
+    // the client's never reaches the upstream.
+    let long = "a".repeat(129);
+    for ids in [
+        &[][..],
+        &["has space"][..],
+        &[""][..],
+        &[long.as_str()][..],
+        &["one", "two"][..],
+    ] {
+        let got = send(with(ids)).await;
+        assert_eq!(got.status, 200, "{ids:?}");
+        let made = got.h("x-request-id").to_owned();
+        assert_eq!(made.len(), 32, "{ids:?}: {made}");
+        assert!(made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+        let seen = up.last().headers;
+        let sent: Vec<_> = seen.get_all("x-request-id").iter().collect();
+        assert_eq!(sent, [made.as_str()], "{ids:?}");
+    }
+    let a = call("GET", &p.url("/anything"), Some("k")).await;
+    let b = call("GET", &p.url("/anything"), Some("k")).await;
+    assert_ne!(a.h("x-request-id"), b.h("x-request-id"));
+    // Answers turnstile makes itself carry it too.
+    let refused = send(
+        req("GET", &p.url("/"))
+            .header("x-request-id", "refused-1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(refused.status, 404);
+    assert_eq!(refused.h("x-request-id"), "refused-1");
+    let longest = "b".repeat(128);
+    let got = send(with(&[&longest])).await;
+    assert_eq!(got.h("x-request-id"), longest);
+}
+
+/// On HTTP/1.1 the name is spelled `X-Request-Id`, whoever made the answer.
+#[tokio::test]
+async fn the_request_id_header_is_spelled_as_published() {
+    let (_up, p) = setup().await;
+    let raw_answer = raw(
+        p.addr,
+        b"GET /anything HTTP/1.1\r\nHost: x\r\nX-Api-Key: k\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(raw_answer.contains("\r\nX-Request-Id: "), "{raw_answer}");
+}

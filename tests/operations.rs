@@ -473,7 +473,13 @@ async fn the_access_log_has_one_line_per_exchange() {
     assert_eq!(f["bytes_out"], body.body.len());
     assert!(f["upstream_ms"].as_f64().unwrap() > 0.0, "{ok}");
     assert!(f["duration_ms"].as_f64().unwrap() >= f["upstream_ms"].as_f64().unwrap());
+    assert_eq!(f["request_id"], body.h("x-request-id"), "{ok}");
     let refused = access_line(&b, "\"decision\":\"rate_limited\"").await;
+    assert_eq!(
+        refused["fields"]["request_id"].as_str().map(str::len),
+        Some(32),
+        "{refused}"
+    );
     assert_eq!(
         (&refused["fields"]["status"], &refused["fields"]["limit"]),
         (&serde_json::json!(429), &serde_json::json!("daily"))

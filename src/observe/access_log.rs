@@ -68,6 +68,8 @@ pub struct AccessLine {
     pub bytes_out: u64,
     /// From the request's arrival to the end of its response body.
     pub duration_ms: f64,
+    /// The exchange's id (`X-Request-Id`).
+    pub request_id: Option<String>,
 }
 
 /// What travels to the writer thread.
@@ -170,6 +172,7 @@ fn format_line(l: &AccessLine, out: &mut String) {
     } else {
         let _ = write!(fields.out, "{stamp}  INFO turnstile::access: access");
     }
+    fields.text("request_id", l.request_id.as_deref());
     fields.text("method", Some(&l.method));
     fields.text("path", Some(&l.path));
     fields.text("route", Some(&l.route));

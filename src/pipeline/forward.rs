@@ -174,6 +174,10 @@ fn upstream_request(
     let uri = upstream_uri(&policy.upstream, &parts.uri)?;
     let mut headers = parts.headers;
     upstream_headers(policy, &mut headers, &parts.uri, cx.peer, cx.who.as_ref());
+    headers.insert(
+        super::request_id::X_REQUEST_ID.clone(),
+        cx.request_id.clone(),
+    );
     if cx.route.is_some_and(|r| r.reads_answer) {
         ask_for_whole_answer(&mut headers);
     }

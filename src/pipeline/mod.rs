@@ -15,6 +15,7 @@ mod admission;
 mod decide;
 mod forward;
 pub mod inspect;
+pub mod request_id;
 mod route;
 pub mod usage;
 
@@ -27,7 +28,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::header::HeaderMap;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
@@ -157,6 +158,8 @@ struct Exchange<'a> {
     upstream_us: AtomicU64,
     /// An answer turnstile made itself on the way (a usage answer).
     generated: bool,
+    /// The exchange's id (`X-Request-Id`), the client's or made here.
+    request_id: HeaderValue,
 }
 
 impl Exchange<'_> {
@@ -181,6 +184,7 @@ impl Exchange<'_> {
         line.limit = limit;
         let us = self.upstream_us.load(Ordering::Relaxed);
         line.upstream_ms = (us > 0).then(|| us as f64 / 1000.0);
+        line.request_id = self.request_id.to_str().ok().map(str::to_owned);
         line
     }
 }
@@ -432,11 +436,15 @@ impl Turnstile {
             decided: None,
             upstream_us: AtomicU64::new(0),
             generated: false,
+            request_id: request_id::of(req.headers()),
         };
         let outcome = self.steps(&mut cx, req).await;
         let generated = cx.generated || outcome.is_err();
         let facts = access.as_ref().map(|_| outcome_facts(&outcome));
-        let response = self.finish(&cx, outcome).await;
+        let mut response = self.finish(&cx, outcome).await;
+        response
+            .headers_mut()
+            .insert(request_id::X_REQUEST_ID.clone(), cx.request_id.clone());
         let response = match (access, facts) {
             (Some((log, line, started)), Some((decision, limit))) => {
                 let line = cx.access_line(line, response.status().as_u16(), decision, limit);

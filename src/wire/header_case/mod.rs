@@ -60,6 +60,7 @@ impl Spellings {
             "RateLimit-Policy".to_owned(),
             "RateLimit".to_owned(),
             "WWW-Authenticate".to_owned(),
+            "X-Request-Id".to_owned(),
         ];
         for prefix in prefixes {
             for suffix in ["Limit", "Remaining", "Reset", "Type"] {
