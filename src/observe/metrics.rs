@@ -257,6 +257,20 @@ impl Metrics {
             registry: r,
             samples: Default::default(),
         }
+        .with_known_outcomes()
+    }
+
+    /// Outcomes known in advance are exported at 0 from the start, so a
+    /// dashboard shows 0 rather than no data until the first one.
+    fn with_known_outcomes(self) -> Self {
+        for outcome in ["ok", "error"] {
+            let _ = self.reloads.get_or_create(&OutcomeLabels { outcome });
+            let _ = self
+                .store
+                .snapshots
+                .get_or_create(&OutcomeLabels { outcome });
+        }
+        self
     }
 
     /// Counts one job ended, by how (`done`, `cancelled`, `admin`; expiries
@@ -338,6 +352,14 @@ impl Metrics {
                 outcome: if ok { "ok" } else { "error" },
             })
             .inc();
+    }
+
+    /// Makes `turnstile_jobs_unreadable_total{route}` exist (at 0) for a
+    /// job route.
+    pub fn job_unreadable_series(&self, route: &Arc<str>) {
+        let _ = self.jobs_unreadable.get_or_create(&RouteLabels {
+            route: Name(route.clone()),
+        });
     }
 
     /// Counts a snapshot write.

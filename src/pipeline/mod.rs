@@ -96,6 +96,13 @@ impl Live {
             .iter()
             .map(|r| metrics.route(&r.name, &limit_names(&policy, r.index)))
             .collect();
+        // Series dashboards query start at 0 rather than missing until the
+        // first event.
+        for r in &policy.routes {
+            if matches!(r.job, crate::jobs::JobRole::Submit { .. }) {
+                metrics.job_unreadable_series(&r.name);
+            }
+        }
         route_metrics.push(metrics.route(&unmatched_label(), &[]));
         Self {
             policy: Arc::new(policy),
