@@ -314,9 +314,11 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
             log_app.flush_refusal_log();
             let policy = log_app.policy();
             if policy.admin.is_some() {
+                let at = log_app.store().in_process().now() / crate::clock::SECOND;
+                let jobs = log_app.store().jobs_in_progress();
                 log_app
                     .metrics()
-                    .sample_routes(policy.routes.iter().map(|r| &r.name));
+                    .sample_routes(policy.routes.iter().map(|r| &r.name), at, jobs);
             }
         }
     }));

@@ -86,8 +86,11 @@ async fn the_page_shows_live_counts_and_the_most_refused_key() {
     .await;
     assert_eq!(page.status, 200);
     assert!(page.h("content-type").starts_with("text/html"));
+    // No external assets: nothing loaded from an absolute URL (the SVG
+    // namespace name is an identifier, never fetched).
+    let body = page.body.replace("\"http://www.w3.org/2000/svg\"", "");
     assert!(
-        !page.body.contains("http://") && !page.body.contains("https://"),
+        !body.contains("http://") && !body.contains("https://"),
         "no external assets"
     );
 
@@ -146,4 +149,82 @@ async fn usage_by_fingerprint() {
     assert_eq!(by_fp.json()["counters"][0]["used"], 1);
     let missing = get("/v1/usage?fingerprint=00000000".into()).await;
     assert_eq!(missing.status, 404, "{}", missing.body);
+}
+
+/// The series a chart drew, from its `data-series` attribute in the DOM.
+fn chart(dom: &str, id: &str) -> serde_json::Value {
+    let at = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no chart {id} in {dom}"));
+    let div = &dom[dom[..at].rfind('<').unwrap()..];
+    let div = &div[..div.find('>').unwrap()];
+    let attr = div
+        .split("data-series=\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{id} drew nothing: {div}"));
+    let json = attr[..attr.find('"').unwrap()]
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&");
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"))
+}
+
+fn sum(series: &serde_json::Value) -> f64 {
+    series
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn the_charts_draw_the_traffic_just_sent() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), KEYS).unwrap();
+    let b = Binary::start(dir.path(), CONFIG, &up).await;
+    b.wait_admin().await;
+    // The history's first point is noted by a background task at start.
+    let dashboard = || async {
+        send(
+            req("GET", &b.admin("/v1/dashboard"))
+                .header("authorization", "Bearer s3cret")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .json()
+    };
+    for _ in 0..100 {
+        if !dashboard().await["history"]["times"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // 3 forwarded and 4 refused for key-a.
+    for _ in 0..7 {
+        call("GET", &b.url("/gen"), Some("key-a")).await;
+    }
+    let data = dashboard().await;
+    assert!(sum(&data["history"]["forwarded"]["gen"]) > 0.0, "{data}");
+
+    let dom = rendered(&format!("{}#token=s3cret", b.admin("/")), 5_000);
+    let forwarded = chart(&dom, "chart-forwarded");
+    assert!(sum(&forwarded["gen"]) > 0.0, "{forwarded}");
+    let refused = chart(&dom, "chart-refused");
+    assert!(sum(&refused["gen"]) > 0.0, "{refused}");
+    let reasons = chart(&dom, "chart-reasons");
+    assert!(sum(&reasons["rate_limited"]) > 0.0, "{reasons}");
+    // Refusals were a larger share than forwards (4 to 3) in every
+    // interval that saw traffic.
+    assert!(
+        sum(&refused["gen"]) > sum(&forwarded["gen"]),
+        "{refused} {forwarded}"
+    );
+    // No jobs or credits in this config: those charts stay hidden.
+    assert!(dom.contains("id=\"chart-jobs\" hidden"), "{dom}");
 }

@@ -43,7 +43,8 @@ pub(super) fn page() -> Response<Body> {
 }
 
 /// `GET /v1/dashboard`: requests by route and decision so far, the most
-/// refused keys (fingerprints) and accounts, jobs in progress.
+/// refused keys (fingerprints) and accounts, jobs in progress, and the last
+/// 15 minutes for the charts.
 pub(super) fn summary(app: &Turnstile, policy: &Policy) -> Response<Body> {
     let totals = app
         .metrics()
@@ -64,10 +65,16 @@ pub(super) fn summary(app: &Turnstile, policy: &Policy) -> Response<Body> {
     let top = app.top_refused();
     let rules = || policy.plans.iter().flat_map(|p| &p.limits).map(|l| &l.rule);
     let health = app.store().health();
+    let now = app.store().in_process().now() / SECOND;
+    let jobs_in_progress = app.store().jobs_in_progress();
+    let history = app
+        .metrics()
+        .history()
+        .series(now, &totals, jobs_in_progress);
     json_response(
         StatusCode::OK,
         &json!({
-            "at": app.store().in_process().now() / SECOND,
+            "at": now,
             "store": { "backend": health.backend, "up": health.up },
             "routes": routes,
             "refused": {
@@ -75,7 +82,8 @@ pub(super) fn summary(app: &Turnstile, policy: &Policy) -> Response<Body> {
                 "accounts": top.accounts(TOP),
             },
             "jobs": rules().any(|r| matches!(r, Rule::Jobs(_))),
-            "jobs_in_progress": app.store().jobs_in_progress(),
+            "jobs_in_progress": jobs_in_progress,
+            "history": history,
             "credits": rules().any(|r| matches!(r, Rule::Credits(_))),
         }),
     )

@@ -88,6 +88,8 @@ pub struct Metrics {
     access_log_dropped: Counter,
     /// Route totals sampled once a second, for the dashboard's rates.
     samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
+    /// The last 15 minutes, for the dashboard's charts.
+    history: super::history::History,
 }
 
 /// What the counter store reports: set from [`StoreFigures`] at scrape time,
@@ -256,6 +258,7 @@ impl Metrics {
             ),
             registry: r,
             samples: Default::default(),
+            history: Default::default(),
         }
         .with_known_outcomes()
     }
@@ -412,17 +415,7 @@ impl Metrics {
 /// The route label of requests no route matched.
 pub const UNMATCHED: &str = "(unmatched)";
 
-/// One route's requests so far, by decision (`forwarded` or a refusal
-/// code), and the credits its requests spent.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct RouteTotals {
-    /// The route's name.
-    pub route: String,
-    /// Requests by decision; decisions never taken are left out.
-    pub decisions: std::collections::BTreeMap<&'static str, u64>,
-    /// Credits spent (settled figures where they arrived).
-    pub credits_spent: u64,
-}
+pub use super::history::RouteTotals;
 
 impl Metrics {
     /// The totals of each of `routes` (and of unmatched requests), read
@@ -475,26 +468,31 @@ pub struct RouteRate {
     pub refused: f64,
 }
 
-impl RouteTotals {
-    fn split(&self) -> (u64, u64) {
-        let forwarded = self.decisions.get("forwarded").copied().unwrap_or(0);
-        let all: u64 = self.decisions.values().sum();
-        (forwarded, all - forwarded)
-    }
-}
-
 impl Metrics {
-    /// Notes the totals of `routes` now (called once a second).
-    pub fn sample_routes<'a>(&self, routes: impl IntoIterator<Item = &'a Arc<str>>) {
+    /// Notes the totals of `routes` now (called once a second), for the
+    /// rates and, every [`super::history::STEP`] seconds, the charts;
+    /// `at` is unix seconds, `jobs` the jobs in progress.
+    pub fn sample_routes<'a>(
+        &self,
+        routes: impl IntoIterator<Item = &'a Arc<str>>,
+        at: u64,
+        jobs: i64,
+    ) {
         let sample = Sample {
             at: tokio::time::Instant::now(),
             totals: self.route_totals(routes),
         };
+        self.history.offer(at, jobs, || sample.totals.clone());
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         if samples.len() == SAMPLES {
             samples.pop_front();
         }
         samples.push_back(sample);
+    }
+
+    /// The last 15 minutes, for the dashboard's charts.
+    pub fn history(&self) -> &super::history::History {
+        &self.history
     }
 
     /// Each of `now`'s routes' rates since the oldest sample kept (none
@@ -658,7 +656,7 @@ mod tests {
         hot.forwarded();
         m.request(&gen, "unauthorized");
         let routes = [gen.clone()];
-        m.sample_routes(&routes);
+        m.sample_routes(&routes, 0, 0);
         for _ in 0..20 {
             hot.forwarded();
             hot.rate_limited_by(&m, &gen, &gen);

@@ -2,12 +2,14 @@
 //!
 //! Owns the Prometheus metrics ([`metrics`]), the access log
 //! ([`access_log`]), the sampled refusal log ([`refusal_log`]) and the
-//! most-refused keys ([`top_refused`]). Nothing here decides anything.
+//! most-refused keys ([`top_refused`]), the last 15 minutes for the
+//! dashboard's charts ([`history`]). Nothing here decides anything.
 //!
 //! May import: [`crate::respond`] (refusal codes), [`crate::wire`],
 //! [`crate::clock`].
 
 pub mod access_log;
+pub mod history;
 pub mod metrics;
 pub mod refusal_log;
 pub mod top_refused;
