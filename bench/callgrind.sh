@@ -12,7 +12,8 @@
 #   refuse  every request refused with 429 (one request a minute allowed)
 #
 # Usage: bench/callgrind.sh [BIN]   (default target/release/turnstile;
-# BASELINE=/path/to/another/build adds its figures and the ratio)
+# BASELINE=/path/to/another/build adds its figures and the ratio;
+# EXTRA_TOML="..." is appended to both configs, e.g. a [telemetry] table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -58,6 +59,7 @@ window = "1d"
 name = "conc"
 kind = "concurrency"
 max = 64
+${EXTRA_TOML:-}
 TOML
 }
 conf 100000000 > "$work/admit.toml"

@@ -215,6 +215,7 @@ fn spawn_connection(
 async fn wind_down(app: &Arc<Turnstile>) {
     write_snapshot(app).await;
     app.flush_access_log();
+    app.flush_traces().await;
 }
 
 /// Serves one client connection (plain or TLS) with the proxy's settings

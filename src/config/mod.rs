@@ -23,7 +23,8 @@ mod units;
 use plans::{compile_plan, positive};
 use routes::{compile_routes, gate_routes, type_pattern};
 use server::{
-    add_responses, compile_admin, compile_headers, compile_server, compile_store, compile_upstream,
+    add_responses, compile_headers, compile_operations, compile_server, compile_store,
+    compile_upstream,
 };
 
 use std::fmt::Write as _;
@@ -45,6 +46,7 @@ use crate::content::values::ValueSource;
 use crate::jobs::JobRole;
 use crate::keys::identity::IdentitySettings;
 pub use crate::limits::{HeaderTrio, LimitSpec, Per, QueueSpec};
+pub use crate::observe::trace::TelemetrySettings;
 use crate::respond::{HeaderSettings, ResponseSet};
 pub use crate::store::{OnError, RedisSettings};
 pub use crate::wire::body::display_size;
@@ -369,6 +371,8 @@ pub struct Policy {
     pub admin: Option<AdminSettings>,
     /// `[log]`.
     pub log: LogSettings,
+    /// `[telemetry]`; `None`: no traces exported.
+    pub telemetry: Option<TelemetrySettings>,
     /// Routes in file order.
     pub routes: Vec<Route>,
     /// Plans by name order.
@@ -425,14 +429,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         .filter_map(|l| l.get_ref().headers.as_ref().map(|h| h.get_ref().as_str()));
     let headers = compile_headers(src, &raw.headers, limit_prefixes)?;
     let store = compile_store(src, &raw.store, base)?;
-    let log = LogSettings {
-        refusals_per_second: raw.log.refusals_per_second.unwrap_or(100),
-        access: raw.log.access.unwrap_or(false),
-    };
-    let admin = match &raw.admin {
-        None => None,
-        Some(a) => Some(compile_admin(src, a, base)?),
-    };
+    let (log, admin, telemetry) = compile_operations(src, &raw, base)?;
 
     let mut global = ResponseSet::default();
     if let Some(r) = &raw.responses {
@@ -489,6 +486,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         store,
         admin,
         log,
+        telemetry,
         routes,
         plans,
         responses: global,

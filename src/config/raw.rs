@@ -31,6 +31,16 @@ pub(crate) struct RawConfig {
     pub(crate) admin: Option<RawAdmin>,
     #[serde(default)]
     pub(crate) log: RawLog,
+    pub(crate) telemetry: Option<RawTelemetry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTelemetry {
+    pub(crate) otlp_endpoint: Spanned<String>,
+    pub(crate) sample_ratio: Option<Spanned<f64>>,
+    pub(crate) service_name: Option<String>,
+    pub(crate) export_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -16,12 +16,12 @@ use crate::store::{OnError, RedisSettings};
 use crate::wire::header_case::Spellings;
 
 use super::raw::{
-    RawAdmin, RawBackend, RawHeaders, RawOnError, RawReset, RawResponses, RawServer, RawStore,
-    RawUnmatched, RawUpstream,
+    RawAdmin, RawBackend, RawConfig, RawHeaders, RawOnError, RawReset, RawResponses, RawServer,
+    RawStore, RawTelemetry, RawUnmatched, RawUpstream,
 };
 use super::{
-    duration, header_name, size, AdminSettings, Backend, ConfigError, ServerSettings, Source,
-    StoreSettings, Unmatched, UpstreamSettings,
+    duration, header_name, size, AdminSettings, Backend, ConfigError, LogSettings, ServerSettings,
+    Source, StoreSettings, TelemetrySettings, Unmatched, UpstreamSettings,
 };
 
 /// `[store]`.
@@ -360,4 +360,65 @@ pub(super) fn add_responses(
         }
     }
     Ok(())
+}
+
+/// `[log]`, `[admin]` and `[telemetry]`: how turnstile is watched.
+pub(super) fn compile_operations(
+    src: &Source,
+    raw: &RawConfig,
+    base: &Path,
+) -> Result<
+    (
+        LogSettings,
+        Option<AdminSettings>,
+        Option<TelemetrySettings>,
+    ),
+    ConfigError,
+> {
+    let log = LogSettings {
+        refusals_per_second: raw.log.refusals_per_second.unwrap_or(100),
+        access: raw.log.access.unwrap_or(false),
+    };
+    let admin = match &raw.admin {
+        None => None,
+        Some(a) => Some(compile_admin(src, a, base)?),
+    };
+    let telemetry = match &raw.telemetry {
+        None => None,
+        Some(t) => Some(compile_telemetry(src, t)?),
+    };
+    Ok((log, admin, telemetry))
+}
+
+fn compile_telemetry(src: &Source, t: &RawTelemetry) -> Result<TelemetrySettings, ConfigError> {
+    let endpoint = t.otlp_endpoint.get_ref().trim();
+    let parsed: Result<http::Uri, _> = endpoint.parse();
+    let usable = parsed.as_ref().is_ok_and(|u| {
+        matches!(u.scheme_str(), Some("http") | Some("https")) && u.authority().is_some()
+    });
+    if !usable {
+        return Err(src.at(
+            t.otlp_endpoint.span(),
+            "otlp_endpoint must be an http:// or https:// URL of an OTLP/gRPC collector, e.g. \"http://127.0.0.1:4317\"",
+        ));
+    }
+    let sample_ratio = match &t.sample_ratio {
+        None => 1.0,
+        Some(r) if (0.0..=1.0).contains(r.get_ref()) => *r.get_ref(),
+        Some(r) => {
+            return Err(src.at(
+                r.span(),
+                "sample_ratio must be from 0 to 1 (0.01: one trace in a hundred)",
+            ))
+        }
+    };
+    Ok(TelemetrySettings {
+        otlp_endpoint: endpoint.to_owned(),
+        sample_ratio,
+        service_name: t
+            .service_name
+            .clone()
+            .unwrap_or_else(|| "turnstile".to_owned()),
+        export_interval: duration(src, &t.export_interval, std::time::Duration::from_secs(5))?,
+    })
 }

@@ -386,3 +386,26 @@ fn jobs_limits_and_job_routes_are_validated_with_positions() {
         .2
         .contains("`queue` does not apply to a jobs limit"));
 }
+
+#[test]
+fn telemetry_settings_are_checked() {
+    let p = load_text(&format!(
+        "{BASE}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\n"
+    ))
+    .unwrap();
+    let t = p.telemetry.unwrap();
+    assert_eq!(
+        (t.sample_ratio, t.service_name.as_str(), t.export_interval),
+        (1.0, "turnstile", std::time::Duration::from_secs(5))
+    );
+    assert!(load_text(BASE).unwrap().telemetry.is_none());
+    let (line, col, msg) = err_at(&format!(
+        "{BASE}\n[telemetry]\notlp_endpoint = \"collector:4317\"\n"
+    ));
+    assert_eq!((line, col), (15, 17));
+    assert!(msg.contains("http:// or https:// URL"), "{msg}");
+    let (_, _, msg) = err_at(&format!(
+        "{BASE}\n[telemetry]\notlp_endpoint = \"http://c:4317\"\nsample_ratio = 1.5\n"
+    ));
+    assert!(msg.starts_with("sample_ratio must be from 0 to 1"), "{msg}");
+}

@@ -13,3 +13,4 @@ pub mod history;
 pub mod metrics;
 pub mod refusal_log;
 pub mod top_refused;
+pub mod trace;

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use opentelemetry::trace::SpanKind;
 use smallvec::SmallVec;
 
 use super::{Decided, Exchange, Identified, Turnstile};
@@ -18,6 +19,14 @@ use crate::store::{Lease, LimitCheck, OwnedCheck, Store, StoreError, Subject};
 impl Turnstile {
     /// Decides the request's limits; admitted: the slots it holds. The
     /// verdicts are kept in `cx` for the rate-limit headers either way.
+    /// [`Turnstile::decide`] inside its own span when the exchange is traced.
+    pub(super) async fn decide_traced(&self, cx: &mut Exchange<'_>) -> Result<Lease, Refusal> {
+        let span = self.child_span(cx, "turnstile.decide", SpanKind::Internal);
+        let decided = self.decide(cx).await;
+        drop(span);
+        decided
+    }
+
     pub(super) async fn decide(&self, cx: &mut Exchange<'_>) -> Result<Lease, Refusal> {
         let (Some(route), Some(who)) = (cx.route, cx.who.as_ref()) else {
             return Ok(Lease::default());

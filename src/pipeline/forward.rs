@@ -11,11 +11,14 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use smallvec::SmallVec;
 
 use super::{unmatched_label, Exchange, Identified, Turnstile};
 use crate::config::{Policy, UpstreamSettings};
 use crate::jobs::answer;
+use crate::observe::trace::annotate;
 use crate::respond::Refusal;
 use crate::wire::body::{Body, BodyFault, BodyLimits, Deadline, LimitedBody, Trip};
 use crate::wire::upstream::UpstreamError;
@@ -94,7 +97,9 @@ impl Turnstile {
         let timeout = route.map_or(policy.upstream.timeout, |r| r.timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let trip = Trip::default();
-        let request = upstream_request(cx, parts, body, trip.clone())?;
+        let mut request = upstream_request(cx, parts, body, trip.clone())?;
+        let span = self.child_span(cx, "turnstile.upstream", SpanKind::Client);
+        self.inject(span.as_ref(), request.headers_mut());
 
         let sent = std::time::Instant::now();
         let has_watcher = watcher.is_some();
@@ -126,6 +131,13 @@ impl Turnstile {
             exchange.await
         };
         let took = sent.elapsed();
+        if let Some(span) = &span {
+            let status = result
+                .as_ref()
+                .map_or(0, |r| i64::from(r.status().as_u16()));
+            annotate(span, [KeyValue::new("http.response.status_code", status)]);
+        }
+        drop(span);
         live.route_metrics(route).upstream_latency(took);
         cx.upstream_us.store(
             u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1),

@@ -17,6 +17,7 @@ mod forward;
 pub mod inspect;
 pub mod request_id;
 mod route;
+mod traced;
 pub mod usage;
 
 pub use admission::MAX_HEADERS;
@@ -42,6 +43,7 @@ use crate::observe::access_log::{AccessLine, AccessLog, Logged};
 use crate::observe::metrics::{Metrics, RouteMetrics};
 use crate::observe::refusal_log::RefusalLog;
 use crate::observe::top_refused::TopRefused;
+use crate::observe::trace::Tracing;
 use crate::pipeline::inspect::{Budget, ReadLimits, RequestBody};
 use crate::respond::{self, Checked, Refusal};
 use crate::store::{CounterStore, LimitCheck, Store};
@@ -126,6 +128,8 @@ pub struct Turnstile {
     keys: RuntimeKeys,
     /// Started the first time a config turns the access log on.
     access_log: std::sync::OnceLock<Option<AccessLog>>,
+    /// OpenTelemetry spans (`[telemetry]`, read at start).
+    tracing: Option<Tracing>,
 }
 
 impl std::fmt::Debug for Turnstile {
@@ -167,6 +171,8 @@ struct Exchange<'a> {
     generated: bool,
     /// The exchange's id (`X-Request-Id`), the client's or made here.
     request_id: HeaderValue,
+    /// The exchange's span context, when traced (`[telemetry]`).
+    trace: Option<opentelemetry::Context>,
 }
 
 impl Exchange<'_> {
@@ -236,6 +242,11 @@ impl Turnstile {
             top_refused: TopRefused::default(),
             keys,
             access_log: std::sync::OnceLock::new(),
+            tracing: policy.telemetry.as_ref().and_then(|s| {
+                Tracing::start(s)
+                    .map_err(|e| tracing::error!(error = %e, "traces are not exported"))
+                    .ok()
+            }),
             live: ArcSwap::from_pointee(Live::new(policy, &metrics)),
             store,
             metrics,
@@ -382,6 +393,9 @@ impl Turnstile {
         if old.identity.key_store != policy.identity.key_store {
             restart_needed.push("[identity] key_store");
         }
+        if old.telemetry != policy.telemetry {
+            restart_needed.push("[telemetry]");
+        }
         for what in &restart_needed {
             tracing::warn!(
                 setting = what,
@@ -444,11 +458,17 @@ impl Turnstile {
             upstream_us: AtomicU64::new(0),
             generated: false,
             request_id: request_id::of(req.headers()),
+            trace: self.tracing.as_ref().map(|t| t.exchange(req.headers())),
         };
+        let method = cx.trace.as_ref().map(|_| req.method().clone());
         let outcome = self.steps(&mut cx, req).await;
         let generated = cx.generated || outcome.is_err();
-        let facts = access.as_ref().map(|_| outcome_facts(&outcome));
+        let facts = (access.is_some() || cx.trace.is_some()).then(|| outcome_facts(&outcome));
         let mut response = self.finish(&cx, outcome).await;
+        if let (Some(method), Some((decision, limit))) = (&method, &facts) {
+            let status = response.status().as_u16();
+            traced::annotate_exchange(&cx, method.as_str(), status, decision, limit.as_deref());
+        }
         response
             .headers_mut()
             .insert(request_id::X_REQUEST_ID.clone(), cx.request_id.clone());
@@ -459,7 +479,8 @@ impl Turnstile {
             }
             _ => response,
         };
-        let response = response.map(|b| WithGuard::new(b, (exchange, held)).boxed());
+        // The exchange's span ends with its response body.
+        let response = response.map(|b| WithGuard::new(b, (exchange, held, cx.trace)).boxed());
         (response, generated)
     }
 
@@ -530,7 +551,7 @@ impl Turnstile {
         let job_id = admission::job_id(route, &parts, &body)?;
 
         // 5. Limits, decided together.
-        let mut lease = self.decide(cx).await?;
+        let mut lease = self.decide_traced(cx).await?;
 
         // 6. Forward, watching the answer for jobs; 7. the slots are held
         // until the response body is done with.

@@ -1,0 +1,83 @@
+//! The exchange's spans (`[telemetry]`): its own, a child around the limit
+//! decision and one around the upstream exchange, and the attributes an
+//! operator filters on. Nothing here runs without `[telemetry]`.
+
+use opentelemetry::trace::SpanKind;
+use opentelemetry::{Context, KeyValue};
+
+use super::{Exchange, Turnstile};
+use crate::observe::trace::annotate;
+
+impl Turnstile {
+    /// A child span of the exchange's, when it is traced.
+    pub(super) fn child_span(
+        &self,
+        cx: &Exchange<'_>,
+        name: &'static str,
+        kind: SpanKind,
+    ) -> Option<Context> {
+        let tracing = self.tracing.as_ref()?;
+        Some(tracing.child(cx.trace.as_ref()?, name, kind))
+    }
+
+    /// Sends the spans still buffered (at shutdown).
+    pub async fn flush_traces(self: &std::sync::Arc<Self>) {
+        if self.tracing.is_none() {
+            return;
+        }
+        let app = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(tracing) = &app.tracing {
+                tracing.shutdown();
+            }
+        })
+        .await;
+    }
+
+    /// Writes the upstream span's context into the upstream request.
+    pub(super) fn inject(&self, span: Option<&Context>, headers: &mut http::HeaderMap) {
+        if let (Some(tracing), Some(span)) = (self.tracing.as_ref(), span) {
+            tracing.inject(span, headers);
+        }
+    }
+}
+
+/// What the exchange's span says once it has an answer (never the key:
+/// its fingerprint).
+pub(super) fn annotate_exchange(
+    cx: &Exchange<'_>,
+    method: &str,
+    status: u16,
+    decision: &'static str,
+    limit: Option<&str>,
+) {
+    let Some(trace) = &cx.trace else { return };
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", method.to_owned()),
+        KeyValue::new("http.response.status_code", i64::from(status)),
+        KeyValue::new("turnstile.decision", decision),
+        KeyValue::new("turnstile.cost", i64::from(cx.cost)),
+    ];
+    if let Ok(id) = cx.request_id.to_str() {
+        attributes.push(KeyValue::new("turnstile.request_id", id.to_owned()));
+    }
+    if let Some(route) = cx.route {
+        attributes.push(KeyValue::new("turnstile.route", route.name.to_string()));
+    }
+    if let Some(who) = &cx.who {
+        attributes.push(KeyValue::new("turnstile.plan", who.plan.name.to_string()));
+        attributes.push(KeyValue::new(
+            "turnstile.key_fp",
+            who.caller.fingerprint.to_string(),
+        ));
+        if let Some(account) = &who.caller.account {
+            attributes.push(KeyValue::new("turnstile.account", account.to_string()));
+        }
+    } else if let Some(fp) = &cx.refused_key {
+        attributes.push(KeyValue::new("turnstile.key_fp", fp.to_string()));
+    }
+    if let Some(limit) = limit {
+        attributes.push(KeyValue::new("turnstile.limit", limit.to_owned()));
+    }
+    annotate(trace, attributes);
+}

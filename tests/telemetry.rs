@@ -1,0 +1,282 @@
+//! OpenTelemetry traces against a real OTLP/gRPC receiver (the official
+//! protobuf messages, served by tonic): one span per exchange with its
+//! attributes, children for the decision and the upstream exchange, the
+//! client's trace continued and passed to the upstream in `traceparent`.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use support::*;
+
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<Span>>>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl Receiver {
+    async fn start() -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let receiver = Receiver::default();
+        let service = TraceServiceServer::new(receiver.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (receiver, format!("http://{addr}"))
+    }
+
+    /// The spans received once `n` have arrived (10 s at most).
+    async fn spans(&self, n: usize) -> Vec<Span> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let spans = self.0.lock().unwrap().clone();
+            if spans.len() >= n || Instant::now() > deadline {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn config(endpoint: &str, ratio: f64) -> String {
+    format!(
+        r#"
+[upstream]
+url = "{{upstream}}"
+
+[identity]
+keys_file = "keys.toml"
+
+[telemetry]
+otlp_endpoint = "{endpoint}"
+sample_ratio = {ratio}
+export_interval = "100ms"
+
+[[routes]]
+name = "gen"
+path = "/gen"
+
+[plans.free]
+[[plans.free.limits]]
+name = "minute"
+requests = 1
+window = "1m"
+"#
+    )
+}
+
+const KEYS: (&str, &str) = (
+    "keys.toml",
+    "[[keys]]\nkey = \"sk-secret-key\"\naccount = \"acme\"\nplan = \"free\"\n",
+);
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    let kv = span.attributes.iter().find(|kv| kv.key == key)?;
+    Some(match kv.value.as_ref()?.value.as_ref()? {
+        Any::StringValue(s) => s.clone(),
+        Any::IntValue(i) => i.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+fn named<'a>(spans: &'a [Span], name: &str) -> Vec<&'a Span> {
+    spans.iter().filter(|s| s.name == name).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_is_a_span_whose_trace_reaches_the_upstream() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let up = Upstream::start().await;
+    let p = Proxy::start_with(&config(&endpoint, 1.0), &up, &[KEYS]).await;
+    let client_trace = "0af7651916cd43dd8448eb211c80319c";
+    let client_span = "b7ad6b7169203331";
+    let got = send(
+        req("GET", &p.url("/gen"))
+            .header("authorization", "Bearer sk-secret-key")
+            .header("traceparent", format!("00-{client_trace}-{client_span}-01"))
+            .header("x-request-id", "trace-me")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    // The upstream continues the client's trace, under turnstile's span.
+    let sent = up.last().headers;
+    let upstream_parent = sent["traceparent"].to_str().unwrap().to_owned();
+    let parts: Vec<&str> = upstream_parent.split('-').collect();
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("00", client_trace, "01"),
+        "{upstream_parent}"
+    );
+    assert_ne!(
+        parts[2], client_span,
+        "the upstream's parent is turnstile's span"
+    );
+
+    let spans = receiver.spans(3).await;
+    let exchange = named(&spans, "turnstile.exchange");
+    let decide = named(&spans, "turnstile.decide");
+    let upstream = named(&spans, "turnstile.upstream");
+    assert_eq!(
+        (exchange.len(), decide.len(), upstream.len()),
+        (1, 1, 1),
+        "{spans:?}"
+    );
+    let (exchange, decide, upstream) = (exchange[0], decide[0], upstream[0]);
+    assert_eq!(hex(&exchange.trace_id), client_trace);
+    assert_eq!(hex(&exchange.parent_span_id), client_span);
+    assert_eq!(exchange.kind, SpanKind::Server as i32);
+    assert_eq!(decide.parent_span_id, exchange.span_id);
+    assert_eq!(upstream.parent_span_id, exchange.span_id);
+    assert_eq!(upstream.kind, SpanKind::Client as i32);
+    assert_eq!(
+        hex(&upstream.span_id),
+        parts[2],
+        "the upstream got the upstream span's id"
+    );
+    for (key, want) in [
+        ("turnstile.route", "gen"),
+        ("turnstile.plan", "free"),
+        ("turnstile.account", "acme"),
+        ("turnstile.decision", "forwarded"),
+        ("turnstile.request_id", "trace-me"),
+        ("turnstile.cost", "1"),
+        ("http.response.status_code", "200"),
+        ("http.request.method", "GET"),
+    ] {
+        assert_eq!(
+            attr(exchange, key).as_deref(),
+            Some(want),
+            "{key}: {exchange:?}"
+        );
+    }
+    assert_eq!(attr(exchange, "turnstile.key_fp").map(|f| f.len()), Some(8));
+    assert_eq!(
+        attr(upstream, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    // Never the key itself, anywhere.
+    assert!(!format!("{spans:?}").contains("sk-secret-key"));
+
+    // A refusal: its span names the limit; there is no upstream span.
+    let refused = call("GET", &p.url("/gen"), Some("sk-secret-key")).await;
+    assert_eq!(refused.status, 429);
+    let spans = receiver.spans(5).await;
+    let refused: Vec<&Span> = named(&spans, "turnstile.exchange")
+        .into_iter()
+        .filter(|s| attr(s, "turnstile.decision").as_deref() == Some("rate_limited"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{spans:?}");
+    assert_eq!(
+        attr(refused[0], "turnstile.limit").as_deref(),
+        Some("minute")
+    );
+    assert_eq!(
+        attr(refused[0], "http.response.status_code").as_deref(),
+        Some("429")
+    );
+    assert_eq!(named(&spans, "turnstile.upstream").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sampling_ratio_and_the_clients_flag_decide_what_is_recorded() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let up = Upstream::start().await;
+    let p = Proxy::start_with(&config(&endpoint, 0.0), &up, &[KEYS]).await;
+    // Ratio 0: a new trace is not recorded, but the upstream still gets a
+    // trace context (not sampled) ...
+    assert_eq!(
+        call("GET", &p.url("/gen"), Some("sk-secret-key"))
+            .await
+            .status,
+        200
+    );
+    let sent = up.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(sent.ends_with("-00"), "{sent}");
+    // ... while a client's sampled trace is followed.
+    let got = send(
+        req("GET", &p.url("/gen"))
+            .header("authorization", "Bearer sk-secret-key")
+            .header(
+                "traceparent",
+                "00-11111111111111111111111111111111-2222222222222222-01",
+            )
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 429);
+    let spans = receiver.spans(2).await;
+    assert_eq!(
+        spans.len(),
+        2,
+        "decide and exchange of the sampled one only: {spans:?}"
+    );
+    assert!(spans
+        .iter()
+        .all(|s| hex(&s.trace_id) == "11111111111111111111111111111111"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_changes_no_answer() {
+    let closed = free_port();
+    let up = Upstream::start().await;
+    let p = Proxy::start_with(
+        &config(&format!("http://127.0.0.1:{closed}"), 1.0),
+        &up,
+        &[KEYS],
+    )
+    .await;
+    assert_eq!(
+        call("GET", &p.url("/gen"), Some("sk-secret-key"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call("GET", &p.url("/gen"), Some("sk-secret-key"))
+            .await
+            .status,
+        429
+    );
+    assert_eq!(up.hits(), 1);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
