@@ -99,7 +99,7 @@ impl Turnstile {
         let trip = Trip::default();
         let mut request = upstream_request(cx, parts, body, trip.clone())?;
         let span = self.child_span(cx, "turnstile.upstream", SpanKind::Client);
-        self.inject(span.as_ref(), request.headers_mut());
+        self.inject(cx, span.as_ref(), request.headers_mut());
 
         let sent = std::time::Instant::now();
         let has_watcher = watcher.is_some();

@@ -2,14 +2,15 @@
 //! decision and one around the upstream exchange, and the attributes an
 //! operator filters on. Nothing here runs without `[telemetry]`.
 
-use opentelemetry::trace::SpanKind;
+use opentelemetry::trace::{SpanKind, TraceContextExt};
 use opentelemetry::{Context, KeyValue};
 
 use super::{Exchange, Turnstile};
 use crate::observe::trace::annotate;
 
 impl Turnstile {
-    /// A child span of the exchange's, when it is traced.
+    /// A child span of the exchange's, when the exchange's trace is
+    /// recorded (an unrecorded one gets no children: nothing would keep them).
     pub(super) fn child_span(
         &self,
         cx: &Exchange<'_>,
@@ -17,7 +18,11 @@ impl Turnstile {
         kind: SpanKind,
     ) -> Option<Context> {
         let tracing = self.tracing.as_ref()?;
-        Some(tracing.child(cx.trace.as_ref()?, name, kind))
+        let parent = cx.trace.as_ref()?;
+        if !parent.span().span_context().is_sampled() {
+            return None;
+        }
+        Some(tracing.child(parent, name, kind))
     }
 
     /// Sends the spans still buffered (at shutdown).
@@ -34,10 +39,18 @@ impl Turnstile {
         .await;
     }
 
-    /// Writes the upstream span's context into the upstream request.
-    pub(super) fn inject(&self, span: Option<&Context>, headers: &mut http::HeaderMap) {
-        if let (Some(tracing), Some(span)) = (self.tracing.as_ref(), span) {
-            tracing.inject(span, headers);
+    /// Writes the trace context into the upstream request: the upstream
+    /// span's, or for a trace not recorded the exchange's, so the upstream
+    /// continues the client's trace either way.
+    pub(super) fn inject(
+        &self,
+        cx: &Exchange<'_>,
+        span: Option<&Context>,
+        headers: &mut http::HeaderMap,
+    ) {
+        let context = span.or(cx.trace.as_ref());
+        if let (Some(tracing), Some(context)) = (self.tracing.as_ref(), context) {
+            tracing.inject(context, headers);
         }
     }
 }
