@@ -326,6 +326,18 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
     if let CounterStore::Redis(redis) = app.store() {
         tasks.push(redis.spawn_renewal());
     }
+    if let Some(t) = app.policy().telemetry.as_ref().filter(|t| t.metrics) {
+        let target = crate::observe::otlp_metrics::Target {
+            endpoint: t.otlp_endpoint.clone(),
+            service_name: t.service_name.clone(),
+            every: t.export_interval,
+        };
+        let metrics_app = app.clone();
+        tasks.push(tokio::spawn(crate::observe::otlp_metrics::push_forever(
+            target,
+            move || metrics_app.metrics().families(metrics_app.store_figures()),
+        )));
+    }
     tasks.extend(app.keys().spawn_sync());
     if app.policy().store.snapshot.is_some() {
         tasks.push(tokio::spawn(async move {

@@ -1,7 +1,8 @@
 //! OpenTelemetry traces against a real OTLP/gRPC receiver (the official
 //! protobuf messages, served by tonic): one span per exchange with its
 //! attributes, children for the decision and the upstream exchange, the
-//! client's trace continued and passed to the upstream in `traceparent`.
+//! client's trace continued and passed to the upstream in `traceparent`;
+//! and the Prometheus metrics pushed over OTLP with the same names.
 
 mod support;
 
@@ -10,6 +11,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -17,6 +24,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, AggregationTemporality, Metric, NumberDataPoint,
+};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use support::*;
@@ -279,4 +289,156 @@ async fn a_collector_that_is_down_changes_no_answer() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A receiver of OTLP metrics.
+#[derive(Clone, Default)]
+struct MetricsReceiver(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
+
+#[tonic::async_trait]
+impl MetricsService for MetricsReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// The metrics of the latest push, by name.
+fn latest(pushes: &[ExportMetricsServiceRequest]) -> Vec<Metric> {
+    pushes
+        .last()
+        .map(|r| {
+            r.resource_metrics
+                .iter()
+                .flat_map(|rm| &rm.scope_metrics)
+                .flat_map(|sm| sm.metrics.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn number(p: &NumberDataPoint) -> f64 {
+    match p.value {
+        Some(number_data_point::Value::AsDouble(v)) => v,
+        Some(number_data_point::Value::AsInt(v)) => v as f64,
+        None => f64::NAN,
+    }
+}
+
+fn labels(
+    attributes: &[opentelemetry_proto::tonic::common::v1::KeyValue],
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = attributes
+        .iter()
+        .map(|kv| {
+            let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(Any::StringValue(s)) => s.clone(),
+                other => format!("{other:?}"),
+            };
+            (kv.key.clone(), v)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prometheus_metrics_are_pushed_over_otlp_with_the_same_names() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = MetricsReceiver::default();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(receiver.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let up = Upstream::start().await;
+    let config = config(&format!("http://{addr}"), 0.0).replace(
+        "export_interval = \"100ms\"",
+        "export_interval = \"100ms\"\nmetrics = true",
+    );
+    let p = Proxy::start_with(&config, &up, &[KEYS]).await;
+    assert_eq!(
+        call("GET", &p.url("/gen"), Some("sk-secret-key"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call("GET", &p.url("/gen"), Some("sk-secret-key"))
+            .await
+            .status,
+        429
+    );
+    // Wait for a push that saw both requests.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let wanted = |metrics: &[Metric]| {
+        metrics.iter().any(|m| {
+            m.name == "turnstile_rate_limited"
+                && matches!(&m.data, Some(metric::Data::Sum(s)) if s.data_points.iter().any(|p| number(p) == 1.0))
+        })
+    };
+    let metrics = loop {
+        let metrics = latest(&receiver.0.lock().unwrap());
+        if wanted(&metrics) || Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let by_name = |name: &str| {
+        metrics.iter().find(|m| m.name == name).unwrap_or_else(|| {
+            panic!(
+                "no {name} in {:?}",
+                metrics.iter().map(|m| &m.name).collect::<Vec<_>>()
+            )
+        })
+    };
+    // Counters: cumulative monotonic sums with the Prometheus labels.
+    let Some(metric::Data::Sum(requests)) = &by_name("turnstile_requests").data else {
+        panic!("turnstile_requests is not a sum");
+    };
+    assert!(requests.is_monotonic);
+    assert_eq!(
+        requests.aggregation_temporality,
+        AggregationTemporality::Cumulative as i32
+    );
+    let forwarded = requests
+        .data_points
+        .iter()
+        .find(|p| {
+            labels(&p.attributes)
+                == [
+                    ("decision".to_owned(), "forwarded".to_owned()),
+                    ("route".to_owned(), "gen".to_owned()),
+                ]
+        })
+        .expect("route gen, forwarded");
+    assert_eq!(number(forwarded), 1.0);
+    // The histogram: each bucket's own count, bounds without +Inf.
+    let Some(metric::Data::Histogram(latency)) =
+        &by_name("turnstile_upstream_latency_seconds").data
+    else {
+        panic!("the latency is not a histogram");
+    };
+    let point = latency
+        .data_points
+        .iter()
+        .find(|p| labels(&p.attributes) == [("route".to_owned(), "gen".to_owned())])
+        .expect("route gen");
+    assert_eq!(point.count, 1);
+    assert_eq!(point.bucket_counts.len(), point.explicit_bounds.len() + 1);
+    assert_eq!(point.bucket_counts.iter().sum::<u64>(), 1);
+    // Gauges too, every name a Prometheus family's.
+    assert!(matches!(
+        by_name("turnstile_in_flight_exchanges").data,
+        Some(metric::Data::Gauge(_))
+    ));
+    assert!(metrics
+        .iter()
+        .all(|m| m.name.starts_with("turnstile_") && !m.name.ends_with("_total")));
 }

@@ -21,7 +21,6 @@ use crate::config::Policy;
 use crate::keys::identity::{self, Fingerprint, KeyDigest};
 use crate::keys::runtime::KeyCache;
 use crate::limits::Per;
-use crate::observe::metrics::StoreFigures;
 use crate::pipeline::usage::{account_keys, key_view, render_rows, rows_of, Row};
 use crate::pipeline::Turnstile;
 use crate::store::{LimitCheck, OwnedCheck, StoreError};
@@ -54,17 +53,7 @@ pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Bo
             )
         }
         (&Method::GET, "/metrics") => {
-            let store = app.store().in_process();
-            let figures = StoreFigures {
-                counters: store.live_counters() as u64,
-                queued: store.queued() as u64,
-                slots: store.slots_in_flight(),
-                store_up: app.store().health().up,
-                evicted: store.evicted_counters(),
-                jobs_in_progress: app.store().jobs_in_progress(),
-                jobs_expired: app.store().jobs_expired(),
-                access_log_dropped: app.access_log_dropped(),
-            };
+            let figures = app.store_figures();
             let mut r = Response::new(full(app.metrics().render(figures)));
             r.headers_mut().insert(
                 CONTENT_TYPE,

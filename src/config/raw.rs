@@ -41,6 +41,7 @@ pub(crate) struct RawTelemetry {
     pub(crate) sample_ratio: Option<Spanned<f64>>,
     pub(crate) service_name: Option<String>,
     pub(crate) export_interval: Option<Spanned<String>>,
+    pub(crate) metrics: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

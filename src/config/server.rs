@@ -420,5 +420,6 @@ fn compile_telemetry(src: &Source, t: &RawTelemetry) -> Result<TelemetrySettings
             .clone()
             .unwrap_or_else(|| "turnstile".to_owned()),
         export_interval: duration(src, &t.export_interval, std::time::Duration::from_secs(5))?,
+        metrics: t.metrics.unwrap_or(false),
     })
 }

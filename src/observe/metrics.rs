@@ -388,6 +388,23 @@ impl Metrics {
 
     /// The Prometheus text exposition, with store figures read now.
     pub fn render(&self, figures: StoreFigures) -> String {
+        self.refresh(figures);
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            let _ = writeln!(out, "# encoding failed");
+        }
+        out
+    }
+
+    /// Every metric family as Prometheus protobuf (for OTLP), with store
+    /// figures read now.
+    pub fn families(&self, figures: StoreFigures) -> Vec<super::otlp_metrics::Family> {
+        self.refresh(figures);
+        prometheus_client::encoding::prometheus_protobuf::encode(&self.registry).unwrap_or_default()
+    }
+
+    /// Sets the figures read from the store at export time.
+    fn refresh(&self, figures: StoreFigures) {
         self.store.counters.set(figures.counters as i64);
         self.store
             .evicted
@@ -404,11 +421,6 @@ impl Metrics {
                 .access_log_dropped
                 .saturating_sub(self.access_log_dropped.get()),
         );
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            let _ = writeln!(out, "# encoding failed");
-        }
-        out
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod access_log;
 pub mod history;
 pub mod metrics;
+pub mod otlp_metrics;
 pub mod refusal_log;
 pub mod top_refused;
 pub mod trace;

@@ -27,8 +27,10 @@ pub struct TelemetrySettings {
     pub sample_ratio: f64,
     /// `service.name` of the spans.
     pub service_name: String,
-    /// How often batches are sent.
+    /// How often batches are sent (spans, and metrics with `metrics`).
     pub export_interval: Duration,
+    /// The Prometheus metrics pushed over OTLP too.
+    pub metrics: bool,
 }
 
 /// The tracer of a running turnstile.

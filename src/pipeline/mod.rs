@@ -355,6 +355,21 @@ impl Turnstile {
         Ok(r)
     }
 
+    /// The store's live figures for the metrics, read now.
+    pub fn store_figures(&self) -> crate::observe::metrics::StoreFigures {
+        let store = self.store.in_process();
+        crate::observe::metrics::StoreFigures {
+            counters: store.live_counters() as u64,
+            queued: store.queued() as u64,
+            slots: store.slots_in_flight(),
+            store_up: self.store.health().up,
+            evicted: store.evicted_counters(),
+            jobs_in_progress: self.store.jobs_in_progress(),
+            jobs_expired: self.store.jobs_expired(),
+            access_log_dropped: self.access_log_dropped(),
+        }
+    }
+
     /// The most refused keys and accounts so far.
     pub fn top_refused(&self) -> &TopRefused {
         &self.top_refused
