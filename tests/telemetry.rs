@@ -442,3 +442,35 @@ async fn the_prometheus_metrics_are_pushed_over_otlp_with_the_same_names() {
         .iter()
         .all(|m| m.name.starts_with("turnstile_") && !m.name.ends_with("_total")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_submission_span_names_the_job_its_answer_started() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let up = Upstream::start().await;
+    let config = config(&endpoint, 1.0)
+        .replace(
+            "[[routes]]\nname = \"gen\"",
+            "[[routes]]\nname = \"submit\"\nmethod = \"POST\"\npath = \"/gen\"\njob = { id = \"json:/id\" }\n\n[[routes]]\nname = \"gen\"",
+        )
+        .replace(
+            "requests = 1\nwindow = \"1m\"\n",
+            "requests = 1\nwindow = \"1m\"\n\n[[plans.free.limits]]\nname = \"jobs\"\nkind = \"jobs\"\nroutes = [\"submit\"]\nmax = 2\n",
+        );
+    let p = Proxy::start_with(&config, &up, &[KEYS]).await;
+    let got = call("POST", &p.url("/gen"), Some("sk-secret-key")).await;
+    assert_eq!(got.status, 200);
+    let job = got.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let span = loop {
+        let spans = receiver.spans(1).await;
+        let found = named(&spans, "turnstile.exchange")
+            .into_iter()
+            .find(|s| attr(s, "turnstile.route").as_deref() == Some("submit"))
+            .cloned();
+        if found.is_some() || Instant::now() > deadline {
+            break found.expect("the submission's span");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(attr(&span, "turnstile.job_id"), Some(job), "{span:?}");
+}

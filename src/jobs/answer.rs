@@ -107,6 +107,8 @@ pub struct Watcher {
     pub route: Arc<str>,
     /// See `route`.
     pub key_fp: Arc<str>,
+    /// The exchange's span, when traced: it gets the job's id.
+    pub trace: Option<opentelemetry::Context>,
 }
 
 impl Watcher {
@@ -175,7 +177,18 @@ impl Watcher {
     async fn act_now(self, headers: HeaderMap, doc: Doc) {
         let headers = &headers;
         if let Some(watch) = self.watch {
-            let unreadable = watch.act(&self.store, &self.metrics, headers, &doc).await;
+            let (job, unreadable) = watch.act(&self.store, &self.metrics, headers, &doc).await;
+            if let (Some(trace), Some(job)) = (&self.trace, job) {
+                let shown = if unreadable.is_some() {
+                    String::new()
+                } else {
+                    job
+                };
+                crate::observe::trace::annotate(
+                    trace,
+                    [opentelemetry::KeyValue::new("turnstile.job_id", shown)],
+                );
+            }
             if let Some(why) = unreadable {
                 self.metrics.job_unreadable(&self.route);
                 tracing::warn!(

@@ -170,22 +170,23 @@ pub fn watch(
 }
 
 impl Watch {
-    /// Applies a 2xx answer with these headers and document. A submission
-    /// whose answer cannot be read at its id keeps its slot as a job
-    /// without a known id; the reason is returned, to be counted and logged.
+    /// Applies a 2xx answer with these headers and document, and returns the
+    /// job it is about (when there is one). A submission whose answer cannot
+    /// be read at its id keeps its slot as a job without a known id; the
+    /// reason is returned too, to be counted and logged.
     pub(crate) async fn act(
         self,
         store: &CounterStore,
         metrics: &Metrics,
         headers: &http::HeaderMap,
         doc: &Doc,
-    ) -> Option<&'static str> {
+    ) -> (Option<String>, Option<&'static str>) {
         match self {
             Watch::Submit { id, claims } => {
                 let (job, unreadable) = match id.from_response(headers, doc) {
                     Ok(Some(job)) => (job, None),
                     // Readable, and no job named: the slots go back.
-                    Ok(None) => return None,
+                    Ok(None) => return (None, None),
                     Err(why) => (unreadable_id(), Some(why.0)),
                 };
                 for claim in claims {
@@ -193,7 +194,7 @@ impl Watch {
                         tracing::warn!(error = %e, "could not record a job: its slot frees at the lease's end");
                     }
                 }
-                unreadable
+                (Some(job), unreadable)
             }
             Watch::End {
                 id,
@@ -201,12 +202,13 @@ impl Watch {
                 how,
                 counters,
             } => {
+                let job = Some(id.to_string());
                 if let Some((state, done)) = &state {
                     let Ok(Some(now)) = state.from_response(headers, doc) else {
-                        return None;
+                        return (job, None);
                     };
                     if !done.contains(&now) {
-                        return None;
+                        return (job, None);
                     }
                 }
                 match store.end_job(&counters, &id).await {
@@ -214,7 +216,7 @@ impl Watch {
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "could not end a job"),
                 }
-                None
+                (job, None)
             }
         }
     }

@@ -152,6 +152,7 @@ impl Turnstile {
             rpc_id: body.rpc_id().cloned(),
             route: route.name.clone(),
             key_fp: Arc::from(who.caller.fingerprint.as_str()),
+            trace: cx.trace.clone(),
         })
     }
 }
