@@ -65,6 +65,9 @@ pub(super) fn annotate_exchange(
     limit: Option<&str>,
 ) {
     let Some(trace) = &cx.trace else { return };
+    if !trace.span().is_recording() {
+        return;
+    }
     let mut attributes = vec![
         KeyValue::new("http.request.method", method.to_owned()),
         KeyValue::new("http.response.status_code", i64::from(status)),
