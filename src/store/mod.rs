@@ -23,7 +23,7 @@ pub use crate::limits::QueueSpec;
 use crate::limits::{Job, Per, Rule, Verdict};
 
 /// An API key's SHA-256 digest: how the stores name a caller's counters
-/// (the key itself is never kept; [`crate::keys::digest`] makes it).
+/// (the key itself is never kept; the keys layer makes it).
 pub type KeyDigest = [u8; 32];
 
 /// Who a counter counts for.

@@ -38,7 +38,7 @@ pub struct Activity {
     requests: AtomicU64,
     in_flight: AtomicUsize,
     /// Bit `n % 64` set: the connection's `n`th request was a HEAD (its
-    /// answer has no body, which [`crate::wire::header_case`] needs to know).
+    /// answer has no body, which the header-case writer needs to know).
     heads: AtomicU64,
     /// Bit `n % 64` set: the `n`th answer was made by turnstile.
     generated: AtomicU64,

@@ -212,7 +212,7 @@ impl RedisStore {
     }
 
     /// Runs `script` with `keys` and `args` (the runtime key store's calls,
-    /// `crate::keys::runtime::redis`), bounded by the timeout and the breaker
+    /// the runtime keys' Redis store), bounded by the timeout and the breaker
     /// like every decision.
     pub async fn run_script<T: FromRedisValue>(
         &self,
