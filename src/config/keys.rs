@@ -6,40 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use http::HeaderName;
-use toml::Spanned;
 
 use super::raw::{RawIdentity, RawKey, RawKeysFile, RawUnknownKey};
-use super::{plan_index, Backend, ConfigError, Plan, Source, StoreSettings};
+use super::{Backend, ConfigError, Plans, Source, StoreSettings};
 use crate::keys::identity::{
     self, IdentitySettings, KeyDigest, KeyRecord, KeyRegistry, KeySource, KeyStoreAt, UnknownKey,
 };
-
-/// The plans a key or `default_plan` may name, for lookups and messages.
-pub(super) struct Plans<'a> {
-    pub(super) plans: &'a [Plan],
-    pub(super) names: &'a [&'a String],
-}
-
-impl Plans<'_> {
-    /// The index of the plan `name` names, or an error listing the plans.
-    fn index(&self, src: &Source, name: &Spanned<String>) -> Result<usize, ConfigError> {
-        plan_index(self.plans, name.get_ref()).ok_or_else(|| {
-            src.at(
-                name.span(),
-                format!(
-                    "unknown plan {:?}: plans are {}",
-                    name.get_ref(),
-                    self.list()
-                ),
-            )
-        })
-    }
-
-    fn list(&self) -> String {
-        let names: Vec<&str> = self.names.iter().map(|n| n.as_str()).collect();
-        names.join(", ")
-    }
-}
 
 pub(super) fn compile_identity(
     src: &Source,

@@ -453,7 +453,11 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
             by_route: vec![Vec::new(); routes.len()],
         });
     }
-    gate_routes(src, &mut routes, &raw.routes, &plans, &plan_names)?;
+    let known = Plans {
+        plans: &plans,
+        names: &plan_names,
+    };
+    gate_routes(src, &mut routes, &raw.routes, &known)?;
     if let Some(primary) = &headers.primary {
         let known = plans
             .iter()
@@ -472,10 +476,6 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         }
     }
 
-    let known = keys::Plans {
-        plans: &plans,
-        names: &plan_names,
-    };
     let identity = keys::compile_identity(src, &raw.identity, &known, base, &store)?;
     Ok(Policy {
         path: path.to_path_buf(),
@@ -491,6 +491,34 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         plans,
         responses: global,
     })
+}
+
+/// The plans a route, a key or `default_plan` may name, for lookups and
+/// messages.
+struct Plans<'a> {
+    plans: &'a [Plan],
+    names: &'a [&'a String],
+}
+
+impl Plans<'_> {
+    /// The index of the plan `name` names, or an error listing the plans.
+    fn index(&self, src: &Source, name: &Spanned<String>) -> Result<usize, ConfigError> {
+        plan_index(self.plans, name.get_ref())
+            .ok_or_else(|| self.unknown(src, name.get_ref(), name.span()))
+    }
+
+    /// "unknown plan": `name`, written at `span`, with the plans there are.
+    fn unknown(&self, src: &Source, name: &str, span: std::ops::Range<usize>) -> ConfigError {
+        src.at(
+            span,
+            format!("unknown plan {name:?}: plans are {}", self.list()),
+        )
+    }
+
+    fn list(&self) -> String {
+        let names: Vec<&str> = self.names.iter().map(|n| n.as_str()).collect();
+        names.join(", ")
+    }
 }
 
 fn plan_index(plans: &[Plan], name: &str) -> Option<usize> {

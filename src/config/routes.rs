@@ -18,7 +18,7 @@ use super::raw::{RawArgLimit, RawFormat, RawRoute};
 use super::server::add_responses;
 use super::units::{parse_size, RawSize};
 use super::{
-    content, duration, plan_index, size, ConfigError, Format, Plan, Route, ServerSettings, Source,
+    content, duration, plan_index, size, ConfigError, Format, Plans, Route, ServerSettings, Source,
     UpstreamSettings,
 };
 
@@ -52,8 +52,7 @@ pub(super) fn gate_routes(
     src: &Source,
     routes: &mut [Route],
     raw: &[Spanned<RawRoute>],
-    plans: &[Plan],
-    plan_names: &[&String],
+    known: &Plans<'_>,
 ) -> Result<(), ConfigError> {
     for (route, raw_route) in routes.iter_mut().zip(raw) {
         let Some(names) = &raw_route.get_ref().plans else {
@@ -61,23 +60,12 @@ pub(super) fn gate_routes(
         };
         let mut allowed = Vec::new();
         for name in names.get_ref() {
-            let index = plan_index(plans, name)
-                .filter(|_| !plan_names.is_empty())
-                .ok_or_else(|| {
-                    src.at(
-                        names.span(),
-                        format!(
-                            "unknown plan {name:?}: plans are {}",
-                            plan_names
-                                .iter()
-                                .map(|n| n.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    )
-                })?;
+            // Without [plans] there is no plan to gate on.
+            let index = plan_index(known.plans, name)
+                .filter(|_| !known.names.is_empty())
+                .ok_or_else(|| known.unknown(src, name, names.span()))?;
             allowed.push(index);
-            route.plan_names.push(plans[index].name.clone());
+            route.plan_names.push(known.plans[index].name.clone());
         }
         route.plans = Some(allowed);
     }

@@ -91,22 +91,20 @@ impl History {
     /// The series from the points kept to `now` (unix seconds), whose
     /// totals are `current` and jobs in progress `jobs`.
     pub fn series(&self, now: u64, current: &[RouteTotals], jobs: i64) -> Series {
-        let mut points: Vec<Point> = {
-            let kept = self.points.lock().unwrap_or_else(|p| p.into_inner());
-            kept.iter().cloned().collect()
-        };
-        points.push(Point {
-            at: now.max(points.last().map_or(0, |p| p.at)),
+        let kept = self.points.lock().unwrap_or_else(|p| p.into_inner());
+        let last = Point {
+            at: now.max(kept.back().map_or(0, |p| p.at)),
             totals: current.to_vec(),
             jobs,
-        });
+        };
+        let points: Vec<&Point> = kept.iter().chain(std::iter::once(&last)).collect();
         let mut s = Series {
             step: STEP,
             ..Series::default()
         };
         let intervals = points.len().saturating_sub(1);
         for (i, pair) in points.windows(2).enumerate() {
-            let (a, b) = (&pair[0], &pair[1]);
+            let (a, b) = (pair[0], pair[1]);
             // The running interval may be a fraction of a second old.
             let seconds = (b.at.saturating_sub(a.at)).max(1) as f64;
             s.times.push(b.at);
@@ -124,7 +122,7 @@ impl History {
                 for (decision, n) in &route.decisions {
                     let delta = n.saturating_sub(was(decision));
                     if *decision == "forwarded" {
-                        push(
+                        add(
                             &mut s.forwarded,
                             &route.route,
                             i,
@@ -142,7 +140,7 @@ impl History {
                         );
                     }
                 }
-                push(
+                add(
                     &mut s.refused,
                     &route.route,
                     i,
@@ -170,14 +168,6 @@ fn per(n: u64, seconds: f64) -> f64 {
 
 fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
-}
-
-/// Sets interval `i` of `name`'s series (made of `len` zeros if new).
-fn push(map: &mut BTreeMap<String, Vec<f64>>, name: &str, i: usize, len: usize, v: f64) {
-    let series = map.entry(name.to_owned()).or_insert_with(|| vec![0.0; len]);
-    if let Some(slot) = series.get_mut(i) {
-        *slot = v;
-    }
 }
 
 /// Adds to interval `i` of `name`'s series (made of `len` zeros if new).

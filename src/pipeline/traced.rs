@@ -3,7 +3,7 @@
 //! operator filters on. Nothing here runs without `[telemetry]`.
 
 use opentelemetry::trace::{SpanKind, TraceContextExt};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, KeyValue, StringValue};
 
 use super::{Exchange, Turnstile};
 use crate::observe::trace::annotate;
@@ -78,16 +78,25 @@ pub(super) fn annotate_exchange(
         attributes.push(KeyValue::new("turnstile.request_id", id.to_owned()));
     }
     if let Some(route) = cx.route {
-        attributes.push(KeyValue::new("turnstile.route", route.name.to_string()));
+        attributes.push(KeyValue::new(
+            "turnstile.route",
+            StringValue::from(route.name.clone()),
+        ));
     }
     if let Some(who) = &cx.who {
-        attributes.push(KeyValue::new("turnstile.plan", who.plan.name.to_string()));
+        attributes.push(KeyValue::new(
+            "turnstile.plan",
+            StringValue::from(who.plan.name.clone()),
+        ));
         attributes.push(KeyValue::new(
             "turnstile.key_fp",
             who.caller.fingerprint.to_string(),
         ));
         if let Some(account) = &who.caller.account {
-            attributes.push(KeyValue::new("turnstile.account", account.to_string()));
+            attributes.push(KeyValue::new(
+                "turnstile.account",
+                StringValue::from(account.clone()),
+            ));
         }
     } else if let Some(fp) = &cx.refused_key {
         attributes.push(KeyValue::new("turnstile.key_fp", fp.to_string()));
