@@ -350,6 +350,8 @@ pub struct Route {
     pub reads_answer: bool,
     /// Refusal templates in force (route over global).
     pub responses: Arc<ResponseSet>,
+    /// Index into [`Policy::upstreams`] (`None`: `[upstream]`).
+    pub upstream: Option<usize>,
 }
 
 /// The whole validated configuration.
@@ -361,6 +363,8 @@ pub struct Policy {
     pub server: ServerSettings,
     /// `[upstream]`.
     pub upstream: UpstreamSettings,
+    /// `[upstreams.NAME]` in name order, each with its name.
+    pub upstreams: Vec<(Arc<str>, UpstreamSettings)>,
     /// `[identity]` with the keys file.
     pub identity: IdentitySettings,
     /// `[headers]`.
@@ -379,6 +383,17 @@ pub struct Policy {
     pub plans: Vec<Plan>,
     /// Global refusal templates (used for unmatched requests).
     pub responses: Arc<ResponseSet>,
+}
+
+impl Policy {
+    /// The upstream settings requests on `route` go to (`None`: unmatched
+    /// requests, which go to `[upstream]`).
+    pub fn upstream_of(&self, route: Option<&Route>) -> &UpstreamSettings {
+        match route.and_then(|r| r.upstream) {
+            Some(i) => self.upstreams.get(i).map_or(&self.upstream, |(_, u)| u),
+            None => &self.upstream,
+        }
+    }
 }
 
 /// Loads and validates a config file (and its keys file).
@@ -422,6 +437,13 @@ fn header_name(
 fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Policy, ConfigError> {
     let server = compile_server(src, &raw.server, base)?;
     let upstream = compile_upstream(src, &raw.upstream)?;
+    let mut upstreams = Vec::with_capacity(raw.upstreams.len());
+    for (name, named) in &raw.upstreams {
+        upstreams.push((
+            Arc::from(name.as_str()),
+            compile_upstream(src, named.get_ref())?,
+        ));
+    }
     let limit_prefixes = raw
         .plans
         .values()
@@ -437,7 +459,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
     }
     let global = Arc::new(global);
 
-    let mut routes = compile_routes(src, &raw.routes, &server, &upstream, &global)?;
+    let mut routes = compile_routes(src, &raw.routes, &server, (&upstream, &upstreams), &global)?;
 
     let plan_names: Vec<&String> = raw.plans.keys().collect();
     let mut plans = Vec::with_capacity(raw.plans.len());
@@ -481,6 +503,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         path: path.to_path_buf(),
         server,
         upstream,
+        upstreams,
         identity,
         headers,
         store,

@@ -17,6 +17,9 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) server: RawServer,
     pub(crate) upstream: RawUpstream,
+    /// `[upstreams.NAME]`: more upstreams, chosen by a route's `upstream`.
+    #[serde(default)]
+    pub(crate) upstreams: BTreeMap<String, Spanned<RawUpstream>>,
     #[serde(default)]
     pub(crate) identity: RawIdentity,
     #[serde(default)]
@@ -201,6 +204,8 @@ pub(crate) struct RawRoute {
     pub(crate) when: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
     pub(crate) max_duration_by_type: Option<BTreeMap<String, Spanned<String>>>,
     pub(crate) url_args: Option<Vec<Spanned<RawUrlArg>>>,
+    /// The name of an `[upstreams.NAME]` table (absent: `[upstream]`).
+    pub(crate) upstream: Option<Spanned<String>>,
 }
 
 /// `url_args = [{ pointers = ["/params/arguments/sourceUrls"] }]`.

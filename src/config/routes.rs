@@ -27,7 +27,7 @@ pub(super) fn compile_routes(
     src: &Source,
     raw: &[Spanned<RawRoute>],
     server: &ServerSettings,
-    upstream: &UpstreamSettings,
+    upstreams: Upstreams<'_>,
     global: &Arc<ResponseSet>,
 ) -> Result<Vec<Route>, ConfigError> {
     let mut routes = Vec::with_capacity(raw.len());
@@ -40,11 +40,49 @@ pub(super) fn compile_routes(
                 format!("duplicate route name {:?}", r.name.get_ref()),
             ));
         }
-        let mut route = compile_route(src, r, server, upstream, global)?;
+        let upstream = route_upstream(src, r, upstreams)?;
+        let settings = upstream.map_or(upstreams.0, |i| &upstreams.1[i].1);
+        let mut route = compile_route(src, r, server, settings, global)?;
+        route.upstream = upstream;
         route.index = routes.len();
         routes.push(route);
     }
     Ok(routes)
+}
+
+/// `[upstream]` and the named `[upstreams.NAME]`.
+type Upstreams<'a> = (&'a UpstreamSettings, &'a [(Arc<str>, UpstreamSettings)]);
+
+/// The named upstream a route's `upstream` names, if it names one.
+fn route_upstream(
+    src: &Source,
+    r: &RawRoute,
+    (_, named): Upstreams<'_>,
+) -> Result<Option<usize>, ConfigError> {
+    let Some(name) = &r.upstream else {
+        return Ok(None);
+    };
+    match named.iter().position(|(n, _)| **n == **name.get_ref()) {
+        Some(i) => Ok(Some(i)),
+        None if named.is_empty() => Err(src.at(
+            name.span(),
+            format!(
+                "unknown upstream {:?}: no [upstreams.NAME] table is defined",
+                name.get_ref()
+            ),
+        )),
+        None => {
+            let names: Vec<&str> = named.iter().map(|(n, _)| &**n).collect();
+            Err(src.at(
+                name.span(),
+                format!(
+                    "unknown upstream {:?}: upstreams are {}",
+                    name.get_ref(),
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
 }
 
 /// Plan gating: each route's `plans = [...]` resolved to plan indices.
@@ -132,6 +170,7 @@ fn compile_route(
         when,
         matcher: RouteMatcher { method, path, host },
         responses,
+        upstream: None,
     })
 }
 

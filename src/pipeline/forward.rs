@@ -103,7 +103,7 @@ impl Turnstile {
 
         let sent = std::time::Instant::now();
         let has_watcher = watcher.is_some();
-        let upstream = live.upstream.clone();
+        let upstream = live.upstream_of(route).clone();
         let exchange = async move {
             match tokio::time::timeout_at(deadline, upstream.send(request)).await {
                 Err(_) => {
@@ -183,9 +183,17 @@ fn upstream_request(
             &unmatched_limits
         }
     };
-    let uri = upstream_uri(&policy.upstream, &parts.uri)?;
+    let up = policy.upstream_of(cx.route);
+    let uri = upstream_uri(up, &parts.uri)?;
     let mut headers = parts.headers;
-    upstream_headers(policy, &mut headers, &parts.uri, cx.peer, cx.who.as_ref());
+    upstream_headers(
+        policy,
+        up,
+        &mut headers,
+        &parts.uri,
+        cx.peer,
+        cx.who.as_ref(),
+    );
     headers.insert(
         super::request_id::X_REQUEST_ID.clone(),
         cx.request_id.clone(),
@@ -239,12 +247,12 @@ fn streamed_back(response: Response<Incoming>, deadline: tokio::time::Instant) -
 /// `X-Forwarded-*` and `Host` as configured.
 fn upstream_headers(
     policy: &Policy,
+    up: &UpstreamSettings,
     headers: &mut HeaderMap,
     uri: &Uri,
     peer: &Peer,
     who: Option<&Identified<'_>>,
 ) {
-    let up = &policy.upstream;
     let original_host = request_host_header(headers, uri);
     strip_hop_by_hop(headers);
     headers.remove(&up.account_header);

@@ -65,7 +65,10 @@ pub struct ReloadReport {
 pub struct Live {
     /// The validated config.
     pub policy: Arc<Policy>,
+    /// `[upstream]`'s connection pool.
     upstream: Arc<Upstream>,
+    /// One pool per `[upstreams.NAME]`, in the policy's order.
+    upstreams: Vec<Arc<Upstream>>,
     /// Per route index, then one for unmatched requests.
     route_metrics: Vec<RouteMetrics>,
 }
@@ -85,6 +88,14 @@ fn limit_names(policy: &Policy, index: usize) -> Vec<Arc<str>> {
 }
 
 impl Live {
+    /// The connection pool requests on `route` go to.
+    fn upstream_of(&self, route: Option<&Route>) -> &Arc<Upstream> {
+        match route.and_then(|r| r.upstream) {
+            Some(i) => self.upstreams.get(i).unwrap_or(&self.upstream),
+            None => &self.upstream,
+        }
+    }
+
     /// The metric series of a route (`None`: unmatched requests).
     fn route_metrics(&self, route: Option<&Route>) -> &RouteMetrics {
         let index = route.map_or(self.route_metrics.len() - 1, |r| r.index);
@@ -92,7 +103,10 @@ impl Live {
     }
 
     fn new(policy: Policy, metrics: &Metrics) -> Self {
-        let upstream = Upstream::new(&policy.upstream.authority, policy.upstream.connect_timeout);
+        let pool =
+            |u: &crate::config::UpstreamSettings| Upstream::new(&u.authority, u.connect_timeout);
+        let upstream = pool(&policy.upstream);
+        let upstreams = policy.upstreams.iter().map(|(_, u)| pool(u)).collect();
         let mut route_metrics: Vec<RouteMetrics> = policy
             .routes
             .iter()
@@ -109,6 +123,7 @@ impl Live {
         Self {
             policy: Arc::new(policy),
             upstream,
+            upstreams,
             route_metrics,
         }
     }
