@@ -18,6 +18,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod content;
+pub mod decision;
 pub mod jobs;
 pub mod keys;
 pub mod limits;

@@ -36,6 +36,8 @@ const EVICT_EVERY: Duration = Duration::from_secs(10);
 pub struct Server {
     listener: TcpListener,
     admin: Option<TcpListener>,
+    /// `[decision] listen` and `grpc_listen`.
+    decision: (Option<TcpListener>, Option<TcpListener>),
     app: Arc<Turnstile>,
 }
 
@@ -56,6 +58,10 @@ impl Server {
         let admin = match &policy.admin {
             Some(a) => Some(TcpListener::bind(a.listen).await?),
             None => None,
+        };
+        let decision = match &policy.decision {
+            Some(d) => (bind(d.listen).await?, bind(d.grpc_listen).await?),
+            None => (None, None),
         };
         let listener = TcpListener::bind(policy.server.listen).await?;
         let store = match &policy.store.backend {
@@ -86,8 +92,19 @@ impl Server {
         Ok(Self {
             listener,
             admin,
+            decision,
             app,
         })
+    }
+
+    /// The HTTP decision endpoint's address, if there is one.
+    pub fn decision_addr(&self) -> Option<SocketAddr> {
+        self.decision.0.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The rate limit service's (gRPC) address, if there is one.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.decision.1.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The proxy address actually bound (useful with port 0).
@@ -111,6 +128,7 @@ impl Server {
         let Server {
             listener,
             admin,
+            decision,
             app,
         } = self;
         let policy = app.policy();
@@ -124,7 +142,13 @@ impl Server {
         let permits = Arc::new(Semaphore::new(max_connections));
 
         let background = spawn_background(app.clone());
-        let admin_task = admin.map(|l| tokio::spawn(serve_admin(l, app.clone(), stopping.clone())));
+        let admin_task = admin.map(|l| {
+            let handler = |app: Arc<Turnstile>, req, _peer| async move {
+                crate::admin::handle(&app, req).await
+            };
+            tokio::spawn(serve_http1(l, app.clone(), stopping.clone(), handler))
+        });
+        let decision_tasks = spawn_decision(decision, &app, &stopping);
 
         tokio::pin!(shutdown);
         let mut accept_errors = AcceptErrors::default();
@@ -155,7 +179,11 @@ impl Server {
         drop(listener);
         let _ = stop.send(true);
         drain(&app, &permits, max_connections).await;
-        for task in background.into_iter().chain(admin_task) {
+        for task in background
+            .into_iter()
+            .chain(admin_task)
+            .chain(decision_tasks)
+        {
             task.abort();
         }
         wind_down(&app).await;
@@ -376,7 +404,58 @@ pub async fn write_snapshot(app: &Arc<Turnstile>) {
     }
 }
 
-async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>, stopping: watch::Receiver<bool>) {
+/// Binds `addr`, when there is one.
+async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => TcpListener::bind(addr).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The decision endpoints (`[decision]`): HTTP and Envoy's rate limit service.
+fn spawn_decision(
+    (http, grpc): (Option<TcpListener>, Option<TcpListener>),
+    app: &Arc<Turnstile>,
+    stopping: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if let Some(l) = http {
+        let handler = |app: Arc<Turnstile>, req, peer: Peer| async move {
+            crate::decision::http::handle(&app, req, &peer).await
+        };
+        tasks.push(tokio::spawn(serve_http1(
+            l,
+            app.clone(),
+            stopping.clone(),
+            handler,
+        )));
+    }
+    if let Some(l) = grpc {
+        let mut stopping = stopping.clone();
+        let stop = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::decision::grpc::serve(l, app, stop).await {
+                tracing::error!(error = %e, "the rate limit service stopped");
+            }
+        }));
+    }
+    tasks
+}
+
+/// Serves an HTTP/1.1 listener of turnstile's own (admin API, decision
+/// endpoint) with `handler`, under the proxy's header and idle timeouts.
+async fn serve_http1<H, F>(
+    listener: TcpListener,
+    app: Arc<Turnstile>,
+    stopping: watch::Receiver<bool>,
+    handler: H,
+) where
+    H: Fn(Arc<Turnstile>, Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let policy = app.policy();
     let limits = ConnLimits {
         header_timeout: policy.server.header_timeout,
@@ -391,22 +470,22 @@ async fn serve_admin(listener: TcpListener, app: Arc<Turnstile>, stopping: watch
     let builder = Arc::new(builder);
     let mut accept_errors = AcceptErrors::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, addr) = match listener.accept().await {
+            Ok(pair) => pair,
             Err(e) => {
                 accept_errors.failed(&e);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let app = app.clone();
+        let (app, handler, peer) = (app.clone(), handler.clone(), Peer::new(addr));
         let activity = Activity::new();
         let in_service = activity.clone();
         let service = service_fn(move |req| {
-            let app = app.clone();
+            let (app, handler, peer) = (app.clone(), handler.clone(), peer.clone());
             let busy = in_service.begin();
             async move {
-                let response = crate::admin::handle(&app, req).await;
+                let response = handler(app, req, peer).await;
                 Ok::<_, Infallible>(response.map(|b| WithGuard::new(b, busy).boxed()))
             }
         });

@@ -12,6 +12,7 @@
 //! [`crate::wire`], [`crate::clock`].
 
 mod content;
+mod decision;
 mod keys;
 mod kinds;
 mod plans;
@@ -24,7 +25,7 @@ use plans::{compile_plan, positive};
 use routes::{compile_routes, gate_routes, type_pattern};
 use server::{
     add_responses, compile_headers, compile_operations, compile_server, compile_store,
-    compile_upstream,
+    compile_upstreams,
 };
 
 use std::fmt::Write as _;
@@ -51,6 +52,7 @@ use crate::respond::{HeaderSettings, ResponseSet};
 pub use crate::store::{OnError, RedisSettings};
 pub use crate::wire::body::display_size;
 use crate::wire::body::BodyLimits;
+pub use decision::{undecidable, DecisionSettings, EnvoySettings};
 use raw::*;
 pub use units::{parse_duration, parse_rate, parse_size, RawSize};
 
@@ -377,6 +379,8 @@ pub struct Policy {
     pub log: LogSettings,
     /// `[telemetry]`; `None`: no traces exported.
     pub telemetry: Option<TelemetrySettings>,
+    /// `[decision]`; `None`: no decision endpoints.
+    pub decision: Option<DecisionSettings>,
     /// Routes in file order.
     pub routes: Vec<Route>,
     /// Plans by name order.
@@ -436,14 +440,7 @@ fn header_name(
 
 fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Policy, ConfigError> {
     let server = compile_server(src, &raw.server, base)?;
-    let upstream = compile_upstream(src, &raw.upstream)?;
-    let mut upstreams = Vec::with_capacity(raw.upstreams.len());
-    for (name, named) in &raw.upstreams {
-        upstreams.push((
-            Arc::from(name.as_str()),
-            compile_upstream(src, named.get_ref())?,
-        ));
-    }
+    let (upstream, upstreams) = compile_upstreams(src, &raw)?;
     let limit_prefixes = raw
         .plans
         .values()
@@ -498,6 +495,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         }
     }
 
+    let decision = decision::compile_decision(src, &raw, &routes, &plans)?;
     let identity = keys::compile_identity(src, &raw.identity, &known, base, &store)?;
     Ok(Policy {
         path: path.to_path_buf(),
@@ -510,6 +508,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         admin,
         log,
         telemetry,
+        decision,
         routes,
         plans,
         responses: global,

@@ -35,6 +35,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) log: RawLog,
     pub(crate) telemetry: Option<RawTelemetry>,
+    pub(crate) decision: Option<Spanned<RawDecision>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,4 +373,25 @@ pub(crate) struct RawKey {
     pub(crate) revoked: Option<bool>,
     pub(crate) name: Option<String>,
     pub(crate) expires_at: Option<Spanned<String>>,
+}
+
+/// `[decision]`: turnstile deciding for another gateway.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDecision {
+    pub(crate) listen: Option<Spanned<String>>,
+    pub(crate) path_prefix: Option<Spanned<String>>,
+    pub(crate) grpc_listen: Option<Spanned<String>>,
+    pub(crate) routes: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(crate) envoy: RawEnvoy,
+}
+
+/// `[decision.envoy]`: how rate limit service descriptors name the key and route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEnvoy {
+    pub(crate) domain: Option<String>,
+    pub(crate) key: Option<String>,
+    pub(crate) route: Option<String>,
 }

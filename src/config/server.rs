@@ -257,10 +257,24 @@ pub(super) fn compile_server(
     })
 }
 
-pub(super) fn compile_upstream(
+/// `[upstream]` and every `[upstreams.NAME]` (in name order, with its name).
+#[allow(clippy::type_complexity)]
+pub(super) fn compile_upstreams(
     src: &Source,
-    raw: &RawUpstream,
-) -> Result<UpstreamSettings, ConfigError> {
+    raw: &RawConfig,
+) -> Result<(UpstreamSettings, Vec<(Arc<str>, UpstreamSettings)>), ConfigError> {
+    let upstream = compile_upstream(src, &raw.upstream)?;
+    let mut named = Vec::with_capacity(raw.upstreams.len());
+    for (name, table) in &raw.upstreams {
+        named.push((
+            name.as_str().into(),
+            compile_upstream(src, table.get_ref())?,
+        ));
+    }
+    Ok((upstream, named))
+}
+
+fn compile_upstream(src: &Source, raw: &RawUpstream) -> Result<UpstreamSettings, ConfigError> {
     let url = raw.url.get_ref();
     let bad = |m: String| src.at(raw.url.span(), m);
     let uri: Uri = url

@@ -271,14 +271,24 @@ impl IdentitySettings {
         lookup: &Lookup<'_>,
     ) -> Result<Caller, AuthError> {
         let key = self.extract(headers, query)?;
+        self.identify_key(&key, lookup)
+    }
+
+    /// [`IdentitySettings::identify`] for a key already read (a decision
+    /// asked for by key, as Envoy's rate limit service does).
+    pub fn identify_key(&self, key: &str, lookup: &Lookup<'_>) -> Result<Caller, AuthError> {
+        if key.is_empty() {
+            return Err(AuthError::Missing(self.sources_text()));
+        }
+        checked_key(key, || "malformed API key".to_owned())?;
         if let Some(prefix) = &self.prefix {
             if !key.starts_with(prefix.as_str()) {
                 return Err(AuthError::WrongPrefix(prefix.clone()));
             }
         }
         let digest = match lookup.memo {
-            Some(memo) => memo.digest(&key),
-            None => digest(&key),
+            Some(memo) => memo.digest(key),
+            None => digest(key),
         };
         let fingerprint = Fingerprint::of(&digest);
         let disabled = |account: &str| {
@@ -405,8 +415,13 @@ impl IdentitySettings {
         if let Some(key) = found {
             return Ok(key);
         }
+        Err(AuthError::Missing(self.sources_text()))
+    }
+
+    /// Where a key is looked for, as a 401 says it.
+    fn sources_text(&self) -> String {
         let how: Vec<String> = self.sources.iter().map(KeySource::describe).collect();
-        Err(AuthError::Missing(how.join(" or ")))
+        how.join(" or ")
     }
 }
 

@@ -23,6 +23,45 @@ use crate::pipeline::inspect::{content_length, Budget, ReadLimits, RequestBody};
 use crate::respond::{MediaTooLong, Refusal};
 use crate::wire::body::{multipart_boundary, BodyFault, BodyTooLarge, MultipartScanner};
 
+impl super::Turnstile {
+    /// Identifies the caller of a request: keys file, runtime keys, default plan.
+    pub(crate) fn identify(
+        &self,
+        policy: &Policy,
+        peer: &super::Peer,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<crate::keys::identity::Caller, crate::keys::identity::AuthError> {
+        let plan = |name: &str| policy.plans.binary_search_by(|p| (*p.name).cmp(name)).ok();
+        let lookup = crate::keys::identity::Lookup {
+            runtime: self.keys.cache(),
+            now: self.store.in_process().now() / crate::clock::SECOND,
+            plan: &plan,
+            memo: Some(peer.memo()),
+        };
+        policy.identity.identify(headers, query, &lookup)
+    }
+
+    /// Step 2: the caller (found early, or identified now) and its plan,
+    /// kept in `cx.who`; the fingerprint of a refused key in `cx.refused_key`.
+    pub(super) fn identify_caller(
+        &self,
+        cx: &mut super::Exchange<'_>,
+        parts: &http::request::Parts,
+    ) -> Result<(), Refusal> {
+        let policy = &cx.live.policy;
+        let caller = match cx.caller.take() {
+            Some(caller) => Ok(caller),
+            None => self.identify(policy, cx.peer, &parts.headers, parts.uri.query()),
+        };
+        if caller.is_err() {
+            cx.refused_key = policy.identity.presented(&parts.headers, parts.uri.query());
+        }
+        cx.who = Some(identified(policy, caller)?);
+        Ok(())
+    }
+}
+
 /// Most header fields a request may carry, HTTP/1.1 and HTTP/2 alike.
 pub const MAX_HEADERS: usize = 100;
 

@@ -258,14 +258,7 @@ fn upstream_headers(
     headers.remove(&up.account_header);
     headers.remove(&up.plan_header);
     if let Some(who) = who {
-        let account = match &who.caller.account {
-            Some(name) => HeaderValue::from_str(name).ok(),
-            None => HeaderValue::from_str(who.caller.fingerprint.as_str()).ok(),
-        };
-        if let Some(account) = account {
-            headers.insert(up.account_header.clone(), account);
-        }
-        headers.insert(up.plan_header.clone(), who.plan.header_value.clone());
+        caller_headers(up, who, headers);
     }
     set_forwarded(
         policy.server.trust_forwarded,
@@ -277,6 +270,19 @@ fn upstream_headers(
         Some(h) if up.preserve_host => headers.insert(HOST, h),
         _ => headers.insert(HOST, up.host_header.clone()),
     };
+}
+
+/// The caller's account (its key's fingerprint when it has none) and plan,
+/// in the upstream's account and plan headers.
+pub(super) fn caller_headers(up: &UpstreamSettings, who: &Identified<'_>, headers: &mut HeaderMap) {
+    let account = match &who.caller.account {
+        Some(name) => HeaderValue::from_str(name).ok(),
+        None => HeaderValue::from_str(who.caller.fingerprint.as_str()).ok(),
+    };
+    if let Some(account) = account {
+        headers.insert(up.account_header.clone(), account);
+    }
+    headers.insert(up.plan_header.clone(), who.plan.header_value.clone());
 }
 
 /// The upstream target for a request: the configured base path plus the

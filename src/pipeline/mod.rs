@@ -19,9 +19,11 @@ pub mod request_id;
 mod route;
 mod traced;
 pub mod usage;
+mod verdict;
 
 pub use admission::MAX_HEADERS;
 pub use forward::{strip_hop_by_hop, Peer};
+pub use verdict::{Ask, Headline, Taken, Verdict};
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,7 +192,31 @@ struct Exchange<'a> {
     trace: Option<opentelemetry::Context>,
 }
 
-impl Exchange<'_> {
+impl<'a> Exchange<'a> {
+    /// An exchange on `live` from `peer`, nothing known of it yet.
+    fn new(
+        live: &'a Live,
+        peer: &'a Peer,
+        request_id: HeaderValue,
+        trace: Option<opentelemetry::Context>,
+    ) -> Self {
+        Exchange {
+            live,
+            peer,
+            route: None,
+            caller: None,
+            who: None,
+            refused_key: None,
+            rpc_id: None,
+            cost: 1,
+            decided: None,
+            upstream_us: AtomicU64::new(0),
+            generated: false,
+            request_id,
+            trace,
+        }
+    }
+
     /// The access log line of this exchange, as far as the pipeline knows it.
     fn access_line(
         &self,
@@ -214,6 +240,29 @@ impl Exchange<'_> {
         line.upstream_ms = (us > 0).then(|| us as f64 / 1000.0);
         line.request_id = self.request_id.to_str().ok().map(str::to_owned);
         line
+    }
+}
+
+/// An exchange's access line as it starts, when the access log is on.
+type Access = (AccessLog, AccessLine, std::time::Instant);
+
+/// The answer with the exchange's request id, and its access line written
+/// when its body ends.
+fn logged(
+    cx: &Exchange<'_>,
+    mut response: Response<Body>,
+    access: Option<Access>,
+    facts: Option<(&'static str, Option<Arc<str>>)>,
+) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(request_id::X_REQUEST_ID.clone(), cx.request_id.clone());
+    match (access, facts) {
+        (Some((log, line, started)), Some((decision, limit))) => {
+            let line = cx.access_line(line, response.status().as_u16(), decision, limit);
+            response.map(|b| Logged::new(b, line, started, log).boxed())
+        }
+        _ => response,
     }
 }
 
@@ -309,6 +358,25 @@ impl Turnstile {
             .as_ref()
     }
 
+    /// The start of an exchange's access line, when the access log is on.
+    fn access_start(
+        &self,
+        policy: &Policy,
+        method: &http::Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Option<Access> {
+        self.access_log(policy).map(|log| {
+            let line = AccessLine {
+                method: method.to_string(),
+                path: uri.path().to_owned(),
+                bytes_in: crate::pipeline::inspect::content_length(headers),
+                ..AccessLine::default()
+            };
+            (log.clone(), line, std::time::Instant::now())
+        })
+    }
+
     /// Bytes of request bodies held for inspection right now.
     pub fn buffered_bytes(&self) -> u64 {
         self.budget.used()
@@ -322,24 +390,6 @@ impl Turnstile {
     /// The runtime keys.
     pub fn keys(&self) -> &RuntimeKeys {
         &self.keys
-    }
-
-    /// Identifies the caller of a request: keys file, runtime keys, default plan.
-    pub(crate) fn identify(
-        &self,
-        policy: &Policy,
-        peer: &Peer,
-        headers: &http::HeaderMap,
-        query: Option<&str>,
-    ) -> Result<crate::keys::identity::Caller, crate::keys::identity::AuthError> {
-        let plan = |name: &str| policy.plans.binary_search_by(|p| (*p.name).cmp(name)).ok();
-        let lookup = crate::keys::identity::Lookup {
-            runtime: self.keys.cache(),
-            now: self.store.in_process().now() / crate::clock::SECOND,
-            plan: &plan,
-            memo: Some(peer.memo()),
-        };
-        policy.identity.identify(headers, query, &lookup)
     }
 
     /// `[server] usage_path`: the caller's own plan and counters (credits
@@ -423,6 +473,10 @@ impl Turnstile {
         if old.identity.key_store != policy.identity.key_store {
             restart_needed.push("[identity] key_store");
         }
+        let listens = |p: &Policy| p.decision.as_ref().map(|d| (d.listen, d.grpc_listen));
+        if listens(&old) != listens(&policy) {
+            restart_needed.push("[decision] listen and grpc_listen");
+        }
         if old.telemetry != policy.telemetry {
             restart_needed.push("[telemetry]");
         }
@@ -466,49 +520,19 @@ impl Turnstile {
     ) -> (Response<Body>, bool) {
         let exchange = self.metrics.exchange();
         let live = self.live.load_full();
-        let access = self.access_log(&live.policy).map(|log| {
-            let line = AccessLine {
-                method: req.method().to_string(),
-                path: req.uri().path().to_owned(),
-                bytes_in: crate::pipeline::inspect::content_length(req.headers()),
-                ..AccessLine::default()
-            };
-            (log.clone(), line, std::time::Instant::now())
-        });
-        let mut cx = Exchange {
-            live: &live,
-            peer,
-            route: None,
-            caller: None,
-            who: None,
-            refused_key: None,
-            rpc_id: None,
-            cost: 1,
-            decided: None,
-            upstream_us: AtomicU64::new(0),
-            generated: false,
-            request_id: request_id::of(req.headers()),
-            trace: self.tracing.as_ref().map(|t| t.exchange(req.headers())),
-        };
+        let access = self.access_start(&live.policy, req.method(), req.uri(), req.headers());
+        let trace = self.tracing.as_ref().map(|t| t.exchange(req.headers()));
+        let mut cx = Exchange::new(&live, peer, request_id::of(req.headers()), trace);
         let method = cx.trace.as_ref().map(|_| req.method().clone());
         let outcome = self.steps(&mut cx, req).await;
         let generated = cx.generated || outcome.is_err();
         let facts = (access.is_some() || cx.trace.is_some()).then(|| outcome_facts(&outcome));
-        let mut response = self.finish(&cx, outcome).await;
+        let response = self.finish(&cx, outcome).await;
         if let (Some(method), Some((decision, limit))) = (&method, &facts) {
             let status = response.status().as_u16();
             traced::annotate_exchange(&cx, method.as_str(), status, decision, limit.as_deref());
         }
-        response
-            .headers_mut()
-            .insert(request_id::X_REQUEST_ID.clone(), cx.request_id.clone());
-        let response = match (access, facts) {
-            (Some((log, line, started)), Some((decision, limit))) => {
-                let line = cx.access_line(line, response.status().as_u16(), decision, limit);
-                response.map(|b| Logged::new(b, line, started, log).boxed())
-            }
-            _ => response,
-        };
+        let response = logged(&cx, response, access, facts);
         // The exchange's span ends with its response body.
         let response = response.map(|b| WithGuard::new(b, (exchange, held, cx.trace)).boxed());
         (response, generated)
@@ -561,14 +585,12 @@ impl Turnstile {
         }
 
         // 2. Identity and plan.
-        let caller = match cx.caller.take() {
-            Some(caller) => Ok(caller),
-            None => self.identify(policy, cx.peer, &parts.headers, parts.uri.query()),
+        self.identify_caller(cx, &parts)?;
+        let Some(who) = cx.who.as_ref() else {
+            return Err(Refusal::Unauthorized(
+                crate::keys::identity::AuthError::Unknown,
+            ));
         };
-        if caller.is_err() {
-            cx.refused_key = policy.identity.presented(&parts.headers, parts.uri.query());
-        }
-        let who = cx.who.insert(admission::identified(policy, caller)?);
 
         // 3-4. Plan gating, body size (before reading the body), argument
         // limits (which read a JSON body): none of these consumes quota.

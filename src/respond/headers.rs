@@ -141,7 +141,10 @@ pub fn refusing<'a, 'b>(checked: &'a [Checked<'b>]) -> Option<&'a Checked<'b>> {
         })
 }
 
-fn primary_index(
+/// The limit the main `X-RateLimit-*` trio shows (its index in `checked`):
+/// the pinned primary, else the refusing limit, else the quota with the
+/// least remaining.
+pub fn primary_index(
     settings: &HeaderSettings,
     checked: &[Checked<'_>],
     refused: bool,

@@ -15,7 +15,8 @@ mod render;
 mod templates;
 mod text;
 pub use headers::{
-    rate_headers, rate_limited, refusing, write_rate_headers, Checked, HeaderSettings, ResetFormat,
+    primary_index, rate_headers, rate_limited, refusing, write_rate_headers, Checked,
+    HeaderSettings, ResetFormat,
 };
 pub use refusal::{Counts, InsufficientCredits, MediaTooLong, RateLimited, Refusal};
 pub use render::{error_response, refusal};

@@ -332,6 +332,9 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// The admin listener, when the config has `[admin]`.
     pub admin: Option<SocketAddr>,
+    /// The HTTP decision endpoint and the rate limit service, with `[decision]`.
+    pub decision: Option<SocketAddr>,
+    pub grpc: Option<SocketAddr>,
     pub clock: ManualClock,
     pub dir: tempfile::TempDir,
     pub app: Arc<turnstile::pipeline::Turnstile>,
@@ -367,6 +370,7 @@ impl Proxy {
             .unwrap();
         let addr = server.local_addr().unwrap();
         let admin = server.admin_addr();
+        let (decision, grpc) = (server.decision_addr(), server.grpc_addr());
         let app = server.app().clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(server.run(async move {
@@ -375,6 +379,8 @@ impl Proxy {
         Self {
             addr,
             admin,
+            decision,
+            grpc,
             clock,
             dir,
             app,
