@@ -1026,3 +1026,64 @@ async fn runtime_keys_are_shared_by_every_instance() {
     );
     assert_eq!(call("GET", &late.url("/gen"), Some(&key)).await.status, 401);
 }
+
+const DECIDING: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[decision]
+listen = "127.0.0.1:0"
+
+[store]
+backend = "redis"
+url = "{redis}"
+timeout = "2s"
+
+[[routes]]
+name = "gen"
+method = "POST"
+path = "/gen"
+
+[plans.p]
+[[plans.p.limits]]
+name = "daily"
+requests = 29
+window = "1d"
+"#;
+
+/// Two instances on one Redis deciding for one gateway: exactly the limit
+/// across both, shared with their proxies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_deciding_for_one_gateway_are_exact_together() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let proxies = instances(&DECIDING.replace("{redis}", &redis.url()), &up, 2).await;
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let d = proxies[i % 2].decision.unwrap();
+            tokio::spawn(async move {
+                let r = req("GET", &format!("http://{d}/auth"))
+                    .header("x-forwarded-method", "POST")
+                    .header("x-forwarded-uri", "/gen")
+                    .header("authorization", "Bearer shared-key")
+                    .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+                    .unwrap();
+                send(r).await.status
+            })
+        })
+        .collect();
+    let counts = statuses(tasks).await;
+    assert_eq!(
+        (counts.get(&200), counts.get(&429)),
+        (Some(&29), Some(&271)),
+        "{counts:?}"
+    );
+    // The proxies count on the same limit: nothing is left for them either.
+    assert_eq!(
+        call("POST", &proxies[1].url("/gen"), Some("shared-key"))
+            .await
+            .status,
+        429
+    );
+    assert_eq!(up.hits(), 0);
+}

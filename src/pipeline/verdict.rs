@@ -219,14 +219,24 @@ fn served(policy: &Policy, route: &Route) -> bool {
     policy.decision.as_ref().is_some_and(|d| d.serves(route))
 }
 
-/// 200, with the caller's account and plan for the gateway to pass on;
-/// the rate-limit headers are added as on a forwarded answer.
+/// 200, with the caller's account and plan for the gateway to pass on
+/// (both always present, empty without a caller: a gateway copying them
+/// overwrites whatever the client sent); the rate-limit headers are added
+/// as on a forwarded answer.
 fn allowed(cx: &Exchange<'_>) -> Response<Body> {
     let mut response = Response::new(crate::wire::body::empty());
     *response.status_mut() = StatusCode::OK;
-    if let Some(who) = &cx.who {
-        let up = cx.live.policy.upstream_of(cx.route);
-        super::forward::caller_headers(up, who, response.headers_mut());
+    let up = cx.live.policy.upstream_of(cx.route);
+    match &cx.who {
+        Some(who) => super::forward::caller_headers(up, who, response.headers_mut()),
+        None => {
+            let h = response.headers_mut();
+            h.insert(
+                up.account_header.clone(),
+                http::HeaderValue::from_static(""),
+            );
+            h.insert(up.plan_header.clone(), http::HeaderValue::from_static(""));
+        }
     }
     response
 }
