@@ -11,13 +11,16 @@
 #   grpc   examples/rls_load (tonic, 4 HTTP/2 connections × 16 streams) →
 #          [decision] grpc_listen, Envoy's ShouldRateLimit
 #
-# Usage: bench/decision.sh   (DURATION in seconds, REPEAT)
+# REDIS=1: the redis backend, redis-server on CPU 0 too (what a fleet pays).
+#
+# Usage: bench/decision.sh   (DURATION in seconds, REPEAT, REDIS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-8}
 REPEAT=${REPEAT:-3}
 . bench/lib.sh
 need_tools nginx:nginx-light wrk:wrk
+[ -n "${REDIS:-}" ] && need_tools redis-server:redis-server
 cargo build --release --quiet --bin turnstile --example rls_load
 up=$(free_port) proxy=$(free_port) http=$(free_port) grpc=$(free_port)
 
@@ -30,6 +33,13 @@ http { access_log off; server { listen 127.0.0.1:$up; keepalive_requests 1000000
 NGINX
 taskset -c 0 nginx -p "$work/up" -c "$work/up/nginx.conf" & pids+=($!)
 
+store=""
+if [ -n "${REDIS:-}" ]; then
+  redis=$(free_port)
+  taskset -c 0 redis-server --port "$redis" --bind 127.0.0.1 --save '' --appendonly no >/dev/null & pids+=($!)
+  wait_port "$redis"
+  store=$'[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:'"$redis"$'"\ntimeout = "2s"'
+fi
 cat > "$work/t.toml" <<TOML
 [server]
 listen = "127.0.0.1:$proxy"
@@ -40,6 +50,7 @@ listen = "127.0.0.1:$http"
 grpc_listen = "127.0.0.1:$grpc"
 [decision.envoy]
 domain = "bench"
+$store
 [identity]
 sources = ["header:x-api-key"]
 keys_file = "keys.toml"
@@ -107,4 +118,5 @@ proxy, http, grpc = map(float, sys.argv[1:])
 print(f"http decision / proxy: {http / proxy:.2f}x the requests per second")
 print(f"grpc decision / proxy: {grpc / proxy:.2f}x")
 PY
+[ -n "${REDIS:-}" ] && echo "redis backend: redis-server shares CPU 0"
 echo "($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); turnstile on one core, load on the other; ${DURATION}s x $REPEAT, medians)"

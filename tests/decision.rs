@@ -343,7 +343,13 @@ fn routes_that_need_the_answer_or_the_body_cannot_be_decided() {
         "path_prefix = \"/check\"",
         "path_prefix = \"/check\"\nroutes = [\"gen\", \"pro-only\"]",
     );
-    load(&listed).unwrap();
+    let table = load(&listed).unwrap().table();
+    assert!(
+        table.contains(
+            "decided for other gateways (HTTP 127.0.0.1:0, gRPC 127.0.0.1:0): gen, pro-only"
+        ),
+        "{table}"
+    );
     let e = load(&listed.replace("\"pro-only\"]", "\"pro_only\"]")).unwrap_err();
     assert!(e.contains("unknown route \"pro_only\""), "{e}");
     let e = load(&CONFIG.replace(
@@ -487,7 +493,9 @@ async fn hits_addend_is_the_cost_and_unknown_keys_and_domains_are_refused() {
     assert_eq!(r.overall_code, OVER, "7 + 4 > 10");
     let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
     assert_eq!(body["error"], "insufficient_credits");
-    let r = should(&mut c, "genapi", vec![gen(Some(3))], 1).await;
+    // An Authorization header copied as it is: the scheme is dropped.
+    let bearer = descriptor(&[("api_key", "Bearer free-2"), ("route", "gen")], Some(3));
+    let r = should(&mut c, "genapi", vec![bearer], 1).await;
     assert_eq!(r.overall_code, OK, "the refused 4 took nothing: 7 + 3 = 10");
 
     for (domain, entries) in [

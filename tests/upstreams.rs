@@ -107,10 +107,23 @@ fn an_unknown_upstream_name_is_a_config_error_at_its_place() {
             "upstream = \"video\"\n\n[[routes]]",
             "upstream = \"vidoe\"\n\n[[routes]]",
         );
-    std::fs::write(&path, config).unwrap();
     std::fs::write(dir.path().join("keys.toml"), KEYS).unwrap();
+    std::fs::write(&path, config).unwrap();
     let e = turnstile::load(&path).unwrap_err().to_string();
     assert!(e.contains("t.toml:22:12"), "{e}");
+    // `turnstile check` shows which routes go where.
+    std::fs::write(
+        &path,
+        CONFIG
+            .replace("{upstream}", "http://127.0.0.1:9")
+            .replace("{video}", "http://127.0.0.1:8"),
+    )
+    .unwrap();
+    let table = turnstile::load(&path).unwrap().table();
+    assert!(
+        table.contains("upstream video (127.0.0.1:8): videos, slow-video"),
+        "{table}"
+    );
     assert!(
         e.contains("unknown upstream \"vidoe\": upstreams are video"),
         "{e}"

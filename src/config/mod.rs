@@ -632,7 +632,45 @@ impl Policy {
                 .collect();
             let _ = writeln!(out, "{}", line.join("  ").trim_end());
         }
+        self.table_footer(&mut out);
         out
+    }
+
+    /// The lines under the table: where named upstreams' routes go, and
+    /// which routes other gateways may ask about.
+    fn table_footer(&self, out: &mut String) {
+        for (i, (name, up)) in self.upstreams.iter().enumerate() {
+            let routes: Vec<&str> = self
+                .routes
+                .iter()
+                .filter(|r| r.upstream == Some(i))
+                .map(|r| &*r.name)
+                .collect();
+            let _ = writeln!(
+                out,
+                "upstream {name} ({}): {}",
+                up.authority,
+                routes.join(", ")
+            );
+        }
+        if let Some(d) = &self.decision {
+            let served: Vec<&str> = self
+                .routes
+                .iter()
+                .filter(|r| d.serves(r))
+                .map(|r| &*r.name)
+                .collect();
+            let at: Vec<String> = [("HTTP", d.listen), ("gRPC", d.grpc_listen)]
+                .iter()
+                .filter_map(|(what, addr)| addr.map(|a| format!("{what} {a}")))
+                .collect();
+            let _ = writeln!(
+                out,
+                "decided for other gateways ({}): {}",
+                at.join(", "),
+                served.join(", ")
+            );
+        }
     }
 }
 

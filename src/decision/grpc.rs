@@ -127,7 +127,13 @@ fn ask<'a>(
         }
         Ok(first)
     };
+    // Envoy's `request_headers` action copies a header as it is: an
+    // `Authorization` value still has its scheme.
     let key = value(&envoy.key)?.unwrap_or("");
+    let key = match key.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ => key,
+    };
     let route = value(&envoy.route)?.unwrap_or("");
     let cost = match d.hits_addend {
         Some(n) => u32::try_from(n).unwrap_or(u32::MAX).max(1),
