@@ -146,7 +146,7 @@ impl Server {
             let handler = |app: Arc<Turnstile>, req, _peer| async move {
                 crate::admin::handle(&app, req).await
             };
-            tokio::spawn(serve_http1(l, app.clone(), stopping.clone(), handler))
+            tokio::spawn(serve_own(l, app.clone(), stopping.clone(), handler, false))
         });
         let decision_tasks = spawn_decision(decision, &app, &stopping);
 
@@ -423,12 +423,9 @@ fn spawn_decision(
         let handler = |app: Arc<Turnstile>, req, peer: Peer| async move {
             crate::decision::http::handle(&app, req, &peer).await
         };
-        tasks.push(tokio::spawn(serve_http1(
-            l,
-            app.clone(),
-            stopping.clone(),
-            handler,
-        )));
+        // HTTP/2 too: Envoy's ext_authz cluster may speak it (h2c).
+        let serve = serve_own(l, app.clone(), stopping.clone(), handler, true);
+        tasks.push(tokio::spawn(serve));
     }
     if let Some(l) = grpc {
         let mut stopping = stopping.clone();
@@ -445,13 +442,15 @@ fn spawn_decision(
     tasks
 }
 
-/// Serves an HTTP/1.1 listener of turnstile's own (admin API, decision
-/// endpoint) with `handler`, under the proxy's header and idle timeouts.
-async fn serve_http1<H, F>(
+/// Serves a listener of turnstile's own (admin API: HTTP/1.1; decision
+/// endpoint: HTTP/1.1 and h2c) with `handler`, under the proxy's header and
+/// idle timeouts.
+async fn serve_own<H, F>(
     listener: TcpListener,
     app: Arc<Turnstile>,
     stopping: watch::Receiver<bool>,
     handler: H,
+    http2: bool,
 ) where
     H: Fn(Arc<Turnstile>, Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
@@ -461,7 +460,16 @@ async fn serve_http1<H, F>(
         header_timeout: policy.server.header_timeout,
         idle_timeout: policy.server.idle_timeout,
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if http2 {
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(policy.server.max_concurrent_streams)
+            .max_header_list_size(64 * 1024);
+    } else {
+        builder = builder.http1_only();
+    }
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -542,3 +542,22 @@ async fn a_refused_descriptor_gives_back_what_the_others_took() {
         OVER
     );
 }
+
+#[tokio::test]
+async fn the_http_endpoint_speaks_h2c_too() {
+    let (p, _up) = start().await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    for expected in [200, 200, 429] {
+        let r = req("GET", &format!("http://{}/", p.decision.unwrap()))
+            .header("x-forwarded-method", "POST")
+            .header("x-forwarded-uri", "/v1/generate")
+            .header("authorization", "Bearer free-1")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = client.request(r).await.unwrap();
+        assert_eq!(r.version(), http::Version::HTTP_2);
+        assert_eq!(r.status().as_u16(), expected);
+    }
+}

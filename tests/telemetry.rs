@@ -474,3 +474,51 @@ async fn a_job_submission_span_names_the_job_its_answer_started() {
     };
     assert_eq!(attr(&span, "turnstile.job_id"), Some(job), "{span:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_for_another_gateway_is_a_span_of_the_clients_trace() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let up = Upstream::start().await;
+    let config = config(&endpoint, 1.0).replace(
+        "[telemetry]",
+        "[decision]\nlisten = \"127.0.0.1:0\"\n\n[telemetry]",
+    );
+    let p = Proxy::start_with(&config, &up, &[KEYS]).await;
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let decide = || {
+        req("GET", &format!("http://{}/", p.decision.unwrap()))
+            .header("x-forwarded-method", "GET")
+            .header("x-forwarded-uri", "/gen")
+            .header("x-api-key", "sk-secret-key")
+            .header(
+                "traceparent",
+                format!("00-{client_trace}-00f067aa0ba902b7-01"),
+            )
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(send(decide()).await.status, 200);
+    assert_eq!(send(decide()).await.status, 429);
+    let spans = receiver.spans(4).await;
+    let exchanges = named(&spans, "turnstile.exchange");
+    assert_eq!(exchanges.len(), 2, "{spans:?}");
+    for span in &exchanges {
+        assert_eq!(hex(&span.trace_id), client_trace);
+        assert_eq!(attr(span, "turnstile.route").as_deref(), Some("gen"));
+        assert_eq!(attr(span, "turnstile.account").as_deref(), Some("acme"));
+    }
+    let decisions: Vec<_> = exchanges
+        .iter()
+        .map(|s| attr(s, "turnstile.decision"))
+        .collect();
+    assert!(
+        decisions.contains(&Some("rate_limited".into())),
+        "{decisions:?}"
+    );
+    assert_eq!(named(&spans, "turnstile.decide").len(), 2);
+    assert!(
+        named(&spans, "turnstile.upstream").is_empty(),
+        "nothing is forwarded"
+    );
+    assert_eq!(up.hits(), 0);
+}

@@ -70,9 +70,11 @@ impl Turnstile {
     pub async fn verdict(&self, parts: Parts, peer: &Peer) -> Verdict {
         let live = self.live.load_full();
         let access = self.access_start(&live.policy, &parts.method, &parts.uri, &parts.headers);
-        let mut cx = Exchange::new(&live, peer, request_id::of(&parts.headers), None);
+        let trace = self.tracing.as_ref().map(|t| t.exchange(&parts.headers));
+        let mut cx = Exchange::new(&live, peer, request_id::of(&parts.headers), trace);
+        let method = parts.method.clone();
         let outcome = self.verdict_steps(&mut cx, parts).await;
-        self.conclude(&cx, outcome, access).await
+        self.conclude(&cx, &method, outcome, access).await
     }
 
     /// Decides for a request named by its key and route (no path, no
@@ -81,9 +83,10 @@ impl Turnstile {
         let live = self.live.load_full();
         let uri = http::Uri::from_static("/");
         let access = self.access_start(&live.policy, &Method::POST, &uri, &HeaderMap::new());
-        let mut cx = Exchange::new(&live, peer, request_id::of(&HeaderMap::new()), None);
+        let trace = self.tracing.as_ref().map(|t| t.exchange(&HeaderMap::new()));
+        let mut cx = Exchange::new(&live, peer, request_id::of(&HeaderMap::new()), trace);
         let outcome = self.asked_steps(&mut cx, ask).await;
-        self.conclude(&cx, outcome, access).await
+        self.conclude(&cx, &Method::POST, outcome, access).await
     }
 
     async fn verdict_steps<'a>(
@@ -121,7 +124,7 @@ impl Turnstile {
             .await?;
         cx.cost = admission::price(route, &parts, &body)?;
         // A served route holds no slot: nothing outlives the decision.
-        drop(self.decide(cx).await?);
+        drop(self.decide_traced(cx).await?);
         Ok(allowed(cx))
     }
 
@@ -173,7 +176,7 @@ impl Turnstile {
         )
         .await?;
         cx.cost = ask.cost.max(1);
-        drop(self.decide(cx).await?);
+        drop(self.decide_traced(cx).await?);
         Ok(allowed(cx))
     }
 
@@ -182,11 +185,22 @@ impl Turnstile {
     async fn conclude(
         &self,
         cx: &Exchange<'_>,
+        method: &Method,
         outcome: Result<Response<Body>, Refusal>,
         access: Option<super::Access>,
     ) -> Verdict {
-        let facts = access.is_some().then(|| outcome_facts(&outcome));
+        let facts = (access.is_some() || cx.trace.is_some()).then(|| outcome_facts(&outcome));
         let response = self.finish(cx, outcome).await;
+        if let Some((decision, limit)) = &facts {
+            let status = response.status().as_u16();
+            super::traced::annotate_exchange(
+                cx,
+                method.as_str(),
+                status,
+                decision,
+                limit.as_deref(),
+            );
+        }
         let response = super::logged(cx, response, access, facts);
         let taken = cx.decided.as_ref().filter(|d| d.admitted).map(|d| Taken {
             checks: d.checks.iter().map(crate::store::OwnedCheck::of).collect(),
