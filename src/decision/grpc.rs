@@ -253,6 +253,7 @@ mod tests {
         assert_eq!(nearest_unit(10, 300), (Unit::Minute, 2));
         assert_eq!(nearest_unit(5_000, 31 * 86_400), (Unit::Month, 4_839));
         assert_eq!(nearest_unit(3, 0), (Unit::Unknown, 3));
-        assert_eq!(nearest_unit(1, 7 * 86_400), (Unit::Day, 1));
+        // A week: nearer a month than a day; 1 a week is about 4 a month.
+        assert_eq!(nearest_unit(1, 7 * 86_400), (Unit::Month, 4));
     }
 }
