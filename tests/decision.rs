@@ -519,6 +519,13 @@ async fn hits_addend_is_the_cost_and_unknown_keys_and_domains_are_refused() {
     )
     .await;
     assert_eq!(r.overall_code, OVER);
+    let empty = rls::RateLimitRequest {
+        domain: "genapi".into(),
+        descriptors: vec![],
+        hits_addend: 1,
+    };
+    let e = c.should_rate_limit(empty).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
 }
 
 #[tokio::test]

@@ -69,6 +69,11 @@ impl rls::rate_limit_service_server::RateLimitService for RateLimitService {
         if request.domain != settings.envoy.domain {
             return Ok(Response::new(unknown_domain().await));
         }
+        if request.descriptors.is_empty() {
+            return Err(Status::invalid_argument(
+                "a rate limit request needs at least one descriptor",
+            ));
+        }
         let hits = request.hits_addend.max(1);
         let mut statuses = Vec::with_capacity(request.descriptors.len());
         let mut taken = Vec::new();
