@@ -14,18 +14,23 @@ WORKDIR /src
 
 # Dependencies first, in their own layer: a source change rebuilds only
 # turnstile itself, a Cargo.lock change rebuilds the dependencies.
+# (A placeholder build script too: the build dependencies are compiled here.)
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
     && echo 'fn main() {}' > benches/decision.rs \
+    && echo 'fn main() {}' > build.rs \
     && cargo build --release --locked --bin turnstile \
-    && rm -rf src benches
+    && rm -rf src benches build.rs
 
+# build.rs compiles proto/ (Envoy's rate limit service) into Rust.
+COPY build.rs build.rs
+COPY proto proto
 COPY src src
 COPY benches benches
 # touch: the copied sources may be older than the placeholder build.
-RUN touch src/main.rs src/lib.rs \
+RUN touch build.rs src/main.rs src/lib.rs \
     && cargo build --release --locked --bin turnstile \
     && install -D -m 0755 target/release/turnstile /out/usr/local/bin/turnstile \
     && install -d -m 0750 /out/var/lib/turnstile \
