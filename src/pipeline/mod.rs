@@ -6,8 +6,9 @@
 //! [`crate::respond`], counted, logged and, when the upstream never got
 //! the whole request, refunded.
 //!
-//! Also the request-body reader ([`inspect`]) and the usage report
-//! ([`usage`]) served at `usage_path`.
+//! Also the request-body reader ([`inspect`]), the usage report
+//! ([`usage`]) served at `usage_path`, and the same steps up to the limits
+//! answered for another gateway instead of forwarded (`verdict.rs`).
 //!
 //! May import everything below it: [`crate::config`] and the layers under it.
 
