@@ -548,6 +548,11 @@ async fn a_refused_descriptor_gives_back_what_the_others_took() {
         should(&mut c, "genapi", vec![a()], 1).await.overall_code,
         OVER
     );
+    let metrics = p.app.metrics().render(p.app.store_figures());
+    assert!(
+        metrics.contains("turnstile_refunds_total{route=\"gen\",reason=\"descriptor\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

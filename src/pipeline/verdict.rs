@@ -36,6 +36,7 @@ pub struct Verdict {
 pub struct Taken {
     checks: Vec<crate::store::OwnedCheck>,
     at: crate::clock::Nanos,
+    route: Arc<str>,
 }
 
 /// One limit's figures, as Envoy's rate limit service reports them.
@@ -205,6 +206,7 @@ impl Turnstile {
         let taken = cx.decided.as_ref().filter(|d| d.admitted).map(|d| Taken {
             checks: d.checks.iter().map(crate::store::OwnedCheck::of).collect(),
             at: d.now,
+            route: cx.route.map_or_else(|| Arc::from(""), |r| r.name.clone()),
         });
         Verdict {
             response,
@@ -222,8 +224,9 @@ impl Turnstile {
             .iter()
             .map(crate::store::OwnedCheck::check)
             .collect();
-        if let Err(e) = self.store.refund(&checks, taken.at).await {
-            tracing::warn!(error = %e, "could not give back a decision");
+        match self.store.refund(&checks, taken.at).await {
+            Ok(()) => self.metrics.refunded(&taken.route, "descriptor"),
+            Err(e) => tracing::warn!(error = %e, "could not give back a decision"),
         }
     }
 }
