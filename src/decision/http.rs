@@ -185,6 +185,36 @@ async fn with_body_header(response: Response<Body>) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a gateway (or a client through it) sends, reading the
+        /// original request never panics, and what is read is a path
+        /// with a method spelled in capitals.
+        #[test]
+        fn any_headers_give_a_path_or_a_400(
+            method in "[A-Za-z]{0,8}",
+            uri in "[ -~]{0,40}",
+            own in "/[a-z/.%?=]{0,20}",
+            convention in 0usize..3,
+            host in proptest::option::of("[ -~]{0,12}"),
+        ) {
+            let names = [("x-forwarded-method", "x-forwarded-uri"), ("x-original-method", "x-original-uri"), ("", "")];
+            let (m, u) = names[convention];
+            let mut b = Request::builder().method("GET").uri(own.as_str());
+            if !m.is_empty() {
+                b = b.header(m, method.as_str()).header(u, uri.as_str());
+            }
+            if let Some(h) = &host {
+                b = b.header("x-forwarded-host", h.as_str());
+            }
+            let Ok(req) = b.body(()) else { return Ok(()) };
+            if let Ok(p) = original(req.into_parts().0, "/check") {
+                prop_assert!(p.uri.path().starts_with('/'));
+                prop_assert!(p.method.as_str().bytes().all(|c| c.is_ascii_uppercase()) || convention == 2);
+            }
+        }
+    }
 
     fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
         let mut b = Request::builder().method(method).uri(uri);
