@@ -24,14 +24,7 @@ need_tools nginx:nginx-light wrk:wrk
 cargo build --release --quiet --bin turnstile --example rls_load
 up=$(free_port) proxy=$(free_port) http=$(free_port) grpc=$(free_port)
 
-mkdir -p "$work/up"
-cat > "$work/up/nginx.conf" <<NGINX
-worker_processes 1; daemon off; pid $work/up/pid; error_log /dev/null crit;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:$up; keepalive_requests 1000000;
-  location / { default_type application/json; return 200 '{"ok":true}'; } } }
-NGINX
-taskset -c 0 nginx -p "$work/up" -c "$work/up/nginx.conf" & pids+=($!)
+upstream_nginx "$up" '{"ok":true}'
 
 store=""
 if [ -n "${REDIS:-}" ]; then
@@ -67,12 +60,7 @@ name = "daily"
 requests = 1000000000
 window = "1d"
 TOML
-python3 - "$work/keys.toml" <<'PY'
-import sys
-with open(sys.argv[1], "w") as f:
-    for i in range(10000):
-        f.write(f'[[keys]]\nkey = "bench-key-{i}"\nplan = "bench"\n\n')
-PY
+bench_keys "$work/keys.toml"
 cat > "$work/forward-auth.lua" <<'LUA'
 local i = 0
 request = function()

@@ -32,14 +32,7 @@ need_tools nginx:nginx-light wrk:wrk
 cargo build --release --quiet --bin turnstile
 up=$(free_port)
 
-mkdir -p "$work/up"
-cat > "$work/up/nginx.conf" <<NGINX
-worker_processes 1; daemon off; pid $work/up/pid; error_log /dev/null crit;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:$up; keepalive_requests 1000000;
-  location / { default_type application/json; return 200 '{"id":"\$request_id"}'; } } }
-NGINX
-taskset -c 0 nginx -p "$work/up" -c "$work/up/nginx.conf" & pids+=($!)
+upstream_nginx "$up" '{"id":"$request_id"}'
 
 conf() { # port, extra route lines, daily's extra line, extra limits
   cat <<TOML
@@ -67,12 +60,7 @@ $3
 $4
 TOML
 }
-python3 - "$work/keys.toml" <<'PY'
-import sys
-with open(sys.argv[1], "w") as f:
-    for i in range(10000):
-        f.write(f'[[keys]]\nkey = "bench-key-{i}"\nplan = "bench"\n\n')
-PY
+bench_keys "$work/keys.toml"
 # The same keys as runtime keys: the table turnstile's SQLite store reads.
 python3 - "$work/keys.db" <<'PY'
 import hashlib, sqlite3, sys

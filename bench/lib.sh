@@ -42,3 +42,26 @@ cpu_ticks() {
   done
   echo "$user $sys"
 }
+
+# upstream_nginx PORT BODY: nginx on CPU 0 answering every request with 200
+# and the JSON BODY (as written: nginx variables such as $request_id stay).
+upstream_nginx() {
+  mkdir -p "$work/up"
+  cat > "$work/up/nginx.conf" <<NGINX
+worker_processes 1; daemon off; pid $work/up/pid; error_log /dev/null crit;
+events { worker_connections 4096; }
+http { access_log off; server { listen 127.0.0.1:$1; keepalive_requests 1000000;
+  location / { default_type application/json; return 200 '$2'; } } }
+NGINX
+  taskset -c 0 nginx -p "$work/up" -c "$work/up/nginx.conf" & pids+=($!)
+}
+
+# bench_keys FILE: a keys file of bench-key-0 ... bench-key-9999 on plan "bench".
+bench_keys() {
+  python3 - "$1" <<'PY'
+import sys
+with open(sys.argv[1], "w") as f:
+    for i in range(10000):
+        f.write(f'[[keys]]\nkey = "bench-key-{i}"\nplan = "bench"\n\n')
+PY
+}

@@ -6,10 +6,8 @@
 
 use std::net::SocketAddr;
 
-use toml::Spanned;
-
 use super::raw::{RawConfig, RawDecision};
-use super::{ConfigError, Plan, Route, Source};
+use super::{listen_address, ConfigError, Plan, Route, Source};
 
 /// Validated `[decision]` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +55,8 @@ pub(super) fn compile_decision(
         return Ok(None);
     };
     let d: &RawDecision = table.get_ref();
-    let listen = address(src, d.listen.as_ref())?;
-    let grpc_listen = address(src, d.grpc_listen.as_ref())?;
+    let listen = listen_address(src, d.listen.as_ref())?;
+    let grpc_listen = listen_address(src, d.grpc_listen.as_ref())?;
     if listen.is_none() && grpc_listen.is_none() {
         return Err(src.at(
             table.span(),
@@ -93,18 +91,6 @@ pub(super) fn compile_decision(
             route: envoy.route.clone().unwrap_or_else(|| "route".into()),
         },
     }))
-}
-
-fn address(src: &Source, raw: Option<&Spanned<String>>) -> Result<Option<SocketAddr>, ConfigError> {
-    raw.map(|s| {
-        s.get_ref().parse().map_err(|_| {
-            src.at(
-                s.span(),
-                format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()),
-            )
-        })
-    })
-    .transpose()
 }
 
 /// The routes decided here (all unless `routes` lists some), each checked:

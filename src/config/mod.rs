@@ -419,6 +419,25 @@ fn duration(
     }
 }
 
+/// A listen address (`IP:PORT`), if one is written.
+fn listen_address(
+    src: &Source,
+    raw: Option<&Spanned<String>>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    raw.map(|s| {
+        s.get_ref().parse().map_err(|_| {
+            src.at(
+                s.span(),
+                format!(
+                    "invalid listen address {:?}: expected IP:PORT, e.g. \"127.0.0.1:8080\"",
+                    s.get_ref()
+                ),
+            )
+        })
+    })
+    .transpose()
+}
+
 fn size(src: &Source, raw: &Option<Spanned<RawSize>>, default: u64) -> Result<u64, ConfigError> {
     match raw {
         None => Ok(default),

@@ -20,8 +20,8 @@ use super::raw::{
     RawStore, RawTelemetry, RawUnmatched, RawUpstream,
 };
 use super::{
-    duration, header_name, size, AdminSettings, Backend, ConfigError, LogSettings, ServerSettings,
-    Source, StoreSettings, TelemetrySettings, Unmatched, UpstreamSettings,
+    duration, header_name, listen_address, size, AdminSettings, Backend, ConfigError, LogSettings,
+    ServerSettings, Source, StoreSettings, TelemetrySettings, Unmatched, UpstreamSettings,
 };
 
 /// `[store]`.
@@ -118,15 +118,8 @@ pub(super) fn compile_admin(
     a: &RawAdmin,
     base: &Path,
 ) -> Result<AdminSettings, ConfigError> {
-    let listen = match &a.listen {
-        None => SocketAddr::from(([127, 0, 0, 1], 9090)),
-        Some(s) => s.get_ref().parse().map_err(|_| {
-            src.at(
-                s.span(),
-                format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()),
-            )
-        })?,
-    };
+    let listen = listen_address(src, a.listen.as_ref())?
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090)));
     let mut token = a.token.clone().filter(|t| !t.is_empty());
     if let Some(file) = &a.token_file {
         let path = base.join(file.get_ref());
@@ -193,18 +186,8 @@ pub(super) fn compile_server(
     raw: &RawServer,
     base: &Path,
 ) -> Result<ServerSettings, ConfigError> {
-    let listen = match &raw.listen {
-        None => SocketAddr::from(([0, 0, 0, 0], 8080)),
-        Some(s) => s.get_ref().parse().map_err(|_| {
-            src.at(
-                s.span(),
-                format!(
-                    "invalid listen address {:?}: expected IP:PORT, e.g. \"0.0.0.0:8080\"",
-                    s.get_ref()
-                ),
-            )
-        })?,
-    };
+    let listen = listen_address(src, raw.listen.as_ref())?
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
     Ok(ServerSettings {
         listen,
         unmatched: match raw.unmatched {

@@ -79,13 +79,12 @@ impl rls::rate_limit_service_server::RateLimitService for RateLimitService {
         let mut taken = Vec::new();
         let mut shown: Option<(Verdict, bool)> = None;
         for descriptor in &request.descriptors {
-            let verdict = match ask(&settings.envoy, descriptor, hits) {
+            let mut verdict = match ask(&settings.envoy, descriptor, hits) {
                 Ok(ask) => self.app.verdict_for(&ask, &peer).await,
-                Err(refusal) => refused_without_asking(&refusal).await,
+                Err(refusal) => refused_without_asking(&refusal),
             };
             let ok = verdict.response.status() == StatusCode::OK;
             statuses.push(status(ok, verdict.headline.as_ref()));
-            let mut verdict = verdict;
             if let Some(t) = verdict.taken.take() {
                 taken.push(t);
             }
@@ -148,7 +147,7 @@ fn ask<'a>(
 }
 
 /// A descriptor that could not even be asked about (read two ways).
-async fn refused_without_asking(refusal: &Refusal) -> Verdict {
+fn refused_without_asking(refusal: &Refusal) -> Verdict {
     let ctx = crate::respond::Context::default();
     Verdict {
         response: crate::respond::refusal(refusal, &ctx, HeaderMap::new()),
@@ -159,7 +158,7 @@ async fn refused_without_asking(refusal: &Refusal) -> Verdict {
 
 /// OVER_LIMIT with the 401 body: the domain is not turnstile's.
 async fn unknown_domain() -> RateLimitResponse {
-    let verdict = refused_without_asking(&Refusal::Unauthorized(AuthError::Unknown)).await;
+    let verdict = refused_without_asking(&Refusal::Unauthorized(AuthError::Unknown));
     let mut answer = RateLimitResponse {
         overall_code: Code::OverLimit as i32,
         ..Default::default()

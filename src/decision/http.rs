@@ -33,14 +33,13 @@ pub static X_TURNSTILE_REFUSAL: HeaderName = HeaderName::from_static("x-turnstil
 pub async fn handle(app: &Arc<Turnstile>, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     // The body (a gateway may send the original's) is never read.
     let (parts, _) = req.into_parts();
-    let prefix = app
-        .policy()
+    let policy = app.policy();
+    let prefix = policy
         .decision
         .as_ref()
-        .map(|d| d.path_prefix.clone())
-        .unwrap_or_default();
+        .map_or("", |d| d.path_prefix.as_str());
     let nginx = parts.headers.contains_key(&X_ORIGINAL_URI);
-    let parts = match original(parts, &prefix) {
+    let parts = match original(parts, prefix) {
         Ok(parts) => parts,
         Err(message) => {
             return crate::respond::error_response(StatusCode::BAD_REQUEST, "bad_request", &message)
