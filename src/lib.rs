@@ -6,14 +6,15 @@
 //! `tools/layout.py` checks it):
 //!
 //! [`clock`] → [`wire`] → [`limits`] → [`store`] → [`content`] → [`keys`] →
-//! [`respond`] → [`observe`] → [`jobs`] → [`config`] → [`pipeline`] →
-//! [`admin`] → [`server`] → [`cli`].
+//! [`respond`] → [`observe`] → [`capacity`] → [`jobs`] → [`config`] →
+//! [`pipeline`] → [`admin`] / [`decision`] → [`server`] → [`cli`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![warn(unreachable_pub)]
 
 pub mod admin;
+pub mod capacity;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -320,6 +320,35 @@ impl AcceptErrors {
     }
 }
 
+/// Capacity pools: every second, jobs past `max_duration` freed and the
+/// gauges refreshed (and the job index pruned); in Redis mode, this
+/// instance's slot leases renewed every third of the lease.
+fn spawn_capacity(app: &Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
+    let pools = app.pools().clone();
+    let store = app.store().clone();
+    let mut tasks = vec![tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        for n in 0u64.. {
+            tick.tick().await;
+            pools.tick().await;
+            if n % 60 == 0 {
+                store.prune_job_index();
+            }
+        }
+    })];
+    if let Some(lease) = app.pools().lease() {
+        let pools = app.pools().clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(lease / 3);
+            loop {
+                tick.tick().await;
+                pools.renew().await;
+            }
+        }));
+    }
+    tasks
+}
+
 /// Eviction of idle counters, and periodic snapshots when configured.
 fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
     let store = app.store().in_process().clone();
@@ -354,6 +383,7 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
     if let CounterStore::Redis(redis) = app.store() {
         tasks.push(redis.spawn_renewal());
     }
+    tasks.extend(spawn_capacity(&app));
     if let Some(t) = app.policy().telemetry.as_ref().filter(|t| t.metrics) {
         let target = crate::observe::otlp_metrics::Target {
             endpoint: t.otlp_endpoint.clone(),

@@ -8,6 +8,7 @@
 
 mod credits;
 mod dashboard;
+mod jobs;
 mod keys;
 
 use std::sync::Arc;
@@ -106,6 +107,8 @@ async fn v1(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::DELETE, "/v1/usage") => reset(app, &policy, query).await,
         (&Method::DELETE, "/v1/jobs") => end_job(app, &policy, query).await,
+        (&Method::POST, "/v1/jobs/end") => jobs::end(app, &policy, req).await,
+        (&Method::GET, "/v1/capacity") => jobs::capacity(app).await,
         (&Method::POST, "/v1/reload") => match app.reload() {
             Ok(report) => json_response(
                 StatusCode::OK,
@@ -316,7 +319,16 @@ async fn end_job(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body
     let Some(id) = id else {
         return end_unreadable(app, &counters).await;
     };
-    match app.store().end_job(&counters, &id).await {
+    let pooled = match app.pools().end_job(&id, None).await {
+        Ok(pools) => !pools.is_empty(),
+        Err(e) => return store_error(e),
+    };
+    match app
+        .store()
+        .end_job(&counters, &id)
+        .await
+        .map(|held| held || pooled)
+    {
         Ok(true) => {
             app.metrics().job_ended(crate::jobs::Ended::Admin.label());
             tracing::info!(job = %id, "job ended through the admin API");

@@ -146,6 +146,11 @@ pub fn undecidable(route: &Route, plans: &[Plan]) -> Option<String> {
             "it counts jobs (job, job_status or job_cancel), {answer}"
         ));
     }
+    if route.capacity.is_some() {
+        return Some(format!(
+            "it takes a slot of a capacity pool, held until the exchange or the job ends, {answer}"
+        ));
+    }
     if route.settle.is_some() {
         return Some(format!("settle reads the cost from the answer, {answer}"));
     }

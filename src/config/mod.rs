@@ -11,6 +11,7 @@
 //! [`crate::keys`], [`crate::content`], [`crate::store`], [`crate::limits`],
 //! [`crate::wire`], [`crate::clock`].
 
+mod capacity;
 mod content;
 mod decision;
 mod keys;
@@ -354,6 +355,8 @@ pub struct Route {
     pub responses: Arc<ResponseSet>,
     /// Index into [`Policy::upstreams`] (`None`: `[upstream]`).
     pub upstream: Option<usize>,
+    /// Index into [`Policy::capacity`]: the pool the route takes a slot of.
+    pub capacity: Option<usize>,
 }
 
 /// The whole validated configuration.
@@ -381,6 +384,8 @@ pub struct Policy {
     pub telemetry: Option<TelemetrySettings>,
     /// `[decision]`; `None`: no decision endpoints.
     pub decision: Option<DecisionSettings>,
+    /// `[[capacity]]` pools in file order.
+    pub capacity: Vec<Arc<crate::capacity::PoolSpec>>,
     /// Routes in file order.
     pub routes: Vec<Route>,
     /// Plans by name order.
@@ -514,6 +519,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         }
     }
 
+    let capacity = capacity::compile_capacity(src, &raw, &mut routes, &plans)?;
     let decision = decision::compile_decision(src, &raw, &routes, &plans)?;
     let identity = keys::compile_identity(src, &raw.identity, &known, base, &store)?;
     Ok(Policy {
@@ -528,6 +534,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         log,
         telemetry,
         decision,
+        capacity,
         routes,
         plans,
         responses: global,

@@ -36,6 +36,25 @@ pub(crate) struct RawConfig {
     pub(crate) log: RawLog,
     pub(crate) telemetry: Option<RawTelemetry>,
     pub(crate) decision: Option<Spanned<RawDecision>>,
+    /// `[[capacity]]`: shared pools of slots.
+    #[serde(default)]
+    pub(crate) capacity: Vec<Spanned<RawCapacity>>,
+}
+
+/// One `[[capacity]]` pool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCapacity {
+    pub(crate) name: Spanned<String>,
+    pub(crate) max: Spanned<i64>,
+    pub(crate) routes: Spanned<Vec<Spanned<String>>>,
+    pub(crate) max_wait: Option<Spanned<String>>,
+    pub(crate) max_queue: Option<Spanned<i64>>,
+    pub(crate) weights: Option<BTreeMap<String, Spanned<i64>>>,
+    pub(crate) reserve: Option<BTreeMap<String, Spanned<i64>>>,
+    pub(crate) fair_per: Option<Spanned<String>>,
+    pub(crate) retry_after: Option<Spanned<String>>,
+    pub(crate) max_duration: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

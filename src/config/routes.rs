@@ -171,6 +171,7 @@ fn compile_route(
         matcher: RouteMatcher { method, path, host },
         responses,
         upstream: None,
+        capacity: None,
     })
 }
 

@@ -96,6 +96,8 @@ pub struct Watcher {
     pub settle: Option<Settle>,
     /// Where jobs and costs are counted.
     pub store: CounterStore,
+    /// The capacity pools a job's slot may be held in.
+    pub pools: Arc<crate::capacity::Pools>,
     /// For `turnstile_jobs_ended_total` and `turnstile_credits_spent_total`.
     pub metrics: Arc<Metrics>,
     /// At most this much of the answer is read (`[server] mcp_max_body`).
@@ -177,7 +179,9 @@ impl Watcher {
     async fn act_now(self, headers: HeaderMap, doc: Doc) {
         let headers = &headers;
         if let Some(watch) = self.watch {
-            let (job, unreadable) = watch.act(&self.store, &self.metrics, headers, &doc).await;
+            let (job, unreadable) = watch
+                .act(&self.store, &self.pools, &self.metrics, headers, &doc)
+                .await;
             if let (Some(trace), Some(job)) = (&self.trace, job) {
                 let shown = if unreadable.is_some() {
                     String::new()

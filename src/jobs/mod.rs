@@ -7,15 +7,16 @@
 //! Also [`answer`]: what an exchange watches its answer for (the job it
 //! started or ended, the settled cost), acted on once the answer is read.
 //!
-//! May import: [`crate::observe`], [`crate::store`], [`crate::content`],
-//! [`crate::limits`], [`crate::wire`], [`crate::clock`].
+//! May import: [`crate::capacity`], [`crate::observe`], [`crate::store`],
+//! [`crate::content`], [`crate::limits`], [`crate::wire`], [`crate::clock`].
 
 pub mod answer;
 
+use crate::capacity::Pools;
 use crate::content::tap::Doc;
 use crate::content::values::ValueSource;
 use crate::observe::metrics::Metrics;
-use crate::store::{CounterStore, JobClaim, OwnedCheck};
+use crate::store::{CounterStore, JobClaim, OwnedCheck, Subject};
 
 /// What a route does for job accounting (`job`, `job_status`, `job_cancel`).
 #[derive(Debug, Clone, Default)]
@@ -96,8 +97,10 @@ pub enum Ended {
     Cancelled,
     /// `max_duration` passed.
     Expired,
-    /// The admin API.
+    /// The admin API (`DELETE /v1/jobs`).
     Admin,
+    /// The upstream's own backend, through `POST /v1/jobs/end`.
+    Upstream,
 }
 
 impl Ended {
@@ -108,6 +111,7 @@ impl Ended {
             Ended::Cancelled => "cancelled",
             Ended::Expired => "expired",
             Ended::Admin => "admin",
+            Ended::Upstream => "upstream",
         }
     }
 }
@@ -132,27 +136,32 @@ pub enum Watch {
         how: Ended,
         /// The caller's jobs counters.
         counters: Vec<OwnedCheck>,
+        /// The caller (its group), whose capacity slots held by the job end too.
+        owner: Option<Subject>,
     },
 }
 
 /// The watch for one request on `role`, if there is anything to watch.
 /// `claims`: the pending slots its admission took; `job_id`: the job the
-/// request names (read by the caller, which refuses ambiguous values).
+/// request names (read by the caller, which refuses ambiguous values);
+/// `owner`: the caller, when capacity pools may hold its jobs.
 pub fn watch(
     role: &JobRole,
     job_id: Option<String>,
     claims: Vec<JobClaim>,
     counters: impl FnOnce() -> Vec<OwnedCheck>,
+    owner: Option<Subject>,
 ) -> Option<Watch> {
     let end = |state: Option<(ValueSource, Vec<String>)>, how: Ended| {
         // An id no request can name (see `UNREADABLE`) ends nothing.
         let id = job_id.filter(|id| !is_unreadable(id))?;
         let counters = counters();
-        (!counters.is_empty()).then_some(Watch::End {
+        (!counters.is_empty() || owner.is_some()).then_some(Watch::End {
             id,
             state,
             how,
             counters,
+            owner,
         })
     };
     match role {
@@ -177,6 +186,7 @@ impl Watch {
     pub(crate) async fn act(
         self,
         store: &CounterStore,
+        pools: &Pools,
         metrics: &Metrics,
         headers: &http::HeaderMap,
         doc: &Doc,
@@ -201,6 +211,7 @@ impl Watch {
                 state,
                 how,
                 counters,
+                owner,
             } => {
                 let job = Some(id.to_string());
                 if let Some((state, done)) = &state {
@@ -211,10 +222,25 @@ impl Watch {
                         return (job, None);
                     }
                 }
-                match store.end_job(&counters, &id).await {
-                    Ok(true) => metrics.job_ended(how.label()),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "could not end a job"),
+                let held = match store.end_job(&counters, &id).await {
+                    Ok(held) => held,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not end a job");
+                        false
+                    }
+                };
+                let pooled = match &owner {
+                    Some(owner) => match pools.end_job(&id, Some(owner)).await {
+                        Ok(pools) => !pools.is_empty(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not end a job's capacity slot");
+                            false
+                        }
+                    },
+                    None => false,
+                };
+                if held || pooled {
+                    metrics.job_ended(how.label());
                 }
                 (job, None)
             }

@@ -5,22 +5,14 @@ use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-/// A label value held as a shared string (route and limit names come from the config).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Name(pub Arc<str>);
-
-impl EncodeLabelValue for Name {
-    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
-        encoder.write_str(&self.0)
-    }
-}
+pub use super::label::Name;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
@@ -86,6 +78,7 @@ pub struct Metrics {
     shadow_refusals: Family<ShadowLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
     access_log_dropped: Counter,
+    capacity: super::capacity::CapacityMetrics,
     /// Route totals sampled once a second, for the dashboard's rates.
     samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
     /// The last 15 minutes, for the dashboard's charts.
@@ -256,6 +249,7 @@ impl Metrics {
                 "Access log lines dropped because the log writer was behind (requests never wait for it)",
                 Counter::default(),
             ),
+            capacity: super::capacity::CapacityMetrics::new(reg),
             registry: r,
             samples: Default::default(),
             history: Default::default(),
@@ -378,6 +372,11 @@ impl Metrics {
     /// Counts a store failure.
     pub fn store_error(&self) {
         self.store.store_errors.inc();
+    }
+
+    /// The capacity pools' series.
+    pub fn capacity(&self) -> &super::capacity::CapacityMetrics {
+        &self.capacity
     }
 
     /// A guard counting one exchange in flight until dropped.

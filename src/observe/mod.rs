@@ -9,7 +9,9 @@
 //! [`crate::clock`].
 
 pub mod access_log;
+pub mod capacity;
 pub mod history;
+mod label;
 pub mod metrics;
 pub mod otlp_metrics;
 pub mod refusal_log;

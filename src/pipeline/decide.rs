@@ -118,9 +118,16 @@ impl Turnstile {
             None
         } else {
             let caller = &who.caller;
-            jobs::watch(&route.job, job_id, lease.take_jobs(), || {
-                job_counters(policy, &caller.digest, caller.account.as_ref())
-            })
+            let owner = (!policy.capacity.is_empty())
+                .then(|| Subject::group(&caller.digest, caller.account.as_ref()));
+            let claims = lease.take_jobs();
+            jobs::watch(
+                &route.job,
+                job_id,
+                claims,
+                || job_counters(policy, &caller.digest, caller.account.as_ref()),
+                owner,
+            )
         };
         let settle = route.settle.as_ref().and_then(|source| {
             let d = cx.decided.as_ref()?;
@@ -147,6 +154,7 @@ impl Turnstile {
             watch,
             settle,
             store: self.store.clone(),
+            pools: self.pools.clone(),
             metrics: self.metrics.clone(),
             max: policy.server.mcp_max_body,
             rpc_id: body.rpc_id().cloned(),
@@ -215,4 +223,18 @@ fn job_counters(
         });
     }
     out
+}
+
+/// The names of every limit that can refuse on route `index`, once each.
+pub(super) fn limit_names(policy: &Policy, index: usize) -> Vec<Arc<str>> {
+    let mut names: Vec<Arc<str>> = Vec::new();
+    for plan in &policy.plans {
+        let applied = plan.by_route.get(index).into_iter().flatten();
+        for spec in applied.filter_map(|a| plan.limits.get(a.limit)) {
+            if !names.contains(&spec.name) {
+                names.push(spec.name.clone());
+            }
+        }
+    }
+    names
 }

@@ -13,6 +13,7 @@
 //! May import everything below it: [`crate::config`] and the layers under it.
 
 mod admission;
+mod capacity;
 mod decide;
 mod forward;
 pub mod inspect;
@@ -76,20 +77,6 @@ pub struct Live {
     route_metrics: Vec<RouteMetrics>,
 }
 
-/// The names of every limit that can refuse on route `index`, once each.
-fn limit_names(policy: &Policy, index: usize) -> Vec<Arc<str>> {
-    let mut names: Vec<Arc<str>> = Vec::new();
-    for plan in &policy.plans {
-        let applied = plan.by_route.get(index).into_iter().flatten();
-        for spec in applied.filter_map(|a| plan.limits.get(a.limit)) {
-            if !names.contains(&spec.name) {
-                names.push(spec.name.clone());
-            }
-        }
-    }
-    names
-}
-
 impl Live {
     /// The connection pool requests on `route` go to.
     fn upstream_of(&self, route: Option<&Route>) -> &Arc<Upstream> {
@@ -113,7 +100,7 @@ impl Live {
         let mut route_metrics: Vec<RouteMetrics> = policy
             .routes
             .iter()
-            .map(|r| metrics.route(&r.name, &limit_names(&policy, r.index)))
+            .map(|r| metrics.route(&r.name, &decide::limit_names(&policy, r.index)))
             .collect();
         // Series dashboards query start at 0 rather than missing until the
         // first event.
@@ -136,6 +123,8 @@ impl Live {
 pub struct Turnstile {
     live: ArcSwap<Live>,
     store: CounterStore,
+    /// `[[capacity]]` pools, kept across reloads.
+    pools: Arc<crate::capacity::Pools>,
     metrics: Arc<Metrics>,
     /// Bytes of bodies held for inspection (`[server] max_buffered`).
     budget: Arc<Budget>,
@@ -301,7 +290,11 @@ impl Turnstile {
         store
             .in_process()
             .set_max_counters(policy.store.max_counters);
+        let clock = store.in_process().clock();
+        let pools = Arc::new(crate::capacity::Pools::new(&store, clock, metrics.clone()));
+        pools.configure(&policy.capacity);
         Self {
+            pools,
             budget: Budget::new(policy.server.max_buffered),
             refusal_log: RefusalLog::new(policy.log.refusals_per_second),
             top_refused: TopRefused::default(),
@@ -326,6 +319,11 @@ impl Turnstile {
     /// The counter store.
     pub fn store(&self) -> &CounterStore {
         &self.store
+    }
+
+    /// The capacity pools.
+    pub fn pools(&self) -> &Arc<crate::capacity::Pools> {
+        &self.pools
     }
 
     /// Access log lines dropped since start (0 without an access log).
@@ -494,6 +492,7 @@ impl Turnstile {
             .collect();
         self.budget.set_max(policy.server.max_buffered);
         self.refusal_log.set_rate(policy.log.refusals_per_second);
+        self.pools.configure(&policy.capacity);
         self.store
             .in_process()
             .set_max_counters(policy.store.max_counters);
@@ -603,8 +602,10 @@ impl Turnstile {
         cx.cost = admission::price(route, &parts, &body)?;
         let job_id = admission::job_id(route, &parts, &body)?;
 
-        // 5. Limits, decided together.
+        // 5. Limits, decided together; then a slot of the route's
+        // capacity pool, waiting for one in fair order.
         let mut lease = self.decide_traced(cx).await?;
+        self.take_capacity(cx, &mut lease).await?;
 
         // 6. Forward, watching the answer for jobs; 7. the slots are held
         // until the response body is done with.

@@ -18,7 +18,7 @@ pub use headers::{
     primary_index, rate_headers, rate_limited, refusing, write_rate_headers, Checked,
     HeaderSettings, ResetFormat,
 };
-pub use refusal::{Counts, InsufficientCredits, MediaTooLong, RateLimited, Refusal};
+pub use refusal::{Counts, InsufficientCredits, MediaTooLong, OverCapacity, RateLimited, Refusal};
 pub use render::{error_response, refusal};
 pub use templates::{Context, ResponseSet, Template, RESPONSE_NAMES};
 pub use text::json_escape_into;
@@ -73,6 +73,12 @@ mod tests {
                 name: "credits".into(),
                 balance: 3,
                 cost: 8,
+            })),
+            Refusal::OverCapacity(Box::new(OverCapacity {
+                name: "gpu".into(),
+                max: 40,
+                waiting: 12,
+                retry_after: 5,
             })),
         ];
         let codes: Vec<&str> = refusals.iter().map(Refusal::code).collect();

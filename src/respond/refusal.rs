@@ -127,6 +127,22 @@ pub enum Refusal {
     /// 503: bodies held for inspection would exceed `[server] max_buffered`.
     #[error("{0}")]
     Overloaded(String),
+    /// 503: no slot of a capacity pool within its `max_wait`, or its queue full.
+    #[error("All {} generation slots are busy ({}). Retry in {} s.", .0.max, .0.name, .0.retry_after)]
+    OverCapacity(Box<OverCapacity>),
+}
+
+/// The capacity pool that refused a 503 `over_capacity`.
+#[derive(Debug, Clone)]
+pub struct OverCapacity {
+    /// The pool's name.
+    pub name: Arc<str>,
+    /// Its `max`.
+    pub max: u32,
+    /// Requests waiting when refused.
+    pub waiting: u64,
+    /// Seconds for `Retry-After`.
+    pub retry_after: u64,
 }
 
 /// The refusing limit of a 429, with every figure its body and template need.
@@ -242,6 +258,10 @@ impl Refusal {
             }
             Refusal::PayloadTooLarge { .. } => format!("Request too large: {self}."),
             Refusal::InsufficientCredits(_) => self.to_string(),
+            Refusal::OverCapacity(c) => format!(
+                "All {} generation slots are busy ({}). Try again in {} s.",
+                c.max, c.name, c.retry_after
+            ),
             Refusal::PlanRequired { route, plans } => {
                 format!("{route} requires plan {}.", plan_list(plans))
             }
@@ -257,6 +277,7 @@ impl Refusal {
                 | Refusal::PlanRequired { .. }
                 | Refusal::PayloadTooLarge { .. }
                 | Refusal::InvalidArguments(_)
+                | Refusal::OverCapacity(_)
         )
     }
 
@@ -297,7 +318,7 @@ impl Refusal {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             Refusal::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Refusal::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Overloaded(_) | Refusal::OverCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -326,6 +347,7 @@ impl Refusal {
             }
             Refusal::HeadersTooLarge(_) => "headers_too_large",
             Refusal::Overloaded(_) => "overloaded",
+            Refusal::OverCapacity(_) => "over_capacity",
         }
     }
 
@@ -350,6 +372,7 @@ impl Refusal {
         "unsupported_media_type",
         "headers_too_large",
         "overloaded",
+        "over_capacity",
     ];
 
     /// Whether the connection must be closed after this answer: what the
@@ -417,6 +440,11 @@ impl Refusal {
                     m.limit_seconds, m.duration_seconds
                 );
             }
+            Refusal::OverCapacity(c) => {
+                out.push_str(",\"capacity\":{\"name\":\"");
+                json_escape_into(&c.name, &mut out);
+                let _ = write!(out, "\",\"max\":{},\"waiting\":{}}}", c.max, c.waiting);
+            }
             Refusal::InsufficientCredits(c) => {
                 out.push_str(",\"credits\":{\"name\":\"");
                 json_escape_into(&c.name, &mut out);
@@ -437,6 +465,16 @@ impl Refusal {
             Refusal::InsufficientCredits(c) => Some(c),
             _ => None,
         };
+        if let Refusal::OverCapacity(c) = self {
+            return match var {
+                Var::Route => json_escape_into(route, out),
+                Var::Plan => json_escape_into(plan, out),
+                Var::Name => json_escape_into(&c.name, out),
+                Var::Limit => push_num(out, u64::from(c.max)),
+                Var::RetryAfter => push_num(out, c.retry_after),
+                _ => {}
+            };
+        }
         match var {
             Var::Route => json_escape_into(route, out),
             Var::Plan => json_escape_into(plan, out),

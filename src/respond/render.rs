@@ -64,6 +64,9 @@ pub fn refusal(refusal: &Refusal, ctx: &Context<'_>, rate_headers: HeaderMap) ->
         Refusal::Overloaded(_) => {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        Refusal::OverCapacity(c) => {
+            headers.insert(RETRY_AFTER, num_value(c.retry_after));
+        }
         Refusal::MethodNotAllowed(_) => {
             headers.insert(
                 http::header::ALLOW,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use http::{HeaderValue, StatusCode};
 
 /// The refusal names operators can template (`[responses.NAME]`).
-pub const RESPONSE_NAMES: [&str; 9] = [
+pub const RESPONSE_NAMES: [&str; 10] = [
     "unauthorized",
     "plan_required",
     "payload_too_large",
@@ -16,6 +16,7 @@ pub const RESPONSE_NAMES: [&str; 9] = [
     "upstream_timeout",
     "not_found",
     "insufficient_credits",
+    "over_capacity",
 ];
 
 /// A placeholder in a response template.

@@ -53,6 +53,14 @@ impl Subject {
         }
     }
 
+    /// How the admin API names it: `key:<fingerprint>` or `account:<name>`.
+    pub fn label(&self) -> String {
+        match self {
+            Subject::Key(d) => format!("key:{}", hex::encode(&d[..4])),
+            Subject::Account(a) => format!("account:{a}"),
+        }
+    }
+
     /// The group every counter of one request belongs to: the account, or
     /// the key when it has none.
     pub fn group(digest: &KeyDigest, account: Option<&Arc<str>>) -> Self {
@@ -149,6 +157,16 @@ impl Lease {
         self
     }
 
+    /// Holds one more slot, released like the others.
+    pub fn hold(&mut self, slot: Box<dyn Send + Sync>) {
+        self.slots.push(slot);
+    }
+
+    /// Holds one more pending job submission.
+    pub fn push_job(&mut self, claim: JobClaim) {
+        self.jobs.get_or_insert_with(Vec::new).push(claim);
+    }
+
     /// The pending job submissions, for the exchange to bind or drop.
     pub fn take_jobs(&mut self) -> Vec<JobClaim> {
         self.jobs.take().unwrap_or_default()
@@ -180,11 +198,27 @@ pub struct JobClaim(ClaimKind);
 enum ClaimKind {
     Memory(memory::Slot),
     Redis(redis::RedisClaim),
+    Other(Box<dyn BindJob>),
+}
+
+/// A pending job slot kept outside the counters (a capacity pool's):
+/// bound to the job the answer names, or given back when dropped unbound.
+pub trait BindJob: Send + Sync {
+    /// The slot now belongs to job `id`.
+    fn bind(
+        self: Box<Self>,
+        id: &str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + '_>>;
 }
 
 impl JobClaim {
     fn memory(slot: memory::Slot) -> Self {
         Self(ClaimKind::Memory(slot))
+    }
+
+    /// A claim on a slot kept elsewhere.
+    pub fn other(slot: Box<dyn BindJob>) -> Self {
+        Self(ClaimKind::Other(slot))
     }
 
     /// The slot now belongs to job `id`, until it ends or expires.
@@ -195,6 +229,7 @@ impl JobClaim {
                 Ok(())
             }
             ClaimKind::Redis(claim) => claim.bind(id).await,
+            ClaimKind::Other(slot) => slot.bind(id).await,
         }
     }
 }
@@ -416,6 +451,30 @@ impl CounterStore {
             CounterStore::Memory(m) => Ok(m.balance(check, change)),
             CounterStore::Redis(r) => r.balance(check, change).await,
         }
+    }
+
+    /// Ends job `id` wherever it is held, by its id alone (`POST
+    /// /v1/jobs/end`): each holder as (subject label, counter id).
+    pub async fn end_job_by_id(&self, id: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        match self {
+            CounterStore::Memory(m) => Ok(m
+                .end_job_by_id(id)
+                .into_iter()
+                .map(|(s, c)| (s.label(), c))
+                .collect()),
+            CounterStore::Redis(r) => {
+                let mut ended = r.end_job_by_id(id).await?;
+                let local = r.fallback().end_job_by_id(id);
+                ended.extend(local.into_iter().map(|(s, c)| (s.label(), c)));
+                Ok(ended)
+            }
+        }
+    }
+
+    /// Forgets what ending jobs by id no longer needs (memory: index
+    /// entries of jobs past `max_duration`).
+    pub fn prune_job_index(&self) {
+        self.in_process().prune_job_index();
     }
 
     /// Ends job `id` in whichever of `counters` holds it (docs/configuration.md, "Jobs");

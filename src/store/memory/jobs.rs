@@ -2,8 +2,35 @@
 
 use std::sync::atomic::Ordering;
 
+use dashmap::DashMap;
+use smallvec::SmallVec;
+
+use crate::clock::Nanos;
 use crate::limits::{CounterState, Job, Rule};
-use crate::store::OwnedCheck;
+use crate::store::{OwnedCheck, Subject};
+
+/// The counters holding one job: (subject, counter, the job's expiry).
+type Holders = SmallVec<[(Subject, u64, Nanos); 1]>;
+
+/// Job id -> the counters holding it.
+#[derive(Default)]
+pub(super) struct JobIndex(DashMap<Box<str>, Holders>);
+
+impl JobIndex {
+    pub(super) fn add(&self, id: &str, subject: &Subject, counter: u64, expires: Nanos) {
+        let mut holders = self.0.entry(id.into()).or_default();
+        holders.retain(|(s, c, _)| !(s == subject && *c == counter));
+        holders.push((subject.clone(), counter, expires));
+    }
+
+    /// Drops the entries of jobs past their expiry.
+    pub(super) fn prune(&self, now: Nanos) {
+        self.0.retain(|_, holders| {
+            holders.retain(|(_, _, expires)| *expires > now);
+            !holders.is_empty()
+        });
+    }
+}
 
 use super::{lock, MemoryStore};
 
@@ -25,6 +52,41 @@ impl MemoryStore {
             }
         }
         ended
+    }
+
+    /// Ends job `id` wherever it is held, by its id alone; the subjects
+    /// and counters that held it.
+    pub fn end_job_by_id(&self, id: &str) -> Vec<(Subject, u64)> {
+        let Some((_, holders)) = self.inner.job_index.0.remove(id) else {
+            return Vec::new();
+        };
+        let mut ended = Vec::new();
+        for (subject, counter, _) in holders {
+            let Some(handle) = self.inner.map.get(&subject).map(|h| h.clone()) else {
+                continue;
+            };
+            let mut g = lock(&handle);
+            let Some(c) = g.list.iter_mut().find(|x| x.id == counter) else {
+                continue;
+            };
+            let rule_of = |state: &CounterState| match state {
+                CounterState::Jobs(j) => j.jobs.iter().any(|j| &*j.id == id),
+                _ => false,
+            };
+            if !rule_of(&c.state) {
+                continue;
+            }
+            if let CounterState::Jobs(j) = &mut c.state {
+                j.jobs.retain(|j| &*j.id != id);
+            }
+            ended.push((subject.clone(), counter));
+        }
+        ended
+    }
+
+    /// Forgets the index entries of jobs past their `max_duration`.
+    pub fn prune_job_index(&self) {
+        self.inner.job_index.prune(self.now());
     }
 
     /// The jobs in progress on one counter, oldest first.

@@ -163,6 +163,9 @@ struct Inner {
     evicted: AtomicU64,
     /// Jobs whose `max_duration` passed, ever.
     jobs_expired: AtomicU64,
+    /// Job id -> the counters holding it, with the job's expiry (for
+    /// ending a job by its id alone).
+    job_index: jobs::JobIndex,
 }
 
 /// SubjectCounters held in this process. Clones share the same counters.
@@ -435,6 +438,11 @@ impl Slot {
             jobs.bind(&mut c.state, id, now);
             c.expires_at = self.rule.expires_at(&c.state);
         }
+        drop(g);
+        let expires = now.saturating_add(jobs.max_duration);
+        store
+            .job_index
+            .add(id, &self.subject, self.counter, expires);
     }
 }
 
@@ -539,6 +547,7 @@ impl MemoryStore {
                 evicting: AtomicBool::new(false),
                 evicted: AtomicU64::new(0),
                 jobs_expired: AtomicU64::new(0),
+                job_index: jobs::JobIndex::default(),
             }),
         }
     }
@@ -546,6 +555,11 @@ impl MemoryStore {
     /// "Now" as this store's clock tells it.
     pub fn now(&self) -> Nanos {
         self.inner.clock.now()
+    }
+
+    /// The clock it counts by.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.inner.clock.clone()
     }
 
     /// Number of counters held.

@@ -55,6 +55,12 @@ impl MemoryStore {
                 if g.list.iter().any(|x| x.id == c.id) {
                     continue;
                 }
+                if let crate::limits::CounterState::Jobs(j) = &c.state {
+                    for job in &j.jobs {
+                        let at = (&saved.subject, c.id, job.expires);
+                        self.inner.job_index.add(&job.id, at.0, at.1, at.2);
+                    }
+                }
                 g.list.push(Counter::new(c.id, c.state, c.expires_at));
                 restored += 1;
             }

@@ -30,6 +30,7 @@ use crate::clock::{Clock, Nanos};
 use crate::limits::{Job, Rule, Verdict};
 
 mod client;
+mod jobs;
 mod outage;
 
 use client::{Breaker, Conn};
@@ -67,6 +68,7 @@ struct Inner {
     balance: Script,
     renew: Script,
     job: Script,
+    job_index: Script,
     instance: String,
     seq: AtomicU64,
     /// What this instance renews, by handle: a lease's member (its id, or
@@ -129,6 +131,8 @@ pub(super) struct RedisClaim {
     key: String,
     member: String,
     max_duration_ms: u64,
+    /// Whose counter, for the job index (`Subject::label`).
+    subject: String,
 }
 
 impl RedisClaim {
@@ -145,6 +149,12 @@ impl RedisClaim {
             .arg(self.max_duration_ms);
         store.call::<i64>(inv).await?;
         store.jobs_gauge.fetch_add(1, Ordering::Relaxed);
+        let indexed = store
+            .index_job(id, &self.key, &self.subject, self.max_duration_ms)
+            .await;
+        if let Err(e) = indexed {
+            tracing::warn!(error = %e, "a job was not indexed by id: POST /v1/jobs/end will not find it");
+        }
         Ok(())
     }
 }
@@ -211,6 +221,16 @@ impl RedisStore {
         &self.inner.settings.prefix
     }
 
+    /// The `[store]` settings it runs with.
+    pub fn settings(&self) -> &RedisSettings {
+        &self.inner.settings
+    }
+
+    /// This instance's id (a fresh one each start), for lease members.
+    pub fn instance(&self) -> &str {
+        &self.inner.instance
+    }
+
     /// Runs `script` with `keys` and `args` (the runtime key store's calls,
     /// the runtime keys' Redis store), bounded by the timeout and the breaker
     /// like every decision.
@@ -252,6 +272,7 @@ impl RedisStore {
             balance: Script::new(with_kinds!("lua/balance.lua")),
             renew: Script::new(include_str!("lua/renew.lua")),
             job: Script::new(include_str!("lua/job.lua")),
+            job_index: Script::new(include_str!("lua/job_index.lua")),
             instance,
             seq: AtomicU64::new(0),
             held: DashMap::new(),
@@ -369,6 +390,7 @@ impl RedisStore {
                     key,
                     member,
                     max_duration_ms: rule.max_duration / 1_000_000,
+                    subject: c.subject.label(),
                 })));
             }
             lease = lease.with_jobs(jobs);

@@ -1,0 +1,64 @@
+//! Ending a job by its id alone (`POST /v1/jobs/end`): an index from job
+//! id to the counters holding it (`lua/job_index.lua`), written when a
+//! submission's slot becomes the job's. It has a key of its own (not the
+//! account's hash tag: the id alone names it), so it is written by a second
+//! call after the job's; if that call fails, the job still ends by its
+//! status poll, the admin API by key, or `max_duration`.
+
+use sha2::{Digest, Sha256};
+
+use super::{Inner, RedisStore};
+use crate::store::StoreError;
+
+impl Inner {
+    fn index_key(&self, id: &str) -> String {
+        let digest = hex::encode(&Sha256::digest(id.as_bytes())[..12]);
+        format!("{}job:{digest}", self.settings.prefix)
+    }
+
+    /// Records that counter `key` of `subject` holds job `id`.
+    pub(super) async fn index_job(
+        &self,
+        id: &str,
+        key: &str,
+        subject: &str,
+        max_duration_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut inv = self.job_index.prepare_invoke();
+        inv.key(self.index_key(id))
+            .arg("add")
+            .arg(format!("{key}\t{subject}"))
+            .arg(max_duration_ms);
+        self.call::<i64>(inv).await.map(|_| ())
+    }
+}
+
+impl RedisStore {
+    /// Ends job `id` in every counter holding it: (subject label, counter id) of each.
+    pub async fn end_job_by_id(&self, id: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let inner = &self.inner;
+        let mut inv = inner.job_index.prepare_invoke();
+        inv.key(inner.index_key(id)).arg("take");
+        let holders: Vec<String> = inner.call(inv).await?;
+        let mut ended = Vec::new();
+        for holder in holders {
+            let Some((key, subject)) = holder.split_once('\t') else {
+                continue;
+            };
+            let mut inv = inner.job.prepare_invoke();
+            inv.key(key).arg("end").arg(id);
+            if inner.call::<i64>(inv).await? > 0 {
+                inner
+                    .jobs_gauge
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let counter = key
+                    .rsplit(':')
+                    .next()
+                    .and_then(|c| u64::from_str_radix(c, 16).ok())
+                    .unwrap_or(0);
+                ended.push((subject.to_owned(), counter));
+            }
+        }
+        Ok(ended)
+    }
+}
