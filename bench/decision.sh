@@ -72,12 +72,6 @@ LUA
 RUST_LOG=off taskset -c 0 ./target/release/turnstile --threads 1 --config "$work/t.toml" & pids+=($!)
 for p in $up $proxy $http $grpc; do wait_port "$p"; done
 
-wrk_run() { # url, script -> "rps p99_ms non2xx"
-  taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency -s "$2" "$1" 2>/dev/null |
-    awk 'function ms(v){ if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-         /Requests\/sec/ {rps=$2} /^ +99%/ {p99=ms($2)} /Non-2xx/ {bad=$5}
-         END {printf "%s %.3f %s\n", rps, p99, (bad==""?0:bad)}'
-}
 measure() {
   case $1 in
     proxy) wrk_run "http://127.0.0.1:$proxy/v1/videos" bench/keys.lua ;;
@@ -85,7 +79,6 @@ measure() {
     grpc) taskset -c 1 ./target/release/examples/rls_load "127.0.0.1:$grpc" 10000 4 16 "$DURATION" ;;
   esac
 }
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 for path in proxy http grpc; do DURATION=1 measure "$path" >/dev/null; done
 : > "$work/results"
 for _ in $(seq "$REPEAT"); do

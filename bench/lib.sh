@@ -65,3 +65,15 @@ with open(sys.argv[1], "w") as f:
         f.write(f'[[keys]]\nkey = "bench-key-{i}"\nplan = "bench"\n\n')
 PY
 }
+
+# wrk_run URL SCRIPT: wrk on CPU 1 (one thread, 64 connections, DURATION
+# seconds) with the Lua SCRIPT; prints "req/s p99_ms non2xx".
+wrk_run() {
+  taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency -s "$2" "$1" 2>/dev/null |
+    awk 'function ms(v){ if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+         /Requests\/sec/ {rps=$2} /^ +99%/ {p99=ms($2)} /Non-2xx/ {bad=$5}
+         END {printf "%s %.3f %s\n", rps, p99, (bad==""?0:bad)}'
+}
+
+# median: the median of the numbers on stdin, one per line.
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }

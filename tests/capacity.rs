@@ -487,3 +487,68 @@ async fn config_errors_name_the_place() {
         assert!(e.contains("t.toml:1"), "{e}");
     }
 }
+
+/// The shipped example in front of the bundled example API (whose videos
+/// run 20 s and answer with `vid_N` ids).
+async fn gpu_pool_example() -> Proxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(turnstile::cli::example_api::serve(listener));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+    let config = std::fs::read_to_string(dir.join("gpu-pool.toml"))
+        .unwrap()
+        .replace("url = \"http://127.0.0.1:9000\"", "url = \"{upstream}\"")
+        .replace("listen = \"127.0.0.1:8080\"", "")
+        .replace("listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"");
+    let keys = std::fs::read_to_string(dir.join("gpu-pool-keys.toml")).unwrap();
+    Proxy::start_url(&config, &api, &[("gpu-pool-keys.toml", &keys)]).await
+}
+
+#[tokio::test]
+async fn the_gpu_pool_example_keeps_its_reserve_and_frees_slots_by_webhook() {
+    let p = gpu_pool_example().await;
+    let video = |key: &'static str| {
+        let url = p.url("/v1/videos");
+        tokio::spawn(async move { call("POST", &url, Some(key)).await })
+    };
+    // free: 2 videos (its jobs limit), pro: 2; 4 of the 6 slots.
+    for key in ["free-key", "free-key", "pro-key", "pro-key"] {
+        assert_eq!(video(key).await.unwrap().status, 200);
+    }
+    assert_eq!(in_use(&p).await, 4);
+    // The last 2 slots are premium's reserve: pro's third waits...
+    let pro = video("pro-key");
+    until_waiting(&p, 1).await;
+    // ...while premium takes a slot at once.
+    let premium = video("premium-key").await.unwrap();
+    assert_eq!(
+        (premium.status, premium.json()["id"].as_str()),
+        (200, Some("vid_5"))
+    );
+    assert_eq!(in_use(&p).await, 5);
+    // The API's backend reports vid_1 finished (its webhook): its slot
+    // frees, and the waiting pro submission gets it.
+    let end = req("POST", &p.admin_url("/v1/jobs/end"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            r#"{"id":"vid_1"}"#,
+        )))
+        .unwrap();
+    let ended = send(end).await;
+    assert_eq!(ended.status, 200, "{}", ended.body);
+    let held = &ended.json()["ended"][0]["held"][0];
+    assert!(
+        held["subject"].as_str().unwrap().starts_with("key:"),
+        "{held}"
+    );
+    assert_eq!(held["limits"], serde_json::json!(["videos"]));
+    let pro = pro.await.unwrap();
+    assert_eq!(
+        (pro.status, pro.json()["id"].as_str()),
+        (200, Some("vid_6"))
+    );
+    assert_eq!(in_use(&p).await, 5);
+    let usage = call("GET", &p.admin_url("/v1/usage?key=free-key"), None)
+        .await
+        .json();
+    assert_eq!(usage["counters"][0]["in_progress"], 1, "{usage}");
+}

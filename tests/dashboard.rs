@@ -1,7 +1,7 @@
 //! The admin dashboard (SPEC §16) in a real browser: headless Chromium
 //! loads `GET /` from the running binary, its script polls
-//! `/v1/dashboard`, and the rendered DOM shows a route's live counts and
-//! the most refused key. Needs `chromium` (installed by `.ci/run`).
+//! `/v1/dashboard`, and the rendered DOM shows a route's live counts, a
+//! capacity pool's slots and waiters, and the most refused key. Needs `chromium` (installed by `.ci/run`).
 
 mod support;
 
@@ -26,6 +26,15 @@ token = "s3cret"
 [[routes]]
 name = "gen"
 path = "/gen"
+
+[[routes]]
+name = "hold"
+path = "/hold"
+
+[[capacity]]
+name = "gpu"
+max = 1
+routes = ["hold"]
 
 [plans.free]
 [[plans.free.limits]]
@@ -75,6 +84,11 @@ async fn the_page_shows_live_counts_and_the_most_refused_key() {
     }
     assert_eq!(call("GET", &b.url("/gen"), Some("key-b")).await.status, 200);
     assert_eq!(up.hits(), 4);
+    // The GPU pool: one slot held (the upstream holds the answer), one waiting.
+    let (held, waiting) = (b.url("/hold"), b.url("/hold"));
+    let held = tokio::spawn(async move { call("GET", &held, Some("key-b")).await });
+    eventually("the slot taken", || up.hits() == 5).await;
+    let waiting = tokio::spawn(async move { call("GET", &waiting, Some("key-b")).await });
 
     // The page itself is static and open; its data needs the token, here
     // given in the fragment (never sent to the server).
@@ -103,6 +117,16 @@ async fn the_page_shows_live_counts_and_the_most_refused_key() {
     assert!(row.contains("data-total=\"forwarded\">4<"), "{row}");
     assert!(row.contains("data-total=\"refused\">4<"), "{row}");
     assert!(row.contains("rate_limited 4"), "{row}");
+    let pool = dom
+        .split("<tr data-pool=\"gpu\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row for pool gpu in {dom}"));
+    let pool = &pool[..pool.find("</tr>").unwrap()];
+    assert!(pool.contains("data-in-use=\"1\">1 / 1<"), "{pool}");
+    assert!(pool.contains("free 1"), "{pool}");
+    up.release(2);
+    assert_eq!(held.await.unwrap().status, 200);
+    assert_eq!(waiting.await.unwrap().status, 200);
     // key-a's fingerprint leads the most refused keys, acme the accounts.
     let usage = send(
         req("GET", &b.admin("/v1/usage?key=key-a"))

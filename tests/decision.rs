@@ -338,6 +338,12 @@ fn routes_that_need_the_answer_or_the_body_cannot_be_decided() {
         e.contains("limit \"at-once\" of plan \"free\" holds a slot"),
         "{e}"
     );
+    let pooled = CONFIG.replace(
+        "[plans.pro]",
+        "[[capacity]]\nname = \"gpu\"\nmax = 4\nroutes = [\"status\"]\n\n[plans.pro]",
+    );
+    let e = load(&pooled).unwrap_err();
+    assert!(e.contains("takes a slot of a capacity pool"), "{e}");
     // Served only where it can be: the others stay with the proxy.
     let listed = slot.replace(
         "path_prefix = \"/check\"",

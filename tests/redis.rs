@@ -1087,3 +1087,178 @@ async fn two_instances_deciding_for_one_gateway_are_exact_together() {
     );
     assert_eq!(up.hits(), 0);
 }
+
+const POOL: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[store]
+backend = "redis"
+url = "{redis}"
+timeout = "2s"
+
+[identity]
+sources = ["bearer"]
+keys_file = "keys.toml"
+
+[[routes]]
+name = "hold"
+path = "/hold"
+
+[[routes]]
+name = "gen"
+method = "POST"
+path = "/gen"
+job = { id = "json:/id" }
+
+[[capacity]]
+name = "gpu"
+max = {max}
+routes = ["hold", "gen"]
+max_wait = "60s"
+weights = { premium = 4 }
+
+[plans.premium]
+[[plans.premium.limits]]
+name = "video-jobs"
+kind = "jobs"
+max = 5
+routes = ["gen"]
+
+[plans.free]
+limits = []
+"#;
+
+const POOL_KEYS: &str = "[[keys]]\nkey = \"premium\"\nplan = \"premium\"\n\n[[keys]]\nkey = \"free\"\nplan = \"free\"\n";
+
+async fn pool_instances(redis: &Redis, up: &Upstream, max: u32) -> (Proxy, Proxy) {
+    let config = POOL
+        .replace("{redis}", &redis.url())
+        .replace("{max}", &max.to_string());
+    let files = [("keys.toml", POOL_KEYS)];
+    let a = Proxy::start_with(&config, up, &files).await;
+    let b = Proxy::start_with(&config, up, &files).await;
+    (a, b)
+}
+
+async fn pool_figures(p: &Proxy) -> serde_json::Value {
+    let got = call("GET", &p.admin_url("/v1/capacity"), None).await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    got.json()["pools"][0].clone()
+}
+
+async fn until_pool(p: &Proxy, what: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool_figures(p).await[what].as_u64() != Some(n) {
+        assert!(Instant::now() < deadline, "{what} never {n}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn hold_on(p: &Proxy, key: &'static str) -> tokio::task::JoinHandle<Got> {
+    let url = p.url("/hold");
+    tokio::spawn(async move { call("GET", &url, Some(key)).await })
+}
+
+#[tokio::test]
+async fn one_capacity_pool_for_every_instance() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let (a, b) = pool_instances(&redis, &up, 3).await;
+    // Twelve requests over both instances: never more than 3 upstream.
+    let mut held = Vec::new();
+    for i in 0..12 {
+        held.push(hold_on(if i % 2 == 0 { &a } else { &b }, "free"));
+    }
+    eventually("three at the upstream", || up.hits() == 3).await;
+    until_pool(&a, "waiting_total", 9).await;
+    assert_eq!(pool_figures(&b).await["in_use"], 3, "B sees A's slots");
+    for n in 4..=12 {
+        up.release(1);
+        eventually("the next forwarded", || up.hits() == n).await;
+    }
+    up.release(3);
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    assert_eq!(
+        up.max_in_flight(),
+        3,
+        "the pool never exceeded max across instances"
+    );
+    until_pool(&a, "in_use", 0).await;
+}
+
+#[tokio::test]
+async fn a_slot_freed_on_one_instance_goes_to_a_waiter_on_another_by_weight() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let (a, b) = pool_instances(&redis, &up, 1).await;
+    let first = hold_on(&a, "free");
+    eventually("the slot taken on A", || up.hits() == 1).await;
+    // Free callers wait on A, premium ones (weight 4) on B.
+    let mut waiters = Vec::new();
+    for _ in 0..8 {
+        waiters.push(hold_on(&a, "free"));
+    }
+    until_pool(&a, "waiting_total", 8).await;
+    for _ in 0..8 {
+        waiters.push(hold_on(&b, "premium"));
+    }
+    until_pool(&a, "waiting_total", 16).await;
+    for n in 2..=11 {
+        up.release(1);
+        eventually("the next forwarded", || up.hits() == n).await;
+    }
+    let plans: Vec<String> = up.seen()[1..]
+        .iter()
+        .map(|s| s.headers["x-turnstile-plan"].to_str().unwrap().to_owned())
+        .collect();
+    let premium = plans.iter().filter(|p| *p == "premium").count();
+    // 4:1 over ten freed slots: 8 premium, within one.
+    assert!((7..=9).contains(&premium), "{plans:?}");
+    up.release(100);
+    for w in waiters {
+        assert_eq!(w.await.unwrap().status, 200);
+    }
+    assert_eq!(first.await.unwrap().status, 200);
+    until_pool(&b, "in_use", 0).await;
+}
+
+#[tokio::test]
+async fn a_job_started_on_one_instance_is_ended_by_id_on_another() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let (a, b) = pool_instances(&redis, &up, 1).await;
+    let submit = call("POST", &a.url("/gen"), Some("premium")).await;
+    assert_eq!(
+        (submit.status, submit.json()["id"].as_str()),
+        (200, Some("job-1"))
+    );
+    assert_eq!(pool_figures(&b).await["in_use"], 1);
+    let usage = call("GET", &b.admin_url("/v1/usage?key=premium"), None)
+        .await
+        .json();
+    assert_eq!(usage["counters"][0]["in_progress"], 1, "{usage}");
+    let end = req("POST", &b.admin_url("/v1/jobs/end"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            r#"{"id":"job-1"}"#,
+        )))
+        .unwrap();
+    let ended = send(end).await;
+    assert_eq!(ended.status, 200, "{}", ended.body);
+    let ended = ended.json();
+    assert_eq!(ended["ended"][0]["pools"], serde_json::json!(["gpu"]));
+    assert_eq!(
+        ended["ended"][0]["held"][0]["limits"],
+        serde_json::json!(["video-jobs"])
+    );
+    assert_eq!(pool_figures(&a).await["in_use"], 0);
+    let usage = call("GET", &a.admin_url("/v1/usage?key=premium"), None)
+        .await
+        .json();
+    assert_eq!(usage["counters"][0]["in_progress"], 0, "{usage}");
+}

@@ -42,10 +42,33 @@ pub(super) fn page() -> Response<Body> {
     r
 }
 
+/// Each capacity pool: slots in use of max, and by plan the requests
+/// waiting and the mean wait for a slot so far.
+async fn pools(app: &Turnstile) -> serde_json::Value {
+    let Ok(pools) = app.pools().usage().await else {
+        return json!([]);
+    };
+    let c = app.metrics().capacity();
+    pools
+        .iter()
+        .map(|p| {
+            let plans: Vec<_> = p
+                .waiting
+                .iter()
+                .map(|(plan, n)| {
+                    let (mean, served) = c.mean_wait(&p.name, plan);
+                    json!({ "plan": plan, "waiting": n, "mean_wait_seconds": mean, "served": served })
+                })
+                .collect();
+            json!({ "name": p.name, "max": p.max, "in_use": p.in_use, "jobs": p.jobs, "plans": plans })
+        })
+        .collect()
+}
+
 /// `GET /v1/dashboard`: requests by route and decision so far, the most
-/// refused keys (fingerprints) and accounts, jobs in progress, and the last
-/// 15 minutes for the charts.
-pub(super) fn summary(app: &Turnstile, policy: &Policy) -> Response<Body> {
+/// refused keys (fingerprints) and accounts, jobs in progress, capacity
+/// pools, and the last 15 minutes for the charts.
+pub(super) async fn summary(app: &Turnstile, policy: &Policy) -> Response<Body> {
     let totals = app
         .metrics()
         .route_totals(policy.routes.iter().map(|r| &r.name));
@@ -85,6 +108,7 @@ pub(super) fn summary(app: &Turnstile, policy: &Policy) -> Response<Body> {
             "jobs_in_progress": jobs_in_progress,
             "history": history,
             "credits": rules().any(|r| matches!(r, Rule::Credits(_))),
+            "capacity": pools(app).await,
         }),
     )
 }

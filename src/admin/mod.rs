@@ -94,7 +94,7 @@ async fn v1(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/v1/credits") => credits::show(app, &policy, query).await,
         (&Method::POST, "/v1/credits") => credits::change(app, &policy, query, req).await,
         (&Method::GET, "/v1/usage") => usage(app, &policy, query).await,
-        (&Method::GET, "/v1/dashboard") => dashboard::summary(app, &policy),
+        (&Method::GET, "/v1/dashboard") => dashboard::summary(app, &policy).await,
         (&Method::POST, "/v1/keys") => keys::create(app, &policy, req).await,
         (&Method::GET, "/v1/keys") => keys::list(app, &policy, query),
         (&Method::PATCH, p) if p.starts_with("/v1/keys/") => {

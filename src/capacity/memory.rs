@@ -33,6 +33,8 @@ struct State {
     plans: Vec<Arc<str>>,
     queue: FairQueue<oneshot::Sender<Held>>,
     jobs: HashMap<Box<str>, HeldJob>,
+    /// The earliest expiry among `jobs` (`Nanos::MAX`: none).
+    next_expiry: Nanos,
 }
 
 impl State {
@@ -82,7 +84,7 @@ impl Pool {
     /// lock is released (their drop gives them back and dispatches again).
     fn dispatch(self: &Arc<Self>, s: &mut State) -> Vec<Held> {
         let mut returned = Vec::new();
-        loop {
+        while !s.queue.is_empty() {
             let eligible: Vec<bool> = s.plans.iter().map(|p| s.may_take(p)).collect();
             let Some((i, tx)) = s.queue.pop(|i| eligible.get(i).copied().unwrap_or(false)) else {
                 break;
@@ -104,6 +106,9 @@ impl Pool {
     /// Frees the slots of expired jobs.
     fn expire(&self, s: &mut State) {
         let now = self.clock.now();
+        if now < s.next_expiry {
+            return;
+        }
         let gone: Vec<Box<str>> = s
             .jobs
             .iter()
@@ -115,6 +120,12 @@ impl Pool {
                 s.give_back(&j.plan);
             }
         }
+        s.next_expiry = s
+            .jobs
+            .values()
+            .map(|j| j.expires)
+            .min()
+            .unwrap_or(Nanos::MAX);
     }
 
     fn release(self: &Arc<Self>, plan: &str) {
@@ -154,6 +165,7 @@ impl BindJob for Held {
             let replaced = {
                 let mut s = lock(&pool.state);
                 let expires = pool.clock.now().saturating_add(nanos(s.spec.max_duration));
+                s.next_expiry = s.next_expiry.min(expires);
                 let old = s.jobs.insert(
                     id.into(),
                     HeldJob {
@@ -221,6 +233,7 @@ impl MemoryPools {
                     plans: Vec::new(),
                     queue: FairQueue::default(),
                     jobs: HashMap::new(),
+                    next_expiry: Nanos::MAX,
                 }),
                 clock: self.clock.clone(),
             })
@@ -234,9 +247,15 @@ impl MemoryPools {
         asker: &Asker,
     ) -> Result<Held, Refused> {
         let pool = self.pool(spec);
-        let (rx, ticket) = {
+        // Slots of jobs past max_duration go to those already waiting first.
+        let returned = {
             let mut s = lock(&pool.state);
             pool.expire(&mut s);
+            pool.dispatch(&mut s)
+        };
+        drop(returned);
+        let (rx, ticket) = {
+            let mut s = lock(&pool.state);
             if s.may_take(&asker.plan) {
                 s.take(&asker.plan);
                 return Ok(Held {

@@ -30,6 +30,8 @@ pub struct CapacityMetrics {
     waiting: Family<PoolPlanLabels, Gauge>,
     wait: Family<PoolPlanLabels, Histogram>,
     refused: Family<PoolPlanLabels, Counter>,
+    /// Sum of waits and count by pool and plan, for the dashboard's mean.
+    waits: std::sync::Mutex<std::collections::HashMap<PoolPlanLabels, (f64, u64)>>,
 }
 
 impl CapacityMetrics {
@@ -65,6 +67,7 @@ impl CapacityMetrics {
             waiting,
             wait,
             refused,
+            waits: Default::default(),
         }
     }
 }
@@ -91,14 +94,28 @@ impl CapacityMetrics {
 
     /// A request of `plan` got a slot of pool `name` after `waited`.
     pub fn waited(&self, name: &Arc<str>, plan: &Arc<str>, waited: Duration) {
-        self.wait
-            .get_or_create(&labels(name, plan))
-            .observe(waited.as_secs_f64());
+        let labels = labels(name, plan);
+        let secs = waited.as_secs_f64();
+        self.wait.get_or_create(&labels).observe(secs);
+        let mut waits = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        let (sum, count) = waits.entry(labels).or_default();
+        *sum += secs;
+        *count += 1;
     }
 
     /// A request of `plan` was refused by pool `name`.
     pub fn refusal(&self, name: &Arc<str>, plan: &Arc<str>) {
         self.refused.get_or_create(&labels(name, plan)).inc();
+    }
+
+    /// The mean wait for a slot of pool `name` by `plan` so far, in
+    /// seconds, and how many waited (the dashboard).
+    pub fn mean_wait(&self, name: &Arc<str>, plan: &Arc<str>) -> (f64, u64) {
+        let waits = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        match waits.get(&labels(name, plan)) {
+            Some((sum, count)) if *count > 0 => (sum / *count as f64, *count),
+            _ => (0.0, 0),
+        }
     }
 
     /// Sets pool `name`'s gauges.

@@ -176,3 +176,23 @@ async fn a_job_holds_its_slot_until_it_ends_or_expires() {
     assert_eq!(p.end_job("vid_3", None).len(), 1);
     assert_eq!(in_use(&p), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_job_slot_that_expired_goes_to_the_waiter_not_a_newcomer() {
+    let (p, clock) = pools();
+    let p = Arc::new(p);
+    let spec = spec(1, 600_000);
+    let a = p.acquire(&spec, &asker("free", 1)).await.unwrap();
+    Box::new(a).bind("vid_1").await.unwrap();
+    let (p2, s2) = (p.clone(), spec.clone());
+    let waiter = tokio::spawn(async move { p2.acquire(&s2, &asker("free", 2)).await.is_ok() });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(waiting(&p), 1);
+    clock.advance_secs(61);
+    let at_once = spec_with(&spec, |s| s.max_wait = Duration::ZERO);
+    assert!(
+        p.acquire(&at_once, &asker("free", 3)).await.is_err(),
+        "the waiter was first"
+    );
+    assert!(waiter.await.unwrap());
+}
