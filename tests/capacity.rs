@@ -185,6 +185,12 @@ async fn no_slot_in_time_is_a_503_that_consumes_nothing() {
         "{metrics}"
     );
     assert!(metrics.contains("turnstile_capacity_wait_seconds_count{name=\"gpu\",plan=\"free\"} 2"));
+    let figures = pool(&p).await;
+    assert!(
+        figures["mean_wait_seconds"]["free"].as_f64().unwrap() >= 0.0,
+        "{figures}"
+    );
+    assert_eq!(figures["mean_wait_seconds"]["premium"], 0.0, "{figures}");
 }
 
 #[tokio::test]

@@ -132,6 +132,12 @@ pub(super) async fn capacity(app: &Turnstile) -> Response<Body> {
                         .iter()
                         .map(|(plan, n)| (plan.to_string(), json!(n)))
                         .collect();
+                    let c = app.metrics().capacity();
+                    let mean_wait: serde_json::Map<String, serde_json::Value> = p
+                        .waiting
+                        .iter()
+                        .map(|(plan, _)| (plan.to_string(), json!(c.mean_wait(&p.name, plan).0)))
+                        .collect();
                     json!({
                         "name": p.name,
                         "max": p.max,
@@ -139,6 +145,7 @@ pub(super) async fn capacity(app: &Turnstile) -> Response<Body> {
                         "jobs": p.jobs,
                         "waiting": waiting,
                         "waiting_total": p.waiting.iter().map(|(_, n)| n).sum::<u64>(),
+                        "mean_wait_seconds": mean_wait,
                     })
                 })
                 .collect();

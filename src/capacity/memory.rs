@@ -340,11 +340,15 @@ impl MemoryPools {
                     max: s.spec.max,
                     in_use: u64::from(s.in_use),
                     jobs: s.jobs.len() as u64,
+                    // Every plan of the config, 0 for those that never waited.
                     waiting: s
+                        .spec
                         .plans
                         .iter()
-                        .enumerate()
-                        .map(|(i, p)| (p.clone(), s.queue.waiting(i) as u64))
+                        .map(|p| {
+                            let i = s.plans.iter().position(|x| x == p);
+                            (p.clone(), i.map_or(0, |i| s.queue.waiting(i) as u64))
+                        })
                         .collect(),
                 }
             })
