@@ -1266,3 +1266,82 @@ async fn a_job_started_on_one_instance_is_ended_by_id_on_another() {
         .json();
     assert_eq!(usage["counters"][0]["in_progress"], 0, "{usage}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_slots_and_waiters_of_a_killed_instance_come_back_within_the_lease() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{{port}}\"\n[upstream]\nurl = \"{{upstream}}\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\nlease = \"1s\"\n[[routes]]\nname = \"slots\"\npath = \"/hold\"\n[[capacity]]\nname = \"gpu\"\nmax = 2\nroutes = [\"slots\"]\nmax_wait = \"20s\"\n",
+        redis.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let doomed = Binary::start(dir.path(), &config, &up).await;
+    // Two slots held through the doomed instance, and a third request waiting there.
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            let url = doomed.url("/hold");
+            tokio::spawn(async move { call("GET", &url, Some("k")).await })
+        })
+        .collect();
+    eventually("two at the upstream", || up.hits() == 2).await;
+    // Renewed while alive: still held after more than one lease.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let survivor = Proxy::start(&config.replace("listen = \"127.0.0.1:{port}\"", ""), &up).await;
+    let url = survivor.url("/hold");
+    let waiting = tokio::spawn(async move { call("GET", &url, Some("k")).await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the survivor's request waits for a slot"
+    );
+    assert_eq!(up.hits(), 2);
+
+    doomed.signal("KILL");
+    let killed_at = Instant::now();
+    for h in held {
+        let _ = h.await;
+    }
+    // The dead instance's slots expire with their lease; the slot granted to
+    // its dead waiter expires the same way; then the survivor's waiter gets one.
+    eventually("the survivor's request forwarded", || up.hits() == 3).await;
+    let freed_after = killed_at.elapsed();
+    assert!(
+        freed_after <= Duration::from_millis(3500),
+        "freed after {freed_after:?}, lease is 1 s"
+    );
+    up.release(1);
+    assert_eq!(waiting.await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn while_redis_is_down_a_pool_follows_on_error() {
+    let mut redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = |on_error: &str| {
+        format!(
+            "[upstream]\nurl = \"{{upstream}}\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"300ms\"\non_error = \"{on_error}\"\n[[routes]]\nname = \"slots\"\npath = \"/hold\"\n[[capacity]]\nname = \"gpu\"\nmax = 1\nroutes = [\"slots\"]\nmax_wait = \"0s\"\n",
+            redis.url()
+        )
+    };
+    let local = Proxy::start(&config("local"), &up).await;
+    let deny = Proxy::start(&config("deny"), &up).await;
+    redis.kill();
+    // local: this instance's own pool of 1.
+    let url = local.url("/hold");
+    let first = tokio::spawn(async move { call("GET", &url, Some("k")).await.status });
+    eventually("one at the upstream", || up.hits() == 1).await;
+    let second = call("GET", &local.url("/hold"), Some("k2")).await;
+    assert_eq!(
+        (second.status, second.json()["error"].as_str()),
+        (503, Some("over_capacity"))
+    );
+    // deny: refused as the limits are.
+    let r = call("GET", &deny.url("/hold"), Some("k")).await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (503, Some("store_unavailable"))
+    );
+    up.release(1);
+    assert_eq!(first.await.unwrap(), 200);
+}
