@@ -558,3 +558,14 @@ async fn the_gpu_pool_example_keeps_its_reserve_and_frees_slots_by_webhook() {
         .json();
     assert_eq!(usage["counters"][0]["in_progress"], 1, "{usage}");
 }
+
+#[test]
+fn check_lists_each_pool() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/gpu-pool.toml");
+    let table = turnstile::load(&path).unwrap().table();
+    assert!(
+        table.contains("capacity pool gpu (6 at once, waiting up to 30 s, weights: premium 4, pro 2): txt2video"),
+        "{table}"
+    );
+}

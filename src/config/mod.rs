@@ -662,9 +662,34 @@ impl Policy {
         out
     }
 
-    /// The lines under the table: where named upstreams' routes go, and
-    /// which routes other gateways may ask about.
+    /// The lines under the table: where named upstreams' routes go, the
+    /// capacity pools, and which routes other gateways may ask about.
     fn table_footer(&self, out: &mut String) {
+        for pool in &self.capacity {
+            let routes: Vec<&str> = pool
+                .routes
+                .iter()
+                .filter_map(|&i| self.routes.get(i).map(|r| &*r.name))
+                .collect();
+            let weights: Vec<String> = pool
+                .weights
+                .iter()
+                .map(|(p, w)| format!("{p} {w}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "capacity pool {} ({} at once, waiting up to {} s, weights: {}): {}",
+                pool.name,
+                pool.max,
+                pool.max_wait.as_secs_f64(),
+                if weights.is_empty() {
+                    "none".into()
+                } else {
+                    weights.join(", ")
+                },
+                routes.join(", ")
+            );
+        }
         for (i, (name, up)) in self.upstreams.iter().enumerate() {
             let routes: Vec<&str> = self
                 .routes
