@@ -239,6 +239,7 @@ async fn freed_slots_go_to_plans_by_weight() {
     let count = |plan: &str| seen[1..].iter().filter(|p| *p == plan).count();
     let (premium, pro, free) = (count("premium"), count("pro"), count("free"));
     assert_eq!(premium + pro + free, 14);
+    eprintln!("shares of 14 freed slots: premium {premium}, pro {pro}, free {free}");
     // Within one slot of the exact shares 8, 4, 2.
     assert!((7..=9).contains(&premium), "{seen:?}");
     assert!((3..=5).contains(&pro), "{seen:?}");

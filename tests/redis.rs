@@ -1222,6 +1222,7 @@ async fn a_slot_freed_on_one_instance_goes_to_a_waiter_on_another_by_weight() {
         .map(|s| s.headers["x-turnstile-plan"].to_str().unwrap().to_owned())
         .collect();
     let premium = plans.iter().filter(|p| *p == "premium").count();
+    eprintln!("premium {premium} of 10 freed slots: {plans:?}");
     // 4:1 over ten freed slots: 8 premium, within one.
     assert!((7..=9).contains(&premium), "{plans:?}");
     up.release(100);
