@@ -382,6 +382,7 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
     }));
     if let CounterStore::Redis(redis) = app.store() {
         tasks.push(redis.spawn_renewal());
+        tasks.push(redis.spawn_guard());
     }
     tasks.extend(spawn_capacity(&app));
     if let Some(t) = app.policy().telemetry.as_ref().filter(|t| t.metrics) {

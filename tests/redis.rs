@@ -26,6 +26,7 @@ struct Redis {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl Redis {
@@ -33,6 +34,15 @@ impl Redis {
         require_redis();
         let dir = tempfile::tempdir().unwrap();
         Self::on_port(free_port(), dir, &[]).await
+    }
+
+    /// A redis-server that keeps its data across restarts (AOF, every
+    /// write on disk before it answers), as production must.
+    async fn persistent() -> Self {
+        require_redis();
+        let dir = tempfile::tempdir().unwrap();
+        let keep = ["--appendonly", "yes", "--appendfsync", "always"];
+        Self::on_port(free_port(), dir, &keep).await
     }
 
     async fn on_port(port: u16, dir: tempfile::TempDir, extra: &[&str]) -> Self {
@@ -61,7 +71,13 @@ impl Redis {
             assert!(Instant::now() < deadline, "redis-server did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Self { child, port, dir }
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        Self {
+            child,
+            port,
+            dir,
+            extra,
+        }
     }
 
     fn url(&self) -> String {
@@ -73,11 +89,13 @@ impl Redis {
         let _ = self.child.wait();
     }
 
-    /// Starts redis-server again on the same port (empty: no persistence).
+    /// Starts redis-server again on the same port and folder, with the same
+    /// settings (without persistence: empty).
     async fn restart(&mut self) {
         self.kill();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        let fresh = Self::on_port(self.port, dir, &[]).await;
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let fresh = Self::on_port(self.port, dir, &extra).await;
         let _ = std::mem::replace(self, fresh);
     }
 }
@@ -242,7 +260,7 @@ window = "1d"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_follows_on_error_without_latency_pile_up_and_recovers() {
-    let mut redis = Redis::start().await;
+    let mut redis = Redis::persistent().await;
     let up = Upstream::start().await;
     let config = |mode: &str| {
         MODES
@@ -291,7 +309,7 @@ async fn redis_down_follows_on_error_without_latency_pile_up_and_recovers() {
         [(200, 5), (429, 3)].into_iter().collect()
     );
 
-    // Redis comes back (empty): every instance recovers without a restart.
+    // Redis comes back (with its data): every instance recovers without a restart.
     redis.restart().await;
     for p in [&deny, &allow] {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -866,7 +884,8 @@ async fn a_credits_balance_is_never_overspent_across_two_instances() {
     // The balance key carries its refill period: it expires at the month's end.
     let keys = redis_cli(&redis, &["--scan", "--pattern", "*"]);
     assert!(keys.lines().count() >= 2, "{keys}");
-    for key in keys.lines() {
+    // (turnstile's marker, a few bytes, is the one key kept for good.)
+    for key in keys.lines().filter(|k| !k.contains("marker")) {
         let ttl: i64 = redis_cli(&redis, &["PTTL", key]).parse().unwrap();
         assert!(ttl > 0, "{key} expires (ttl {ttl})");
     }
@@ -1345,4 +1364,112 @@ async fn while_redis_is_down_a_pool_follows_on_error() {
     );
     up.release(1);
     assert_eq!(first.await.unwrap(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_forgot_is_never_a_silent_full_grant() {
+    let mut redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = format!(
+        "[upstream]\nurl = \"{{upstream}}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"500ms\"\non_error = \"deny\"\n[[routes]]\nname = \"gen\"\npath = \"/gen\"\n[plans.p]\n[[plans.p.limits]]\nname = \"credits\"\nkind = \"credits\"\ngrant = 10\nrefill = \"month\"\n",
+        redis.url()
+    );
+    let p = Proxy::start(&config, &up).await;
+    for _ in 0..8 {
+        assert_eq!(call("GET", &p.url("/gen"), Some("k")).await.status, 200);
+    }
+    // The marker is written within a second of the first connection.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis_cli(&redis, &["exists", "turnstile:marker"]).trim() != "1" {
+        assert!(Instant::now() < deadline, "no marker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Restarted without persistence: the balance of 2 is gone from Redis.
+    redis.restart().await;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let r = call("GET", &p.url("/gen"), Some("k")).await;
+        statuses.push(r.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 503),
+        "never a fresh grant: {statuses:?}"
+    );
+    let r = call("GET", &p.url("/gen"), Some("k")).await;
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("lost turnstile's data"),
+        "{}",
+        r.body
+    );
+    let ready = call("GET", &p.admin_url("/readyz"), None).await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    // The operator acknowledges: counting starts afresh.
+    let ack = admin_json(&p, "POST", "/v1/store/ack", serde_json::json!({})).await;
+    assert_eq!(
+        (ack.status, ack.json()["was_lost"].as_bool()),
+        (200, Some(true)),
+        "{}",
+        ack.body
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = call("GET", &p.url("/gen"), Some("k")).await;
+        if r.status == 200 {
+            let credits = call("GET", &p.admin_url("/v1/credits?key=k"), None).await;
+            assert_eq!(credits.json()["balance"], 9, "{}", credits.body);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back after the ack: {}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_settings_that_lose_counts_are_warned_about_at_startup() {
+    require_redis();
+    let up = Upstream::start().await;
+    let config = "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{upstream}\"\n[store]\nbackend = \"redis\"\nurl = \"{redis}\"\n";
+    // No persistence, and evicting under memory pressure.
+    let dir = tempfile::tempdir().unwrap();
+    let careless = Redis::on_port(
+        free_port(),
+        tempfile::tempdir().unwrap(),
+        &["--maxmemory-policy", "allkeys-lru"],
+    )
+    .await;
+    let b = Binary::start(dir.path(), &config.replace("{redis}", &careless.url()), &up).await;
+    let line = b.log_line("maxmemory-policy noeviction").await;
+    assert!(line.contains("allkeys-lru"), "{line}");
+    b.log_line("a restart forgets every count and balance")
+        .await;
+    // Kept on disk, never evicted: no warning.
+    let dir = tempfile::tempdir().unwrap();
+    let careful = Redis::on_port(
+        free_port(),
+        tempfile::tempdir().unwrap(),
+        &["--appendonly", "yes", "--maxmemory-policy", "noeviction"],
+    )
+    .await;
+    let mut b = Binary::start(dir.path(), &config.replace("{redis}", &careful.url()), &up).await;
+    // The marker shows the guard ran its first check.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_cli(&careful, &["exists", "turnstile:marker"]).trim() != "1" {
+        assert!(Instant::now() < deadline, "no marker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.signal("TERM");
+    b.wait().await;
+    let logs = b.logs();
+    assert!(
+        !logs.contains("noeviction") && !logs.contains("keeps nothing on disk"),
+        "{logs}"
+    );
 }

@@ -109,6 +109,7 @@ async fn v1(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
         (&Method::DELETE, "/v1/jobs") => end_job(app, &policy, query).await,
         (&Method::POST, "/v1/jobs/end") => jobs::end(app, &policy, req).await,
         (&Method::GET, "/v1/capacity") => jobs::capacity(app).await,
+        (&Method::POST, "/v1/store/ack") => store_ack(app).await,
         (&Method::POST, "/v1/reload") => match app.reload() {
             Ok(report) => json_response(
                 StatusCode::OK,
@@ -338,6 +339,26 @@ async fn end_job(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body
             StatusCode::NOT_FOUND,
             "not_found",
             &format!("no job {id:?} in progress for this key or account"),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /v1/store/ack`: accepts that Redis lost turnstile's data (its
+/// marker is gone), so decisions go back to Redis with counts afresh.
+async fn store_ack(app: &Turnstile) -> Response<Body> {
+    let crate::store::CounterStore::Redis(redis) = app.store() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the counter store is in memory: there is no redis to acknowledge",
+        );
+    };
+    let was_lost = redis.lost();
+    match redis.acknowledge().await {
+        Ok(epoch) => json_response(
+            StatusCode::OK,
+            &json!({ "acknowledged": true, "was_lost": was_lost, "epoch": epoch }),
         ),
         Err(e) => store_error(e),
     }

@@ -134,6 +134,16 @@ impl super::Inner {
                 "redis unavailable (circuit open)".into(),
             ));
         }
+        // After an outage (this call is the probe), or while a loss is
+        // unacknowledged: Redis must still hold turnstile's data.
+        if (self.breaker.is_open() || self.lost.load(std::sync::atomic::Ordering::Acquire))
+            && !self.guard().await
+        {
+            self.breaker.failure();
+            return Err(StoreError::Unavailable(
+                "redis lost turnstile's data: treated as down until POST /v1/store/ack".into(),
+            ));
+        }
         let Some(mut conn) = self.connection().await else {
             self.breaker.failure();
             return Err(StoreError::Unavailable("cannot connect to redis".into()));

@@ -30,6 +30,7 @@ use crate::clock::{Clock, Nanos};
 use crate::limits::{Job, Rule, Verdict};
 
 mod client;
+mod guard;
 mod jobs;
 mod outage;
 
@@ -87,6 +88,10 @@ struct Inner {
     reconciling: AtomicBool,
     reconcile: Script,
     clock: Arc<dyn Clock>,
+    /// The epoch of `<prefix>marker` this instance knows (see `guard.rs`).
+    epoch: std::sync::Mutex<Option<String>>,
+    /// Redis lost turnstile's data and no one acknowledged it yet.
+    lost: AtomicBool,
 }
 
 /// Local admissions of one counter while Redis was unreachable.
@@ -284,6 +289,8 @@ impl RedisStore {
             reconciling: AtomicBool::new(false),
             reconcile: Script::new(with_kinds!("lua/reconcile.lua")),
             clock,
+            epoch: std::sync::Mutex::new(None),
+            lost: AtomicBool::new(false),
         });
         Self { inner }
     }
@@ -312,7 +319,7 @@ impl RedisStore {
 
     /// Whether Redis answered the last call (the breaker is closed).
     pub fn is_up(&self) -> bool {
-        !self.inner.breaker.is_open()
+        !self.inner.breaker.is_open() && !self.lost()
     }
 
     /// What happens while Redis is down.
