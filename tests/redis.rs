@@ -1473,3 +1473,111 @@ async fn redis_settings_that_lose_counts_are_warned_about_at_startup() {
         "{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_made_while_redis_was_down_reach_it_when_it_is_back() {
+    let mut redis = Redis::persistent().await;
+    let up = Upstream::start().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{{port}}\"\n[upstream]\nurl = \"{{upstream}}\"\n[admin]\nlisten = \"127.0.0.1:{{admin_port}}\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"500ms\"\non_error = \"local\"\n[[routes]]\nname = \"bill\"\npath = \"/bill\"\ncost = 2\nsettle = \"header:x-credits-used\"\n[plans.p]\n[[plans.p.limits]]\nname = \"credits\"\nkind = \"credits\"\ngrant = 10000\nrefill = \"month\"\n",
+        redis.url()
+    );
+    // The real clock: the instance's and Redis's agree on the refill period.
+    let dir = tempfile::tempdir().unwrap();
+    let p = Binary::start(dir.path(), &config, &up).await;
+    p.wait_admin().await;
+    let balance = || async {
+        let r = call("GET", &p.admin("/v1/credits?key=k"), None).await;
+        (r.status == 200).then(|| r.json()["balance"].as_i64().unwrap())
+    };
+    // Estimated at 2, the upstream says 200: the balance follows the upstream.
+    assert_eq!(
+        call("GET", &p.url("/bill?used=200"), Some("k"))
+            .await
+            .status,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while balance().await != Some(9800) {
+        assert!(
+            Instant::now() < deadline,
+            "first settlement: {:?}",
+            balance().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Redis goes away: ten more, admitted locally, each settled at 200.
+    redis.kill();
+    for _ in 0..10 {
+        assert_eq!(
+            call("GET", &p.url("/bill?used=200"), Some("k"))
+                .await
+                .status,
+            200
+        );
+    }
+    // Back, with its data: the estimates and the settled differences are
+    // applied — 2,200 charged in all, as the upstream charged.
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = call("GET", &p.url("/bill"), Some("k")).await;
+        // (Each of these costs its estimate of 2, settled by no figure.)
+        let spent_since = 2 * (up.hits() as i64 - 11);
+        if balance().await == Some(7800 - spent_since) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis holds {:?}, expected {}",
+            balance().await,
+            7800 - spent_since
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_ended_while_redis_was_down_is_ended_in_it_when_it_is_back() {
+    let mut redis = Redis::persistent().await;
+    let up = Upstream::start().await;
+    let config = JOBS.replace("{redis}", &redis.url()).replace(
+        "[store]",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[store]\non_error = \"local\"",
+    );
+    let p = Proxy::start(&config, &up).await;
+    let submit = call("POST", &p.url("/gen"), Some("k")).await;
+    assert_eq!(
+        (submit.status, submit.json()["id"].as_str()),
+        (200, Some("job-1"))
+    );
+    let in_progress = || async {
+        let r = call("GET", &p.admin_url("/v1/usage?key=k"), None).await;
+        (r.status == 200).then(|| r.json()["counters"][0]["in_progress"].as_i64().unwrap())
+    };
+    assert_eq!(in_progress().await, Some(1));
+    // The job finishes while Redis is away: its status poll says so.
+    redis.kill();
+    let poll = call(
+        "GET",
+        &p.url("/gen/status?id=job-1&state=completed"),
+        Some("k"),
+    )
+    .await;
+    assert_eq!(poll.status, 200);
+    // Back with its data: the ending is applied, the slot is free (not held
+    // until max_duration).
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if in_progress().await == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job-1 still held: {:?}",
+            in_progress().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -314,6 +314,10 @@ pub enum StoreError {
     /// It cannot be reached or did not answer.
     #[error("counter store unavailable: {0}")]
     Unavailable(String),
+    /// It could not be asked at all (not connected, circuit open, its data
+    /// lost): the change was certainly not made, so it can be made later.
+    #[error("counter store unavailable: {0}")]
+    NotSent(String),
     /// Counter memory is at `[store] max_counters` and every counter in it
     /// holds something that cannot be given away (jobs in progress, spent
     /// balances, slots): a new subject cannot be counted.

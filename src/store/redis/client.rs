@@ -130,7 +130,7 @@ impl super::Inner {
         inv: ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
         if !self.breaker.allow() {
-            return Err(StoreError::Unavailable(
+            return Err(StoreError::NotSent(
                 "redis unavailable (circuit open)".into(),
             ));
         }
@@ -140,13 +140,13 @@ impl super::Inner {
             && !self.guard().await
         {
             self.breaker.failure();
-            return Err(StoreError::Unavailable(
+            return Err(StoreError::NotSent(
                 "redis lost turnstile's data: treated as down until POST /v1/store/ack".into(),
             ));
         }
         let Some(mut conn) = self.connection().await else {
             self.breaker.failure();
-            return Err(StoreError::Unavailable("cannot connect to redis".into()));
+            return Err(StoreError::NotSent("cannot connect to redis".into()));
         };
         match tokio::time::timeout(self.settings.timeout, conn.invoke::<T>(&inv)).await {
             Ok(Ok(v)) => {
@@ -161,7 +161,14 @@ impl super::Inner {
                     tracing::error!(error = %e, "redis failed: falling back to on_error");
                 }
                 self.breaker.failure();
-                Err(StoreError::Unavailable(format!("redis: {e}")))
+                // Refused, or the connection already gone (Redis stopped
+                // before the call): the script never ran. Other errors
+                // (a timeout, a reply lost) may come after it did.
+                if e.is_connection_refusal() || e.is_connection_dropped() {
+                    Err(StoreError::NotSent(format!("redis: {e}")))
+                } else {
+                    Err(StoreError::Unavailable(format!("redis: {e}")))
+                }
             }
             Err(_) => {
                 if !self.breaker.is_open() {

@@ -147,8 +147,9 @@ impl RedisStore {
     /// Checks the marker every second, and Redis's settings once, until the
     /// returned task is aborted.
     pub fn spawn_guard(&self) -> tokio::task::JoinHandle<()> {
-        let inner = self.inner.clone();
+        let store = self.clone();
         tokio::spawn(async move {
+            let inner = &store.inner;
             let mut checked_settings = false;
             loop {
                 if inner.connection().await.is_some() {
@@ -156,7 +157,11 @@ impl RedisStore {
                         inner.check_settings().await;
                         checked_settings = true;
                     }
-                    inner.guard().await;
+                    // Back and whole: what it missed is applied even if no
+                    // decision comes to set it off.
+                    if inner.guard().await && !inner.breaker.is_open() {
+                        store.reconcile_soon();
+                    }
                 }
                 tokio::time::sleep(EVERY).await;
             }

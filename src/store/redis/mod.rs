@@ -83,6 +83,8 @@ struct Inner {
     fallback: MemoryStore,
     /// What the fallback admitted, by counter key, not yet added to Redis.
     unsynced: std::sync::Mutex<std::collections::HashMap<String, Unsynced>>,
+    /// Settlements, refunds and job endings Redis could not take, in order.
+    replays: std::sync::Mutex<Vec<outage::Replay>>,
     /// Set while `unsynced` has entries (read on every decision).
     has_unsynced: AtomicBool,
     reconciling: AtomicBool,
@@ -285,6 +287,7 @@ impl RedisStore {
             jobs_expired: AtomicU64::new(0),
             fallback: MemoryStore::new(clock.clone()),
             unsynced: std::sync::Mutex::new(std::collections::HashMap::new()),
+            replays: std::sync::Mutex::new(Vec::new()),
             has_unsynced: AtomicBool::new(false),
             reconciling: AtomicBool::new(false),
             reconcile: Script::new(with_kinds!("lua/reconcile.lua")),
@@ -443,6 +446,21 @@ impl RedisStore {
 impl RedisStore {
     /// Ends job `id` in whichever of `counters` holds it; true if one did.
     pub async fn end_job(&self, counters: &[OwnedCheck], id: &str) -> Result<bool, StoreError> {
+        let ended = self.end_job_now(counters, id).await;
+        if let Err(StoreError::NotSent(_)) = &ended {
+            self.replay_later(outage::Replay::EndJob {
+                counters: counters.to_vec(),
+                id: id.to_owned(),
+            });
+        }
+        ended
+    }
+
+    pub(super) async fn end_job_now(
+        &self,
+        counters: &[OwnedCheck],
+        id: &str,
+    ) -> Result<bool, StoreError> {
         let inner = &self.inner;
         let mut ended = false;
         for c in counters {
@@ -497,6 +515,25 @@ impl RedisStore {
     /// Settles a request admitted at `at` (see [`CounterStore::settle`](super::CounterStore::settle)),
     /// one script for every check.
     pub async fn settle(
+        &self,
+        checks: &[OwnedCheck],
+        at: Nanos,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        match self.settle_now(checks, at, delta).await {
+            Err(StoreError::NotSent(_)) => {
+                self.replay_later(outage::Replay::Settle {
+                    checks: checks.to_vec(),
+                    at,
+                    delta,
+                });
+                Ok(())
+            }
+            done => done,
+        }
+    }
+
+    pub(super) async fn settle_now(
         &self,
         checks: &[OwnedCheck],
         at: Nanos,
@@ -606,13 +643,31 @@ impl Store for RedisStore {
     }
 
     async fn refund(&self, checks: &[LimitCheck<'_>], at: Nanos) -> Result<(), StoreError> {
+        let owned: Vec<OwnedCheck> = checks.iter().map(OwnedCheck::of).collect();
+        match self.refund_now(&owned, at).await {
+            Err(StoreError::NotSent(_)) => {
+                self.replay_later(outage::Replay::Refund { checks: owned, at });
+                Ok(())
+            }
+            done => done,
+        }
+    }
+}
+
+impl RedisStore {
+    pub(super) async fn refund_now(
+        &self,
+        checks: &[OwnedCheck],
+        at: Nanos,
+    ) -> Result<(), StoreError> {
         let inner = &self.inner;
+        let checks: Vec<LimitCheck<'_>> = checks.iter().map(OwnedCheck::check).collect();
         let mut inv = inner.refund.prepare_invoke();
-        for c in checks {
+        for c in &checks {
             inv.key(inner.key(c));
         }
         inv.arg(at / 1_000);
-        for c in checks {
+        for c in &checks {
             let (kind, a, b) = c.rule.redis_args();
             inv.arg(kind).arg(a).arg(b).arg(c.units);
         }

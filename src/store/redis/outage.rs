@@ -1,10 +1,33 @@
 //! While Redis is unreachable with `on_error = "local"`: decisions made by the
 //! per-instance memory store, remembered, and added to Redis once it answers.
+//! And whatever the mode: a settlement, a refund or a job ending Redis could
+//! not take is kept, in order, and applied once it answers — the upstream's
+//! figure, not the estimate, is what Redis ends up with.
 
 use std::sync::atomic::Ordering;
 
 use crate::clock::Nanos;
-use crate::store::{Decision, Lease, LimitCheck, OnError, Store, StoreError, Verdicts};
+use crate::store::{Decision, Lease, LimitCheck, OnError, OwnedCheck, Store, StoreError, Verdicts};
+
+/// Most changes kept for a Redis that does not answer (then dropped, logged).
+const MAX_REPLAYS: usize = 100_000;
+
+/// A change Redis could not take, to apply when it answers again.
+pub(super) enum Replay {
+    /// `CounterStore::settle`.
+    Settle {
+        checks: Vec<OwnedCheck>,
+        at: Nanos,
+        delta: i64,
+    },
+    /// `Store::refund`.
+    Refund { checks: Vec<OwnedCheck>, at: Nanos },
+    /// `CounterStore::end_job`.
+    EndJob {
+        counters: Vec<OwnedCheck>,
+        id: String,
+    },
+}
 
 use super::{RedisStore, Unsynced};
 
@@ -30,6 +53,45 @@ impl RedisStore {
             }),
             OnError::Deny => Err(error),
         }
+    }
+
+    /// Keeps a change Redis could not take, for the next reconciliation.
+    pub(super) fn replay_later(&self, replay: Replay) {
+        let inner = &self.inner;
+        let mut replays = inner.replays.lock().unwrap_or_else(|p| p.into_inner());
+        if replays.len() >= MAX_REPLAYS {
+            tracing::error!("redis has been unreachable for {MAX_REPLAYS} settlements, refunds and job endings: this one is dropped");
+            return;
+        }
+        replays.push(replay);
+        inner.has_unsynced.store(true, Ordering::Release);
+    }
+
+    /// Applies the kept changes in order; those that fail again are kept.
+    async fn replay_kept(&self) -> usize {
+        let inner = &self.inner;
+        let kept: Vec<Replay> =
+            std::mem::take(&mut *inner.replays.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut applied = 0;
+        let mut failed = Vec::new();
+        for r in kept {
+            let done = match &r {
+                Replay::Settle { checks, at, delta } => self.settle_now(checks, *at, *delta).await,
+                Replay::Refund { checks, at } => self.refund_now(checks, *at).await,
+                Replay::EndJob { counters, id } => self.end_job_now(counters, id).await.map(|_| ()),
+            };
+            match done {
+                Ok(()) => applied += 1,
+                Err(_) => failed.push(r),
+            }
+        }
+        if !failed.is_empty() {
+            let mut replays = inner.replays.lock().unwrap_or_else(|p| p.into_inner());
+            failed.append(&mut replays);
+            *replays = failed;
+            inner.has_unsynced.store(true, Ordering::Release);
+        }
+        applied
     }
 
     /// Notes a request the local fallback admitted, to add to Redis later.
@@ -103,9 +165,11 @@ impl RedisStore {
                 }
                 inner.has_unsynced.store(true, Ordering::Release);
             }
+            let replayed = store.replay_kept().await;
             tracing::info!(
                 added,
-                "redis is back: counts taken by the local fallback added to redis"
+                replayed,
+                "redis is back: counts taken by the local fallback added to redis, settlements, refunds and job endings it missed applied"
             );
             inner.reconciling.store(false, Ordering::Release);
         });
