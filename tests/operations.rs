@@ -526,3 +526,78 @@ async fn a_graceful_stop_writes_every_access_line() {
         );
     }
 }
+
+const ACCESS_JOBS: &str = r#"
+[server]
+listen = "127.0.0.1:{port}"
+
+[upstream]
+url = "{upstream}"
+
+[identity]
+keys_file = "keys.toml"
+
+[log]
+access = true
+
+[[routes]]
+name = "gen"
+method = "POST"
+path = "/gen"
+cost = 3
+job = { id = "json:/id" }
+
+[[routes]]
+name = "status"
+method = "GET"
+path = "/gen/status"
+job_status = { id = "query:id", state = "json:/status", done = ["completed"] }
+
+[plans.free]
+[[plans.free.limits]]
+name = "credits"
+kind = "credits"
+routes = ["gen"]
+grant = 100
+refill = "month"
+
+[[plans.free.limits]]
+name = "videos"
+kind = "jobs"
+routes = ["gen"]
+max = 2
+"#;
+
+#[tokio::test]
+async fn access_lines_carry_the_cost_the_balance_and_the_job() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = start(&dir, &up, ACCESS_JOBS).await;
+    let submit = call("POST", &b.url("/gen"), Some("key-a")).await;
+    assert_eq!(
+        (submit.status, submit.json()["id"].as_str()),
+        (200, Some("job-1"))
+    );
+    let line = access_line(&b, "\"route\":\"gen\"").await;
+    let f = &line["fields"];
+    assert_eq!(
+        (&f["cost"], &f["credits_balance"]),
+        (&serde_json::json!(3), &serde_json::json!(97)),
+        "{line}"
+    );
+    assert_eq!(f["job_id"], "job-1", "the id read from the answer: {line}");
+    let poll = call(
+        "GET",
+        &b.url("/gen/status?id=job-1&state=completed"),
+        Some("key-a"),
+    )
+    .await;
+    assert_eq!(poll.status, 200);
+    let line = access_line(&b, "\"route\":\"status\"").await;
+    let f = &line["fields"];
+    assert_eq!(f["job_id"], "job-1", "{line}");
+    assert!(
+        f["cost"].is_null() && f["credits_balance"].is_null(),
+        "{line}"
+    );
+}

@@ -111,6 +111,8 @@ pub struct Watcher {
     pub key_fp: Arc<str>,
     /// The exchange's span, when traced: it gets the job's id.
     pub trace: Option<opentelemetry::Context>,
+    /// Where the exchange's access line reads the job's id.
+    pub note: Option<crate::observe::access_log::JobNote>,
 }
 
 impl Watcher {
@@ -182,6 +184,9 @@ impl Watcher {
             let (job, unreadable) = watch
                 .act(&self.store, &self.pools, &self.metrics, headers, &doc)
                 .await;
+            if let (Some(note), Some(job), None) = (&self.note, &job, unreadable) {
+                let _ = note.set(job.clone());
+            }
             if let (Some(trace), Some(job)) = (&self.trace, job) {
                 let shown = if unreadable.is_some() {
                     String::new()

@@ -70,7 +70,18 @@ pub struct AccessLine {
     pub duration_ms: f64,
     /// The exchange's id (`X-Request-Id`).
     pub request_id: Option<String>,
+    /// What the request cost at admission (routes with a `cost`).
+    pub cost: Option<u32>,
+    /// The credits balance after admission (routes a credits limit covers).
+    pub credits_balance: Option<i64>,
+    /// The job the exchange started (known once its answer is read), polled
+    /// or cancelled.
+    pub job: Option<JobNote>,
 }
+
+/// Where an exchange notes the job it is about, for its access line (the
+/// id of a submission's job is read from the answer while it streams).
+pub type JobNote = Arc<std::sync::OnceLock<String>>;
 
 /// What travels to the writer thread.
 #[derive(Debug)]
@@ -188,6 +199,12 @@ fn format_line(l: &AccessLine, out: &mut String) {
     fields.number(
         "duration_ms",
         Some((l.duration_ms * 1000.0).round() / 1000.0),
+    );
+    fields.number("cost", l.cost.map(f64::from));
+    fields.number("credits_balance", l.credits_balance.map(|b| b as f64));
+    fields.text(
+        "job_id",
+        l.job.as_ref().and_then(|j| j.get()).map(String::as_str),
     );
     if json {
         out.push_str("},\"target\":\"turnstile::access\"}\n");

@@ -161,6 +161,7 @@ impl Turnstile {
             route: route.name.clone(),
             key_fp: Arc::from(who.caller.fingerprint.as_str()),
             trace: cx.trace.clone(),
+            note: cx.job.clone(),
         })
     }
 }
