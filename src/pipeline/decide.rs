@@ -106,12 +106,22 @@ impl Turnstile {
     /// ("Cost, credits and refunds").
     pub(super) fn answer_watcher(
         &self,
-        cx: &Exchange<'_>,
+        cx: &mut Exchange<'_>,
         route: &Route,
         job_id: Option<String>,
         body: &RequestBody,
         lease: &mut Lease,
     ) -> Option<answer::Watcher> {
+        if !matches!(route.job, jobs::JobRole::None) {
+            // The job it is about, for the access line: a poll's or
+            // cancel's from the request, a submission's from its answer.
+            let note = crate::observe::access_log::JobNote::default();
+            if let Some(id) = job_id.as_ref().filter(|id| !jobs::is_unreadable(id)) {
+                let _ = note.set(id.clone());
+            }
+            cx.job = Some(note);
+        }
+        let cx = &*cx;
         let who = cx.who.as_ref()?;
         let policy = &cx.live.policy;
         let watch = if matches!(route.job, jobs::JobRole::None) {
@@ -238,4 +248,18 @@ pub(super) fn limit_names(policy: &Policy, index: usize) -> Vec<Arc<str>> {
         }
     }
     names
+}
+
+/// What an exchange's access line says it spent: the cost at admission (on
+/// routes with a `cost`) and the credits balance after it.
+pub(super) fn spent(cx: &Exchange<'_>) -> (Option<u32>, Option<i64>) {
+    let priced = cx.route.is_some_and(|r| r.cost.is_some());
+    let cost = (priced && cx.decided.is_some()).then_some(cx.cost);
+    let balance = cx.decided.as_ref().and_then(|d| {
+        d.checked
+            .iter()
+            .find(|c| matches!(c.spec.rule, Rule::Credits(_)))
+            .map(|c| i64::from(c.verdict.remaining))
+    });
+    (cost, balance)
 }

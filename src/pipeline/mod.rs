@@ -232,14 +232,7 @@ impl<'a> Exchange<'a> {
         let us = self.upstream_us.load(Ordering::Relaxed);
         line.upstream_ms = (us > 0).then(|| us as f64 / 1000.0);
         line.request_id = self.request_id.to_str().ok().map(str::to_owned);
-        let priced = self.route.is_some_and(|r| r.cost.is_some());
-        line.cost = (priced && self.decided.is_some()).then_some(self.cost);
-        line.credits_balance = self.decided.as_ref().and_then(|d| {
-            d.checked
-                .iter()
-                .find(|c| matches!(c.spec.rule, crate::limits::Rule::Credits(_)))
-                .map(|c| i64::from(c.verdict.remaining))
-        });
+        (line.cost, line.credits_balance) = decide::spent(self);
         line.job = self.job.clone();
         line
     }
@@ -621,15 +614,6 @@ impl Turnstile {
 
         // 6. Forward, watching the answer for jobs; 7. the slots are held
         // until the response body is done with.
-        if !matches!(route.job, crate::jobs::JobRole::None) {
-            // The job it is about, for the access line: a poll's or
-            // cancel's from the request, a submission's from its answer.
-            let note = crate::observe::access_log::JobNote::default();
-            if let Some(id) = job_id.as_ref().filter(|id| !crate::jobs::is_unreadable(id)) {
-                let _ = note.set(id.clone());
-            }
-            cx.job = Some(note);
-        }
         let watcher = self.answer_watcher(cx, route, job_id, &body, &mut lease);
         let response = self.forward(cx, parts, body.into_body(), watcher).await?;
         Ok(if lease.is_empty() {
