@@ -1581,3 +1581,47 @@ async fn a_job_that_ended_while_redis_was_down_is_ended_in_it_when_it_is_back() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_started_while_redis_was_down_is_held_in_it_when_it_is_back() {
+    let mut redis = Redis::persistent().await;
+    let up = Upstream::start().await;
+    let config = JOBS.replace("{redis}", &redis.url()).replace(
+        "[store]",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[store]\non_error = \"local\"",
+    );
+    let p = Proxy::start(&config, &up).await;
+    let in_progress = || async {
+        let r = call("GET", &p.admin_url("/v1/usage?key=k"), None).await;
+        (r.status == 200).then(|| r.json()["counters"][0]["in_progress"].as_i64().unwrap())
+    };
+    assert_eq!(call("POST", &p.url("/gen"), Some("k")).await.status, 200);
+    assert_eq!(in_progress().await, Some(1));
+    // Redis away: the local fallback starts job-2.
+    redis.kill();
+    let local = call("POST", &p.url("/gen"), Some("k")).await;
+    assert_eq!(
+        (local.status, local.json()["id"].as_str()),
+        (200, Some("job-2"))
+    );
+    // Back with its data: job-2 is held there too (2 of max 3).
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while in_progress().await != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "job-2 not in redis: {:?}",
+            in_progress().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And it ends there by its poll.
+    let poll = call(
+        "GET",
+        &p.url("/gen/status?id=job-2&state=completed"),
+        Some("k"),
+    )
+    .await;
+    assert_eq!(poll.status, 200);
+    assert_eq!(in_progress().await, Some(1));
+}

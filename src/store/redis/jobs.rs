@@ -34,6 +34,25 @@ impl Inner {
 }
 
 impl RedisStore {
+    /// Holds job `id` on counter `key` for `left_ms` (a job the local
+    /// fallback started while Redis was unreachable).
+    pub(super) async fn start_job_now(
+        &self,
+        key: &str,
+        subject: &str,
+        id: &str,
+        left_ms: u64,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut inv = inner.job.prepare_invoke();
+        inv.key(key).arg("bind").arg(id).arg("").arg(left_ms);
+        inner.call::<i64>(inv).await?;
+        inner
+            .jobs_gauge
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        inner.index_job(id, key, subject, left_ms).await
+    }
+
     /// Ends job `id` in every counter holding it: (subject label, counter id) of each.
     pub async fn end_job_by_id(&self, id: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let inner = &self.inner;

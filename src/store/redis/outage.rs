@@ -7,7 +7,11 @@
 use std::sync::atomic::Ordering;
 
 use crate::clock::Nanos;
-use crate::store::{Decision, Lease, LimitCheck, OnError, OwnedCheck, Store, StoreError, Verdicts};
+use crate::limits::Rule;
+use crate::store::{
+    BindJob, Decision, JobClaim, Lease, LimitCheck, OnError, OwnedCheck, Store, StoreError,
+    Verdicts,
+};
 
 /// Most changes kept for a Redis that does not answer (then dropped, logged).
 const MAX_REPLAYS: usize = 100_000;
@@ -27,6 +31,52 @@ pub(super) enum Replay {
         counters: Vec<OwnedCheck>,
         id: String,
     },
+    /// A job the local fallback started: held in Redis for what is left of
+    /// its `max_duration`.
+    StartJob {
+        key: String,
+        subject: String,
+        id: String,
+        max_duration_ms: u64,
+        started: std::time::Instant,
+    },
+}
+
+/// A job submission the local fallback admitted: bound locally, and
+/// started in Redis too once it answers (so its slot counts there).
+struct LocalJob {
+    claim: JobClaim,
+    store: RedisStore,
+    key: String,
+    subject: String,
+    max_duration_ms: u64,
+}
+
+impl BindJob for LocalJob {
+    fn bind(
+        self: Box<Self>,
+        id: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>
+    {
+        Box::pin(async move {
+            let LocalJob {
+                claim,
+                store,
+                key,
+                subject,
+                max_duration_ms,
+            } = *self;
+            claim.bind(id).await?;
+            store.replay_later(Replay::StartJob {
+                key,
+                subject,
+                id: id.to_owned(),
+                max_duration_ms,
+                started: std::time::Instant::now(),
+            });
+            Ok(())
+        })
+    }
 }
 
 use super::{RedisStore, Unsynced};
@@ -39,9 +89,10 @@ impl RedisStore {
     ) -> Result<Decision, StoreError> {
         match self.inner.settings.on_error {
             OnError::Local => {
-                let decision = self.inner.fallback.decide(checks).await?;
+                let mut decision = self.inner.fallback.decide(checks).await?;
                 if decision.admitted {
                     self.remember_unsynced(checks, decision.now);
+                    self.start_jobs_later(checks, &mut decision.lease);
                 }
                 Ok(decision)
             }
@@ -53,6 +104,37 @@ impl RedisStore {
             }),
             OnError::Deny => Err(error),
         }
+    }
+
+    /// Wraps the job claims of a local admission so that the jobs they
+    /// become are started in Redis too, later.
+    fn start_jobs_later(&self, checks: &[LimitCheck<'_>], lease: &mut Lease) {
+        let claims = lease.take_jobs();
+        if claims.is_empty() {
+            return;
+        }
+        let jobs = checks.iter().filter_map(|c| match c.rule {
+            Rule::Jobs(j) => Some((
+                self.inner.key(c),
+                c.subject.label(),
+                j.max_duration / 1_000_000,
+            )),
+            _ => None,
+        });
+        let wrapped: Vec<JobClaim> = claims
+            .into_iter()
+            .zip(jobs)
+            .map(|(claim, (key, subject, max_duration_ms))| {
+                JobClaim::other(Box::new(LocalJob {
+                    claim,
+                    store: self.clone(),
+                    key,
+                    subject,
+                    max_duration_ms,
+                }))
+            })
+            .collect();
+        *lease = std::mem::take(lease).with_jobs(wrapped);
     }
 
     /// Keeps a change Redis could not take, for the next reconciliation.
@@ -79,6 +161,21 @@ impl RedisStore {
                 Replay::Settle { checks, at, delta } => self.settle_now(checks, *at, *delta).await,
                 Replay::Refund { checks, at } => self.refund_now(checks, *at).await,
                 Replay::EndJob { counters, id } => self.end_job_now(counters, id).await.map(|_| ()),
+                Replay::StartJob {
+                    key,
+                    subject,
+                    id,
+                    max_duration_ms,
+                    started,
+                } => {
+                    let gone = started.elapsed().as_millis() as u64;
+                    let left = max_duration_ms.saturating_sub(gone);
+                    if left == 0 {
+                        Ok(())
+                    } else {
+                        self.start_job_now(key, subject, id, left).await
+                    }
+                }
             };
             match done {
                 Ok(()) => applied += 1,
