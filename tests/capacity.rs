@@ -570,3 +570,19 @@ fn check_lists_each_pool() {
         "{table}"
     );
 }
+
+#[tokio::test]
+async fn a_refusal_says_how_many_still_wait() {
+    let (p, up) = start(1, "300ms").await;
+    let first = hold(&p, "free-0");
+    eventually("the slot taken", || up.hits() == 1).await;
+    let early = hold(&p, "free-1");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let patient = hold(&p, "free-2");
+    let r = early.await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["capacity"]["waiting"], 1, "{}", r.body);
+    assert_eq!(patient.await.unwrap().status, 503);
+    up.release(1);
+    assert_eq!(first.await.unwrap().status, 200);
+}

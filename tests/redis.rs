@@ -1625,3 +1625,28 @@ async fn a_job_started_while_redis_was_down_is_held_in_it_when_it_is_back() {
     assert_eq!(poll.status, 200);
     assert_eq!(in_progress().await, Some(1));
 }
+
+#[tokio::test]
+async fn a_redis_pool_refusal_says_how_many_wait() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = format!(
+        "[upstream]\nurl = \"{{upstream}}\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\n[[routes]]\nname = \"slots\"\npath = \"/hold\"\n[[capacity]]\nname = \"gpu\"\nmax = 1\nroutes = [\"slots\"]\nmax_wait = \"300ms\"\n",
+        redis.url()
+    );
+    let p = Proxy::start(&config, &up).await;
+    let first = hold_on(&p, "free");
+    eventually("the slot taken", || up.hits() == 1).await;
+    // Two wait; the first of them runs out of time while the other still waits.
+    let url = p.url("/hold");
+    let early = tokio::spawn(async move { call("GET", &url, Some("k3")).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let url = p.url("/hold");
+    let patient = tokio::spawn(async move { call("GET", &url, Some("k2")).await });
+    let r = early.await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["capacity"]["waiting"], 1, "{}", r.body);
+    assert_eq!(patient.await.unwrap().status, 503);
+    up.release(1);
+    assert_eq!(first.await.unwrap().status, 200);
+}

@@ -376,8 +376,16 @@ impl RedisPools {
             }
             if code == 0 || out_of_time {
                 inner.wakers.remove(&w);
+                // Out of the queue now (a slot granted meanwhile goes to
+                // the next); if this fails, dropping `queued` tries again.
+                if inner.call::<i64>(spec, Op::Leave(&w)).await.is_ok() {
+                    queued.waiter = None;
+                }
                 drop(queued);
-                return Err(busy(spec, 0));
+                // The refusal shows how many still wait.
+                let figures: Result<Vec<u64>, StoreError> = inner.call(spec, Op::Usage).await;
+                let waiting = figures.map_or(0, |f| f.iter().skip(2).sum());
+                return Err(busy(spec, waiting));
             }
             tokio::select! {
                 _ = notify.notified() => {}
