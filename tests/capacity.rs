@@ -112,19 +112,12 @@ async fn waiting(p: &Proxy) -> u64 {
 
 /// Waits until the pool shows `n` waiting.
 async fn until_waiting(p: &Proxy, n: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while waiting(p).await != n {
-        assert!(std::time::Instant::now() < deadline, "never {n} waiting");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually_async(&format!("{n} waiting"), || async { waiting(p).await == n }).await;
 }
 
+/// Waits until the pool shows `n` slots in use.
 async fn until_in_use(p: &Proxy, n: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while in_use(p).await != n {
-        assert!(std::time::Instant::now() < deadline, "never {n} in use");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually_async(&format!("{n} in use"), || async { in_use(p).await == n }).await;
 }
 
 fn hold(p: &Proxy, key: &str) -> tokio::task::JoinHandle<Got> {

@@ -1172,11 +1172,10 @@ async fn pool_figures(p: &Proxy) -> serde_json::Value {
 }
 
 async fn until_pool(p: &Proxy, what: &str, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pool_figures(p).await[what].as_u64() != Some(n) {
-        assert!(Instant::now() < deadline, "{what} never {n}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually_async(&format!("{what} {n}"), || async {
+        pool_figures(p).await[what].as_u64() == Some(n)
+    })
+    .await;
 }
 
 fn hold_on(p: &Proxy, key: &'static str) -> tokio::task::JoinHandle<Got> {
@@ -1377,11 +1376,10 @@ async fn a_redis_that_forgot_is_never_a_silent_full_grant() {
         assert_eq!(call("GET", &p.url("/gen"), Some("k")).await.status, 200);
     }
     // The marker is written within a second of the first connection.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while redis_cli(&redis, &["exists", "turnstile:marker"]).trim() != "1" {
-        assert!(Instant::now() < deadline, "no marker");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the marker", || {
+        redis_cli(&redis, &["exists", "turnstile:marker"]).trim() == "1"
+    })
+    .await;
     // Restarted without persistence: the balance of 2 is gone from Redis.
     redis.restart().await;
     let mut statuses = Vec::new();
@@ -1458,11 +1456,10 @@ async fn redis_settings_that_lose_counts_are_warned_about_at_startup() {
     .await;
     let mut b = Binary::start(dir.path(), &config.replace("{redis}", &careful.url()), &up).await;
     // The marker shows the guard ran its first check.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis_cli(&careful, &["exists", "turnstile:marker"]).trim() != "1" {
-        assert!(Instant::now() < deadline, "no marker");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the marker", || {
+        redis_cli(&careful, &["exists", "turnstile:marker"]).trim() == "1"
+    })
+    .await;
     b.signal("TERM");
     b.wait().await;
     let logs = b.logs();
@@ -1495,15 +1492,10 @@ async fn settlements_made_while_redis_was_down_reach_it_when_it_is_back() {
             .status,
         200
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while balance().await != Some(9800) {
-        assert!(
-            Instant::now() < deadline,
-            "first settlement: {:?}",
-            balance().await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_async("the first settlement", || async {
+        balance().await == Some(9800)
+    })
+    .await;
     // Redis goes away: ten more, admitted locally, each settled at 200.
     redis.kill();
     for _ in 0..10 {
@@ -1566,18 +1558,10 @@ async fn a_job_that_ended_while_redis_was_down_is_ended_in_it_when_it_is_back() 
     // Back with its data: the ending is applied, the slot is free (not held
     // until max_duration).
     redis.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if in_progress().await == Some(0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job-1 still held: {:?}",
-            in_progress().await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_async("job-1 ended in redis", || async {
+        in_progress().await == Some(0)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1604,15 +1588,10 @@ async fn a_job_started_while_redis_was_down_is_held_in_it_when_it_is_back() {
     );
     // Back with its data: job-2 is held there too (2 of max 3).
     redis.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while in_progress().await != Some(2) {
-        assert!(
-            Instant::now() < deadline,
-            "job-2 not in redis: {:?}",
-            in_progress().await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_async("job-2 in redis", || async {
+        in_progress().await == Some(2)
+    })
+    .await;
     // And it ends there by its poll.
     let poll = call(
         "GET",

@@ -37,7 +37,8 @@ const POLL: Duration = Duration::from_millis(100);
 struct Inner {
     store: RedisStore,
     script: Script,
-    specs: Mutex<HashMap<Arc<str>, Arc<PoolSpec>>>,
+    /// The configured pools by name, as their script calls see them.
+    pools: Mutex<HashMap<Arc<str>, Arc<Pool>>>,
     /// In-flight slots this instance renews: handle -> (pool key, member).
     held: DashMap<u64, (String, String)>,
     seq: AtomicU64,
@@ -45,6 +46,36 @@ struct Inner {
     wakers: DashMap<String, Arc<Notify>>,
     listening: OnceLock<()>,
     fallback: MemoryPools,
+}
+
+/// A pool as its script calls see it, made once per config: its key and
+/// the arguments every call repeats (max, lease, each plan's weight and
+/// reserve).
+struct Pool {
+    spec: Arc<PoolSpec>,
+    key: String,
+    head: Vec<String>,
+}
+
+impl Pool {
+    fn new(spec: &Arc<PoolSpec>, prefix: &str, lease: Duration) -> Self {
+        let digest = hex::encode(&Sha256::digest(spec.name.as_bytes())[..8]);
+        let mut head = vec![
+            spec.max.to_string(),
+            lease.as_millis().to_string(),
+            spec.plans.len().to_string(),
+        ];
+        for plan in &spec.plans {
+            head.push(plan.to_string());
+            head.push(spec.weight(plan).to_string());
+            head.push(spec.reserved(plan).to_string());
+        }
+        Self {
+            spec: spec.clone(),
+            key: format!("{prefix}{{cap:{digest}}}"),
+            head,
+        }
+    }
 }
 
 /// Pools shared through Redis.
@@ -80,13 +111,28 @@ fn subject_text(s: &Subject) -> String {
 }
 
 impl Inner {
-    fn key(&self, name: &str) -> String {
-        let digest = hex::encode(&Sha256::digest(name.as_bytes())[..8]);
-        format!("{}{{cap:{digest}}}", self.store.prefix())
-    }
-
     fn lease(&self) -> Duration {
         self.store.settings().lease
+    }
+
+    /// The pool `spec` configures (made afresh for a spec a reload replaced
+    /// while a request still held it).
+    fn pool(&self, spec: &PoolSpec) -> Arc<Pool> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        match pools.get(&spec.name) {
+            Some(p) if std::ptr::eq(Arc::as_ptr(&p.spec), spec) => p.clone(),
+            _ => Arc::new(Pool::new(
+                &Arc::new(spec.clone()),
+                self.store.prefix(),
+                self.lease(),
+            )),
+        }
+    }
+
+    /// Every configured pool.
+    fn all(&self) -> Vec<Arc<Pool>> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.values().cloned().collect()
     }
 
     async fn call<T: redis::FromRedisValue>(
@@ -94,66 +140,57 @@ impl Inner {
         spec: &PoolSpec,
         op: Op<'_>,
     ) -> Result<T, StoreError> {
-        let lease_ms = self.lease().as_millis().to_string();
-        let mut args = vec![String::new(), spec.max.to_string(), lease_ms];
-        args.push(spec.plans.len().to_string());
-        for plan in &spec.plans {
-            args.push(plan.to_string());
-            args.push(spec.weight(plan).to_string());
-            args.push(spec.reserved(plan).to_string());
-        }
-        let name = match op {
-            Op::Acquire { asker, member } => {
-                args.extend([
-                    asker.plan.to_string(),
-                    subject_text(&asker.fair),
-                    member.to_owned(),
-                    spec.max_wait.as_millis().to_string(),
-                    spec.max_queue.to_string(),
-                ]);
-                "acquire"
-            }
-            Op::Claim(w) => {
-                args.push(w.to_owned());
-                "claim"
-            }
-            Op::Leave(w) => {
-                args.push(w.to_owned());
-                "leave"
-            }
-            Op::Release(m) => {
-                args.push(m.to_owned());
-                "release"
-            }
-            Op::Bind { member, id, owner } => {
-                args.extend([
-                    member.to_owned(),
-                    id.to_owned(),
-                    owner.to_owned(),
-                    spec.max_duration.as_millis().to_string(),
-                ]);
-                "bind"
-            }
-            Op::End { id, owner } => {
-                args.extend([id.to_owned(), owner.to_owned()]);
-                "end"
-            }
-            Op::Renew(members) => {
-                args.extend(members);
-                "renew"
-            }
+        let pool = self.pool(spec);
+        let mut inv = self.script.prepare_invoke();
+        inv.key(&pool.key);
+        let name = match &op {
+            Op::Acquire { .. } => "acquire",
+            Op::Claim(_) => "claim",
+            Op::Leave(_) => "leave",
+            Op::Release(_) => "release",
+            Op::Bind { .. } => "bind",
+            Op::End { .. } => "end",
+            Op::Renew(_) => "renew",
             Op::Usage => "usage",
         };
-        args[0] = name.to_owned();
-        self.store
-            .run_script(&self.script, &[self.key(&spec.name)], &args)
-            .await
+        inv.arg(name);
+        for a in &pool.head {
+            inv.arg(a);
+        }
+        match op {
+            Op::Acquire { asker, member } => {
+                inv.arg(&*asker.plan)
+                    .arg(subject_text(&asker.fair))
+                    .arg(member)
+                    .arg(spec.max_wait.as_millis() as u64)
+                    .arg(spec.max_queue);
+            }
+            Op::Claim(w) | Op::Leave(w) | Op::Release(w) => {
+                inv.arg(w);
+            }
+            Op::Bind { member, id, owner } => {
+                inv.arg(member)
+                    .arg(id)
+                    .arg(owner)
+                    .arg(spec.max_duration.as_millis() as u64);
+            }
+            Op::End { id, owner } => {
+                inv.arg(id).arg(owner);
+            }
+            Op::Renew(members) => {
+                for m in &members {
+                    inv.arg(m);
+                }
+            }
+            Op::Usage => {}
+        }
+        self.store.invoke(inv).await
     }
 
     /// Slot `member` of `spec`, held for `asker` and renewed from now on.
     fn hold(self: &Arc<Self>, handle: u64, spec: &PoolSpec, member: String, asker: &Asker) -> Held {
         self.held
-            .insert(handle, (self.key(&spec.name), member.clone()));
+            .insert(handle, (self.pool(spec).key.clone(), member.clone()));
         Held {
             inner: Some(self.clone()),
             handle,
@@ -165,8 +202,8 @@ impl Inner {
     }
 
     fn spec(&self, name: &str) -> Option<Arc<PoolSpec>> {
-        let specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
-        specs.get(name).cloned()
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.get(name).map(|p| p.spec.clone())
     }
 
     /// Gives back what `handle` holds, in the background (a lease not
@@ -235,7 +272,7 @@ impl RedisPools {
             inner: Arc::new(Inner {
                 store,
                 script: Script::new(include_str!("lua/capacity.lua")),
-                specs: Mutex::new(HashMap::new()),
+                pools: Mutex::new(HashMap::new()),
                 held: DashMap::new(),
                 seq: AtomicU64::new(0),
                 wakers: DashMap::new(),
@@ -250,11 +287,13 @@ impl RedisPools {
     }
 
     pub(super) fn configure(&self, specs: &[Arc<PoolSpec>]) {
-        let mut map = self.inner.specs.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = &self.inner;
+        let mut pools = inner.pools.lock().unwrap_or_else(|e| e.into_inner());
         for spec in specs {
-            map.insert(spec.name.clone(), spec.clone());
+            let pool = Pool::new(spec, inner.store.prefix(), inner.lease());
+            pools.insert(spec.name.clone(), Arc::new(pool));
         }
-        drop(map);
+        drop(pools);
         self.inner.fallback.configure(specs);
     }
 
@@ -401,18 +440,14 @@ impl RedisPools {
         owner: Option<&Subject>,
     ) -> Result<Vec<Arc<str>>, StoreError> {
         let owner = owner.map(subject_text).unwrap_or_default();
-        let specs: Vec<Arc<PoolSpec>> = {
-            let map = self.inner.specs.lock().unwrap_or_else(|e| e.into_inner());
-            map.values().cloned().collect()
-        };
         let mut ended = Vec::new();
-        for spec in specs {
+        for pool in self.inner.all() {
             let n: i64 = self
                 .inner
-                .call(&spec, Op::End { id, owner: &owner })
+                .call(&pool.spec, Op::End { id, owner: &owner })
                 .await?;
             if n == 1 {
-                ended.push(spec.name.clone());
+                ended.push(pool.spec.name.clone());
             }
         }
         let local = self.inner.fallback.end_job(id, None);
@@ -426,10 +461,12 @@ impl RedisPools {
     }
 
     pub(super) async fn usage(&self) -> Result<Vec<PoolUsage>, StoreError> {
-        let mut specs: Vec<Arc<PoolSpec>> = {
-            let map = self.inner.specs.lock().unwrap_or_else(|e| e.into_inner());
-            map.values().cloned().collect()
-        };
+        let mut specs: Vec<Arc<PoolSpec>> = self
+            .inner
+            .all()
+            .into_iter()
+            .map(|p| p.spec.clone())
+            .collect();
         specs.sort_by(|a, b| a.name.cmp(&b.name));
         let mut out = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -463,13 +500,9 @@ impl RedisPools {
             let (key, member) = e.value();
             by_pool.entry(key.clone()).or_default().push(member.clone());
         }
-        let specs: Vec<Arc<PoolSpec>> = {
-            let map = self.inner.specs.lock().unwrap_or_else(|e| e.into_inner());
-            map.values().cloned().collect()
-        };
-        for spec in specs {
-            if let Some(members) = by_pool.remove(&self.inner.key(&spec.name)) {
-                let _ = self.inner.call::<i64>(&spec, Op::Renew(members)).await;
+        for pool in self.inner.all() {
+            if let Some(members) = by_pool.remove(&pool.key) {
+                let _ = self.inner.call::<i64>(&pool.spec, Op::Renew(members)).await;
             }
         }
     }

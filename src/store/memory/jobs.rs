@@ -69,17 +69,14 @@ impl MemoryStore {
             let Some(c) = g.list.iter_mut().find(|x| x.id == counter) else {
                 continue;
             };
-            let rule_of = |state: &CounterState| match state {
-                CounterState::Jobs(j) => j.jobs.iter().any(|j| &*j.id == id),
-                _ => false,
-            };
-            if !rule_of(&c.state) {
+            let CounterState::Jobs(j) = &mut c.state else {
                 continue;
+            };
+            let before = j.jobs.len();
+            j.jobs.retain(|j| &*j.id != id);
+            if j.jobs.len() < before {
+                ended.push((subject.clone(), counter));
             }
-            if let CounterState::Jobs(j) = &mut c.state {
-                j.jobs.retain(|j| &*j.id != id);
-            }
-            ended.push((subject.clone(), counter));
         }
         ended
     }

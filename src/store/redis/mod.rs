@@ -257,6 +257,15 @@ impl RedisStore {
         self.inner.call(inv).await
     }
 
+    /// Runs a prepared script invocation, bounded by the timeout and the
+    /// breaker like every decision (the capacity pools' calls).
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.inner.call(inv).await
+    }
+
     /// A store for `settings`; connects on first use, so turnstile starts
     /// (and follows `on_error`) even while Redis is down.
     pub fn new(settings: RedisSettings, clock: Arc<dyn Clock>) -> Self {
@@ -643,10 +652,10 @@ impl Store for RedisStore {
     }
 
     async fn refund(&self, checks: &[LimitCheck<'_>], at: Nanos) -> Result<(), StoreError> {
-        let owned: Vec<OwnedCheck> = checks.iter().map(OwnedCheck::of).collect();
-        match self.refund_now(&owned, at).await {
+        match self.refund_now(checks, at).await {
             Err(StoreError::NotSent(_)) => {
-                self.replay_later(outage::Replay::Refund { checks: owned, at });
+                let checks = checks.iter().map(OwnedCheck::of).collect();
+                self.replay_later(outage::Replay::Refund { checks, at });
                 Ok(())
             }
             done => done,
@@ -657,17 +666,16 @@ impl Store for RedisStore {
 impl RedisStore {
     pub(super) async fn refund_now(
         &self,
-        checks: &[OwnedCheck],
+        checks: &[LimitCheck<'_>],
         at: Nanos,
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let checks: Vec<LimitCheck<'_>> = checks.iter().map(OwnedCheck::check).collect();
         let mut inv = inner.refund.prepare_invoke();
-        for c in &checks {
+        for c in checks {
             inv.key(inner.key(c));
         }
         inv.arg(at / 1_000);
-        for c in &checks {
+        for c in checks {
             let (kind, a, b) = c.rule.redis_args();
             inv.arg(kind).arg(a).arg(b).arg(c.units);
         }

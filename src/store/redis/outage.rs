@@ -159,7 +159,11 @@ impl RedisStore {
         for r in kept {
             let done = match &r {
                 Replay::Settle { checks, at, delta } => self.settle_now(checks, *at, *delta).await,
-                Replay::Refund { checks, at } => self.refund_now(checks, *at).await,
+                Replay::Refund { checks, at } => {
+                    let checks: Vec<LimitCheck<'_>> =
+                        checks.iter().map(OwnedCheck::check).collect();
+                    self.refund_now(&checks, *at).await
+                }
                 Replay::EndJob { counters, id } => self.end_job_now(counters, id).await.map(|_| ()),
                 Replay::StartJob {
                     key,
