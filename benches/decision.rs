@@ -123,7 +123,7 @@ fn decision(c: &mut Criterion) {
                         .poll(&mut std::task::Context::from_waker(waker));
                     assert!(polled.is_ready(), "the memory store binds at once");
                 }
-                black_box(s.end_job(&ended, "gen_0123456789"))
+                black_box(s.end_job(&ended, "gen_0123456789", turnstile::store::How::Done, None))
             })
         });
     }

@@ -6,7 +6,7 @@
 //! `tools/layout.py` checks it):
 //!
 //! [`clock`] → [`wire`] → [`limits`] → [`store`] → [`content`] → [`keys`] →
-//! [`respond`] → [`observe`] → [`capacity`] → [`jobs`] → [`config`] →
+//! [`respond`] → [`observe`] → [`capacity`] → [`jobs`] → [`ledger`] → [`config`] →
 //! [`pipeline`] → [`admin`] / [`decision`] → [`server`] → [`cli`].
 
 #![forbid(unsafe_code)]
@@ -22,6 +22,7 @@ pub mod content;
 pub mod decision;
 pub mod jobs;
 pub mod keys;
+pub mod ledger;
 pub mod limits;
 pub mod observe;
 pub mod pipeline;

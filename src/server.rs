@@ -89,6 +89,7 @@ impl Server {
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         keys.load().await;
         let app = Arc::new(Turnstile::new(policy, store, keys));
+        open_ledger(&app).await?;
         Ok(Self {
             listener,
             admin,
@@ -238,9 +239,47 @@ fn spawn_connection(
     });
 }
 
+/// `[ledger]`: opened, balances and jobs rebuilt from it over the
+/// snapshot, before anything is served. A ledger that cannot be opened or
+/// read stops the start (credits are not counted without their record).
+async fn open_ledger(app: &Arc<Turnstile>) -> std::io::Result<()> {
+    let Some(settings) = app.policy().ledger.clone() else {
+        return Ok(());
+    };
+    let ledger = crate::ledger::Ledger::open(settings, &host_name(), app.metrics().clone())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    app.set_ledger(ledger.clone());
+    let store = app.store().in_process().clone();
+    let rebuilt = tokio::task::spawn_blocking(move || ledger.rebuild(&store))
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    tracing::info!(
+        events = rebuilt.events,
+        balances = rebuilt.balances,
+        jobs = rebuilt.jobs,
+        ms = rebuilt.took.as_millis() as u64,
+        "balances and jobs rebuilt from the ledger"
+    );
+    Ok(())
+}
+
+/// This machine's name (CloudEvents' `source`).
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "turnstile".to_owned())
+}
+
 /// After the drain: the snapshot written, and the access line of every
 /// exchange served (all have ended) written before the process exits.
 async fn wind_down(app: &Arc<Turnstile>) {
+    if let Some(ledger) = app.ledger().cloned() {
+        let _ = tokio::task::spawn_blocking(move || ledger.close()).await;
+    }
     write_snapshot(app).await;
     app.flush_access_log();
     app.flush_traces().await;
@@ -398,6 +437,9 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
         )));
     }
     tasks.extend(app.keys().spawn_sync());
+    if let Some(ledger) = app.ledger() {
+        tasks.extend(crate::ledger::spawn_sinks(ledger));
+    }
     if app.policy().store.snapshot.is_some() {
         tasks.push(tokio::spawn(async move {
             loop {

@@ -22,6 +22,8 @@ const PAGE: &str = include_str!("dashboard.html");
 
 /// How many of the most refused keys and accounts are listed.
 const TOP: usize = 10;
+/// Ledger events the dashboard shows.
+const LATEST_EVENTS: usize = 20;
 
 /// `GET /`: the page.
 pub(super) fn page() -> Response<Body> {
@@ -63,6 +65,22 @@ async fn pools(app: &Turnstile) -> serde_json::Value {
             json!({ "name": p.name, "max": p.max, "in_use": p.in_use, "jobs": p.jobs, "plans": plans })
         })
         .collect()
+}
+
+/// The ledger's latest events (newest first on the page) and each sink's
+/// backlog; `null` without a ledger.
+async fn ledger(app: &Turnstile) -> serde_json::Value {
+    let Some(ledger) = app.ledger() else {
+        return serde_json::Value::Null;
+    };
+    let latest: Vec<serde_json::Value> = ledger
+        .latest(LATEST_EVENTS)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|b| serde_json::from_str(b).ok())
+        .collect();
+    json!({ "latest": latest, "sinks": ledger.sinks() })
 }
 
 /// `GET /v1/dashboard`: requests by route and decision so far, the most
@@ -109,6 +127,7 @@ pub(super) async fn summary(app: &Turnstile, policy: &Policy) -> Response<Body> 
             "history": history,
             "credits": rules().any(|r| matches!(r, Rule::Credits(_))),
             "capacity": pools(app).await,
+            "ledger": ledger(app).await,
         }),
     )
 }

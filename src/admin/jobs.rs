@@ -89,7 +89,11 @@ pub(super) async fn end(
     let mut ended = Vec::new();
     let mut unknown = Vec::new();
     for id in ids {
-        let holders = match app.store().end_job_by_id(&id).await {
+        let holders = match app
+            .store()
+            .end_job_by_id(&id, crate::store::How::Done)
+            .await
+        {
             Ok(h) => h,
             Err(e) => return store_error(e),
         };

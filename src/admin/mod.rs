@@ -10,6 +10,7 @@ mod credits;
 mod dashboard;
 mod jobs;
 mod keys;
+mod ledger;
 
 use std::sync::Arc;
 
@@ -109,6 +110,7 @@ async fn v1(app: &Arc<Turnstile>, req: Request<Incoming>) -> Response<Body> {
         (&Method::DELETE, "/v1/jobs") => end_job(app, &policy, query).await,
         (&Method::POST, "/v1/jobs/end") => jobs::end(app, &policy, req).await,
         (&Method::GET, "/v1/capacity") => jobs::capacity(app).await,
+        (&Method::GET, "/v1/ledger") => ledger::page(app, query).await,
         (&Method::POST, "/v1/store/ack") => store_ack(app).await,
         (&Method::POST, "/v1/reload") => match app.reload() {
             Ok(report) => json_response(
@@ -326,7 +328,7 @@ async fn end_job(app: &Turnstile, policy: &Policy, query: &str) -> Response<Body
     };
     match app
         .store()
-        .end_job(&counters, &id)
+        .end_job(&counters, &id, crate::store::How::Admin, None)
         .await
         .map(|held| held || pooled)
     {
@@ -375,7 +377,12 @@ async fn end_unreadable(app: &Turnstile, counters: &[OwnedCheck]) -> Response<Bo
         for job in jobs.iter().filter(|j| crate::jobs::is_unreadable(&j.id)) {
             match app
                 .store()
-                .end_job(std::slice::from_ref(counter), &job.id)
+                .end_job(
+                    std::slice::from_ref(counter),
+                    &job.id,
+                    crate::store::How::Admin,
+                    None,
+                )
                 .await
             {
                 Ok(true) => {

@@ -16,6 +16,7 @@ mod content;
 mod decision;
 mod keys;
 mod kinds;
+mod ledger;
 mod plans;
 mod raw;
 mod routes;
@@ -386,6 +387,8 @@ pub struct Policy {
     pub decision: Option<DecisionSettings>,
     /// `[[capacity]]` pools in file order.
     pub capacity: Vec<Arc<crate::capacity::PoolSpec>>,
+    /// `[ledger]`; `None`: no ledger (read at start).
+    pub ledger: Option<crate::ledger::LedgerSettings>,
     /// Routes in file order.
     pub routes: Vec<Route>,
     /// Plans by name order.
@@ -521,6 +524,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
 
     let capacity = capacity::compile_capacity(src, &raw, &mut routes, &plans)?;
     let decision = decision::compile_decision(src, &raw, &routes, &plans)?;
+    let ledger = ledger::compile_ledger(src, raw.ledger.as_ref(), base, &store.backend)?;
     let identity = keys::compile_identity(src, &raw.identity, &known, base, &store)?;
     Ok(Policy {
         path: path.to_path_buf(),
@@ -535,6 +539,7 @@ fn compile(src: &Source, raw: RawConfig, base: &Path, path: &Path) -> Result<Pol
         telemetry,
         decision,
         capacity,
+        ledger,
         routes,
         plans,
         responses: global,

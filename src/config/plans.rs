@@ -123,6 +123,7 @@ fn compile_limit(
         name: raw.name.get_ref().as_str().into(),
         name_value: http::HeaderValue::from_str(raw.name.get_ref()).ok(),
         limit_value: http::HeaderValue::from(rule.shown_limit()),
+        alerts: super::ledger::compile_alerts(src, raw, &rule)?,
         rule,
         per: match raw.per {
             Some(RawPer::Account) => Per::Account,

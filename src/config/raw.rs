@@ -39,6 +39,31 @@ pub(crate) struct RawConfig {
     /// `[[capacity]]`: shared pools of slots.
     #[serde(default)]
     pub(crate) capacity: Vec<Spanned<RawCapacity>>,
+    /// `[ledger]`: the record of every credit and job.
+    pub(crate) ledger: Option<Spanned<RawLedger>>,
+}
+
+/// `[ledger]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLedger {
+    pub(crate) path: Spanned<String>,
+    pub(crate) durable: Option<Spanned<String>>,
+    pub(crate) retain: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) sinks: Vec<Spanned<RawSink>>,
+}
+
+/// One `[[ledger.sinks]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSink {
+    pub(crate) kind: Spanned<String>,
+    pub(crate) name: Option<Spanned<String>>,
+    pub(crate) url: Option<Spanned<String>>,
+    pub(crate) batch: Option<Spanned<i64>>,
+    pub(crate) headers: Option<BTreeMap<String, Spanned<String>>>,
+    pub(crate) path: Option<Spanned<String>>,
 }
 
 /// One `[[capacity]]` pool.
@@ -349,6 +374,7 @@ pub(crate) struct RawLimit {
     pub(crate) refill: Option<Spanned<String>>,
     pub(crate) count: Option<Spanned<RawCount>>,
     pub(crate) shadow: Option<Spanned<bool>>,
+    pub(crate) alerts: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `count = "requests" | "cost"` on fixed, rolling and bucket limits.

@@ -16,7 +16,7 @@ use crate::content::tap::{Doc, Follow, Framing, Reader, Reading, Tap};
 use crate::content::values::ValueSource;
 use crate::jobs::Watch;
 use crate::observe::metrics::Metrics;
-use crate::store::{CounterStore, OwnedCheck};
+use crate::store::{CounterStore, Origin, OwnedCheck};
 use crate::wire::body::Body;
 
 /// A reserved cost to settle from the answer (`settle`).
@@ -39,7 +39,13 @@ pub struct Settle {
 impl Settle {
     /// The upstream's figure replaces the estimate: the difference charged
     /// or given back; no figure, the estimate stands.
-    async fn act(self, store: &CounterStore, metrics: &Metrics, headers: &HeaderMap, doc: &Doc) {
+    async fn act(
+        self,
+        store: &CounterStore,
+        metrics: &Metrics,
+        (headers, doc): (&HeaderMap, &Doc),
+        origin: Option<&Origin>,
+    ) {
         let figure = self
             .source
             .from_response(headers, doc)
@@ -51,7 +57,7 @@ impl Settle {
             metrics.credits_spent(&self.route, u64::from(spent));
         }
         let delta = i64::from(spent) - i64::from(self.estimate);
-        if let Err(e) = store.settle(&self.checks, self.at, delta).await {
+        if let Err(e) = store.settle(&self.checks, self.at, delta, origin).await {
             tracing::warn!(error = %e, "could not settle a request's cost: the estimate stands");
         }
     }
@@ -113,6 +119,8 @@ pub struct Watcher {
     pub trace: Option<opentelemetry::Context>,
     /// Where the exchange's access line reads the job's id.
     pub note: Option<crate::observe::access_log::JobNote>,
+    /// The exchange, for the ledger's events (with a ledger).
+    pub origin: Option<Arc<Origin>>,
 }
 
 impl Watcher {
@@ -182,7 +190,12 @@ impl Watcher {
         let headers = &headers;
         if let Some(watch) = self.watch {
             let (job, unreadable) = watch
-                .act(&self.store, &self.pools, &self.metrics, headers, &doc)
+                .act(
+                    (&self.store, &self.pools, &self.metrics),
+                    headers,
+                    &doc,
+                    self.origin.as_deref(),
+                )
                 .await;
             if let (Some(note), Some(job), None) = (&self.note, &job, unreadable) {
                 let _ = note.set(job.clone());
@@ -209,7 +222,14 @@ impl Watcher {
             }
         }
         if let Some(settle) = self.settle {
-            settle.act(&self.store, &self.metrics, headers, &doc).await;
+            settle
+                .act(
+                    &self.store,
+                    &self.metrics,
+                    (headers, &doc),
+                    self.origin.as_deref(),
+                )
+                .await;
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::capacity::Pools;
 use crate::content::tap::Doc;
 use crate::content::values::ValueSource;
 use crate::observe::metrics::Metrics;
-use crate::store::{CounterStore, JobClaim, OwnedCheck, Subject};
+use crate::store::{CounterStore, How, JobClaim, Origin, OwnedCheck, Subject};
 
 /// What a route does for job accounting (`job`, `job_status`, `job_cancel`).
 #[derive(Debug, Clone, Default)]
@@ -104,6 +104,17 @@ pub enum Ended {
 }
 
 impl Ended {
+    /// As the ledger writes it (`job.ended`'s `how`): the upstream's own
+    /// ending is `done`.
+    pub fn how(self) -> How {
+        match self {
+            Ended::Done | Ended::Upstream => How::Done,
+            Ended::Cancelled => How::Cancelled,
+            Ended::Expired => How::Expired,
+            Ended::Admin => How::Admin,
+        }
+    }
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {
@@ -185,11 +196,10 @@ impl Watch {
     /// reason is returned too, to be counted and logged.
     pub(crate) async fn act(
         self,
-        store: &CounterStore,
-        pools: &Pools,
-        metrics: &Metrics,
+        (store, pools, metrics): (&CounterStore, &Pools, &Metrics),
         headers: &http::HeaderMap,
         doc: &Doc,
+        origin: Option<&Origin>,
     ) -> (Option<String>, Option<&'static str>) {
         match self {
             Watch::Submit { id, claims } => {
@@ -222,7 +232,7 @@ impl Watch {
                         return (job, None);
                     }
                 }
-                let held = match store.end_job(&counters, &id).await {
+                let held = match store.end_job(&counters, &id, how.how(), origin).await {
                     Ok(held) => held,
                     Err(e) => {
                         tracing::warn!(error = %e, "could not end a job");

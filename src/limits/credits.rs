@@ -87,6 +87,44 @@ impl Credits {
         self.set_balance(state, now, balance);
     }
 
+    /// The balance of the period the state holds (whichever it is): what
+    /// a change to that period's spending moves.
+    pub fn held_balance(&self, state: &CounterState) -> i64 {
+        match *state {
+            CounterState::Credits { spent, .. } => i64::from(self.grant) - spent,
+            _ => i64::from(self.grant),
+        }
+    }
+
+    /// The balance a refill boundary passed since `state` was last changed
+    /// left behind (its period's balance, not the grant), when it did: the
+    /// next change starts from the grant again.
+    pub fn refill_due(&self, state: &CounterState, now: Nanos) -> Option<i64> {
+        match *state {
+            CounterState::Credits { period, spent }
+                if spent != 0 && period != self.refill.period(now) =>
+            {
+                Some(i64::from(self.grant) - spent)
+            }
+            _ => None,
+        }
+    }
+
+    /// The state as the ledger's last entry left it: `balance` against
+    /// `grant`, in the refill period containing `at` (a crash's rebuild).
+    pub fn restored(&self, balance: i64, grant: i64, at: Nanos) -> CounterState {
+        CounterState::Credits {
+            period: self.refill.period(at),
+            spent: grant.saturating_sub(balance),
+        }
+    }
+
+    /// The refill period containing `at`, as the ledger numbers it (its
+    /// start in seconds; 0 without refill).
+    pub fn period_of(&self, at: Nanos) -> u32 {
+        self.refill.period(at)
+    }
+
     /// The spending of the period containing `at`, while it is the one held.
     fn spent_of<'a>(&self, state: &'a mut CounterState, at: Nanos) -> Option<&'a mut i64> {
         match state {
@@ -94,6 +132,36 @@ impl Credits {
                 Some(spent)
             }
             _ => None,
+        }
+    }
+}
+
+use std::sync::Arc;
+
+/// One `alerts` threshold of a credits balance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    /// As written (`"20%"`, `"0"`), shown in `credits.low` events.
+    pub text: Arc<str>,
+    /// The threshold.
+    pub level: Level,
+}
+
+/// A threshold: a share of the grant, or credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Hundredths of a percent of the grant.
+    Percent(u32),
+    /// Credits.
+    Units(i64),
+}
+
+impl Alert {
+    /// The balance at or below which this alert fires, for `grant`.
+    pub fn balance(&self, grant: u32) -> i64 {
+        match self.level {
+            Level::Percent(bp) => i64::from(grant) * i64::from(bp) / 10_000,
+            Level::Units(n) => n,
         }
     }
 }

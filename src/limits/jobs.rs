@@ -69,6 +69,37 @@ impl Jobs {
         before - s.jobs.len()
     }
 
+    /// Drops the jobs whose `max_duration` has passed by `now`; returns them.
+    pub fn take_expired(&self, counter: &mut CounterState, now: Nanos) -> Vec<Job> {
+        let Some(s) = state(counter) else {
+            return Vec::new();
+        };
+        if s.jobs.iter().all(|j| j.expires > now) {
+            return Vec::new();
+        }
+        let (gone, kept) = std::mem::take(&mut s.jobs)
+            .into_iter()
+            .partition(|j| j.expires <= now);
+        s.jobs = kept;
+        gone
+    }
+
+    /// Puts back a job the ledger says is in progress (a crash's rebuild):
+    /// started at `started`, unless already held or past its `max_duration`.
+    pub fn restore(&self, counter: &mut CounterState, id: &str, started: Nanos, now: Nanos) {
+        let Some(s) = state(counter) else { return };
+        let expires = started.saturating_add(self.max_duration);
+        if expires <= now || s.jobs.iter().any(|j| &*j.id == id) {
+            return;
+        }
+        s.jobs.push(Job {
+            id: id.into(),
+            started,
+            expires,
+        });
+        s.jobs.sort_by_key(|j| j.started);
+    }
+
     /// Turns one pending submission into job `id`, started at `now`. A job
     /// already held under that id is started afresh rather than counted twice.
     pub fn bind(&self, counter: &mut CounterState, id: &str, now: Nanos) {

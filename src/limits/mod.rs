@@ -11,7 +11,7 @@
 mod bucket;
 mod calendar;
 mod concurrency;
-mod credits;
+pub mod credits;
 mod fixed;
 mod jobs;
 mod kind;

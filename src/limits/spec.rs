@@ -48,6 +48,9 @@ pub struct LimitSpec {
     pub name_value: Option<http::HeaderValue>,
     /// The limit shown in headers ([`Rule::shown_limit`]) as a header value, made once.
     pub limit_value: http::HeaderValue,
+    /// Credits balances: `alerts`, the thresholds the ledger writes a
+    /// `credits.low` event at.
+    pub alerts: std::sync::Arc<[super::credits::Alert]>,
 }
 
 impl LimitSpec {

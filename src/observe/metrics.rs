@@ -79,6 +79,7 @@ pub struct Metrics {
     reloads: Family<OutcomeLabels, Counter>,
     access_log_dropped: Counter,
     capacity: super::capacity::CapacityMetrics,
+    ledger: super::ledger::LedgerMetrics,
     /// Route totals sampled once a second, for the dashboard's rates.
     samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
     /// The last 15 minutes, for the dashboard's charts.
@@ -250,6 +251,7 @@ impl Metrics {
                 Counter::default(),
             ),
             capacity: super::capacity::CapacityMetrics::new(reg),
+            ledger: super::ledger::LedgerMetrics::new(reg),
             registry: r,
             samples: Default::default(),
             history: Default::default(),
@@ -372,6 +374,11 @@ impl Metrics {
     /// Counts a store failure.
     pub fn store_error(&self) {
         self.store.store_errors.inc();
+    }
+
+    /// The ledger's series.
+    pub fn ledger(&self) -> &super::ledger::LedgerMetrics {
+        &self.ledger
     }
 
     /// The capacity pools' series.

@@ -12,6 +12,7 @@ pub mod access_log;
 pub mod capacity;
 pub mod history;
 mod label;
+pub mod ledger;
 pub mod metrics;
 pub mod otlp_metrics;
 pub mod refusal_log;

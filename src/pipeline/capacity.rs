@@ -48,7 +48,11 @@ impl Turnstile {
         // Nothing consumed: what the caller's limits counted goes back
         // (its own slots go back with `lease`).
         if let Some(d) = cx.decided.take().filter(|d| d.admitted) {
-            if let Err(e) = self.store.refund(&d.checks, d.now).await {
+            if let Err(e) = self
+                .store
+                .refund(&d.checks, d.now, cx.origin.as_ref())
+                .await
+            {
                 tracing::warn!(error = %e, "could not give back a request refused for capacity");
             }
         }

@@ -14,7 +14,7 @@ use crate::jobs::answer;
 use crate::limits::Rule;
 use crate::pipeline::inspect::RequestBody;
 use crate::respond::{self, Checked, Refusal};
-use crate::store::{Lease, LimitCheck, OwnedCheck, Store, StoreError, Subject};
+use crate::store::{Lease, LimitCheck, Origin, OwnedCheck, Store, StoreError, Subject};
 
 impl Turnstile {
     /// Decides the request's limits; admitted: the slots it holds. The
@@ -36,7 +36,10 @@ impl Turnstile {
         if checks.is_empty() {
             return Ok(Lease::default());
         }
-        let d = match self.store.decide(&checks).await {
+        if self.ledger().is_some() {
+            cx.origin = Some(origin(cx, route));
+        }
+        let d = match self.store.decide(&checks, cx.origin.as_ref()).await {
             Ok(d) => d,
             Err(StoreError::Full) => {
                 return Err(Refusal::Overloaded(StoreError::Full.to_string()));
@@ -96,8 +99,34 @@ impl Turnstile {
         });
         match refusal {
             Some(refusal) => Err(refusal),
-            None => Ok(d.lease),
+            None => {
+                self.durable(cx, d.written).await?;
+                Ok(d.lease)
+            }
         }
+    }
+
+    /// With `[ledger] durable = "sync"`: waits until the events of the
+    /// request's charge are on disk. When they cannot be written in time
+    /// the request is refused, and what it counted given back.
+    async fn durable(&self, cx: &mut Exchange<'_>, written: u64) -> Result<(), Refusal> {
+        let Some(ledger) = self.ledger() else {
+            return Ok(());
+        };
+        let Err(e) = ledger.durable(written).await else {
+            return Ok(());
+        };
+        tracing::error!(error = %e, "a charge could not be written to the ledger");
+        if let Some(d) = cx.decided.take() {
+            if let Err(e) = self
+                .store
+                .refund(&d.checks, d.now, cx.origin.as_ref())
+                .await
+            {
+                tracing::warn!(error = %e, "could not give back a request the ledger could not write");
+            }
+        }
+        Err(Refusal::StoreUnavailable(e.to_string()))
     }
 
     /// What this exchange watches its answer for: the pending job slots
@@ -172,8 +201,22 @@ impl Turnstile {
             key_fp: Arc::from(who.caller.fingerprint.as_str()),
             trace: cx.trace.clone(),
             note: cx.job.clone(),
+            origin: cx.origin.clone(),
         })
     }
+}
+
+/// The exchange as the ledger's events name it.
+fn origin(cx: &Exchange<'_>, route: &Route) -> Arc<Origin> {
+    Arc::new(Origin {
+        request_id: cx.request_id.to_str().unwrap_or_default().into(),
+        route: route.name.clone(),
+        key_fp: cx
+            .who
+            .as_ref()
+            .map_or("", |w| w.caller.fingerprint.as_str())
+            .into(),
+    })
 }
 
 /// The counters of a request: one per limit of the caller's plan that

@@ -17,6 +17,7 @@ mod capacity;
 mod decide;
 mod forward;
 pub mod inspect;
+mod refund;
 pub mod request_id;
 mod route;
 mod traced;
@@ -40,7 +41,6 @@ use serde_json::Value;
 use smallvec::SmallVec;
 
 use crate::config::{ConfigError, Format, Plan, Policy, Route, Unmatched};
-use crate::content::cost::RefundReason;
 use crate::keys::identity::Caller;
 use crate::keys::runtime::RuntimeKeys;
 use crate::observe::access_log::{AccessLine, AccessLog, Logged};
@@ -50,7 +50,7 @@ use crate::observe::top_refused::TopRefused;
 use crate::observe::trace::Tracing;
 use crate::pipeline::inspect::{Budget, ReadLimits, RequestBody};
 use crate::respond::{self, Checked, Refusal};
-use crate::store::{CounterStore, LimitCheck, Store};
+use crate::store::{CounterStore, LimitCheck};
 use crate::wire::body::{Body, WithGuard};
 use crate::wire::upstream::Upstream;
 
@@ -137,6 +137,8 @@ pub struct Turnstile {
     access_log: std::sync::OnceLock<Option<AccessLog>>,
     /// OpenTelemetry spans (`[telemetry]`, read at start).
     tracing: Option<Tracing>,
+    /// `[ledger]`, opened at start.
+    ledger: std::sync::OnceLock<crate::ledger::Ledger>,
 }
 
 impl std::fmt::Debug for Turnstile {
@@ -182,6 +184,8 @@ struct Exchange<'a> {
     trace: Option<opentelemetry::Context>,
     /// The job the exchange is about, for its access line (job routes).
     job: Option<crate::observe::access_log::JobNote>,
+    /// The exchange as the ledger's events name it (with a ledger).
+    origin: Option<Arc<crate::store::Origin>>,
 }
 
 impl<'a> Exchange<'a> {
@@ -207,6 +211,7 @@ impl<'a> Exchange<'a> {
             request_id,
             trace,
             job: None,
+            origin: None,
         }
     }
 
@@ -313,7 +318,21 @@ impl Turnstile {
             live: ArcSwap::from_pointee(Live::new(policy, &metrics)),
             store,
             metrics,
+            ledger: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Writes every balance change and job start and end to `ledger` from
+    /// now on (set once, at start, before serving).
+    pub fn set_ledger(&self, ledger: crate::ledger::Ledger) {
+        ledger.set_limits(self.policy().ledger_limits());
+        self.store.in_process().set_journal(ledger.journal());
+        let _ = self.ledger.set(ledger);
+    }
+
+    /// The ledger, when one is configured.
+    pub fn ledger(&self) -> Option<&crate::ledger::Ledger> {
+        self.ledger.get()
     }
 
     /// The policy in force now.
@@ -501,6 +520,9 @@ impl Turnstile {
         self.store
             .in_process()
             .set_max_counters(policy.store.max_counters);
+        if let Some(ledger) = self.ledger.get() {
+            ledger.set_limits(policy.ledger_limits());
+        }
         self.live.store(Arc::new(Live::new(policy, &self.metrics)));
         let dropped_counters = self
             .store
@@ -663,48 +685,6 @@ impl Turnstile {
         match cx.route {
             Some(route) => self.refuse(cx, &refusal, route, headers),
             None => self.refuse_unrouted(policy, &refusal),
-        }
-    }
-
-    /// What an admitted exchange consumed, once its outcome is known: all of
-    /// it given back when the body failed on its way or when `refund_on`
-    /// lists the outcome; otherwise its credits are counted as spent
-    /// (where the answer will settle them, by the settlement instead).
-    async fn account(&self, cx: &Exchange<'_>, outcome: &Result<Response<Body>, Refusal>) {
-        let (Some(route), Some(d)) = (cx.route, cx.decided.as_ref()) else {
-            return;
-        };
-        if !d.admitted {
-            return;
-        }
-        let on = &route.refund_on;
-        let (refund, reason) = match outcome {
-            Ok(response) => match on.answer(response.status()) {
-                Some(reason) => (true, Some(reason)),
-                None => (false, None),
-            },
-            Err(r) if r.is_body_fault() => (true, None),
-            Err(Refusal::BadGateway(_)) if on.connect => (true, Some(RefundReason::Connect)),
-            Err(Refusal::UpstreamTimeout(_)) if on.timeout => (true, Some(RefundReason::Timeout)),
-            Err(_) => (false, None),
-        };
-        if refund {
-            if let Err(e) = self.store.refund(&d.checks, d.now).await {
-                tracing::warn!(error = %e, "could not refund a request");
-            }
-            if let Some(reason) = reason {
-                self.metrics.refunded(&route.name, &reason.label());
-            }
-            return;
-        }
-        let settles_later =
-            route.settle.is_some() && matches!(outcome, Ok(r) if r.status().is_success());
-        let credits = d
-            .checks
-            .iter()
-            .any(|c| matches!(c.rule, crate::limits::Rule::Credits(_)));
-        if credits && !settles_later {
-            self.metrics.credits_spent(&route.name, u64::from(cx.cost));
         }
     }
 

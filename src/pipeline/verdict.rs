@@ -224,7 +224,7 @@ impl Turnstile {
             .iter()
             .map(crate::store::OwnedCheck::check)
             .collect();
-        match self.store.refund(&checks, taken.at).await {
+        match self.store.refund(&checks, taken.at, None).await {
             Ok(()) => self.metrics.refunded(&taken.route, "descriptor"),
             Err(e) => tracing::warn!(error = %e, "could not give back a decision"),
         }

@@ -7,6 +7,7 @@
 //!
 //! May import: [`crate::limits`] (the maths the stores run), [`crate::clock`].
 
+pub mod journal;
 mod memory;
 mod redis;
 
@@ -21,6 +22,7 @@ pub use memory::SnapshotError;
 use crate::clock::Nanos;
 pub use crate::limits::QueueSpec;
 use crate::limits::{Job, Per, Rule, Verdict};
+pub use journal::{How, Journal, Origin};
 
 /// An API key's SHA-256 digest: how the stores name a caller's counters
 /// (the key itself is never kept; the keys layer makes it).
@@ -306,6 +308,9 @@ pub struct Decision {
     pub verdicts: Verdicts,
     /// The concurrency slots taken (empty when refused).
     pub lease: Lease,
+    /// The ledger position of the last entry this decision wrote (0: none):
+    /// the request waits for it to be on disk when the ledger says so.
+    pub written: u64,
 }
 
 /// The store could not decide.
@@ -333,9 +338,11 @@ pub trait Store: Send + Sync + 'static {
     /// against all of them; concurrent calls never over-admit. A request
     /// refused only by a concurrency limit with a queue waits (FIFO) for a
     /// slot up to the queue's `max_wait`; dropping the future leaves the queue.
+    /// `origin`: the exchange, for the ledger's entries.
     fn decide(
         &self,
         checks: &[LimitCheck<'_>],
+        origin: Option<&Arc<Origin>>,
     ) -> impl Future<Output = Result<Decision, StoreError>> + Send;
 
     /// Takes back a request that [`decide`](Store::decide) admitted at `at`
@@ -345,6 +352,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         checks: &[LimitCheck<'_>],
         at: Nanos,
+        origin: Option<&Arc<Origin>>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
@@ -431,13 +439,14 @@ impl CounterStore {
         checks: &[OwnedCheck],
         at: Nanos,
         delta: i64,
+        origin: Option<&Origin>,
     ) -> Result<(), StoreError> {
         if delta == 0 || checks.is_empty() {
             return Ok(());
         }
         match self {
             CounterStore::Memory(m) => {
-                m.settle(checks, at, delta);
+                m.settle(checks, at, delta, origin);
                 Ok(())
             }
             CounterStore::Redis(r) => r.settle(checks, at, delta).await,
@@ -459,16 +468,20 @@ impl CounterStore {
 
     /// Ends job `id` wherever it is held, by its id alone (`POST
     /// /v1/jobs/end`): each holder as (subject label, counter id).
-    pub async fn end_job_by_id(&self, id: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    pub async fn end_job_by_id(
+        &self,
+        id: &str,
+        how: How,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         match self {
             CounterStore::Memory(m) => Ok(m
-                .end_job_by_id(id)
+                .end_job_by_id(id, how)
                 .into_iter()
                 .map(|(s, c)| (s.label(), c))
                 .collect()),
             CounterStore::Redis(r) => {
                 let mut ended = r.end_job_by_id(id).await?;
-                let local = r.fallback().end_job_by_id(id);
+                let local = r.fallback().end_job_by_id(id, how);
                 ended.extend(local.into_iter().map(|(s, c)| (s.label(), c)));
                 Ok(ended)
             }
@@ -483,9 +496,15 @@ impl CounterStore {
 
     /// Ends job `id` in whichever of `counters` holds it (docs/configuration.md, "Jobs");
     /// true if one did. Ids the subject does not hold change nothing.
-    pub async fn end_job(&self, counters: &[OwnedCheck], id: &str) -> Result<bool, StoreError> {
+    pub async fn end_job(
+        &self,
+        counters: &[OwnedCheck],
+        id: &str,
+        how: How,
+        origin: Option<&Origin>,
+    ) -> Result<bool, StoreError> {
         match self {
-            CounterStore::Memory(m) => Ok(m.end_job(counters, id)),
+            CounterStore::Memory(m) => Ok(m.end_job(counters, id, how, origin)),
             CounterStore::Redis(r) => r.end_job(counters, id).await,
         }
     }
@@ -517,17 +536,26 @@ impl CounterStore {
 }
 
 impl Store for CounterStore {
-    async fn decide(&self, checks: &[LimitCheck<'_>]) -> Result<Decision, StoreError> {
+    async fn decide(
+        &self,
+        checks: &[LimitCheck<'_>],
+        origin: Option<&Arc<Origin>>,
+    ) -> Result<Decision, StoreError> {
         match self {
-            CounterStore::Memory(m) => m.decide(checks).await,
-            CounterStore::Redis(r) => r.decide(checks).await,
+            CounterStore::Memory(m) => m.decide(checks, origin).await,
+            CounterStore::Redis(r) => r.decide(checks, origin).await,
         }
     }
 
-    async fn refund(&self, checks: &[LimitCheck<'_>], at: Nanos) -> Result<(), StoreError> {
+    async fn refund(
+        &self,
+        checks: &[LimitCheck<'_>],
+        at: Nanos,
+        origin: Option<&Arc<Origin>>,
+    ) -> Result<(), StoreError> {
         match self {
-            CounterStore::Memory(m) => m.refund(checks, at).await,
-            CounterStore::Redis(r) => r.refund(checks, at).await,
+            CounterStore::Memory(m) => m.refund(checks, at, origin).await,
+            CounterStore::Redis(r) => r.refund(checks, at, origin).await,
         }
     }
 }

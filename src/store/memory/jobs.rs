@@ -7,6 +7,7 @@ use smallvec::SmallVec;
 
 use crate::clock::Nanos;
 use crate::limits::{CounterState, Job, Rule};
+use crate::store::journal::{Change, How, Origin};
 use crate::store::{OwnedCheck, Subject};
 
 /// The counters holding one job: (subject, counter, the job's expiry).
@@ -32,11 +33,19 @@ impl JobIndex {
     }
 }
 
+use super::journal::Noted;
 use super::{lock, MemoryStore};
 
 impl MemoryStore {
     /// Ends job `id` in whichever of `counters` holds it; true if one did.
-    pub fn end_job(&self, counters: &[OwnedCheck], id: &str) -> bool {
+    pub fn end_job(
+        &self,
+        counters: &[OwnedCheck],
+        id: &str,
+        how: How,
+        origin: Option<&Origin>,
+    ) -> bool {
+        let now = self.now();
         let mut ended = false;
         for c in counters {
             let Rule::Jobs(jobs) = c.rule else { continue };
@@ -48,6 +57,16 @@ impl MemoryStore {
                 if jobs.end(&mut counter.state, id) {
                     counter.expires_at = c.rule.expires_at(&counter.state);
                     ended = true;
+                    if let Some(j) = self.inner.journal() {
+                        let noted = Noted {
+                            subject: &c.subject,
+                            counter: c.counter,
+                            grant: 0,
+                            at: now,
+                            origin,
+                        };
+                        noted.write(j, Change::JobEnded(how), 0, None, Some(id));
+                    }
                 }
             }
         }
@@ -56,10 +75,11 @@ impl MemoryStore {
 
     /// Ends job `id` wherever it is held, by its id alone; the subjects
     /// and counters that held it.
-    pub fn end_job_by_id(&self, id: &str) -> Vec<(Subject, u64)> {
+    pub fn end_job_by_id(&self, id: &str, how: How) -> Vec<(Subject, u64)> {
         let Some((_, holders)) = self.inner.job_index.0.remove(id) else {
             return Vec::new();
         };
+        let now = self.now();
         let mut ended = Vec::new();
         for (subject, counter, _) in holders {
             let Some(handle) = self.inner.map.get(&subject).map(|h| h.clone()) else {
@@ -76,6 +96,16 @@ impl MemoryStore {
             j.jobs.retain(|j| &*j.id != id);
             if j.jobs.len() < before {
                 ended.push((subject.clone(), counter));
+                if let Some(journal) = self.inner.journal() {
+                    let noted = Noted {
+                        subject: &subject,
+                        counter,
+                        grant: 0,
+                        at: now,
+                        origin: None,
+                    };
+                    noted.write(journal, Change::JobEnded(how), 0, None, Some(id));
+                }
             }
         }
         ended

@@ -17,15 +17,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
-use super::{
-    BalanceChange, Decision, JobClaim, Lease, LimitCheck, OwnedCheck, Store, StoreError, Subject,
-    Verdicts,
-};
+use super::journal::{Change, Journal, JournalSlot, Origin};
+use super::{Decision, JobClaim, Lease, LimitCheck, Store, StoreError, Subject, Verdicts};
 use crate::clock::{Clock, Nanos};
 use crate::limits::{Concurrency, CounterState, Rule, Verdict};
+use journal::Noted;
 
+mod credits;
 mod evict;
 mod jobs;
+mod journal;
 mod saved;
 pub(crate) mod snapshot;
 pub use snapshot::SnapshotError;
@@ -166,6 +167,8 @@ struct Inner {
     /// Job id -> the counters holding it, with the job's expiry (for
     /// ending a job by its id alone).
     job_index: jobs::JobIndex,
+    /// The ledger, when one is configured.
+    journal: JournalSlot,
 }
 
 /// SubjectCounters held in this process. Clones share the same counters.
@@ -188,6 +191,8 @@ pub(crate) struct Slot {
     subject: Subject,
     counter: u64,
     rule: Rule,
+    /// A job claim's exchange, for the ledger's `job.started`.
+    origin: Option<Arc<Origin>>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -219,6 +224,12 @@ enum Attempt {
 }
 
 impl Inner {
+    /// The ledger, when one is configured.
+    #[inline]
+    fn journal(&self) -> Option<&dyn Journal> {
+        self.journal.get().map(|j| &**j)
+    }
+
     fn handle(&self, subject: &Subject) -> Handle {
         if let Some(h) = self.map.get(subject) {
             return h.clone();
@@ -281,6 +292,7 @@ impl Inner {
         checks: &[LimitCheck<'_>],
         now: Nanos,
         reserved: Option<&mut Option<Slot>>,
+        origin: Option<&Arc<Origin>>,
     ) -> Attempt {
         let reserved_check = reserved.as_ref().and_then(|r| r.as_ref()).and_then(|slot| {
             checks
@@ -303,9 +315,13 @@ impl Inner {
                 .zip(checks)
                 .all(|(v, c)| v.admitted || c.shadow)
             {
+                if let Some(j) = self.journal() {
+                    journal::exhausted(j, checks, &verdicts, now, origin);
+                }
                 return refused(guards, &slots, checks, now, verdicts);
             }
-            let lease = self.record_all(guards, &slots, checks, now, reserved_check);
+            let (lease, written) =
+                self.record_all(guards, &slots, checks, (now, origin), reserved_check);
             // The handed-over slot now belongs to the lease.
             if let (Some(_), Some(r)) = (reserved_check, reserved) {
                 if let Some(mut slot) = r.take() {
@@ -317,6 +333,7 @@ impl Inner {
                 admitted: true,
                 verdicts,
                 lease,
+                written,
             })
         })
     }
@@ -340,7 +357,14 @@ impl Inner {
             let s = guards[g].slot(c.counter, c.rule, &self.live);
             let counter = &mut guards[g].list[s];
             if let Rule::Jobs(jobs) = c.rule {
-                let gone = jobs.expire(&mut counter.state, now) as u64;
+                let gone = match self.journal() {
+                    None => jobs.expire(&mut counter.state, now) as u64,
+                    Some(j) => {
+                        let gone = jobs.take_expired(&mut counter.state, now);
+                        journal::expired(j, &Noted::of(c, now, None), &gone);
+                        gone.len() as u64
+                    }
+                };
                 if gone > 0 {
                     self.jobs_expired.fetch_add(gone, Ordering::Relaxed);
                 }
@@ -356,23 +380,36 @@ impl Inner {
         }
     }
 
-    /// Counts an admitted request against every check; the slots it holds.
+    /// Counts an admitted request against every check; the slots it holds
+    /// and the ledger position of its last entry.
     #[inline(always)]
     fn record_all(
         self: &Arc<Self>,
         guards: &mut [MutexGuard<'_, SubjectCounters>],
         slots: &CounterSlots,
         checks: &[LimitCheck<'_>],
-        now: Nanos,
+        (now, origin): (Nanos, Option<&Arc<Origin>>),
         reserved_check: Option<usize>,
-    ) -> Lease {
+    ) -> (Lease, u64) {
         let mut lease = Vec::new();
+        let mut written = 0;
         // Built only when a jobs limit admitted: most requests hold none.
         let mut jobs: Option<Vec<JobClaim>> = None;
         for (i, (c, &(g, s))) in checks.iter().zip(slots).enumerate() {
             let counter = &mut guards[g].list[s];
             if reserved_check != Some(i) {
-                c.rule.record(&mut counter.state, now, c.units);
+                match self.journal() {
+                    None => c.rule.record(&mut counter.state, now, c.units),
+                    Some(j) => {
+                        written = written.max(credits::record_noted(
+                            j,
+                            c,
+                            &mut counter.state,
+                            now,
+                            origin,
+                        ));
+                    }
+                }
             }
             counter.expires_at = c.rule.expires_at(&counter.state);
             if c.rule.holds_slot() {
@@ -381,6 +418,10 @@ impl Inner {
                     subject: c.subject.clone(),
                     counter: c.counter,
                     rule: *c.rule,
+                    origin: match c.rule {
+                        Rule::Jobs(_) if self.journal().is_some() => origin.cloned(),
+                        _ => None,
+                    },
                 };
                 match c.rule {
                     Rule::Jobs(_) => jobs
@@ -390,10 +431,11 @@ impl Inner {
                 }
             }
         }
-        match jobs {
+        let lease = match jobs {
             Some(jobs) => Lease::new(lease).with_jobs(jobs),
             None => Lease::new(lease),
-        }
+        };
+        (lease, written)
     }
 
     /// Gives a slot back, or hands it to the oldest live waiter.
@@ -409,6 +451,7 @@ impl Inner {
                 subject: subject.clone(),
                 counter,
                 rule,
+                origin: None,
             };
             match waiter.send(slot) {
                 Ok(()) => return,
@@ -437,6 +480,16 @@ impl Slot {
         if let Some(c) = g.list.iter_mut().find(|c| c.id == self.counter) {
             jobs.bind(&mut c.state, id, now);
             c.expires_at = self.rule.expires_at(&c.state);
+            if let Some(j) = store.journal() {
+                let noted = Noted {
+                    subject: &self.subject,
+                    counter: self.counter,
+                    grant: 0,
+                    at: now,
+                    origin: self.origin.as_deref(),
+                };
+                noted.write(j, Change::JobStarted, 0, None, Some(id));
+            }
         }
         drop(g);
         let expires = now.saturating_add(jobs.max_duration);
@@ -496,6 +549,7 @@ fn refused(
         admitted: false,
         verdicts,
         lease: Lease::default(),
+        written: 0,
     };
     let [i] = refusing[..] else {
         return Attempt::Done(refused);
@@ -548,8 +602,15 @@ impl MemoryStore {
                 evicted: AtomicU64::new(0),
                 jobs_expired: AtomicU64::new(0),
                 job_index: jobs::JobIndex::default(),
+                journal: JournalSlot::new(),
             }),
         }
+    }
+
+    /// Writes every balance change and job start and end to `journal`
+    /// from now on (set once, at start).
+    pub fn set_journal(&self, journal: Arc<dyn Journal>) {
+        let _ = self.inner.journal.set(journal);
     }
 
     /// "Now" as this store's clock tells it.
@@ -596,68 +657,12 @@ impl MemoryStore {
 
     /// Decides at an explicit time, without queueing (a queued limit refuses).
     pub fn decide_at(&self, checks: &[LimitCheck<'_>], now: Nanos) -> Decision {
-        let attempt = self.inner.attempt(checks, now, None);
+        let attempt = self.inner.attempt(checks, now, None, None);
         self.inner.enforce_cap();
         match attempt {
             Attempt::Done(d) => d,
             Attempt::Queued { refused, .. } => refused,
         }
-    }
-
-    /// Takes back one request admitted at `at` (see [`Store::refund`]).
-    pub fn refund_at(&self, checks: &[LimitCheck<'_>], at: Nanos) {
-        self.inner.with_locked(checks, |guards, owner| {
-            for (c, &g) in checks.iter().zip(owner) {
-                if let Some(counter) = guards[g].list.iter_mut().find(|x| x.id == c.counter) {
-                    c.rule.unrecord(&mut counter.state, at, c.units);
-                }
-            }
-        });
-    }
-
-    /// Charges (`delta` > 0) or gives back (`delta` < 0) units on `checks`
-    /// for a request admitted at `at` (see [`CounterStore::settle`](super::CounterStore::settle)).
-    pub fn settle(&self, checks: &[OwnedCheck], at: Nanos, delta: i64) {
-        let units = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
-        let checks: SmallVec<[LimitCheck<'_>; 4]> = checks.iter().map(OwnedCheck::check).collect();
-        self.inner.with_locked(&checks, |guards, owner| {
-            for (c, &g) in checks.iter().zip(owner) {
-                if let Some(counter) = guards[g].list.iter_mut().find(|x| x.id == c.counter) {
-                    if delta > 0 {
-                        c.rule.charge(&mut counter.state, at, units);
-                    } else {
-                        c.rule.unrecord(&mut counter.state, at, units);
-                    }
-                    counter.expires_at = c.rule.expires_at(&counter.state);
-                }
-            }
-        });
-    }
-
-    /// Applies `change` to a credits balance under its subject's lock; the
-    /// balance after it (0 for a check that is not a credits limit).
-    pub fn balance(&self, check: &OwnedCheck, change: BalanceChange) -> i64 {
-        let Rule::Credits(credits) = check.rule else {
-            return 0;
-        };
-        let now = self.now();
-        let c = check.check();
-        self.inner
-            .with_locked(std::slice::from_ref(&c), |guards, _| {
-                let g = &mut guards[0];
-                let i = g.slot(c.counter, c.rule, &self.inner.live);
-                let counter = &mut g.list[i];
-                if !c.rule.fits(&counter.state) {
-                    counter.state = c.rule.new_state();
-                }
-                match change {
-                    BalanceChange::Add(n) => credits.add(&mut counter.state, now, n),
-                    BalanceChange::Set(n) => credits.set_balance(&mut counter.state, now, n),
-                    BalanceChange::Read => {}
-                }
-                counter.expires_at = c.rule.expires_at(&counter.state);
-                credits.balance(&counter.state, now)
-            })
     }
 
     /// The current state of one counter, if held.
@@ -703,7 +708,11 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    async fn decide(&self, checks: &[LimitCheck<'_>]) -> Result<Decision, StoreError> {
+    async fn decide(
+        &self,
+        checks: &[LimitCheck<'_>],
+        origin: Option<&Arc<Origin>>,
+    ) -> Result<Decision, StoreError> {
         if !self.inner.room_for(checks) {
             return Err(StoreError::Full);
         }
@@ -711,7 +720,7 @@ impl Store for MemoryStore {
         let mut deadline = None;
         loop {
             let now = self.inner.clock.now();
-            let attempt = self.inner.attempt(checks, now, Some(&mut reserved));
+            let attempt = self.inner.attempt(checks, now, Some(&mut reserved), origin);
             self.inner.enforce_cap();
             let (refused, rx, check) = match attempt {
                 Attempt::Done(d) => return Ok(d),
@@ -729,8 +738,13 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn refund(&self, checks: &[LimitCheck<'_>], at: Nanos) -> Result<(), StoreError> {
-        self.refund_at(checks, at);
+    async fn refund(
+        &self,
+        checks: &[LimitCheck<'_>],
+        at: Nanos,
+        origin: Option<&Arc<Origin>>,
+    ) -> Result<(), StoreError> {
+        self.refund_at(checks, at, origin);
         Ok(())
     }
 }

@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 
 use super::snapshot::{self, SavedCounter, SavedSubject, SnapshotError};
 use crate::clock::Nanos;
-use crate::limits::{CounterState, Job};
+use crate::limits::{CounterState, Job, Rule};
+use crate::store::Subject;
 
 use super::{lock, Counter, MemoryStore};
 
@@ -89,4 +90,55 @@ fn saved_counter(c: &Counter, now: Nanos) -> Option<SavedCounter> {
         expires_at,
         state,
     })
+}
+
+impl MemoryStore {
+    /// Sets one counter's state as the ledger rebuilt it (over the
+    /// snapshot's).
+    pub fn restore_state(&self, subject: &Subject, counter: u64, rule: &Rule, state: CounterState) {
+        let handle = self.inner.handle(subject);
+        let mut g = lock(&handle);
+        let i = g.slot(counter, rule, &self.inner.live);
+        g.list[i].state = state;
+        g.list[i].expires_at = rule.expires_at(&g.list[i].state);
+    }
+
+    /// Puts back the jobs in progress the ledger shows on one jobs
+    /// counter, (id, start) each, in place of the snapshot's; how many
+    /// are held (those past `max_duration` are not).
+    pub fn restore_jobs(
+        &self,
+        subject: &Subject,
+        counter: u64,
+        rule: &Rule,
+        jobs: &[(String, Nanos)],
+    ) -> usize {
+        let Rule::Jobs(limit) = rule else {
+            return 0;
+        };
+        let now = self.inner.clock.now();
+        let handle = self.inner.handle(subject);
+        let mut g = lock(&handle);
+        let i = g.slot(counter, rule, &self.inner.live);
+        let c = &mut g.list[i];
+        if !rule.fits(&c.state) {
+            c.state = rule.new_state();
+        }
+        if let CounterState::Jobs(j) = &mut c.state {
+            j.jobs.clear();
+        }
+        for (id, started) in jobs {
+            limit.restore(&mut c.state, id, *started, now);
+        }
+        c.expires_at = rule.expires_at(&c.state);
+        let held: Vec<(Box<str>, Nanos)> = match &c.state {
+            CounterState::Jobs(j) => j.jobs.iter().map(|j| (j.id.clone(), j.expires)).collect(),
+            _ => Vec::new(),
+        };
+        drop(g);
+        for (id, expires) in &held {
+            self.inner.job_index.add(id, subject, counter, *expires);
+        }
+        held.len()
+    }
 }

@@ -140,7 +140,7 @@ async fn a_panicking_exchange_gives_its_slot_back() {
             units: 1,
         }]
     };
-    let d = store.decide(&check()).await.unwrap();
+    let d = store.decide(&check(), None).await.unwrap();
     assert!(d.admitted && d.lease.len() == 1);
     let lease = d.lease;
     let task = tokio::spawn(async move {
@@ -149,7 +149,7 @@ async fn a_panicking_exchange_gives_its_slot_back() {
     });
     assert!(task.await.unwrap_err().is_panic());
     assert_eq!(store.slots_in_flight(), 0);
-    assert!(store.decide(&check()).await.unwrap().admitted);
+    assert!(store.decide(&check(), None).await.unwrap().admitted);
 }
 
 #[tokio::test]
@@ -165,16 +165,19 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
         max_len: 10,
     });
     let held = store
-        .decide(&[LimitCheck {
-            group: key(0),
-            subject: key(1),
-            counter: 5,
-            rule: &rule,
-            queue,
-            pinned: false,
-            shadow: false,
-            units: 1,
-        }])
+        .decide(
+            &[LimitCheck {
+                group: key(0),
+                subject: key(1),
+                counter: 5,
+                rule: &rule,
+                queue,
+                pinned: false,
+                shadow: false,
+                units: 1,
+            }],
+            None,
+        )
         .await
         .unwrap();
     assert!(held.admitted);
@@ -184,16 +187,19 @@ async fn a_released_slot_goes_to_the_oldest_waiter_not_a_newcomer() {
             max: nz(1),
             retry_after: SECOND,
         });
-        s2.decide(&[LimitCheck {
-            group: key(0),
-            subject: key(1),
-            counter: 5,
-            rule: &rule,
-            queue,
-            pinned: false,
-            shadow: false,
-            units: 1,
-        }])
+        s2.decide(
+            &[LimitCheck {
+                group: key(0),
+                subject: key(1),
+                counter: 5,
+                rule: &rule,
+                queue,
+                pinned: false,
+                shadow: false,
+                units: 1,
+            }],
+            None,
+        )
         .await
         .unwrap()
     });

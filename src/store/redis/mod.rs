@@ -419,6 +419,7 @@ impl RedisStore {
             admitted,
             verdicts,
             lease,
+            written: 0,
         })
     }
 
@@ -621,7 +622,13 @@ fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, u64, Verdicts),
 }
 
 impl Store for RedisStore {
-    async fn decide(&self, checks: &[LimitCheck<'_>]) -> Result<Decision, StoreError> {
+    /// A ledger is not kept in Redis mode (the config refuses one):
+    /// `origin` is not used.
+    async fn decide(
+        &self,
+        checks: &[LimitCheck<'_>],
+        _origin: Option<&std::sync::Arc<super::Origin>>,
+    ) -> Result<Decision, StoreError> {
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             let d = match self.decide_once(checks, false).await {
@@ -651,7 +658,12 @@ impl Store for RedisStore {
         }
     }
 
-    async fn refund(&self, checks: &[LimitCheck<'_>], at: Nanos) -> Result<(), StoreError> {
+    async fn refund(
+        &self,
+        checks: &[LimitCheck<'_>],
+        at: Nanos,
+        _origin: Option<&std::sync::Arc<super::Origin>>,
+    ) -> Result<(), StoreError> {
         match self.refund_now(checks, at).await {
             Err(StoreError::NotSent(_)) => {
                 let checks = checks.iter().map(OwnedCheck::of).collect();

@@ -89,7 +89,7 @@ impl RedisStore {
     ) -> Result<Decision, StoreError> {
         match self.inner.settings.on_error {
             OnError::Local => {
-                let mut decision = self.inner.fallback.decide(checks).await?;
+                let mut decision = self.inner.fallback.decide(checks, None).await?;
                 if decision.admitted {
                     self.remember_unsynced(checks, decision.now);
                     self.start_jobs_later(checks, &mut decision.lease);
@@ -101,6 +101,7 @@ impl RedisStore {
                 admitted: true,
                 verdicts: Verdicts::new(),
                 lease: Lease::default(),
+                written: 0,
             }),
             OnError::Deny => Err(error),
         }
