@@ -549,3 +549,22 @@ fn ledger_config_errors_name_the_place() {
         assert!(err.contains("turnstile.toml:"), "names the place: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_is_forwarded_only_once_it_is_on_disk() {
+    let (up, p) = start(CONFIG).await;
+    assert_eq!(
+        call("GET", &p.url("/flat"), Some("acme-1")).await.status,
+        200
+    );
+    // Another writer holds the ledger's database: nothing can be committed.
+    let db = rusqlite::Connection::open(p.dir.path().join("state/ledger.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let url = p.url("/flat");
+    let waiting = tokio::spawn(async move { call("GET", &url, Some("acme-1")).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(up.hits(), 1, "not forwarded before its charge is on disk");
+    db.execute_batch("COMMIT").unwrap();
+    assert_eq!(waiting.await.unwrap().status, 200);
+    assert_eq!(up.hits(), 2);
+}

@@ -501,3 +501,6 @@ impl Inner {
 
 pub use rebuild::Rebuilt;
 pub use sink::spawn_sinks;
+
+#[cfg(test)]
+mod tests;
