@@ -243,7 +243,8 @@ async fn run_quickstart() -> (String, bool) {
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
         .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin_port}"))
         .replace("127.0.0.1:9000", &format!("127.0.0.1:{api_port}"))
-        .replace("../state/counters.bin", "state/counters.bin");
+        .replace("../state/counters.bin", "state/counters.bin")
+        .replace("../state/ledger.db", "state/ledger.db");
     std::fs::write(dir.path().join("turnstile.toml"), config).unwrap();
     std::fs::copy(
         root().join("config/keys.toml"),
@@ -254,7 +255,8 @@ async fn run_quickstart() -> (String, bool) {
     b.wait_admin().await;
     let script = quickstart_lines()
         .replace("localhost:8080", &format!("127.0.0.1:{port}"))
-        .replace("localhost:9090", &format!("127.0.0.1:{admin_port}"));
+        .replace("localhost:9090", &format!("127.0.0.1:{admin_port}"))
+        .replace("localhost:9000", &format!("127.0.0.1:{api_port}"));
     let started = minute_now();
     let out = Command::new("bash")
         .arg("-c")

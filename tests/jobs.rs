@@ -541,6 +541,7 @@ async fn the_quickstart_counts_videos_in_progress() {
         .replace("listen = \"127.0.0.1:8080\"", "")
         .replace("url = \"http://127.0.0.1:9000\"", "url = \"{upstream}\"")
         .replace("snapshot = \"../state/counters.bin\"", "")
+        .replace("../state/ledger.db", "state/ledger.db")
         .replace("listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"");
     let keys = std::fs::read_to_string(root.join("keys.toml")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -426,26 +426,21 @@ async fn the_file_sink_gets_every_event_once_in_order() {
     let acme: Vec<&Value> = lines.iter().filter(|l| l["account"] == "acme").collect();
     assert_eq!(acme.len(), 15);
     assert_eq!(acme.into_iter().cloned().collect::<Vec<_>>(), events);
-    let metrics = send(
-        req("GET", &p.admin_url("/metrics"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
+    let metrics_say = |want: &'static str| {
+        let url = p.admin_url("/metrics");
+        async move {
+            let m = send(req("GET", &url).body(Full::new(Bytes::new())).unwrap()).await;
+            m.body.contains(want)
+        }
+    };
+    eventually_async("30 delivered in the metrics", || {
+        metrics_say("turnstile_ledger_delivered_total{sink=\"file\"} 30")
+    })
     .await;
-    assert!(
-        metrics
-            .body
-            .contains("turnstile_ledger_delivered_total{sink=\"file\"} 30"),
-        "{}",
-        metrics.body
-    );
-    assert!(
-        metrics
-            .body
-            .contains("turnstile_ledger_backlog{sink=\"file\"} 0"),
-        "{}",
-        metrics.body
-    );
+    eventually_async("no backlog in the metrics", || {
+        metrics_say("turnstile_ledger_backlog{sink=\"file\"} 0")
+    })
+    .await;
     let dash = admin(&p, "GET", "/v1/dashboard", None).await.json();
     assert_eq!(dash["ledger"]["sinks"][0]["name"], "file");
     assert_eq!(dash["ledger"]["latest"].as_array().unwrap().len(), 20);

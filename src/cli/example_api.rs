@@ -9,6 +9,9 @@
 //!   generation that runs for [`VIDEO_TAKES`]; `GET /v1/videos/{id}` says
 //!   `processing`, then `completed`; `POST /v1/videos/{id}/cancel` cancels it
 //! - `GET /v1/events` → a server-sent event stream of 5 progress events
+//! - `POST /billing/events` → receives turnstile's ledger events (a
+//!   CloudEvents batch, as a billing system would); `GET
+//!   /billing/events?account=A` lists those received for account `A`
 //! - `GET /health` → `{"status":"ok"}`
 //!
 //! Every JSON answer echoes the account and plan turnstile sent upstream.
@@ -38,6 +41,9 @@ pub const VIDEO_TAKES: Duration = Duration::from_secs(20);
 /// Videos remembered at most (a demo: the oldest finished ones are forgotten).
 const MAX_VIDEOS: usize = 10_000;
 
+/// Billing events remembered at most (the oldest are forgotten).
+const MAX_BILLED: usize = 10_000;
+
 /// The example API's state: ids handed out (images and videos counted
 /// apart, so the first video is `vid_1` whatever came before), and when
 /// each video started.
@@ -46,6 +52,8 @@ struct State {
     ids: AtomicU64,
     video_ids: AtomicU64,
     videos: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Ledger events received, oldest first (each event's `data`).
+    billed: Mutex<std::collections::VecDeque<serde_json::Value>>,
 }
 
 impl State {
@@ -114,9 +122,17 @@ async fn handle(req: Request<Incoming>, jobs: Arc<State>) -> Result<Response<Bod
     );
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    // Drain the request body (uploads, prompts) before answering.
-    let _ = req.into_body().collect().await;
+    let query = req.uri().query().unwrap_or("").to_owned();
+    // Read the request body (uploads, prompts) before answering.
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let response = match (method.as_str(), path.as_str()) {
+        ("POST", "/billing/events") => jobs.bill(&body),
+        ("GET", "/billing/events") => jobs.billed(&query),
         ("POST", "/v1/images/generations") => {
             let id = jobs.ids.fetch_add(1, Ordering::Relaxed) + 1;
             json(
@@ -170,6 +186,43 @@ fn video_answer(id: &str, status: Option<&str>, who: &str) -> Response<Body> {
             StatusCode::NOT_FOUND,
             format!("{{\"error\":\"no such video\",\"id\":{id}}}"),
         ),
+    }
+}
+
+impl State {
+    /// Keeps a CloudEvents batch's events; 400 if it is not one.
+    fn bill(&self, body: &[u8]) -> Response<Body> {
+        let Ok(serde_json::Value::Array(batch)) = serde_json::from_slice(body) else {
+            return json(
+                StatusCode::BAD_REQUEST,
+                "{\"error\":\"expected a CloudEvents batch (a JSON array)\"}".into(),
+            );
+        };
+        let mut billed = self.billed.lock().unwrap_or_else(|p| p.into_inner());
+        let n = batch.len();
+        for mut event in batch {
+            billed.push_back(event["data"].take());
+            if billed.len() > MAX_BILLED {
+                billed.pop_front();
+            }
+        }
+        json(StatusCode::OK, format!("{{\"received\":{n}}}"))
+    }
+
+    /// The events received for `?account=A` (all of them without one).
+    fn billed(&self, query: &str) -> Response<Body> {
+        let account = form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "account")
+            .map(|(_, v)| v.into_owned());
+        let billed = self.billed.lock().unwrap_or_else(|p| p.into_inner());
+        let events: Vec<&serde_json::Value> = billed
+            .iter()
+            .filter(|e| account.as_deref().is_none_or(|a| e["account"] == a))
+            .collect();
+        json(
+            StatusCode::OK,
+            serde_json::json!({ "events": events }).to_string(),
+        )
     }
 }
 

@@ -55,7 +55,7 @@ pub(super) fn compile_ledger(
     let retain = duration(src, &l.retain, Duration::from_secs(90 * 86_400))?;
     let mut sinks: Vec<SinkSettings> = Vec::with_capacity(l.sinks.len());
     for s in &l.sinks {
-        let sink = compile_sink(src, s, base, sinks.len())?;
+        let sink = compile_sink(src, s, base, &sinks)?;
         if sinks.iter().any(|o| o.name == sink.name) {
             let span = s.get_ref().name.as_ref().map_or(s.span(), |n| n.span());
             return Err(src.at(
@@ -80,7 +80,7 @@ fn compile_sink(
     src: &Source,
     s: &Spanned<RawSink>,
     base: &Path,
-    index: usize,
+    earlier: &[SinkSettings],
 ) -> Result<SinkSettings, ConfigError> {
     let raw = s.get_ref();
     let kind_text = raw.kind.get_ref().as_str();
@@ -112,8 +112,17 @@ fn compile_sink(
             return Err(src.at(n.span(), "a ledger sink's name cannot be empty"))
         }
         Some(n) => n.get_ref().as_str().into(),
-        None if index == 0 => kind_text.into(),
-        None => format!("{kind_text}-{}", index + 1).into(),
+        None => {
+            // `http`, `file`; a second of a kind `http-2`.
+            let same = earlier
+                .iter()
+                .filter(|o| std::mem::discriminant(&o.kind) == std::mem::discriminant(&kind))
+                .count();
+            match same {
+                0 => kind_text.into(),
+                n => format!("{kind_text}-{}", n + 1).into(),
+            }
+        }
     };
     Ok(SinkSettings { name, kind })
 }
@@ -236,6 +245,32 @@ fn level(text: &str) -> Option<Level> {
     }
     let n: i64 = text.parse().ok()?;
     (n >= 0).then_some(Level::Units(n))
+}
+
+/// `check`'s line for the ledger: where, how durable, and its sinks.
+pub(super) fn describe(l: &LedgerSettings) -> String {
+    let sinks: Vec<String> = l
+        .sinks
+        .iter()
+        .map(|s| match &s.kind {
+            SinkKind::Http { url, batch, .. } => format!("{} (http {url}, batch {batch})", s.name),
+            SinkKind::File { path } => format!("{} (file {})", s.name, path.display()),
+        })
+        .collect();
+    format!(
+        "ledger {} ({}, retain {} days): sinks {}",
+        l.path.display(),
+        match l.durable {
+            Durable::Sync => "sync",
+            Durable::Interval => "interval",
+        },
+        l.retain.as_secs() / 86_400,
+        if sinks.is_empty() {
+            "none".to_owned()
+        } else {
+            sinks.join(", ")
+        }
+    )
 }
 
 impl Policy {

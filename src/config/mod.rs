@@ -695,6 +695,9 @@ impl Policy {
                 routes.join(", ")
             );
         }
+        if let Some(l) = &self.ledger {
+            let _ = writeln!(out, "{}", ledger::describe(l));
+        }
         for (i, (name, up)) in self.upstreams.iter().enumerate() {
             let routes: Vec<&str> = self
                 .routes

@@ -405,7 +405,8 @@ impl Proxy {
             .expect("no such example");
         let config = config
             .replace("url = \"http://127.0.0.1:9000\"", "url = \"{upstream}\"")
-            .replace("listen = \"127.0.0.1:8080\"", "");
+            .replace("listen = \"127.0.0.1:8080\"", "")
+            .replace("listen = \"127.0.0.1:9090\"", "listen = \"127.0.0.1:0\"");
         assert!(
             config.contains("{upstream}"),
             "example {name} must point at http://127.0.0.1:9000"
