@@ -47,7 +47,10 @@ fn open(path: &std::path::Path) -> Ledger {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let n: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let path = args
         .next()
         .map(std::path::PathBuf::from)

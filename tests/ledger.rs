@@ -395,6 +395,10 @@ async fn jobs_start_and_end_as_events() {
     );
     assert_eq!(jobs[4].0, "job.started");
     assert_eq!(jobs.len(), 5);
+    let ended = of_type(&events, "job.ended");
+    assert_eq!(ended[0]["route"], "status", "the poll that ended it");
+    assert!(ended[0]["request_id"].is_string());
+    assert_eq!(ended[1]["route"], Value::Null, "no request expired it");
     let started = events.iter().find(|e| e["type"] == "job.started").unwrap();
     assert_eq!(started["route"], "txt2video");
     assert_eq!(started["limit"], "video-jobs");

@@ -74,6 +74,9 @@ struct State {
     /// `quota.exhausted` written, until the window's end, by counter.
     exhausted: HashMap<(Subject, u64), Nanos>,
     closed: bool,
+    /// The writer waits for an entry: the next one wakes it (only then,
+    /// so a busy ledger costs no wake-up per entry).
+    writer_idle: bool,
 }
 
 struct Inner {
@@ -152,6 +155,7 @@ impl Ledger {
                 fired: HashMap::new(),
                 exhausted: HashMap::new(),
                 closed: false,
+                writer_idle: false,
             }),
             wake: Condvar::new(),
             written,
@@ -326,8 +330,11 @@ impl Journal for Inner {
         if let (Some(info), Some(balance)) = (info, e.balance) {
             seq = seq.max(st.alerts(&e, info, balance));
         }
+        let wake = std::mem::take(&mut st.writer_idle);
         drop(st);
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
         seq
     }
 }
@@ -467,8 +474,10 @@ impl Inner {
                 .map_or_else(|p| p.into_inner().0, |(g, _)| g);
         }
         while st.pending.is_empty() && !st.closed {
+            st.writer_idle = true;
             st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
         }
+        st.writer_idle = false;
         (std::mem::take(&mut st.pending), st.closed)
     }
 

@@ -28,16 +28,20 @@ impl Turnstile {
     }
 
     pub(super) async fn decide(&self, cx: &mut Exchange<'_>) -> Result<Lease, Refusal> {
-        let (Some(route), Some(who)) = (cx.route, cx.who.as_ref()) else {
+        let Some(route) = cx.route else {
+            return Ok(Lease::default());
+        };
+        // Also for a route without limits: a status poll ends jobs.
+        if self.ledger().is_some() && cx.who.is_some() {
+            cx.origin = Some(origin(cx, route));
+        }
+        let Some(who) = cx.who.as_ref() else {
             return Ok(Lease::default());
         };
         let applied: &[AppliedLimit] = &who.plan.by_route[route.index];
         let checks = limit_checks(who, applied, cx.cost);
         if checks.is_empty() {
             return Ok(Lease::default());
-        }
-        if self.ledger().is_some() {
-            cx.origin = Some(origin(cx, route));
         }
         let d = match self.store.decide(&checks, cx.origin.as_ref()).await {
             Ok(d) => d,
