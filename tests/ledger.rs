@@ -361,6 +361,18 @@ async fn jobs_start_and_end_as_events() {
     };
     let a = submit().await.json()["id"].as_str().unwrap().to_owned();
     let b = submit().await.json()["id"].as_str().unwrap().to_owned();
+    // A caller who never comes back: its job ends when its counter is swept.
+    let lone = send(
+        req("POST", &p.url("/gen"))
+            .header("authorization", "Bearer solo")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let done = call(
         "GET",
         &p.url(&format!("/gen/status?id={a}&state=completed")),
@@ -395,6 +407,13 @@ async fn jobs_start_and_end_as_events() {
     );
     assert_eq!(jobs[4].0, "job.started");
     assert_eq!(jobs.len(), 5);
+    p.app.store().in_process().evict_expired();
+    let swept = settled_history(&p, &solo_account(), 2).await;
+    let ended: Vec<(&str, &str)> = of_type(&swept, "job.ended")
+        .iter()
+        .map(|e| (e["job_id"].as_str().unwrap(), e["how"].as_str().unwrap()))
+        .collect();
+    assert_eq!(ended, vec![(lone.as_str(), "expired")]);
     let ended = of_type(&events, "job.ended");
     assert_eq!(ended[0]["route"], "status", "the poll that ended it");
     assert!(ended[0]["request_id"].is_string());

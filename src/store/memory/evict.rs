@@ -8,6 +8,7 @@ use crate::clock::Nanos;
 use crate::limits::CounterState;
 use crate::store::{LimitCheck, Subject};
 
+use super::journal::Noted;
 use super::{live_waiters, lock, SubjectCounters};
 
 use super::{Inner, MemoryStore};
@@ -121,7 +122,8 @@ impl MemoryStore {
         let now = self.inner.clock.now();
         let mut dropped = 0;
         let mut jobs_expired = 0;
-        self.inner.map.retain(|_, handle| {
+        let journal = self.inner.journal();
+        self.inner.map.retain(|subject, handle| {
             let mut g = lock(handle);
             let before = g.list.len();
             let SubjectCounters { list, queues, .. } = &mut *g;
@@ -129,6 +131,16 @@ impl MemoryStore {
                 let keep = c.expires_at > now || live_waiters(queues, c.id) > 0;
                 if let (false, CounterState::Jobs(j)) = (keep, &c.state) {
                     jobs_expired += j.jobs.len() as u64;
+                    if let Some(journal) = journal {
+                        let noted = Noted {
+                            subject,
+                            counter: c.id,
+                            grant: 0,
+                            at: now,
+                            origin: None,
+                        };
+                        super::journal::expired(journal, &noted, &j.jobs);
+                    }
                 }
                 keep
             });

@@ -750,4 +750,6 @@ impl Store for MemoryStore {
 }
 
 #[cfg(test)]
+mod journal_tests;
+#[cfg(test)]
 mod tests;
