@@ -229,12 +229,15 @@ async fn kill_9_under_load_forgets_no_charge_and_no_job() {
     assert_eq!(started, 2);
 }
 
+/// Each batch received: its headers and its JSON.
+type Batches = Arc<Mutex<Vec<(HashMap<String, String>, Value)>>>;
+
 /// A CloudEvents receiver that answers `status` (0: down, nothing listens).
 #[derive(Clone)]
 struct Sink {
     port: u16,
     status: Arc<AtomicU16>,
-    batches: Arc<Mutex<Vec<(HashMap<String, String>, Value)>>>,
+    batches: Batches,
     server: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 

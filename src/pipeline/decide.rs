@@ -28,13 +28,11 @@ impl Turnstile {
     }
 
     pub(super) async fn decide(&self, cx: &mut Exchange<'_>) -> Result<Lease, Refusal> {
-        let Some(route) = cx.route else {
+        let (Some(route), true) = (cx.route, cx.who.is_some()) else {
             return Ok(Lease::default());
         };
         // Also for a route without limits: a status poll ends jobs.
-        if self.ledger().is_some() && cx.who.is_some() {
-            cx.origin = Some(origin(cx, route));
-        }
+        cx.origin = self.ledger().map(|_| origin(cx, route));
         let Some(who) = cx.who.as_ref() else {
             return Ok(Lease::default());
         };
