@@ -8,6 +8,7 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -549,9 +550,9 @@ fn ledger_config_errors_name_the_place() {
         (
             CONFIG.replace(
                 "kind = \"file\"\npath = \"state/events.jsonl\"",
-                "kind = \"http\"\nurl = \"https://billing.example/e\"",
+                "kind = \"http\"\nurl = \"ftp://billing.example/e\"",
             ),
-            "expected http://host:port/path",
+            "expected http://host[:port]/path or https://",
         ),
         (
             CONFIG.replace("[ledger]", "[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\n\n[ledger]"),
@@ -585,4 +586,112 @@ async fn a_charge_is_forwarded_only_once_it_is_on_disk() {
     db.execute_batch("COMMIT").unwrap();
     assert_eq!(waiting.await.unwrap().status, 200);
     assert_eq!(up.hits(), 2);
+}
+
+/// An HTTPS receiver with a fresh self-signed certificate for localhost:
+/// its port, its certificate (PEM) and what it received (Authorization,
+/// events).
+async fn https_sink() -> (u16, String, Arc<Mutex<Vec<(String, Value)>>>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert_pem = made.cert.pem();
+    let der = made.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(made.key_pair.serialize_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let seen = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(move |r: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            let auth = r
+                                .headers()
+                                .get("authorization")
+                                .map_or("", |v| v.to_str().unwrap())
+                                .to_owned();
+                            let body = r.into_body().collect().await.unwrap().to_bytes();
+                            for e in serde_json::from_slice::<Value>(&body)
+                                .unwrap()
+                                .as_array()
+                                .unwrap()
+                            {
+                                seen.lock().unwrap().push((auth.clone(), e.clone()));
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::new(),
+                            )))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (port, cert_pem, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_sink_trusting_its_own_ca_gets_the_events() {
+    std::env::set_var("TURNSTILE_TEST_HTTPS_SINK_TOKEN", "Bearer t0ken");
+    let (port, cert, got) = https_sink().await;
+    let config = CONFIG.replace(
+        "kind = \"file\"\npath = \"state/events.jsonl\"",
+        &format!(
+            "kind = \"http\"\nurl = \"https://localhost:{port}/events\"\nca = \"ca.pem\"\nheaders = {{ Authorization = \"env:TURNSTILE_TEST_HTTPS_SINK_TOKEN\" }}"
+        ),
+    );
+    let up = Upstream::start().await;
+    let p = Proxy::start_with(&config, &up, &[("keys.toml", KEYS), ("ca.pem", &cert)]).await;
+    for _ in 0..3 {
+        assert_eq!(
+            call("GET", &p.url("/flat"), Some("acme-1")).await.status,
+            200
+        );
+    }
+    eventually("three events over TLS", || got.lock().unwrap().len() == 3).await;
+    let got = got.lock().unwrap().clone();
+    assert!(got.iter().all(|(auth, _)| auth == "Bearer t0ken"));
+    assert_eq!(got[0].1["type"], "dev.turnstile.credits.charged");
+    assert_eq!(got[0].1["data"]["account"], "acme");
+}
+
+#[test]
+fn an_https_sink_with_an_unusable_ca_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), KEYS).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+    let config = CONFIG
+        .replace(
+            "kind = \"file\"\npath = \"state/events.jsonl\"",
+            "kind = \"http\"\nurl = \"https://billing.example/events\"\nca = \"ca.pem\"",
+        )
+        .replace("{upstream}", "http://127.0.0.1:9");
+    let path = dir.path().join("turnstile.toml");
+    std::fs::write(&path, config).unwrap();
+    let err = turnstile::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("ca.pem") && err.contains("turnstile.toml:"),
+        "{err}"
+    );
 }

@@ -85,15 +85,16 @@ fn compile_sink(
     let raw = s.get_ref();
     let kind_text = raw.kind.get_ref().as_str();
     let kind = match kind_text {
-        "http" => http_sink(src, s)?,
+        "http" => http_sink(src, s, base)?,
         "file" => {
             let Some(path) = &raw.path else {
                 return Err(src.at(s.span(), "a file sink needs `path`"));
             };
-            if raw.url.is_some() || raw.headers.is_some() || raw.batch.is_some() {
+            if raw.url.is_some() || raw.headers.is_some() || raw.batch.is_some() || raw.ca.is_some()
+            {
                 return Err(src.at(
                     s.span(),
-                    "a file sink takes `path` only (url, batch and headers are for http sinks)",
+                    "a file sink takes `path` only (url, batch, headers and ca are for http sinks)",
                 ));
             }
             SinkKind::File {
@@ -127,7 +128,7 @@ fn compile_sink(
     Ok(SinkSettings { name, kind })
 }
 
-fn http_sink(src: &Source, s: &Spanned<RawSink>) -> Result<SinkKind, ConfigError> {
+fn http_sink(src: &Source, s: &Spanned<RawSink>, base: &Path) -> Result<SinkKind, ConfigError> {
     let raw = s.get_ref();
     let Some(url) = &raw.url else {
         return Err(src.at(s.span(), "an http sink needs `url`"));
@@ -139,15 +140,27 @@ fn http_sink(src: &Source, s: &Spanned<RawSink>) -> Result<SinkKind, ConfigError
         .get_ref()
         .parse()
         .map_err(|_| src.at(url.span(), format!("invalid sink url {:?}", url.get_ref())))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+    let https = uri.scheme_str() == Some("https");
+    if !(https || uri.scheme_str() == Some("http")) || uri.host().is_none() {
         return Err(src.at(
             url.span(),
             format!(
-                "sink url {:?}: expected http://host:port/path (for https, send through a local TLS proxy)",
+                "sink url {:?}: expected http://host[:port]/path or https://...",
                 url.get_ref()
             ),
         ));
     }
+    let ca = match &raw.ca {
+        None => None,
+        Some(_) if !https => {
+            return Err(src.at(s.span(), "`ca` is for an https sink url"));
+        }
+        Some(c) => {
+            let path = base.join(c.get_ref());
+            crate::wire::client::tls_config(Some(&path)).map_err(|m| src.at(c.span(), m))?;
+            Some(path)
+        }
+    };
     let batch = match &raw.batch {
         None => 100,
         Some(b) if (1..=MAX_BATCH).contains(b.get_ref()) => *b.get_ref() as usize,
@@ -184,6 +197,7 @@ fn http_sink(src: &Source, s: &Spanned<RawSink>) -> Result<SinkKind, ConfigError
     }
     Ok(SinkKind::Http {
         url: uri,
+        ca,
         batch,
         headers,
     })

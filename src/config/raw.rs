@@ -64,6 +64,7 @@ pub(crate) struct RawSink {
     pub(crate) batch: Option<Spanned<i64>>,
     pub(crate) headers: Option<BTreeMap<String, Spanned<String>>>,
     pub(crate) path: Option<Spanned<String>>,
+    pub(crate) ca: Option<Spanned<String>>,
 }
 
 /// One `[[capacity]]` pool.

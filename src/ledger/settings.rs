@@ -47,8 +47,11 @@ pub struct SinkSettings {
 pub enum SinkKind {
     /// CloudEvents batches POSTed to `url`.
     Http {
-        /// `http://host:port/path`.
+        /// `http://` or `https://host:port/path`.
         url: Uri,
+        /// https: trust only the certificates in this PEM file (default:
+        /// Mozilla's roots, compiled in).
+        ca: Option<PathBuf>,
         /// At most this many events a request.
         batch: usize,
         /// Extra headers (values read from the environment at start).

@@ -8,12 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 use rusqlite::Connection;
 
 use super::{db, event, lock, Ledger, SinkKind, SinkSettings};
+use crate::wire::client::{tls_config, OriginClient};
 
 /// The first retry's wait; doubled each failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -23,8 +22,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events a file sink appends at once.
 const FILE_BATCH: usize = 1000;
-
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 /// Starts one delivery task per sink, and the hourly retention pass.
 pub fn spawn_sinks(ledger: &Ledger) -> Vec<tokio::task::JoinHandle<()>> {
@@ -70,7 +67,13 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
     };
     let name = sink.name.to_string();
     let mut acked = reader.run(move |c| db::acked(c, &name)).await.unwrap_or(0);
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let mut client = match origin_client(&sink.kind) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(sink = &*sink.name, error = %e, "ledger sink cannot send: nothing delivered");
+            return;
+        }
+    };
     let metrics = ledger.inner.metrics.clone();
     let mut written = ledger.inner.written.subscribe();
     let mut backoff = FIRST_BACKOFF;
@@ -93,7 +96,7 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
             continue;
         };
         let bodies: Vec<String> = rows.into_iter().map(|(_, b)| b).collect();
-        match send(&client, &ledger, &sink.kind, bodies.clone()).await {
+        match send(client.as_mut(), &ledger, &sink.kind, bodies.clone()).await {
             Ok(()) => {
                 let name = sink.name.to_string();
                 if let Err(e) = reader.run(move |c| db::ack(c, &name, last)).await {
@@ -120,17 +123,30 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
     }
 }
 
+/// The client of an HTTP sink (none for a file).
+fn origin_client(kind: &SinkKind) -> Result<Option<OriginClient>, String> {
+    let SinkKind::Http { url, ca, .. } = kind else {
+        return Ok(None);
+    };
+    let tls = match url.scheme_str() {
+        Some("https") => Some(tls_config(ca.as_deref())?),
+        _ => None,
+    };
+    OriginClient::new(url, tls).map(Some)
+}
+
 /// Delivers one batch; `Ok` once the sink has it.
 async fn send(
-    client: &HttpClient,
+    client: Option<&mut OriginClient>,
     ledger: &Ledger,
     kind: &SinkKind,
     bodies: Vec<String>,
 ) -> Result<(), String> {
-    match kind {
-        SinkKind::Http { url, headers, .. } => {
+    match (kind, client) {
+        (SinkKind::Http { url, headers, .. }, Some(client)) => {
             let body = event::cloudevents(&ledger.inner.source, &bodies);
-            let mut req = http::Request::post(url.clone()).header(
+            let target = url.path_and_query().map_or("/", |p| p.as_str());
+            let mut req = http::Request::post(target).header(
                 http::header::CONTENT_TYPE,
                 "application/cloudevents-batch+json",
             );
@@ -140,22 +156,17 @@ async fn send(
             let req = req
                 .body(Full::new(Bytes::from(body)))
                 .map_err(|e| e.to_string())?;
-            let answer = tokio::time::timeout(HTTP_TIMEOUT, async {
-                let resp = client.request(req).await.map_err(|e| e.to_string())?;
-                let status = resp.status();
-                // Read the answer to the end so the connection can be kept.
-                let _ = resp.into_body().collect().await;
-                Ok::<_, String>(status)
-            })
-            .await
-            .map_err(|_| "no answer in time".to_owned())??;
+            let answer = tokio::time::timeout(HTTP_TIMEOUT, client.send(req))
+                .await
+                .map_err(|_| "no answer in time".to_owned())??;
             if answer.is_success() {
                 Ok(())
             } else {
                 Err(format!("answered {answer}"))
             }
         }
-        SinkKind::File { path } => {
+        (SinkKind::Http { .. }, None) => Err("no client".into()),
+        (SinkKind::File { path }, _) => {
             let path = path.clone();
             let done = tokio::task::spawn_blocking(move || append_lines(&path, &bodies)).await;
             match done {

@@ -162,3 +162,22 @@ fn positions_continue_after_a_reopen() {
         .collect();
     assert!(ids[0] < ids[1]);
 }
+
+#[tokio::test]
+async fn a_failing_disk_refuses_the_wait_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), Durable::Sync);
+    let s = Subject::Account("acme".into());
+    let seq = l.journal().write(entry(&s, Change::Charged, -1, 99));
+    l.durable(seq).await.unwrap();
+    // The writer reports a failed commit: whoever waits is refused.
+    l.inner.written.send_modify(|w| w.failing = true);
+    let next = seq + 1;
+    assert!(matches!(
+        l.durable(next).await,
+        Err(LedgerError::NotDurable)
+    ));
+    // Interval never waits, and nothing to wait for never waits.
+    assert!(l.durable(0).await.is_ok());
+    l.close();
+}

@@ -8,6 +8,7 @@
 //! May import: [`crate::clock`] only.
 
 pub mod body;
+pub mod client;
 pub mod conn;
 pub mod header_case;
 pub mod path;
