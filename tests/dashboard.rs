@@ -252,3 +252,47 @@ async fn the_charts_draw_the_traffic_just_sent() {
     // No jobs or credits in this config: those charts stay hidden.
     assert!(dom.contains("id=\"chart-jobs\" hidden"), "{dom}");
 }
+
+#[tokio::test]
+async fn the_page_shows_the_latest_ledger_events_and_each_sinks_backlog() {
+    let config = CONFIG
+        .replace(
+            "[[routes]]\nname = \"gen\"",
+            "[ledger]\npath = \"ledger.db\"\n\n[[ledger.sinks]]\nname = \"billing-file\"\nkind = \"file\"\npath = \"events.jsonl\"\n\n[[routes]]\nname = \"gen\"\ncost = 5",
+        )
+        .replace(
+            "requests = 3\nwindow = \"1m\"",
+            "requests = 3\nwindow = \"1m\"\n\n[[plans.free.limits]]\nname = \"credits\"\nkind = \"credits\"\nroutes = [\"gen\"]\nper = \"account\"\ngrant = 100",
+        );
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), KEYS).unwrap();
+    let b = Binary::start(dir.path(), &config, &up).await;
+    b.wait_admin().await;
+    for _ in 0..2 {
+        assert_eq!(call("GET", &b.url("/gen"), Some("key-a")).await.status, 200);
+    }
+    eventually("both events in the file", || {
+        std::fs::read_to_string(dir.path().join("events.jsonl"))
+            .is_ok_and(|t| t.lines().count() == 2)
+    })
+    .await;
+    let dom = rendered(&format!("{}#token=s3cret", b.admin("/")), 5_000);
+    let sink = dom
+        .split("<tr data-sink=\"billing-file\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row for the sink in {dom}"));
+    let sink = &sink[..sink.find("</tr>").unwrap()];
+    assert!(sink.contains("data-backlog=\"0\""), "{sink}");
+    let events: Vec<&str> = dom.split("<tr data-event=").skip(1).collect();
+    assert_eq!(events.len(), 2, "{dom}");
+    let newest = &events[0][..events[0].find("</tr>").unwrap()];
+    assert!(
+        newest.contains("credits.charged") && newest.contains("acme"),
+        "{newest}"
+    );
+    assert!(
+        newest.contains(">90<"),
+        "the balance after the second charge: {newest}"
+    );
+}

@@ -181,3 +181,40 @@ async fn a_failing_disk_refuses_the_wait_at_once() {
     assert!(l.durable(0).await.is_ok());
     l.close();
 }
+
+#[test]
+fn retention_drops_delivered_old_events_but_each_balances_latest() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), Durable::Interval);
+    let (a, b) = (Subject::Account("a".into()), Subject::Account("b".into()));
+    let j = l.journal();
+    fn at(e: Entry<'_>, secs: u64) -> Entry<'_> {
+        Entry {
+            at: secs * SEC,
+            ..e
+        }
+    }
+    j.write(at(entry(&a, Change::Charged, -1, 99), 100));
+    j.write(at(entry(&a, Change::Charged, -1, 98), 200));
+    j.write(at(entry(&b, Change::Charged, -1, 99), 300));
+    j.write(at(entry(&a, Change::Charged, -1, 97), 5000));
+    l.close();
+    let conn = db::open(&l.settings().path).unwrap();
+    // A sink that delivered only the first two: nothing past it goes.
+    db::ack(&conn, "billing", 2).unwrap();
+    let sinks = vec!["billing".to_owned()];
+    assert_eq!(db::forget(&conn, 1_000 * 1000, &sinks).unwrap(), 2);
+    db::ack(&conn, "billing", 4).unwrap();
+    // Everything delivered: b's only event stays (its balance's latest).
+    assert_eq!(db::forget(&conn, 1_000 * 1000, &sinks).unwrap(), 0);
+    let left: Vec<i64> = db::after(&conn, 0, 10)
+        .unwrap()
+        .iter()
+        .map(|(_, body)| {
+            serde_json::from_str::<serde_json::Value>(body).unwrap()["balance"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(left, vec![99, 97]);
+}
