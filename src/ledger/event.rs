@@ -54,7 +54,31 @@ pub(crate) const LOW: &str = "credits.low";
 /// Event ids: the time in ms and the position, in hex (28 characters):
 /// unique, and sorted as the ledger is.
 pub(crate) fn id(at_ms: i64, seq: u64) -> String {
-    format!("{:012x}{seq:016x}", at_ms.max(0))
+    let mut out = String::with_capacity(28);
+    hex_digits(&mut out, at_ms.max(0) as u64, 12);
+    hex_digits(&mut out, seq, 16);
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The last `n` hex digits of `v`, zero-padded (no formatting machinery:
+/// this runs for every event, under the ledger's lock).
+fn hex_digits(out: &mut String, v: u64, n: u32) {
+    for i in (0..n).rev() {
+        out.push(char::from(HEX[((v >> (4 * i)) & 0xf) as usize]));
+    }
+}
+
+/// `prefix` then `bytes` in hex.
+fn hex_text(prefix: &str, bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(prefix.len() + 2 * bytes.len());
+    out.push_str(prefix);
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// The position an event id names (`None`: not an id of ours).
@@ -70,15 +94,20 @@ pub(crate) fn seq_of(id: &str) -> Option<u64> {
 pub(crate) fn account_of(subject: &Subject) -> String {
     match subject {
         Subject::Account(a) => a.to_string(),
-        Subject::Key(d) => format!("key:{}", hex::encode(&d[..4])),
+        Subject::Key(d) => hex_text("key:", &d[..4]),
     }
 }
 
 /// The subject as a row keeps it (to be read back by a rebuild).
 pub(crate) fn subject_text(subject: &Subject) -> String {
     match subject {
-        Subject::Account(a) => format!("a:{a}"),
-        Subject::Key(d) => format!("k:{}", hex::encode(d)),
+        Subject::Account(a) => {
+            let mut out = String::with_capacity(2 + a.len());
+            out.push_str("a:");
+            out.push_str(a);
+            out
+        }
+        Subject::Key(d) => hex_text("k:", d),
     }
 }
 
@@ -94,18 +123,45 @@ pub(crate) fn subject_of(text: &str) -> Option<Subject> {
 
 /// RFC 3339 in UTC with milliseconds.
 pub(crate) fn rfc3339_ms(at_ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    let mut clock = Seconds::default();
+    clock.rfc3339_ms(at_ms)
+}
+
+/// The date and time of the last second formatted, so that events of one
+/// second format only their milliseconds.
+#[derive(Debug, Default)]
+pub(crate) struct Seconds {
+    second: Option<i64>,
+    text: String,
+}
+
+impl Seconds {
+    /// RFC 3339 in UTC with milliseconds.
+    pub(crate) fn rfc3339_ms(&mut self, at_ms: i64) -> String {
+        let second = at_ms.div_euclid(1000);
+        if self.second != Some(second) {
+            let t = time::OffsetDateTime::from_unix_timestamp(second)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            self.text = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            );
+            self.second = Some(second);
+        }
+        let ms = at_ms.rem_euclid(1000) as u32;
+        let mut out = String::with_capacity(self.text.len() + 4);
+        out.push_str(&self.text);
+        for d in [ms / 100, ms / 10 % 10, ms % 10] {
+            out.push(char::from(b'0' + d as u8));
+        }
+        out.push('Z');
+        out
+    }
 }
 
 /// Milliseconds of `at`.
@@ -206,6 +262,24 @@ mod tests {
         assert_eq!(account_of(&k), "key:07070707");
         assert_eq!(account_of(&a), "acme");
         assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        let mut clock = Seconds::default();
+        assert_eq!(
+            clock.rfc3339_ms(1_700_000_000_007),
+            "2023-11-14T22:13:20.007Z"
+        );
+        assert_eq!(
+            clock.rfc3339_ms(1_700_000_000_999),
+            "2023-11-14T22:13:20.999Z"
+        );
+        assert_eq!(
+            clock.rfc3339_ms(1_700_000_001_040),
+            "2023-11-14T22:13:21.040Z"
+        );
+        assert_eq!(
+            clock.rfc3339_ms(1_699_999_999_000),
+            "2023-11-14T22:13:19.000Z"
+        );
+        assert_eq!(id(0x1_2345, 0xab), "00000001234500000000000000ab");
     }
 
     #[test]

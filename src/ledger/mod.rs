@@ -74,6 +74,8 @@ struct State {
     /// `quota.exhausted` written, until the window's end, by counter.
     exhausted: HashMap<(Subject, u64), Nanos>,
     closed: bool,
+    /// The last second's date and time, formatted.
+    seconds: event::Seconds,
     /// The writer waits for an entry: the next one wakes it (only then,
     /// so a busy ledger costs no wake-up per entry).
     writer_idle: bool,
@@ -155,6 +157,7 @@ impl Ledger {
                 fired: HashMap::new(),
                 exhausted: HashMap::new(),
                 closed: false,
+                seconds: event::Seconds::default(),
                 writer_idle: false,
             }),
             wake: Condvar::new(),
@@ -350,7 +353,7 @@ impl State {
         let account = event::account_of(e.subject);
         let key_fp = match (e.origin, e.subject) {
             (Some(o), _) => Some(o.key_fp.to_string()),
-            (None, Subject::Key(d)) => Some(hex::encode(&d[..4])),
+            (None, Subject::Key(_)) => Some(account[4..].to_owned()),
             (None, Subject::Account(_)) => None,
         };
         let kind = match threshold {
@@ -358,7 +361,7 @@ impl State {
             None => event::kind(e.change),
         };
         let (how, job_id) = event::how(e.change, e.job_id);
-        let time = event::rfc3339_ms(at_ms);
+        let time = self.seconds.rfc3339_ms(at_ms);
         let body = event::Body {
             id: &id,
             kind,
