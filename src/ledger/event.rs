@@ -121,12 +121,6 @@ pub(crate) fn subject_of(text: &str) -> Option<Subject> {
     Some(Subject::Key(d))
 }
 
-/// RFC 3339 in UTC with milliseconds.
-pub(crate) fn rfc3339_ms(at_ms: i64) -> String {
-    let mut clock = Seconds::default();
-    clock.rfc3339_ms(at_ms)
-}
-
 /// The date and time of the last second formatted, so that events of one
 /// second format only their milliseconds.
 #[derive(Debug, Default)]
@@ -261,8 +255,8 @@ mod tests {
         assert_eq!(subject_of(&subject_text(&a)), Some(a.clone()));
         assert_eq!(account_of(&k), "key:07070707");
         assert_eq!(account_of(&a), "acme");
-        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         let mut clock = Seconds::default();
+        assert_eq!(clock.rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert_eq!(
             clock.rfc3339_ms(1_700_000_000_007),
             "2023-11-14T22:13:20.007Z"
