@@ -47,6 +47,13 @@ pub(crate) fn next_seq(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(max.map_or(1, |m| m as u64 + 1))
 }
 
+/// The latest event time written (ms; 0 for an empty ledger): ids made
+/// after a restart sort after those made before, whatever the clock did.
+pub(crate) fn last_ms(conn: &Connection) -> rusqlite::Result<i64> {
+    let max: Option<i64> = conn.query_row("SELECT MAX(at_ms) FROM events", [], |r| r.get(0))?;
+    Ok(max.unwrap_or(0))
+}
+
 /// Appends `rows` in one transaction: one commit, one fsync.
 pub(crate) fn append(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;

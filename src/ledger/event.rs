@@ -256,7 +256,10 @@ mod tests {
         assert_eq!(account_of(&k), "key:07070707");
         assert_eq!(account_of(&a), "acme");
         let mut clock = Seconds::default();
-        assert_eq!(clock.rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(
+            clock.rfc3339_ms(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
         assert_eq!(
             clock.rfc3339_ms(1_700_000_000_007),
             "2023-11-14T22:13:20.007Z"

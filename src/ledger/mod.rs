@@ -142,6 +142,7 @@ impl Ledger {
         };
         let writer_conn = db::open(&settings.path).map_err(disk)?;
         let next = db::next_seq(&writer_conn).map_err(disk)?;
+        let last_ms = db::last_ms(&writer_conn).map_err(disk)?;
         let reader = db::open(&settings.path).map_err(disk)?;
         let (written, _) = watch::channel(Written {
             seq: next - 1,
@@ -152,7 +153,7 @@ impl Ledger {
             limits: ArcSwap::from_pointee(HashMap::new()),
             state: Mutex::new(State {
                 next,
-                last_ms: 0,
+                last_ms,
                 pending: Vec::new(),
                 fired: HashMap::new(),
                 exhausted: HashMap::new(),

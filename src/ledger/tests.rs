@@ -156,11 +156,17 @@ fn positions_continue_after_a_reopen() {
     let second = l.journal().write(entry(&s, Change::Charged, -1, 98));
     l.close();
     assert_eq!(second, first + 1);
+    // Written with an earlier clock after the restart: still sorted after.
+    let l = ledger(dir.path(), Durable::Interval);
+    let mut early = entry(&s, Change::Charged, -1, 97);
+    early.at -= 3600 * SEC;
+    l.journal().write(early);
+    l.close();
     let ids: Vec<String> = all(&l)
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_owned())
         .collect();
-    assert!(ids[0] < ids[1]);
+    assert!(ids[0] < ids[1] && ids[1] < ids[2], "{ids:?}");
 }
 
 #[tokio::test]
