@@ -208,10 +208,18 @@ impl Ledger {
     }
 
     /// Waits until position `seq` is on disk (`durable = "sync"`; at once
-    /// otherwise, or for `seq` 0).
+    /// otherwise, or for `seq` 0). Either way an error while the disk
+    /// refuses the ledger's commits: a charge is never made without its
+    /// record on its way to disk.
     pub async fn durable(&self, seq: u64) -> Result<(), LedgerError> {
-        if seq == 0 || self.inner.settings.durable != Durable::Sync {
+        if seq == 0 {
             return Ok(());
+        }
+        if self.inner.settings.durable != Durable::Sync {
+            return match self.inner.written.borrow().failing {
+                true => Err(LedgerError::NotDurable),
+                false => Ok(()),
+            };
         }
         let mut rx = self.inner.written.subscribe();
         let done = tokio::time::timeout(SYNC_WAIT, async move {

@@ -183,8 +183,21 @@ async fn a_failing_disk_refuses_the_wait_at_once() {
         l.durable(next).await,
         Err(LedgerError::NotDurable)
     ));
-    // Interval never waits, and nothing to wait for never waits.
+    // Nothing to wait for never waits.
     assert!(l.durable(0).await.is_ok());
+    l.close();
+}
+
+#[tokio::test]
+async fn interval_does_not_wait_but_refuses_while_the_disk_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(dir.path(), Durable::Interval);
+    let s = Subject::Account("acme".into());
+    let seq = l.journal().write(entry(&s, Change::Charged, -1, 99));
+    l.durable(seq).await.unwrap();
+    l.inner.written.send_modify(|w| w.failing = true);
+    let seq = l.journal().write(entry(&s, Change::Charged, -1, 98));
+    assert!(matches!(l.durable(seq).await, Err(LedgerError::NotDurable)));
     l.close();
 }
 

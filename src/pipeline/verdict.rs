@@ -37,6 +37,8 @@ pub struct Taken {
     checks: Vec<crate::store::OwnedCheck>,
     at: crate::clock::Nanos,
     route: Arc<str>,
+    /// The exchange, for the ledger's `credits.refunded`.
+    origin: Option<Arc<crate::store::Origin>>,
 }
 
 /// One limit's figures, as Envoy's rate limit service reports them.
@@ -207,6 +209,7 @@ impl Turnstile {
             checks: d.checks.iter().map(crate::store::OwnedCheck::of).collect(),
             at: d.now,
             route: cx.route.map_or_else(|| Arc::from(""), |r| r.name.clone()),
+            origin: cx.origin.clone(),
         });
         Verdict {
             response,
@@ -224,7 +227,11 @@ impl Turnstile {
             .iter()
             .map(crate::store::OwnedCheck::check)
             .collect();
-        match self.store.refund(&checks, taken.at, None).await {
+        match self
+            .store
+            .refund(&checks, taken.at, taken.origin.as_ref())
+            .await
+        {
             Ok(()) => self.metrics.refunded(&taken.route, "descriptor"),
             Err(e) => tracing::warn!(error = %e, "could not give back a decision"),
         }
