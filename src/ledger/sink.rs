@@ -96,16 +96,17 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
             continue;
         };
         let bodies: Vec<String> = rows.into_iter().map(|(_, b)| b).collect();
-        match send(client.as_mut(), &ledger, &sink.kind, bodies.clone()).await {
+        let n = bodies.len() as u64;
+        match send(client.as_mut(), &ledger, &sink.kind, bodies).await {
             Ok(()) => {
                 let name = sink.name.to_string();
                 if let Err(e) = reader.run(move |c| db::ack(c, &name, last)).await {
                     tracing::warn!(sink = &*sink.name, error = %e, "ledger sink position not saved: the batch may be sent again after a restart");
                 }
                 acked = last;
-                metrics.ledger().delivered(&sink.name, bodies.len() as u64);
+                metrics.ledger().delivered(&sink.name, n);
                 ledger.sink_status(&sink.name, |s| {
-                    s.delivered += bodies.len() as u64;
+                    s.delivered += n;
                     s.error = None;
                 });
                 backoff = FIRST_BACKOFF;

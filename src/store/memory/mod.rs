@@ -750,6 +750,4 @@ impl Store for MemoryStore {
 }
 
 #[cfg(test)]
-mod journal_tests;
-#[cfg(test)]
 mod tests;

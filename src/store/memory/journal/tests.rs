@@ -4,7 +4,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::*;
+use super::super::MemoryStore;
+use super::super::*;
 use crate::clock::{ManualClock, SECOND};
 use crate::limits::credits::{Credits, Refill};
 use crate::limits::Window;

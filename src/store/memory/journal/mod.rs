@@ -8,7 +8,7 @@ use crate::limits::{CounterState, Job, Rule, Verdict};
 use crate::store::journal::{Change, Entry, Journal, Origin};
 use crate::store::{LimitCheck, Subject};
 
-/// One counter's change, for [`write`].
+/// One counter's change, for [`Noted::write`].
 pub(super) struct Noted<'a> {
     pub(super) subject: &'a Subject,
     pub(super) counter: u64,
@@ -120,3 +120,6 @@ pub(super) fn expired(j: &dyn Journal, noted: &Noted<'_>, gone: &[Job]) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests;
