@@ -249,6 +249,15 @@ async fn open_ledger(app: &Arc<Turnstile>) -> std::io::Result<()> {
     let ledger = crate::ledger::Ledger::open(settings, &host_name(), app.metrics().clone())
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     app.set_ledger(ledger.clone());
+    if let Some(redis) = ledger.redis() {
+        if let Some(counters) = redis.adopt_ledger().await {
+            tracing::info!(
+                counters,
+                "redis had no turnstile data: balances and jobs written back from the ledger"
+            );
+        }
+        return Ok(());
+    }
     let store = app.store().in_process().clone();
     let rebuilt = tokio::task::spawn_blocking(move || ledger.rebuild(&store))
         .await
@@ -439,6 +448,7 @@ fn spawn_background(app: Arc<Turnstile>) -> Vec<tokio::task::JoinHandle<()>> {
     tasks.extend(app.keys().spawn_sync());
     if let Some(ledger) = app.ledger() {
         tasks.extend(crate::ledger::spawn_sinks(ledger));
+        tasks.extend(crate::ledger::spawn_mirror(ledger));
     }
     if app.policy().store.snapshot.is_some() {
         tasks.push(tokio::spawn(async move {

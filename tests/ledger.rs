@@ -555,8 +555,8 @@ fn ledger_config_errors_name_the_place() {
             "expected http://host[:port]/path or https://",
         ),
         (
-            CONFIG.replace("[ledger]", "[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\n\n[ledger]"),
-            "[ledger] is kept with the memory backend",
+            CONFIG.replace("[ledger]", "[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\ncluster = true\n\n[ledger]"),
+            "a Redis Cluster cannot hold",
         ),
     ];
     for (config, message) in cases {

@@ -29,10 +29,11 @@ pub(super) fn compile_ledger(
     let Some(table) = raw else {
         return Ok(None);
     };
-    if matches!(backend, Backend::Redis(_)) {
+    if matches!(backend, Backend::Redis(r) if r.cluster) {
         return Err(src.at(
             table.span(),
-            "[ledger] is kept with the memory backend: with [store] backend = \"redis\" it is not available yet",
+            "[ledger] with Redis needs one Redis (or a primary with replicas): its events are one stream, \
+             written by the scripts that change each balance, which a Redis Cluster cannot hold for every account",
         ));
     }
     let l = table.get_ref();

@@ -38,6 +38,15 @@ pub(crate) fn open(path: &Path) -> rusqlite::Result<Connection> {
             acked INTEGER NOT NULL
         );",
     )?;
+    // Ledgers made before Redis events were kept lack the counter's key.
+    let has_rkey: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('events') WHERE name = 'rkey'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_rkey {
+        conn.execute_batch("ALTER TABLE events ADD COLUMN rkey TEXT")?;
+    }
     Ok(conn)
 }
 
@@ -59,8 +68,8 @@ pub(crate) fn append(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<()
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO events (seq, account, subject, counter, type, at_ms, balance, grant_, job_id, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO events (seq, account, subject, counter, type, at_ms, balance, grant_, job_id, body, rkey)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
         for r in rows {
             insert.execute(params![
@@ -74,6 +83,7 @@ pub(crate) fn append(conn: &mut Connection, rows: &[Row]) -> rusqlite::Result<()
                 r.grant,
                 r.job_id,
                 r.body,
+                r.rkey,
             ])?;
         }
     }
@@ -181,6 +191,40 @@ pub(crate) fn replay(conn: &Connection, mut f: impl FnMut(Replayed)) -> rusqlite
         n += 1;
     }
     Ok(n)
+}
+
+/// One Redis counter's event a rebuild of Redis reads.
+#[derive(Debug)]
+pub(crate) struct OfKey {
+    pub(crate) rkey: String,
+    pub(crate) counter: u64,
+    pub(crate) kind: String,
+    pub(crate) at_ms: i64,
+    pub(crate) balance: Option<i64>,
+    pub(crate) grant: i64,
+    pub(crate) job_id: Option<String>,
+}
+
+/// Every event of a Redis counter that rebuilds a balance or a job, in
+/// order, to `f`.
+pub(crate) fn replay_keys(conn: &Connection, mut f: impl FnMut(OfKey)) -> rusqlite::Result<()> {
+    let mut q = conn.prepare(
+        "SELECT rkey, counter, type, at_ms, balance, grant_, job_id FROM events
+         WHERE rkey IS NOT NULL AND type NOT IN ('quota.exhausted', 'credits.low') ORDER BY seq",
+    )?;
+    let mut rows = q.query([])?;
+    while let Some(r) = rows.next()? {
+        f(OfKey {
+            rkey: r.get(0)?,
+            counter: r.get::<_, i64>(1)? as u64,
+            kind: r.get(2)?,
+            at_ms: r.get(3)?,
+            balance: r.get(4)?,
+            grant: r.get(5)?,
+            job_id: r.get(6)?,
+        });
+    }
+    Ok(())
 }
 
 /// Drops events older than `before_ms` that every sink delivered, except

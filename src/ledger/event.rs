@@ -31,6 +31,9 @@ pub(crate) struct Row {
     pub(crate) job_id: Option<String>,
     /// The event as JSON.
     pub(crate) body: String,
+    /// With Redis: the counter's key (a Redis that forgot is rebuilt
+    /// from it).
+    pub(crate) rkey: Option<String>,
 }
 
 /// The event's `type`.

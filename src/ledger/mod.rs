@@ -15,6 +15,7 @@
 
 mod db;
 mod event;
+mod mirror;
 mod rebuild;
 pub mod settings;
 mod sink;
@@ -95,6 +96,10 @@ struct Inner {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Each sink's delivery, by name (the dashboard).
     sinks: Mutex<Vec<SinkStatus>>,
+    /// With Redis: the store whose stream this ledger copies, and a
+    /// wake-up for the copy (a request waiting for its charge).
+    redis: std::sync::OnceLock<crate::store::RedisStore>,
+    kick: tokio::sync::Notify,
 }
 
 /// How a sink is doing.
@@ -178,6 +183,8 @@ impl Ledger {
                     })
                     .collect(),
             ),
+            redis: std::sync::OnceLock::new(),
+            kick: tokio::sync::Notify::new(),
             settings,
         });
         let for_thread = inner.clone();
@@ -215,6 +222,7 @@ impl Ledger {
         if seq == 0 {
             return Ok(());
         }
+        self.inner.kick.notify_one();
         if self.inner.settings.durable != Durable::Sync {
             return match self.inner.written.borrow().failing {
                 true => Err(LedgerError::NotDurable),
@@ -329,6 +337,26 @@ pub struct Page {
 }
 
 impl Journal for Inner {
+    fn alert_levels(&self, counter: u64, grant: u32) -> Vec<i64> {
+        self.limits.load().get(&counter).map_or_else(Vec::new, |info| {
+            info.alerts
+                .iter()
+                .take(32)
+                .map(|a| a.balance(grant))
+                .collect()
+        })
+    }
+
+    fn recorded(&self) -> Vec<crate::store::journal::Recorded> {
+        match self.recorded_keys() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(ledger = %self.settings.path.display(), error = %e, "the ledger cannot be read: nothing rebuilt from it");
+                Vec::new()
+            }
+        }
+    }
+
     fn write(&self, e: Entry<'_>) -> u64 {
         let limits = self.limits.load();
         let info = limits.get(&e.counter);
@@ -338,7 +366,7 @@ impl Journal for Inner {
                 return 0;
             }
         }
-        let mut seq = st.push(&e, info, None);
+        let mut seq = st.push(&e, info, None, None);
         if let (Some(info), Some(balance)) = (info, e.balance) {
             seq = seq.max(st.alerts(&e, info, balance));
         }
@@ -352,13 +380,25 @@ impl Journal for Inner {
 }
 
 impl State {
-    /// Numbers and encodes one entry; its position.
-    fn push(&mut self, e: &Entry<'_>, info: Option<&LimitInfo>, threshold: Option<&str>) -> u64 {
-        let seq = self.next;
-        self.next += 1;
+    /// Numbers and encodes one entry; its position. `numbered`: the
+    /// position it already has (Redis's stream id), else the next.
+    fn push(
+        &mut self,
+        e: &Entry<'_>,
+        info: Option<&LimitInfo>,
+        threshold: Option<&str>,
+        numbered: Option<u64>,
+    ) -> u64 {
         let at_ms = event::ms(e.at);
-        self.last_ms = self.last_ms.max(at_ms);
-        let id = event::id(self.last_ms, seq);
+        let (seq, id) = match numbered {
+            Some(seq) => (seq, event::id(at_ms, seq)),
+            None => {
+                let seq = self.next;
+                self.next += 1;
+                self.last_ms = self.last_ms.max(at_ms);
+                (seq, event::id(self.last_ms, seq))
+            }
+        };
         let account = event::account_of(e.subject);
         let key_fp = match (e.origin, e.subject) {
             (Some(o), _) => Some(o.key_fp.to_string()),
@@ -398,6 +438,7 @@ impl State {
             grant: i64::from(e.grant),
             job_id: e.job_id.map(str::to_owned),
             body,
+            rkey: None,
         });
         seq
     }
@@ -427,7 +468,7 @@ impl State {
                 continue;
             }
             self.fired.insert(key.clone(), (period, mask | (1 << i)));
-            seq = self.push(e, Some(info), Some(&alert.text));
+            seq = self.push(e, Some(info), Some(&alert.text), None);
         }
         seq
     }
@@ -521,6 +562,7 @@ impl Inner {
 }
 
 pub use rebuild::Rebuilt;
+pub use mirror::spawn_mirror;
 pub use sink::spawn_sinks;
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::{db, event, lock, Ledger, LedgerError};
 use crate::clock::Nanos;
 use crate::limits::Rule;
+use crate::store::journal::{Recorded, RecordedState};
 use crate::store::{MemoryStore, Subject};
 
 /// What a rebuild did.
@@ -150,4 +151,74 @@ impl Ledger {
 
 fn nanos(ms: i64) -> Nanos {
     u64::try_from(ms).unwrap_or(0).saturating_mul(1_000_000)
+}
+
+impl super::Inner {
+    /// Each Redis counter as the ledger leaves it: a balance's latest
+    /// figure, a jobs counter's jobs started and not ended (with when they
+    /// expire). Read from disk: call off the async threads.
+    pub(super) fn recorded_keys(&self) -> rusqlite::Result<Vec<Recorded>> {
+        let limits = self.limits.load();
+        let mut balances: HashMap<String, (i64, i64, i64, u64)> = HashMap::new();
+        let mut jobs: HashMap<String, BTreeMap<String, i64>> = HashMap::new();
+        {
+            let conn = lock(&self.reader);
+            db::replay_keys(&conn, |r| {
+                let Some(info) = limits.get(&r.counter) else {
+                    return;
+                };
+                match (r.kind.as_str(), info.rule) {
+                    ("job.started", Rule::Jobs(_)) => {
+                        if let Some(id) = r.job_id {
+                            jobs.entry(r.rkey).or_default().insert(id, r.at_ms);
+                        }
+                    }
+                    ("job.ended", Rule::Jobs(_)) => {
+                        if let Some(id) = r.job_id {
+                            jobs.entry(r.rkey).or_default().remove(&id);
+                        }
+                    }
+                    (_, Rule::Credits(_)) => {
+                        if let Some(b) = r.balance {
+                            let (_, _, refill) = info.rule.redis_args();
+                            balances.insert(r.rkey, (b, r.grant, r.at_ms, refill));
+                        }
+                    }
+                    _ => {}
+                }
+            })?;
+        }
+        let mut out: Vec<Recorded> = balances
+            .into_iter()
+            .map(|(key, (balance, grant, at_ms, refill))| Recorded {
+                key,
+                state: RecordedState::Balance {
+                    balance,
+                    grant,
+                    refill,
+                    at: nanos(at_ms),
+                },
+            })
+            .collect();
+        for (key, started) in jobs {
+            let counter = key
+                .rsplit(':')
+                .next()
+                .and_then(|c| u64::from_str_radix(c, 16).ok());
+            let Some(Rule::Jobs(j)) = counter.and_then(|c| limits.get(&c)).map(|i| i.rule) else {
+                continue;
+            };
+            let held: Vec<(String, Nanos)> = started
+                .into_iter()
+                .map(|(id, at)| (id, nanos(at).saturating_add(j.max_duration)))
+                .collect();
+            if !held.is_empty() {
+                out.push(Recorded {
+                    key,
+                    state: RecordedState::Jobs(held),
+                });
+            }
+        }
+        Ok(out)
+    }
 }

@@ -2,7 +2,9 @@
 //! acknowledged, in order, one batch at a time (so each account's events
 //! arrive in order), and moves its position only when the batch is
 //! acknowledged — at least once, across restarts. A sink that fails is
-//! retried with backoff; requests never wait for one.
+//! retried with backoff; requests never wait for one. With Redis, every
+//! instance holds the same events under the same ids, and one at a time
+//! delivers each sink: its turn and position are kept in Redis.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -82,6 +84,19 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
         let backlog = total.saturating_sub(acked);
         metrics.ledger().backlog(&sink.name, backlog);
         ledger.sink_status(&sink.name, |s| s.backlog = backlog);
+        if let Some(redis) = ledger.redis() {
+            // One instance at a time delivers each sink.
+            let (mine, at) = take_turn(redis, &sink.name).await;
+            if at > acked {
+                let name = sink.name.to_string();
+                let _ = reader.run(move |c| db::ack(c, &name, at)).await;
+                acked = at;
+            }
+            if !mine {
+                let _ = tokio::time::timeout(Duration::from_secs(1), written.changed()).await;
+                continue;
+            }
+        }
         let batch = match &sink.kind {
             SinkKind::Http { batch, .. } => *batch,
             SinkKind::File { .. } => FILE_BATCH,
@@ -99,6 +114,11 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
         let n = bodies.len() as u64;
         match send(client.as_mut(), &ledger, &sink.kind, bodies).await {
             Ok(()) => {
+                if let Some(redis) = ledger.redis() {
+                    if !matches!(redis.move_sink(&sink.name, last).await, Ok(true)) {
+                        tracing::warn!(sink = &*sink.name, "another instance took this ledger sink's turn during a delivery: its next batch may repeat events");
+                    }
+                }
                 let name = sink.name.to_string();
                 if let Err(e) = reader.run(move |c| db::ack(c, &name, last)).await {
                     tracing::warn!(sink = &*sink.name, error = %e, "ledger sink position not saved: the batch may be sent again after a restart");
@@ -122,6 +142,15 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
             }
         }
     }
+}
+
+/// With Redis: whether this instance has `sink`'s turn to deliver, and
+/// where it was delivered up to by any instance (0 when Redis does not
+/// answer: the turn is not taken).
+async fn take_turn(redis: &crate::store::RedisStore, sink: &str) -> (bool, u64) {
+    let mine = redis.sink_turn(sink).await.unwrap_or(false);
+    let at = redis.sink_position(sink).await.unwrap_or(0);
+    (mine, at)
 }
 
 /// The client of an HTTP sink (none for a file).

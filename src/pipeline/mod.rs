@@ -326,7 +326,12 @@ impl Turnstile {
     /// now on (set once, at start, before serving).
     pub fn set_ledger(&self, ledger: crate::ledger::Ledger) {
         ledger.set_limits(self.policy().ledger_limits());
-        self.store.in_process().set_journal(ledger.journal());
+        match &self.store {
+            CounterStore::Memory(m) => m.set_journal(ledger.journal()),
+            // Redis's scripts write the events; its local fallback writes
+            // none (what it did is written when Redis takes it).
+            CounterStore::Redis(r) => ledger.attach_redis(r),
+        }
         let _ = self.ledger.set(ledger);
     }
 

@@ -107,8 +107,82 @@ pub struct Entry<'a> {
 pub trait Journal: Send + Sync + 'static {
     /// Takes one entry, in the order the changes happen (called while the
     /// subject is locked: must not block). Returns the entry's position,
-    /// which [`Journal::durable`]-style waits use; 0 when nothing was kept.
+    /// which durability waits use; 0 when nothing was kept.
     fn write(&self, entry: Entry<'_>) -> u64;
+
+    /// The balances at which `counter`'s low-balance alerts fire for a
+    /// plan granting `grant`, in the order of its `alerts` (Redis's
+    /// scripts check them where the balance changes).
+    fn alert_levels(&self, _counter: u64, _grant: u32) -> Vec<i64> {
+        Vec::new()
+    }
+
+    /// What the ledger holds of each Redis counter it saw change, for
+    /// rebuilding a Redis that lost turnstile's data (reads the disk).
+    fn recorded(&self) -> Vec<Recorded> {
+        Vec::new()
+    }
+}
+
+/// One Redis counter as the ledger last saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Its Redis key.
+    pub key: String,
+    /// What it holds.
+    pub state: RecordedState,
+}
+
+/// What a counter held, per the ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordedState {
+    /// A credits balance: the latest, the grant it was figured against,
+    /// and the limit's refill (`redis_args`' b), at `at`.
+    Balance {
+        /// The balance.
+        balance: i64,
+        /// The grant of the plan that changed it last.
+        grant: i64,
+        /// The refill, as the scripts take it.
+        refill: u64,
+        /// When.
+        at: Nanos,
+    },
+    /// Jobs started and not ended: (id, when it expires).
+    Jobs(Vec<(String, Nanos)>),
+}
+
+/// An event the scripts appended to the ledger's Redis stream: its stream
+/// id and fields (`lua/prelude.lua`, `note`).
+#[derive(Debug, Clone, Default)]
+pub struct Appended {
+    /// The stream id's time (ms).
+    pub ms: u64,
+    /// The stream id's sequence within that millisecond.
+    pub seq: u64,
+    /// Field name to value.
+    pub fields: Vec<(String, String)>,
+}
+
+impl Appended {
+    /// The value of field `name` ("" when absent).
+    pub fn field(&self, name: &str) -> &str {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// The ledger position of stream id `ms-seq`: sorted as the stream is (a
+/// millisecond holds fewer than 65,536 events of one Redis).
+pub fn stream_position(ms: u64, seq: u64) -> u64 {
+    (ms << 16) | seq.min(0xffff)
+}
+
+/// The stream id of a ledger position (the inverse of [`stream_position`]).
+pub fn stream_id(position: u64) -> (u64, u64) {
+    (position >> 16, position & 0xffff)
 }
 
 /// A store's journal, when a ledger is configured.

@@ -55,6 +55,15 @@ impl Subject {
         }
     }
 
+    /// The subject as the ledger writes it: `a:<account>` or `k:<digest
+    /// in hex>` (read back by a rebuild).
+    pub fn text(&self) -> String {
+        match self {
+            Subject::Account(a) => format!("a:{a}"),
+            Subject::Key(d) => format!("k:{}", hex::encode(d)),
+        }
+    }
+
     /// How the admin API names it: `key:<fingerprint>` or `account:<name>`.
     pub fn label(&self) -> String {
         match self {
@@ -449,7 +458,7 @@ impl CounterStore {
                 m.settle(checks, at, delta, origin);
                 Ok(())
             }
-            CounterStore::Redis(r) => r.settle(checks, at, delta).await,
+            CounterStore::Redis(r) => r.settle(checks, at, delta, origin).await,
         }
     }
 
@@ -480,7 +489,7 @@ impl CounterStore {
                 .map(|(s, c)| (s.label(), c))
                 .collect()),
             CounterStore::Redis(r) => {
-                let mut ended = r.end_job_by_id(id).await?;
+                let mut ended = r.end_job_by_id(id, how).await?;
                 let local = r.fallback().end_job_by_id(id, how);
                 ended.extend(local.into_iter().map(|(s, c)| (s.label(), c)));
                 Ok(ended)
@@ -505,7 +514,7 @@ impl CounterStore {
     ) -> Result<bool, StoreError> {
         match self {
             CounterStore::Memory(m) => Ok(m.end_job(counters, id, how, origin)),
-            CounterStore::Redis(r) => r.end_job(counters, id).await,
+            CounterStore::Redis(r) => r.end_job(counters, id, how, origin).await,
         }
     }
 

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod redis_server;
+pub use redis_server::{redis_cli, require_redis, Redis};
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -53,7 +53,7 @@ impl Inner {
     }
 
     /// One command bounded by the timeout, outside the breaker.
-    async fn command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+    pub(super) async fn command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
         let Some(mut conn) = self.connection().await else {
             return Err(StoreError::Unavailable("cannot connect to redis".into()));
         };
@@ -161,6 +161,8 @@ impl RedisStore {
                     // decision comes to set it off.
                     if inner.guard().await && !inner.breaker.is_open() {
                         store.reconcile_soon();
+                    } else if store.lost() && inner.journal().is_some() {
+                        store.rebuild_from_ledger().await;
                     }
                 }
                 tokio::time::sleep(EVERY).await;
@@ -193,5 +195,61 @@ impl RedisStore {
             tracing::warn!(epoch = %fresh, "redis's loss of turnstile's data acknowledged: counting starts afresh");
         }
         Ok(fresh)
+    }
+}
+
+impl RedisStore {
+    /// With a ledger, a Redis that lost turnstile's data is rebuilt from
+    /// it: one instance at a time writes back every balance and job the
+    /// ledger recorded, then starts a new epoch the others adopt.
+    pub async fn rebuild_from_ledger(&self) {
+        let inner = &self.inner;
+        let lock = redis::cmd("SET")
+            .arg(format!("{}marker:rebuild", inner.settings.prefix))
+            .arg(&inner.instance)
+            .arg("NX")
+            .arg("PX")
+            .arg(60_000)
+            .to_owned();
+        // Another instance is at it: its new epoch will be adopted.
+        if !matches!(inner.command::<Option<String>>(lock).await, Ok(Some(_))) {
+            return;
+        }
+        match inner.restore_from_ledger().await {
+            Ok(counters) => match self.acknowledge().await {
+                Ok(epoch) => tracing::warn!(
+                    counters,
+                    %epoch,
+                    "redis lost turnstile's data: balances and jobs rebuilt from the ledger, deciding in redis again"
+                ),
+                Err(e) => tracing::error!(error = %e, "balances and jobs rebuilt from the ledger, but the new epoch could not be written"),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "redis lost turnstile's data and rebuilding it from the ledger failed: retrying");
+            }
+        }
+        let unlock = redis::cmd("DEL")
+            .arg(format!("{}marker:rebuild", inner.settings.prefix))
+            .to_owned();
+        let _ = inner.command::<i64>(unlock).await;
+    }
+
+    /// At start, with a ledger: a Redis without turnstile's marker (new,
+    /// or restarted empty while turnstile was down too) gets the balances
+    /// and jobs the ledger recorded before the first decision. How many
+    /// counters (`None`: it had the marker, or is unreachable).
+    pub async fn adopt_ledger(&self) -> Option<usize> {
+        let inner = &self.inner;
+        inner.journal()?;
+        let found: Option<String> = inner
+            .command(redis::cmd("GET").arg(inner.marker_key()).to_owned())
+            .await
+            .ok()?;
+        if found.is_some() {
+            return None;
+        }
+        let counters = inner.restore_from_ledger().await.ok()?;
+        self.acknowledge().await.ok()?;
+        Some(counters)
     }
 }

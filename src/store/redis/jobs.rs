@@ -8,6 +8,7 @@
 use sha2::{Digest, Sha256};
 
 use super::{Inner, RedisStore};
+use crate::store::journal::How;
 use crate::store::StoreError;
 
 impl Inner {
@@ -39,42 +40,53 @@ impl RedisStore {
     pub(super) async fn start_job_now(
         &self,
         key: &str,
-        subject: &str,
+        subject: &(String, String, u64),
         id: &str,
         left_ms: u64,
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
+        let (label, text, counter) = subject;
         let mut inv = inner.job.prepare_invoke();
         inv.key(key).arg("bind").arg(id).arg("").arg(left_ms);
+        inner.job_ledger_args(&mut inv, text, *counter, None);
         inner.call::<i64>(inv).await?;
         inner
             .jobs_gauge
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        inner.index_job(id, key, subject, left_ms).await
+        let holder = format!("{label}\t{text}");
+        inner.index_job(id, key, &holder, left_ms).await
     }
 
     /// Ends job `id` in every counter holding it: (subject label, counter id) of each.
-    pub async fn end_job_by_id(&self, id: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    pub async fn end_job_by_id(
+        &self,
+        id: &str,
+        how: How,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         let inner = &self.inner;
         let mut inv = inner.job_index.prepare_invoke();
         inv.key(inner.index_key(id)).arg("take");
         let holders: Vec<String> = inner.call(inv).await?;
         let mut ended = Vec::new();
         for holder in holders {
-            let Some((key, subject)) = holder.split_once('\t') else {
+            // `<key>\t<label>[\t<subject as the ledger writes it>]`
+            let mut parts = holder.split('\t');
+            let (Some(key), Some(subject)) = (parts.next(), parts.next()) else {
                 continue;
             };
+            let text = parts.next().unwrap_or_default();
+            let counter = key
+                .rsplit(':')
+                .next()
+                .and_then(|c| u64::from_str_radix(c, 16).ok())
+                .unwrap_or(0);
             let mut inv = inner.job.prepare_invoke();
-            inv.key(key).arg("end").arg(id);
+            inv.key(key).arg("end").arg(id).arg(how.as_str()).arg("");
+            inner.job_ledger_args(&mut inv, text, counter, None);
             if inner.call::<i64>(inv).await? > 0 {
                 inner
                     .jobs_gauge
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                let counter = key
-                    .rsplit(':')
-                    .next()
-                    .and_then(|c| u64::from_str_radix(c, 16).ok())
-                    .unwrap_or(0);
                 ended.push((subject.to_owned(), counter));
             }
         }

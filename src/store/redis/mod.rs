@@ -25,6 +25,7 @@ use super::{
     BalanceChange, Decision, JobClaim, Lease, LimitCheck, MemoryStore, OwnedCheck, Store,
     StoreError, Subject, Verdicts,
 };
+use super::journal::{stream_position, How, JournalSlot, Origin};
 use super::{OnError, RedisSettings};
 use crate::clock::{Clock, Nanos};
 use crate::limits::{Job, Rule, Verdict};
@@ -32,6 +33,7 @@ use crate::limits::{Job, Rule, Verdict};
 mod client;
 mod guard;
 mod jobs;
+mod ledger;
 mod outage;
 
 use client::{Breaker, Conn};
@@ -94,12 +96,17 @@ struct Inner {
     epoch: std::sync::Mutex<Option<String>>,
     /// Redis lost turnstile's data and no one acknowledged it yet.
     lost: AtomicBool,
+    /// The ledger, when one is kept (see `ledger.rs`).
+    journal: JournalSlot,
+    ledger: ledger::Scripts,
 }
 
 /// Local admissions of one counter while Redis was unreachable.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Unsynced {
-    rule: (u8, u64, u64),
+    rule: Rule,
+    subject: Subject,
+    counter: u64,
     count: u64,
     /// The last one, microseconds.
     at_us: u64,
@@ -140,6 +147,10 @@ pub(super) struct RedisClaim {
     max_duration_ms: u64,
     /// Whose counter, for the job index (`Subject::label`).
     subject: String,
+    /// Whose counter, as the ledger writes it (`Subject::text`).
+    subject_text: String,
+    counter: u64,
+    origin: Option<Arc<Origin>>,
 }
 
 impl RedisClaim {
@@ -154,10 +165,17 @@ impl RedisClaim {
             .arg(id)
             .arg(&self.member)
             .arg(self.max_duration_ms);
+        store.job_ledger_args(
+            &mut inv,
+            &self.subject_text,
+            self.counter,
+            self.origin.as_deref(),
+        );
         store.call::<i64>(inv).await?;
         store.jobs_gauge.fetch_add(1, Ordering::Relaxed);
+        let holder = format!("{}\t{}", self.subject, self.subject_text);
         let indexed = store
-            .index_job(id, &self.key, &self.subject, self.max_duration_ms)
+            .index_job(id, &self.key, &holder, self.max_duration_ms)
             .await;
         if let Err(e) = indexed {
             tracing::warn!(error = %e, "a job was not indexed by id: POST /v1/jobs/end will not find it");
@@ -303,6 +321,8 @@ impl RedisStore {
             clock,
             epoch: std::sync::Mutex::new(None),
             lost: AtomicBool::new(false),
+            journal: JournalSlot::new(),
+            ledger: ledger::Scripts::new(),
         });
         Self { inner }
     }
@@ -348,6 +368,7 @@ impl RedisStore {
         &self,
         checks: &[LimitCheck<'_>],
         dry_run: bool,
+        origin: Option<&Arc<Origin>>,
     ) -> Result<Decision, StoreError> {
         let inner = &self.inner;
         let lease_id = format!(
@@ -362,7 +383,8 @@ impl RedisStore {
         }
         inv.arg(if dry_run { 1 } else { 0 })
             .arg(&lease_id)
-            .arg(inner.settings.lease.as_millis() as u64);
+            .arg(inner.settings.lease.as_millis() as u64)
+            .arg(checks.len());
         for c in checks {
             let (kind, a, b) = c.rule.redis_args();
             inv.arg(kind)
@@ -371,8 +393,13 @@ impl RedisStore {
                 .arg(c.units)
                 .arg(u8::from(c.shadow));
         }
+        inner.ledger_args(
+            &mut inv,
+            origin.map(|o| &**o),
+            checks.iter().map(|c| (&c.subject, c.counter, c.rule)),
+        );
         let out: Vec<i64> = inner.call(inv).await?;
-        let (admitted, now, expired, verdicts) = parse_decision(&out, checks.len())?;
+        let (admitted, now, expired, written, verdicts) = parse_decision(&out, checks.len())?;
         if expired > 0 {
             inner.jobs_expired.fetch_add(expired, Ordering::Relaxed);
             inner
@@ -410,6 +437,9 @@ impl RedisStore {
                     member,
                     max_duration_ms: rule.max_duration / 1_000_000,
                     subject: c.subject.label(),
+                    subject_text: c.subject.text(),
+                    counter: c.counter,
+                    origin: origin.cloned(),
                 })));
             }
             lease = lease.with_jobs(jobs);
@@ -419,13 +449,13 @@ impl RedisStore {
             admitted,
             verdicts,
             lease,
-            written: 0,
+            written,
         })
     }
 
     /// The limits' figures without counting anything (admin usage).
     pub async fn usage(&self, checks: &[LimitCheck<'_>]) -> Result<Vec<Verdict>, StoreError> {
-        let d = self.decide_once(checks, true).await?;
+        let d = self.decide_once(checks, true, None).await?;
         Ok(d.verdicts
             .into_iter()
             .zip(checks)
@@ -452,15 +482,22 @@ impl RedisStore {
     }
 }
 
-/// `(admitted, now, jobs expired, verdicts)` from the decide script's reply.
 impl RedisStore {
     /// Ends job `id` in whichever of `counters` holds it; true if one did.
-    pub async fn end_job(&self, counters: &[OwnedCheck], id: &str) -> Result<bool, StoreError> {
-        let ended = self.end_job_now(counters, id).await;
+    pub async fn end_job(
+        &self,
+        counters: &[OwnedCheck],
+        id: &str,
+        how: How,
+        origin: Option<&Origin>,
+    ) -> Result<bool, StoreError> {
+        let ended = self.end_job_now(counters, id, how, origin).await;
         if let Err(StoreError::NotSent(_)) = &ended {
             self.replay_later(outage::Replay::EndJob {
                 counters: counters.to_vec(),
                 id: id.to_owned(),
+                how,
+                origin: origin.cloned(),
             });
         }
         ended
@@ -470,12 +507,19 @@ impl RedisStore {
         &self,
         counters: &[OwnedCheck],
         id: &str,
+        how: How,
+        origin: Option<&Origin>,
     ) -> Result<bool, StoreError> {
         let inner = &self.inner;
         let mut ended = false;
         for c in counters {
             let mut inv = inner.job.prepare_invoke();
-            inv.key(inner.key(&c.check())).arg("end").arg(id);
+            inv.key(inner.key(&c.check()))
+                .arg("end")
+                .arg(id)
+                .arg(how.as_str())
+                .arg("");
+            inner.job_ledger_args(&mut inv, &c.subject.text(), c.counter, origin);
             if inner.call::<i64>(inv).await? > 0 {
                 inner.jobs_gauge.fetch_sub(1, Ordering::Relaxed);
                 ended = true;
@@ -529,13 +573,15 @@ impl RedisStore {
         checks: &[OwnedCheck],
         at: Nanos,
         delta: i64,
+        origin: Option<&Origin>,
     ) -> Result<(), StoreError> {
-        match self.settle_now(checks, at, delta).await {
+        match self.settle_now(checks, at, delta, origin).await {
             Err(StoreError::NotSent(_)) => {
                 self.replay_later(outage::Replay::Settle {
                     checks: checks.to_vec(),
                     at,
                     delta,
+                    origin: origin.cloned(),
                 });
                 Ok(())
             }
@@ -548,6 +594,7 @@ impl RedisStore {
         checks: &[OwnedCheck],
         at: Nanos,
         delta: i64,
+        origin: Option<&Origin>,
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
         let mut inv = inner.settle.prepare_invoke();
@@ -556,11 +603,17 @@ impl RedisStore {
         }
         inv.arg(at / 1_000)
             .arg(delta.signum())
-            .arg(delta.unsigned_abs());
+            .arg(delta.unsigned_abs())
+            .arg(checks.len());
         for c in checks {
             let (kind, a, b) = c.rule.redis_args();
             inv.arg(kind).arg(a).arg(b);
         }
+        inner.ledger_args(
+            &mut inv,
+            origin,
+            checks.iter().map(|c| (&c.subject, c.counter, &c.rule)),
+        );
         inner.call::<i64>(inv).await.map(|_| ())
     }
 
@@ -583,6 +636,10 @@ impl RedisStore {
             .arg(n)
             .arg(a)
             .arg(b);
+        if change != BalanceChange::Read {
+            let check = (&check.subject, check.counter, &check.rule);
+            inner.ledger_args(&mut inv, None, std::iter::once(check));
+        }
         inner.call::<i64>(inv).await
     }
 
@@ -597,8 +654,12 @@ impl RedisStore {
     }
 }
 
-fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, u64, Verdicts), StoreError> {
-    if out.len() != 3 + 6 * n {
+/// `(admitted, now, jobs expired, ledger position, verdicts)` from the
+/// decide script's reply.
+type Decided = (bool, Nanos, u64, u64, Verdicts);
+
+fn parse_decision(out: &[i64], n: usize) -> Result<Decided, StoreError> {
+    if out.len() != 5 + 6 * n {
         return Err(StoreError::Unavailable(format!(
             "unexpected reply from the decide script ({} values)",
             out.len()
@@ -607,7 +668,7 @@ fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, u64, Verdicts),
     let us = |v: i64| (v.max(0) as u64).saturating_mul(1_000);
     // A balance may be negative: figures shown are never below 0.
     let figure = |v: i64| v.clamp(0, i64::from(u32::MAX)) as u32;
-    let verdicts = out[3..]
+    let verdicts = out[5..]
         .chunks(6)
         .map(|v| Verdict {
             admitted: v[0] == 1,
@@ -618,20 +679,30 @@ fn parse_decision(out: &[i64], n: usize) -> Result<(bool, Nanos, u64, Verdicts),
             retry_at: us(v[5]),
         })
         .collect();
-    Ok((out[0] == 1, us(out[1]), out[2].max(0) as u64, verdicts))
+    let written = match (out[3].max(0) as u64, out[4].max(0) as u64) {
+        (0, _) => 0,
+        (ms, seq) => stream_position(ms, seq),
+    };
+    Ok((
+        out[0] == 1,
+        us(out[1]),
+        out[2].max(0) as u64,
+        written,
+        verdicts,
+    ))
 }
 
 impl Store for RedisStore {
-    /// A ledger is not kept in Redis mode (the config refuses one):
-    /// `origin` is not used.
+    /// With a ledger, the events of the decision are in its stream
+    /// (`written`: the last one's position).
     async fn decide(
         &self,
         checks: &[LimitCheck<'_>],
-        _origin: Option<&std::sync::Arc<super::Origin>>,
+        origin: Option<&Arc<Origin>>,
     ) -> Result<Decision, StoreError> {
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
-            let d = match self.decide_once(checks, false).await {
+            let d = match self.decide_once(checks, false, origin).await {
                 Ok(d) => d,
                 Err(e) => return self.fall_back(checks, e).await,
             };
@@ -662,12 +733,14 @@ impl Store for RedisStore {
         &self,
         checks: &[LimitCheck<'_>],
         at: Nanos,
-        _origin: Option<&std::sync::Arc<super::Origin>>,
+        origin: Option<&Arc<Origin>>,
     ) -> Result<(), StoreError> {
-        match self.refund_now(checks, at).await {
+        let origin = origin.map(|o| &**o);
+        match self.refund_now(checks, at, origin).await {
             Err(StoreError::NotSent(_)) => {
                 let checks = checks.iter().map(OwnedCheck::of).collect();
-                self.replay_later(outage::Replay::Refund { checks, at });
+                let origin = origin.cloned();
+                self.replay_later(outage::Replay::Refund { checks, at, origin });
                 Ok(())
             }
             done => done,
@@ -680,17 +753,23 @@ impl RedisStore {
         &self,
         checks: &[LimitCheck<'_>],
         at: Nanos,
+        origin: Option<&Origin>,
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
         let mut inv = inner.refund.prepare_invoke();
         for c in checks {
             inv.key(inner.key(c));
         }
-        inv.arg(at / 1_000);
+        inv.arg(at / 1_000).arg(checks.len());
         for c in checks {
             let (kind, a, b) = c.rule.redis_args();
             inv.arg(kind).arg(a).arg(b).arg(c.units);
         }
+        inner.ledger_args(
+            &mut inv,
+            origin,
+            checks.iter().map(|c| (&c.subject, c.counter, c.rule)),
+        );
         inner.call::<i64>(inv).await.map(|_| ())
     }
 }

@@ -7,6 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::clock::Nanos;
+use crate::store::journal::{How, Origin};
 use crate::limits::Rule;
 use crate::store::{
     BindJob, Decision, JobClaim, Lease, LimitCheck, OnError, OwnedCheck, Store, StoreError,
@@ -23,19 +24,27 @@ pub(super) enum Replay {
         checks: Vec<OwnedCheck>,
         at: Nanos,
         delta: i64,
+        origin: Option<Origin>,
     },
     /// `Store::refund`.
-    Refund { checks: Vec<OwnedCheck>, at: Nanos },
+    Refund {
+        checks: Vec<OwnedCheck>,
+        at: Nanos,
+        origin: Option<Origin>,
+    },
     /// `CounterStore::end_job`.
     EndJob {
         counters: Vec<OwnedCheck>,
         id: String,
+        how: How,
+        origin: Option<Origin>,
     },
     /// A job the local fallback started: held in Redis for what is left of
     /// its `max_duration`.
     StartJob {
         key: String,
-        subject: String,
+        /// (`Subject::label`, `Subject::text`, counter id).
+        subject: (String, String, u64),
         id: String,
         max_duration_ms: u64,
         started: std::time::Instant,
@@ -48,7 +57,7 @@ struct LocalJob {
     claim: JobClaim,
     store: RedisStore,
     key: String,
-    subject: String,
+    subject: (String, String, u64),
     max_duration_ms: u64,
 }
 
@@ -117,7 +126,7 @@ impl RedisStore {
         let jobs = checks.iter().filter_map(|c| match c.rule {
             Rule::Jobs(j) => Some((
                 self.inner.key(c),
-                c.subject.label(),
+                (c.subject.label(), c.subject.text(), c.counter),
                 j.max_duration / 1_000_000,
             )),
             _ => None,
@@ -159,13 +168,29 @@ impl RedisStore {
         let mut failed = Vec::new();
         for r in kept {
             let done = match &r {
-                Replay::Settle { checks, at, delta } => self.settle_now(checks, *at, *delta).await,
-                Replay::Refund { checks, at } => {
+                Replay::Settle {
+                    checks,
+                    at,
+                    delta,
+                    origin,
+                } => {
+                    self.settle_now(checks, *at, *delta, origin.as_ref())
+                        .await
+                }
+                Replay::Refund { checks, at, origin } => {
                     let checks: Vec<LimitCheck<'_>> =
                         checks.iter().map(OwnedCheck::check).collect();
-                    self.refund_now(&checks, *at).await
+                    self.refund_now(&checks, *at, origin.as_ref()).await
                 }
-                Replay::EndJob { counters, id } => self.end_job_now(counters, id).await.map(|_| ()),
+                Replay::EndJob {
+                    counters,
+                    id,
+                    how,
+                    origin,
+                } => self
+                    .end_job_now(counters, id, *how, origin.as_ref())
+                    .await
+                    .map(|_| ()),
                 Replay::StartJob {
                     key,
                     subject,
@@ -207,8 +232,10 @@ impl RedisStore {
             .iter()
             .filter(|c| !c.rule.holds_slot() && c.units > 0)
         {
-            let entry = unsynced.entry(inner.key(c)).or_insert(Unsynced {
-                rule: c.rule.redis_args(),
+            let entry = unsynced.entry(inner.key(c)).or_insert_with(|| Unsynced {
+                rule: *c.rule,
+                subject: c.subject.clone(),
+                counter: c.counter,
                 count: 0,
                 at_us: 0,
             });
@@ -244,12 +271,15 @@ impl RedisStore {
             let now_us = inner.clock.now() / 1_000;
             for (key, u) in pending {
                 let mut inv = inner.reconcile.prepare_invoke();
+                let (kind, a, b) = u.rule.redis_args();
                 inv.key(&key)
-                    .arg(u.rule.0)
-                    .arg(u.rule.1)
-                    .arg(u.rule.2)
+                    .arg(kind)
+                    .arg(a)
+                    .arg(b)
                     .arg(u.count)
                     .arg(now_us.saturating_sub(u.at_us));
+                let check = (&u.subject, u.counter, &u.rule);
+                inner.ledger_args(&mut inv, None, std::iter::once(check));
                 match inner.call::<i64>(inv).await {
                     Ok(_) => added += u.count,
                     Err(_) => failed.push((key, u)),
@@ -261,7 +291,10 @@ impl RedisStore {
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 for (key, u) in failed {
-                    let e = unsynced.entry(key).or_insert(Unsynced { count: 0, ..u });
+                    let e = unsynced.entry(key).or_insert_with(|| Unsynced {
+                        count: 0,
+                        ..u.clone()
+                    });
                     e.count += u.count;
                     e.at_us = e.at_us.max(u.at_us);
                 }

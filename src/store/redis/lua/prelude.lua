@@ -30,3 +30,65 @@ local function counted(limit, used, reset_at, retry_at, units)
   end
   return {0, limit, used, 0, reset_at, retry_at}
 end
+
+-- The ledger (docs/ledger.md). When it is on, the script's last key is the
+-- ledger's stream and every change of a credits balance, every job start
+-- and end and the first refusal of a quota window is appended to it by the
+-- script that makes the change (ledger_open reads its arguments).
+local LEDGER = false
+-- The exchange: {request id, route, key fingerprint}; nil for none.
+local ORIGIN = nil
+-- Per check: {key, subject, counter id, grant, alert levels}.
+local LCTX = {}
+-- The check being changed (set before calling a kind's functions).
+local CTX = nil
+-- The stream id of the last event appended: {ms, seq}.
+local LAST = {0, 0}
+
+-- Reads the ledger's arguments: n checks, from ARGV[base]: request id
+-- ('' for none), route, key fingerprint, then per check: subject,
+-- counter id, grant, alert levels ('l1,l2,...').
+local function ledger_open(n, base)
+  if #KEYS <= n then return end
+  LEDGER = KEYS[n + 1]
+  if ARGV[base] ~= '' then ORIGIN = {ARGV[base], ARGV[base + 1], ARGV[base + 2]} end
+  for i = 1, n do
+    local j = base + 3 + (i - 1) * 4
+    LCTX[i] = {KEYS[i], ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]}
+  end
+end
+
+-- Appends an event of type t for the check in CTX; `more`: extra fields.
+local function note(t, amount, balance, more)
+  if not LEDGER or not CTX then return end
+  local f = {'t', t, 's', CTX[2], 'c', CTX[3], 'g', CTX[4], 'a', amount, 'k', CTX[1]}
+  if balance then
+    f[#f + 1] = 'b'
+    f[#f + 1] = balance
+  end
+  if ORIGIN then
+    f[#f + 1] = 'r'
+    f[#f + 1] = ORIGIN[1]
+    f[#f + 1] = 'o'
+    f[#f + 1] = ORIGIN[2]
+    f[#f + 1] = 'f'
+    f[#f + 1] = ORIGIN[3]
+  end
+  if more then
+    for _, v in ipairs(more) do f[#f + 1] = v end
+  end
+  local id = redis.call('XADD', LEDGER, '*', unpack(f))
+  local ms, seq = string.match(id, '(%d+)-(%d+)')
+  LAST = {tonumber(ms), tonumber(seq)}
+end
+
+-- A quota refused a request: noted once per subject until it admits again
+-- (field x of the counter's hash: that time, us).
+local function quota_exhausted(key, v)
+  if not LEDGER then return end
+  local x = tonumber(redis.call('HGET', key, 'x'))
+  if x and now < x then return end
+  redis.call('HSET', key, 'x', v[6])
+  if redis.call('PTTL', key) < 0 then redis.call('PEXPIREAT', key, math.ceil(v[6] / 1000)) end
+  note('quota.exhausted', 0, nil, {'u', v[6]})
+end

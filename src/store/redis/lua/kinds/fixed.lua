@@ -42,7 +42,9 @@ local function window_add(key, b, at, field, n)
   local w = tonumber(redis.call('HGET', key, 'w'))
   if w and w == window_bounds(b, at) then
     redis.call('HINCRBY', key, field, n)
+    return true
   end
+  return false
 end
 
 -- Adds n taken elsewhere at `at` (the local fallback) to `field`, while
@@ -50,14 +52,17 @@ end
 -- it starts.
 local function window_reconcile(key, b, n, at, field, expire)
   local start, fin = window_bounds(b, at)
-  if fin <= now then return end
+  if fin <= now then return false end
   local w = tonumber(redis.call('HGET', key, 'w'))
   if w == start then
     redis.call('HINCRBY', key, field, n)
   elseif not w or w < start then
     redis.call('HSET', key, 'w', start, field, n)
     expire(fin)
+  else
+    return false
   end
+  return true
 end
 
 KINDS[1] = {
@@ -89,4 +94,5 @@ KINDS[1] = {
       redis.call('PEXPIREAT', key, math.ceil(fin / 1000))
     end)
   end,
+  exhausted = quota_exhausted,
 }

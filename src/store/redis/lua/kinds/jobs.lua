@@ -13,7 +13,13 @@ KINDS[5] = {
     local gone = redis.call('ZRANGEBYSCORE', key, '-inf', now_ms)
     if #gone > 0 then
       for _, m in ipairs(gone) do
-        if string.sub(m, 1, 2) == 'j:' then jobs_expired = jobs_expired + 1 end
+        if string.sub(m, 1, 2) == 'j:' then
+          jobs_expired = jobs_expired + 1
+          local was = ORIGIN
+          ORIGIN = nil
+          note('job.ended', 0, nil, {'j', string.sub(m, 3), 'h', 'expired'})
+          ORIGIN = was
+        end
       end
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms)
     end

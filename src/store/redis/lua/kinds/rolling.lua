@@ -94,4 +94,5 @@ KINDS[2] = {
     local sec = math.floor(at / SEC)
     if (sec + 1 + b) * SEC > now then rolling_add(key, b, sec, n) end
   end,
+  exhausted = quota_exhausted,
 }
