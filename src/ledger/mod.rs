@@ -338,13 +338,16 @@ pub struct Page {
 
 impl Journal for Inner {
     fn alert_levels(&self, counter: u64, grant: u32) -> Vec<i64> {
-        self.limits.load().get(&counter).map_or_else(Vec::new, |info| {
-            info.alerts
-                .iter()
-                .take(32)
-                .map(|a| a.balance(grant))
-                .collect()
-        })
+        self.limits
+            .load()
+            .get(&counter)
+            .map_or_else(Vec::new, |info| {
+                info.alerts
+                    .iter()
+                    .take(32)
+                    .map(|a| a.balance(grant))
+                    .collect()
+            })
     }
 
     fn recorded(&self) -> Vec<crate::store::journal::Recorded> {
@@ -561,8 +564,8 @@ impl Inner {
     }
 }
 
-pub use rebuild::Rebuilt;
 pub use mirror::spawn_mirror;
+pub use rebuild::Rebuilt;
 pub use sink::spawn_sinks;
 
 #[cfg(test)]

@@ -84,18 +84,9 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
         let backlog = total.saturating_sub(acked);
         metrics.ledger().backlog(&sink.name, backlog);
         ledger.sink_status(&sink.name, |s| s.backlog = backlog);
-        if let Some(redis) = ledger.redis() {
-            // One instance at a time delivers each sink.
-            let (mine, at) = take_turn(redis, &sink.name).await;
-            if at > acked {
-                let name = sink.name.to_string();
-                let _ = reader.run(move |c| db::ack(c, &name, at)).await;
-                acked = at;
-            }
-            if !mine {
-                let _ = tokio::time::timeout(Duration::from_secs(1), written.changed()).await;
-                continue;
-            }
+        if !my_turn(&ledger, &reader, &sink.name, &mut acked).await {
+            let _ = tokio::time::timeout(Duration::from_secs(1), written.changed()).await;
+            continue;
         }
         let batch = match &sink.kind {
             SinkKind::Http { batch, .. } => *batch,
@@ -144,13 +135,21 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
     }
 }
 
-/// With Redis: whether this instance has `sink`'s turn to deliver, and
-/// where it was delivered up to by any instance (0 when Redis does not
-/// answer: the turn is not taken).
-async fn take_turn(redis: &crate::store::RedisStore, sink: &str) -> (bool, u64) {
+/// Whether this instance delivers `sink` now: always without Redis; with
+/// it, while it holds the sink's turn (one instance at a time). `acked`
+/// moves to where any instance delivered it (saved on this disk too).
+async fn my_turn(ledger: &Ledger, reader: &Reader, sink: &str, acked: &mut u64) -> bool {
+    let Some(redis) = ledger.redis() else {
+        return true;
+    };
     let mine = redis.sink_turn(sink).await.unwrap_or(false);
     let at = redis.sink_position(sink).await.unwrap_or(0);
-    (mine, at)
+    if at > *acked {
+        let name = sink.to_owned();
+        let _ = reader.run(move |c| db::ack(c, &name, at)).await;
+        *acked = at;
+    }
+    mine
 }
 
 /// The client of an HTTP sink (none for a file).

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod redis_server;
+#[allow(unused_imports)]
 pub use redis_server::{redis_cli, require_redis, Redis};
 
 use std::collections::HashMap;

@@ -53,7 +53,10 @@ impl Inner {
     }
 
     /// One command bounded by the timeout, outside the breaker.
-    pub(super) async fn command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+    pub(super) async fn command<T: redis::FromRedisValue>(
+        &self,
+        cmd: redis::Cmd,
+    ) -> Result<T, StoreError> {
         let Some(mut conn) = self.connection().await else {
             return Err(StoreError::Unavailable("cannot connect to redis".into()));
         };
@@ -222,7 +225,9 @@ impl RedisStore {
                     %epoch,
                     "redis lost turnstile's data: balances and jobs rebuilt from the ledger, deciding in redis again"
                 ),
-                Err(e) => tracing::error!(error = %e, "balances and jobs rebuilt from the ledger, but the new epoch could not be written"),
+                Err(e) => {
+                    tracing::error!(error = %e, "balances and jobs rebuilt from the ledger, but the new epoch could not be written")
+                }
             },
             Err(e) => {
                 tracing::error!(error = %e, "redis lost turnstile's data and rebuilding it from the ledger failed: retrying");

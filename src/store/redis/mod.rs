@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 use redis::{FromRedisValue, Script};
 use sha2::{Digest, Sha256};
 
+use super::journal::{stream_position, How, JournalSlot, Origin};
 use super::{
     BalanceChange, Decision, JobClaim, Lease, LimitCheck, MemoryStore, OwnedCheck, Store,
     StoreError, Subject, Verdicts,
 };
-use super::journal::{stream_position, How, JournalSlot, Origin};
 use super::{OnError, RedisSettings};
 use crate::clock::{Clock, Nanos};
 use crate::limits::{Job, Rule, Verdict};
@@ -406,44 +406,10 @@ impl RedisStore {
                 .jobs_gauge
                 .fetch_sub(expired as i64, Ordering::Relaxed);
         }
-        let mut lease = Lease::default();
-        if admitted && !dry_run {
-            let slots: Vec<String> = checks
-                .iter()
-                .zip(&keys)
-                .filter(|(c, _)| c.rule.holds_slot() && !matches!(c.rule, Rule::Jobs(_)))
-                .map(|(_, k)| k.clone())
-                .collect();
-            if !slots.is_empty() {
-                let handle = inner.seq.fetch_add(1, Ordering::Relaxed);
-                inner.held.insert(handle, (lease_id.clone(), slots));
-                lease = Lease::new(vec![Box::new(RedisLease {
-                    store: inner.clone(),
-                    handle,
-                })]);
-            }
-            let mut jobs = Vec::new();
-            for (c, key) in checks.iter().zip(keys) {
-                let Rule::Jobs(rule) = c.rule else { continue };
-                let handle = inner.seq.fetch_add(1, Ordering::Relaxed);
-                let member = format!("{lease_id}:j");
-                inner
-                    .held
-                    .insert(handle, (member.clone(), vec![key.clone()]));
-                jobs.push(JobClaim(super::ClaimKind::Redis(RedisClaim {
-                    store: inner.clone(),
-                    handle,
-                    key,
-                    member,
-                    max_duration_ms: rule.max_duration / 1_000_000,
-                    subject: c.subject.label(),
-                    subject_text: c.subject.text(),
-                    counter: c.counter,
-                    origin: origin.cloned(),
-                })));
-            }
-            lease = lease.with_jobs(jobs);
-        }
+        let lease = match admitted && !dry_run {
+            true => inner.held_for(checks, keys, &lease_id, origin),
+            false => Lease::default(),
+        };
         Ok(Decision {
             now,
             admitted,
@@ -479,6 +445,56 @@ impl RedisStore {
             deleted += n.map_err(|e| StoreError::Unavailable(e.to_string()))? as usize;
         }
         Ok(deleted)
+    }
+}
+
+impl Inner {
+    /// What an admitted request holds: the leases of its concurrency
+    /// slots, and a claim per jobs limit (bound to the job's id later).
+    fn held_for(
+        self: &Arc<Self>,
+        checks: &[LimitCheck<'_>],
+        keys: Vec<String>,
+        lease_id: &str,
+        origin: Option<&Arc<Origin>>,
+    ) -> Lease {
+        let inner = self;
+        let mut lease = Lease::default();
+        let slots: Vec<String> = checks
+            .iter()
+            .zip(&keys)
+            .filter(|(c, _)| c.rule.holds_slot() && !matches!(c.rule, Rule::Jobs(_)))
+            .map(|(_, k)| k.clone())
+            .collect();
+        if !slots.is_empty() {
+            let handle = inner.seq.fetch_add(1, Ordering::Relaxed);
+            inner.held.insert(handle, (lease_id.to_owned(), slots));
+            lease = Lease::new(vec![Box::new(RedisLease {
+                store: inner.clone(),
+                handle,
+            })]);
+        }
+        let mut jobs = Vec::new();
+        for (c, key) in checks.iter().zip(keys) {
+            let Rule::Jobs(rule) = c.rule else { continue };
+            let handle = inner.seq.fetch_add(1, Ordering::Relaxed);
+            let member = format!("{lease_id}:j");
+            inner
+                .held
+                .insert(handle, (member.clone(), vec![key.clone()]));
+            jobs.push(JobClaim(super::ClaimKind::Redis(RedisClaim {
+                store: inner.clone(),
+                handle,
+                key,
+                member,
+                max_duration_ms: rule.max_duration / 1_000_000,
+                subject: c.subject.label(),
+                subject_text: c.subject.text(),
+                counter: c.counter,
+                origin: origin.cloned(),
+            })));
+        }
+        lease.with_jobs(jobs)
     }
 }
 

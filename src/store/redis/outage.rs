@@ -7,8 +7,8 @@
 use std::sync::atomic::Ordering;
 
 use crate::clock::Nanos;
-use crate::store::journal::{How, Origin};
 use crate::limits::Rule;
+use crate::store::journal::{How, Origin};
 use crate::store::{
     BindJob, Decision, JobClaim, Lease, LimitCheck, OnError, OwnedCheck, Store, StoreError,
     Verdicts,
@@ -173,10 +173,7 @@ impl RedisStore {
                     at,
                     delta,
                     origin,
-                } => {
-                    self.settle_now(checks, *at, *delta, origin.as_ref())
-                        .await
-                }
+                } => self.settle_now(checks, *at, *delta, origin.as_ref()).await,
                 Replay::Refund { checks, at, origin } => {
                     let checks: Vec<LimitCheck<'_>> =
                         checks.iter().map(OwnedCheck::check).collect();

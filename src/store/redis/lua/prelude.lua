@@ -61,10 +61,11 @@ end
 -- Appends an event of type t for the check in CTX; `more`: extra fields.
 local function note(t, amount, balance, more)
   if not LEDGER or not CTX then return end
-  local f = {'t', t, 's', CTX[2], 'c', CTX[3], 'g', CTX[4], 'a', amount, 'k', CTX[1]}
+  -- Whole numbers as digits (Redis would write large ones as 1.7e+15).
+  local f = {'t', t, 's', CTX[2], 'c', CTX[3], 'g', CTX[4], 'a', string.format('%d', amount), 'k', CTX[1]}
   if balance then
     f[#f + 1] = 'b'
-    f[#f + 1] = balance
+    f[#f + 1] = string.format('%d', balance)
   end
   if ORIGIN then
     f[#f + 1] = 'r'
@@ -90,5 +91,5 @@ local function quota_exhausted(key, v)
   if x and now < x then return end
   redis.call('HSET', key, 'x', v[6])
   if redis.call('PTTL', key) < 0 then redis.call('PEXPIREAT', key, math.ceil(v[6] / 1000)) end
-  note('quota.exhausted', 0, nil, {'u', v[6]})
+  note('quota.exhausted', 0, nil, {'u', string.format('%d', v[6])})
 end

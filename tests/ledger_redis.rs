@@ -1,0 +1,453 @@
+//! The ledger with Redis (docs/ledger.md, "With Redis"), on a real
+//! redis-server: several instances write one stream (each event appended
+//! by the script that changes the balance), every instance holds every
+//! event under the same id, each sink gets every event once in all (not
+//! once per instance) in order per account, alerts and exhausted quotas
+//! are written once whichever instance sees them, and a Redis restarted
+//! empty is rebuilt from the ledger: balances and jobs, never a full grant.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use serde_json::{json, Value};
+use support::*;
+
+const CONFIG: &str = r#"
+[upstream]
+url = "{upstream}"
+
+[identity]
+keys_file = "keys.toml"
+default_plan = "free"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[store]
+backend = "redis"
+url = "{redis}"
+timeout = "2s"
+on_error = "deny"
+
+[ledger]
+path = "state/ledger.db"
+durable = "sync"
+
+[[ledger.sinks]]
+kind = "http"
+url = "{sink}/events"
+batch = 7
+
+[[routes]]
+name = "flat"
+path = "/flat"
+cost = 10
+
+[[routes]]
+name = "billed"
+path = "/bill"
+cost = 10
+settle = "header:x-credits-used"
+
+[[routes]]
+name = "refunded"
+path = "/status/{code}"
+cost = 10
+refund_on = ["5xx"]
+
+[[routes]]
+name = "quota"
+path = "/quota"
+
+[[routes]]
+name = "txt2video"
+method = "POST"
+path = "/gen"
+job = { id = "json:/id" }
+
+[[routes]]
+name = "status"
+method = "GET"
+path = "/gen/status"
+job_status = { id = "query:id", state = "json:/status", done = ["completed", "failed"] }
+
+[plans.free]
+[[plans.free.limits]]
+name = "credits"
+kind = "credits"
+grant = 100000
+refill = "month"
+per = "account"
+routes = ["flat", "billed", "refunded"]
+alerts = ["20%", "5%", "0"]
+
+[[plans.free.limits]]
+name = "per-minute"
+routes = ["quota"]
+per = "account"
+window = "1m"
+requests = 3
+
+[[plans.free.limits]]
+name = "video-jobs"
+kind = "jobs"
+routes = ["txt2video"]
+per = "account"
+max = 2
+max_duration = "10m"
+"#;
+
+const KEYS: &str = r#"
+[[keys]]
+key = "acme-1"
+account = "acme"
+
+[[keys]]
+key = "acme-2"
+account = "acme"
+
+[[keys]]
+key = "beta-1"
+account = "beta"
+"#;
+
+fn config(redis: &Redis, sink: &Upstream, grant: u32) -> String {
+    CONFIG
+        .replace("{redis}", &redis.url())
+        .replace("{sink}", &sink.url())
+        .replace("grant = 100000", &format!("grant = {grant}"))
+}
+
+async fn instance(config: &str, up: &Upstream) -> Proxy {
+    Proxy::start_with(config, up, &[("keys.toml", KEYS)]).await
+}
+
+async fn admin(p: &Proxy, method: &str, path: &str, body: Option<Value>) -> Got {
+    let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+    send(
+        req(method, &p.admin_url(path))
+            .body(Full::new(body))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Every event of `account` this instance holds.
+async fn history(p: &Proxy, account: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let q = match after.as_str() {
+            "" => format!("/v1/ledger?account={account}&limit=1000"),
+            a => format!("/v1/ledger?account={account}&limit=1000&after={a}"),
+        };
+        let got = admin(p, "GET", &q, None).await;
+        assert_eq!(got.status, 200, "{}", got.body);
+        let page = got.json();
+        out.extend(page["events"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => after = next.to_owned(),
+            None => return out,
+        }
+    }
+}
+
+/// `account`'s history once this instance holds at least `n` events.
+async fn history_of(p: &Proxy, account: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = history(p, account).await;
+        if events.len() >= n || Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == kind).collect()
+}
+
+/// The events the sink received, in the order it received them (each
+/// delivery of each event).
+fn delivered(sink: &Upstream) -> Vec<Value> {
+    sink.seen()
+        .iter()
+        .filter(|s| s.uri == "/events")
+        .flat_map(|s| {
+            let batch: Vec<Value> = serde_json::from_slice(&s.body).unwrap();
+            batch.into_iter().map(|ce| ce["data"].clone())
+        })
+        .collect()
+}
+
+fn stream_length(redis: &Redis) -> usize {
+    redis_cli(redis, &["xlen", "turnstile:ledger"])
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_write_one_stream_and_each_event_is_delivered_once_in_all() {
+    let redis = Redis::start().await;
+    let (up, sink) = (Upstream::start().await, Upstream::start().await);
+    let config = config(&redis, &sink, 100_000);
+    let a = instance(&config, &up).await;
+    let b = instance(&config, &up).await;
+    let tasks: Vec<_> = (0..120)
+        .map(|i| {
+            let p = if i % 2 == 0 { &a } else { &b };
+            let path = match i % 4 {
+                0 | 1 => "/flat".to_owned(),
+                2 => format!("/bill?used={}", i % 23),
+                _ => "/status/503".to_owned(),
+            };
+            let (url, key) = (p.url(&path), if i % 3 == 0 { "acme-1" } else { "acme-2" });
+            tokio::spawn(async move { call("GET", &url, Some(key)).await })
+        })
+        .collect();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert!(got.status == 200 || got.status == 503, "{}", got.status);
+    }
+    // Sync: each instance held the charge of each request it forwarded
+    // on its disk before the upstream saw it: read at once, the two
+    // instances' ledgers together hold every forwarded request's charge.
+    let mut held = HashSet::new();
+    for p in [&a, &b] {
+        for e in of_type(&history(p, "acme").await, "credits.charged") {
+            held.insert(e["request_id"].as_str().unwrap().to_owned());
+        }
+    }
+    for s in up.seen() {
+        let id = s.headers["x-request-id"].to_str().unwrap();
+        assert!(
+            held.contains(id),
+            "request {id} forwarded before its charge was on disk"
+        );
+    }
+    let total = stream_length(&redis);
+    let settled = (0..120).filter(|i| i % 4 == 2 && i % 23 != 10).count();
+    assert_eq!(total, 120 + 30 + settled, "one stream for both instances");
+
+    // Both instances hold every event, under the same ids.
+    let ea = history_of(&a, "acme", total).await;
+    let eb = history_of(&b, "acme", total).await;
+    assert_eq!(ea.len(), total);
+    assert_eq!(ea, eb, "the same events, ids and order on both instances");
+    let sum: i64 = ea.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
+    let now = admin(&a, "GET", "/v1/credits?account=acme", None)
+        .await
+        .json()["balance"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        sum,
+        now - 100_000,
+        "the sum of amounts is the balance change"
+    );
+    let mut balance = 100_000;
+    for e in &ea {
+        assert_eq!(
+            balance + e["amount"].as_i64().unwrap(),
+            e["balance"].as_i64().unwrap(),
+            "chain broken at {e}"
+        );
+        balance = e["balance"].as_i64().unwrap();
+    }
+    // Every request the upstream received has its charge, by request id.
+    let charged: HashSet<&str> = of_type(&ea, "credits.charged")
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(charged.len(), 120);
+    for s in up.seen() {
+        let id = s.headers["x-request-id"].to_str().unwrap();
+        assert!(charged.contains(id), "no charge for request {id}");
+    }
+    let routes: HashSet<&str> = ea.iter().map(|e| e["route"].as_str().unwrap()).collect();
+    assert_eq!(routes, HashSet::from(["flat", "billed", "refunded"]));
+
+    // The sink gets every event once in all, in order.
+    eventually_async("every event delivered", || async {
+        delivered(&sink).len() >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = delivered(&sink);
+    let ids: Vec<&str> = got.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    let want: Vec<&str> = ea.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, want, "each event once, in the ledger's order");
+    let batches = sink.seen().len();
+    assert!(batches >= total / 7, "{batches} batches of at most 7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_quotas_and_jobs_are_written_once_whichever_instance_sees_them() {
+    let redis = Redis::start().await;
+    let (up, sink) = (Upstream::start().await, Upstream::start().await);
+    let config = config(&redis, &sink, 100);
+    let a = instance(&config, &up).await;
+    let b = instance(&config, &up).await;
+    for i in 0..10 {
+        let p = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            call("GET", &p.url("/flat"), Some("acme-1")).await.status,
+            200
+        );
+    }
+    assert_eq!(
+        call("GET", &a.url("/flat"), Some("acme-2")).await.status,
+        402
+    );
+    let events = history_of(&b, "acme", 13).await;
+    let low: Vec<(i64, &str)> = of_type(&events, "credits.low")
+        .iter()
+        .map(|e| {
+            (
+                e["balance"].as_i64().unwrap(),
+                e["threshold"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(low, vec![(20, "20%"), (0, "5%"), (0, "0")]);
+    // Topped up on one instance, spent on the other: nothing new.
+    let added = admin(
+        &a,
+        "POST",
+        "/v1/credits?account=acme",
+        Some(json!({"add": 30})),
+    )
+    .await;
+    assert_eq!(added.status, 200, "{}", added.body);
+    for _ in 0..3 {
+        assert_eq!(
+            call("GET", &b.url("/flat"), Some("acme-2")).await.status,
+            200
+        );
+    }
+    let events = history_of(&a, "acme", 17).await;
+    assert_eq!(of_type(&events, "credits.low").len(), 3, "{events:#?}");
+    let add = of_type(&events, "credits.added")[0];
+    assert_eq!(
+        (add["amount"].as_i64(), add["balance"].as_i64()),
+        (Some(30), Some(30))
+    );
+
+    // A quota refused on both instances: one event for the window.
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let p = if i % 2 == 0 { &a } else { &b };
+        statuses.push(call("GET", &p.url("/quota"), Some("beta-1")).await.status);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 429, 429, 429]);
+    let beta = history_of(&a, "beta", 1).await;
+    let exhausted = of_type(&beta, "quota.exhausted");
+    assert_eq!(exhausted.len(), 1, "{beta:#?}");
+    assert_eq!(exhausted[0]["limit"], "per-minute");
+    assert_eq!(exhausted[0]["route"], "quota");
+
+    // A job started on one instance and ended by a status poll on the other.
+    let started = call("POST", &a.url("/gen"), Some("acme-1")).await;
+    assert_eq!(started.status, 200, "{}", started.body);
+    let id = started.json()["id"].as_str().unwrap().to_owned();
+    let polled = call(
+        "GET",
+        &b.url(&format!("/gen/status?id={id}&state=completed")),
+        Some("acme-2"),
+    )
+    .await;
+    assert_eq!(polled.status, 200);
+    let events = history_of(&b, "acme", 19).await;
+    let jobs: Vec<(&str, &str, Option<&str>)> = events
+        .iter()
+        .filter(|e| e["job_id"] == id.as_str())
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap(),
+                e["route"].as_str().unwrap(),
+                e["how"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        jobs,
+        vec![
+            ("job.started", "txt2video", None),
+            ("job.ended", "status", Some("done"))
+        ]
+    );
+    let total = stream_length(&redis);
+    eventually_async("every event delivered", || async {
+        delivered(&sink).len() >= total
+    })
+    .await;
+    let ids: HashSet<String> = delivered(&sink)
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_is_rebuilt_from_the_ledger() {
+    let mut redis = Redis::start().await;
+    let (up, sink) = (Upstream::start().await, Upstream::start().await);
+    let config = config(&redis, &sink, 100);
+    let p = instance(&config, &up).await;
+    for _ in 0..3 {
+        assert_eq!(
+            call("GET", &p.url("/flat"), Some("acme-1")).await.status,
+            200
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            call("POST", &p.url("/gen"), Some("acme-2")).await.status,
+            200
+        );
+    }
+    assert_eq!(
+        call("POST", &p.url("/gen"), Some("acme-1")).await.status,
+        429
+    );
+    assert_eq!(history_of(&p, "acme", 5).await.len(), 5);
+    eventually("the marker", || {
+        redis_cli(&redis, &["exists", "turnstile:marker"]) == "1"
+    })
+    .await;
+
+    // Restarted without persistence: every count is gone from Redis.
+    redis.restart().await;
+    assert_eq!(redis_cli(&redis, &["dbsize"]), "0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut statuses = HashMap::new();
+    loop {
+        let r = call("GET", &p.url("/flat"), Some("acme-1")).await;
+        *statuses.entry(r.status).or_insert(0) += 1;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(Instant::now() < deadline, "not rebuilt: {statuses:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let credits = admin(&p, "GET", "/v1/credits?account=acme", None).await;
+    assert_eq!(
+        credits.json()["balance"],
+        60,
+        "70 rebuilt, then 10 more: {}",
+        credits.body
+    );
+    // Both jobs still hold their slots.
+    assert_eq!(
+        call("POST", &p.url("/gen"), Some("acme-1")).await.status,
+        429
+    );
+    let logs_ok = admin(&p, "GET", "/readyz", None).await;
+    assert_eq!(logs_ok.status, 200, "{}", logs_ok.body);
+}
