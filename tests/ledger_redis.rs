@@ -126,18 +126,19 @@ async fn instance(config: &str, up: &Upstream) -> Proxy {
     Proxy::start_with(config, up, &[("keys.toml", KEYS)]).await
 }
 
-async fn admin(p: &Proxy, method: &str, path: &str, body: Option<Value>) -> Got {
+/// The admin API at `base` (`http://host:port`).
+async fn admin(base: &str, method: &str, path: &str, body: Option<Value>) -> Got {
     let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
     send(
-        req(method, &p.admin_url(path))
+        req(method, &format!("{base}{path}"))
             .body(Full::new(body))
             .unwrap(),
     )
     .await
 }
 
-/// Every event of `account` this instance holds.
-async fn history(p: &Proxy, account: &str) -> Vec<Value> {
+/// Every event of `account` the instance with admin API `base` holds.
+async fn history(base: &str, account: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let mut after = String::new();
     loop {
@@ -145,7 +146,7 @@ async fn history(p: &Proxy, account: &str) -> Vec<Value> {
             "" => format!("/v1/ledger?account={account}&limit=1000"),
             a => format!("/v1/ledger?account={account}&limit=1000&after={a}"),
         };
-        let got = admin(p, "GET", &q, None).await;
+        let got = admin(base, "GET", &q, None).await;
         assert_eq!(got.status, 200, "{}", got.body);
         let page = got.json();
         out.extend(page["events"].as_array().unwrap().iter().cloned());
@@ -160,7 +161,7 @@ async fn history(p: &Proxy, account: &str) -> Vec<Value> {
 async fn history_of(p: &Proxy, account: &str, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let events = history(p, account).await;
+        let events = history(&p.admin_url(""), account).await;
         if events.len() >= n || Instant::now() > deadline {
             return events;
         }
@@ -219,7 +220,7 @@ async fn two_instances_write_one_stream_and_each_event_is_delivered_once_in_all(
     // instances' ledgers together hold every forwarded request's charge.
     let mut held = HashSet::new();
     for p in [&a, &b] {
-        for e in of_type(&history(p, "acme").await, "credits.charged") {
+        for e in of_type(&history(&p.admin_url(""), "acme").await, "credits.charged") {
             held.insert(e["request_id"].as_str().unwrap().to_owned());
         }
     }
@@ -240,7 +241,7 @@ async fn two_instances_write_one_stream_and_each_event_is_delivered_once_in_all(
     assert_eq!(ea.len(), total);
     assert_eq!(ea, eb, "the same events, ids and order on both instances");
     let sum: i64 = ea.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
-    let now = admin(&a, "GET", "/v1/credits?account=acme", None)
+    let now = admin(&a.admin_url(""), "GET", "/v1/credits?account=acme", None)
         .await
         .json()["balance"]
         .as_i64()
@@ -317,7 +318,7 @@ async fn alerts_quotas_and_jobs_are_written_once_whichever_instance_sees_them() 
     assert_eq!(low, vec![(20, "20%"), (0, "5%"), (0, "0")]);
     // Topped up on one instance, spent on the other: nothing new.
     let added = admin(
-        &a,
+        &a.admin_url(""),
         "POST",
         "/v1/credits?account=acme",
         Some(json!({"add": 30})),
@@ -436,7 +437,7 @@ async fn a_redis_restarted_empty_is_rebuilt_from_the_ledger() {
         assert!(Instant::now() < deadline, "not rebuilt: {statuses:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let credits = admin(&p, "GET", "/v1/credits?account=acme", None).await;
+    let credits = admin(&p.admin_url(""), "GET", "/v1/credits?account=acme", None).await;
     assert_eq!(
         credits.json()["balance"],
         60,
@@ -448,6 +449,90 @@ async fn a_redis_restarted_empty_is_rebuilt_from_the_ledger() {
         call("POST", &p.url("/gen"), Some("acme-1")).await.status,
         429
     );
-    let logs_ok = admin(&p, "GET", "/readyz", None).await;
+    let logs_ok = admin(&p.admin_url(""), "GET", "/readyz", None).await;
     assert_eq!(logs_ok.status, 200, "{}", logs_ok.body);
+}
+
+fn signal(redis: &Redis, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &redis.child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_local_fallback_did_during_an_outage_is_in_the_ledger_when_redis_is_back() {
+    let redis = Redis::persistent().await;
+    let (up, sink) = (Upstream::start().await, Upstream::start().await);
+    // The real clock (a binary): the instance's and Redis's agree on the
+    // refill period.
+    let config = config(&redis, &sink, 10_000)
+        .replace(
+            "timeout = \"2s\"\non_error = \"deny\"",
+            "timeout = \"300ms\"\non_error = \"local\"",
+        )
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:{admin_port}\"",
+        )
+        .replace(
+            "[upstream]",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), KEYS).unwrap();
+    let p = Binary::start(dir.path(), &config, &up).await;
+    p.wait_admin().await;
+    let base = p.admin("");
+    let url = p.admin("/v1/credits?account=acme");
+    let balance = || balance_at(&url);
+    let first = call("GET", &p.url("/flat"), Some("acme-1")).await;
+    assert_eq!((first.status, balance().await), (200, Some(9990)));
+    // Redis stops answering: ten more, admitted locally, each settled at
+    // 200 by the upstream, two of them refunded.
+    signal(&redis, "-STOP");
+    for i in 0..10 {
+        let path = if i < 8 {
+            "/bill?used=200"
+        } else {
+            "/status/503"
+        };
+        let got = call("GET", &p.url(path), Some("acme-1")).await;
+        assert!(got.status == 200 || got.status == 503, "{}", got.status);
+    }
+    signal(&redis, "-CONT");
+    // Back: the balance is what the upstream charged, and the ledger's
+    // events add up to it.
+    let want = 9990 - 200 * 8;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while balance().await != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "redis holds {:?}, want {want}; {:#?}",
+            balance().await,
+            history(&base, "acme").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let events = history(&base, "acme").await;
+            let sum: i64 = events.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
+            if sum == want - 10_000 || Instant::now() > deadline {
+                break events;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let sum: i64 = events.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
+    assert_eq!(sum, want - 10_000, "{events:#?}");
+    let last = events.last().unwrap();
+    assert_eq!(last["balance"].as_i64(), Some(want));
+    // The settlements and refunds made during the outage name their requests.
+    let settled = of_type(&events, "credits.settled");
+    assert_eq!(settled.len(), 8, "{events:#?}");
+    assert!(settled.iter().all(|e| e["request_id"].as_str().is_some()));
+    assert_eq!(of_type(&events, "credits.refunded").len(), 2);
 }

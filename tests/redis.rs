@@ -1378,10 +1378,8 @@ async fn settlements_made_while_redis_was_down_reach_it_when_it_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let p = Binary::start(dir.path(), &config, &up).await;
     p.wait_admin().await;
-    let balance = || async {
-        let r = call("GET", &p.admin("/v1/credits?key=k"), None).await;
-        (r.status == 200).then(|| r.json()["balance"].as_i64().unwrap())
-    };
+    let url = p.admin("/v1/credits?key=k");
+    let balance = || balance_at(&url);
     // Estimated at 2, the upstream says 200: the balance follows the upstream.
     assert_eq!(
         call("GET", &p.url("/bill?used=200"), Some("k"))

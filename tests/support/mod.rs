@@ -731,3 +731,10 @@ impl Drop for Binary {
         let _ = self.child.wait();
     }
 }
+
+/// The balance `GET url` (an admin `/v1/credits?...` URL) answers, when it
+/// answers 200.
+pub async fn balance_at(url: &str) -> Option<i64> {
+    let r = call("GET", url, None).await;
+    (r.status == 200).then(|| r.json()["balance"].as_i64().unwrap())
+}

@@ -46,6 +46,11 @@ impl Breaker {
         self.started.elapsed().as_millis() as u64 + 1
     }
 
+    /// Microseconds on the same monotonic clock.
+    pub(super) fn now_us(&self) -> i64 {
+        self.started.elapsed().as_micros() as i64
+    }
+
     pub(super) fn allow(&self) -> bool {
         let until = self.open_until_ms.load(Ordering::Acquire);
         if until == 0 {

@@ -162,7 +162,9 @@ impl RedisStore {
                     }
                     // Back and whole: what it missed is applied even if no
                     // decision comes to set it off.
-                    if inner.guard().await && !inner.breaker.is_open() {
+                    if inner.guard().await {
+                        // It answered in time: requests go to it again.
+                        inner.breaker.success();
                         store.reconcile_soon();
                     } else if store.lost() && inner.journal().is_some() {
                         store.rebuild_from_ledger().await;

@@ -7,9 +7,15 @@
 
 use sha2::{Digest, Sha256};
 
-use super::{Inner, RedisStore};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{Inner, RedisClaim, RedisLease, RedisStore};
+use crate::limits::Rule;
 use crate::store::journal::How;
+use crate::store::journal::Origin;
 use crate::store::StoreError;
+use crate::store::{ClaimKind, JobClaim, Lease, LimitCheck};
 
 impl Inner {
     fn index_key(&self, id: &str) -> String {
@@ -91,5 +97,55 @@ impl RedisStore {
             }
         }
         Ok(ended)
+    }
+}
+
+impl Inner {
+    /// What an admitted request holds: the leases of its concurrency
+    /// slots, and a claim per jobs limit (bound to the job's id later).
+    pub(super) fn held_for(
+        self: &Arc<Self>,
+        checks: &[LimitCheck<'_>],
+        keys: Vec<String>,
+        lease_id: &str,
+        origin: Option<&Arc<Origin>>,
+    ) -> Lease {
+        let inner = self;
+        let mut lease = Lease::default();
+        let slots: Vec<String> = checks
+            .iter()
+            .zip(&keys)
+            .filter(|(c, _)| c.rule.holds_slot() && !matches!(c.rule, Rule::Jobs(_)))
+            .map(|(_, k)| k.clone())
+            .collect();
+        if !slots.is_empty() {
+            let handle = inner.seq.fetch_add(1, Ordering::Relaxed);
+            inner.held.insert(handle, (lease_id.to_owned(), slots));
+            lease = Lease::new(vec![Box::new(RedisLease {
+                store: inner.clone(),
+                handle,
+            })]);
+        }
+        let mut jobs = Vec::new();
+        for (c, key) in checks.iter().zip(keys) {
+            let Rule::Jobs(rule) = c.rule else { continue };
+            let handle = inner.seq.fetch_add(1, Ordering::Relaxed);
+            let member = format!("{lease_id}:j");
+            inner
+                .held
+                .insert(handle, (member.clone(), vec![key.clone()]));
+            jobs.push(JobClaim(ClaimKind::Redis(RedisClaim {
+                store: inner.clone(),
+                handle,
+                key,
+                member,
+                max_duration_ms: rule.max_duration / 1_000_000,
+                subject: c.subject.label(),
+                subject_text: c.subject.text(),
+                counter: c.counter,
+                origin: origin.cloned(),
+            })));
+        }
+        lease.with_jobs(jobs)
     }
 }

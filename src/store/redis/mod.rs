@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 
 use super::journal::{stream_position, How, JournalSlot, Origin};
 use super::{
-    BalanceChange, Decision, JobClaim, Lease, LimitCheck, MemoryStore, OwnedCheck, Store,
-    StoreError, Subject, Verdicts,
+    BalanceChange, Decision, Lease, LimitCheck, MemoryStore, OwnedCheck, Store, StoreError,
+    Subject, Verdicts,
 };
 use super::{OnError, RedisSettings};
 use crate::clock::{Clock, Nanos};
@@ -96,6 +96,9 @@ struct Inner {
     epoch: std::sync::Mutex<Option<String>>,
     /// Redis lost turnstile's data and no one acknowledged it yet.
     lost: AtomicBool,
+    /// Redis's clock minus this instance's monotonic one (us), from the
+    /// last decision (`i64::MIN`: none yet); see [`Inner::deadline_us`].
+    skew_us: AtomicI64,
     /// The ledger, when one is kept (see `ledger.rs`).
     journal: JournalSlot,
     ledger: ledger::Scripts,
@@ -321,6 +324,7 @@ impl RedisStore {
             clock,
             epoch: std::sync::Mutex::new(None),
             lost: AtomicBool::new(false),
+            skew_us: AtomicI64::new(i64::MIN),
             journal: JournalSlot::new(),
             ledger: ledger::Scripts::new(),
         });
@@ -384,7 +388,8 @@ impl RedisStore {
         inv.arg(if dry_run { 1 } else { 0 })
             .arg(&lease_id)
             .arg(inner.settings.lease.as_millis() as u64)
-            .arg(checks.len());
+            .arg(checks.len())
+            .arg(inner.deadline_us());
         for c in checks {
             let (kind, a, b) = c.rule.redis_args();
             inv.arg(kind)
@@ -400,6 +405,10 @@ impl RedisStore {
         );
         let out: Vec<i64> = inner.call(inv).await?;
         let (admitted, now, expired, written, verdicts) = parse_decision(&out, checks.len())?;
+        inner.skew_us.store(
+            (now / 1_000) as i64 - inner.breaker.now_us(),
+            Ordering::Relaxed,
+        );
         if expired > 0 {
             inner.jobs_expired.fetch_add(expired, Ordering::Relaxed);
             inner
@@ -449,52 +458,18 @@ impl RedisStore {
 }
 
 impl Inner {
-    /// What an admitted request holds: the leases of its concurrency
-    /// slots, and a claim per jobs limit (bound to the job's id later).
-    fn held_for(
-        self: &Arc<Self>,
-        checks: &[LimitCheck<'_>],
-        keys: Vec<String>,
-        lease_id: &str,
-        origin: Option<&Arc<Origin>>,
-    ) -> Lease {
-        let inner = self;
-        let mut lease = Lease::default();
-        let slots: Vec<String> = checks
-            .iter()
-            .zip(&keys)
-            .filter(|(c, _)| c.rule.holds_slot() && !matches!(c.rule, Rule::Jobs(_)))
-            .map(|(_, k)| k.clone())
-            .collect();
-        if !slots.is_empty() {
-            let handle = inner.seq.fetch_add(1, Ordering::Relaxed);
-            inner.held.insert(handle, (lease_id.to_owned(), slots));
-            lease = Lease::new(vec![Box::new(RedisLease {
-                store: inner.clone(),
-                handle,
-            })]);
+    /// When a decision sent now must have run by, on Redis's clock: half
+    /// the timeout later. A call that times out falls back to `on_error`;
+    /// without a deadline the script could still run when Redis resumes
+    /// (a pause, a long fork) and count the request a second time.
+    fn deadline_us(&self) -> i64 {
+        match self.skew_us.load(Ordering::Relaxed) {
+            i64::MIN => 0,
+            skew => {
+                let half = (self.settings.timeout.as_micros() / 2) as i64;
+                self.breaker.now_us() + skew + half
+            }
         }
-        let mut jobs = Vec::new();
-        for (c, key) in checks.iter().zip(keys) {
-            let Rule::Jobs(rule) = c.rule else { continue };
-            let handle = inner.seq.fetch_add(1, Ordering::Relaxed);
-            let member = format!("{lease_id}:j");
-            inner
-                .held
-                .insert(handle, (member.clone(), vec![key.clone()]));
-            jobs.push(JobClaim(super::ClaimKind::Redis(RedisClaim {
-                store: inner.clone(),
-                handle,
-                key,
-                member,
-                max_duration_ms: rule.max_duration / 1_000_000,
-                subject: c.subject.label(),
-                subject_text: c.subject.text(),
-                counter: c.counter,
-                origin: origin.cloned(),
-            })));
-        }
-        lease.with_jobs(jobs)
     }
 }
 
@@ -675,6 +650,11 @@ impl RedisStore {
 type Decided = (bool, Nanos, u64, u64, Verdicts);
 
 fn parse_decision(out: &[i64], n: usize) -> Result<Decided, StoreError> {
+    if out == [-1] {
+        return Err(StoreError::Unavailable(
+            "redis ran the decision after its deadline: nothing counted".into(),
+        ));
+    }
     if out.len() != 5 + 6 * n {
         return Err(StoreError::Unavailable(format!(
             "unexpected reply from the decide script ({} values)",

@@ -2,9 +2,11 @@
 -- KEYS[i]: the counter key of check i (all keys share one hash tag); with
 -- the ledger, then its stream.
 -- ARGV: dry_run (1 = evaluate only), lease id, lease ms, the number of
--- checks, then per check: kind number, a, b (see the kind fragments),
+-- checks, the deadline (us, Redis's clock; 0: none), then per check: kind number, a, b (see the kind fragments),
 -- units, shadow (1: its refusal does not refuse the request; it is counted
 -- all the same); then the ledger's arguments (prelude.lua).
+-- Past its deadline (Redis was paused or too busy: the instance stopped
+-- waiting and decided without it) it counts nothing and returns {-1}.
 -- Returns: all_admitted, now_us, jobs expired, the stream id of the last
 -- event written (ms, seq; 0 0 for none), then per check the six verdict
 -- numbers.
@@ -12,10 +14,12 @@ local dry = ARGV[1] == '1'
 lease_id = ARGV[2]
 lease_ms = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
-ledger_open(n, 5 + n * 5)
+local deadline = tonumber(ARGV[5])
+if deadline > 0 and now > deadline then return {-1} end
+ledger_open(n, 6 + n * 5)
 
 local function check(i)
-  local base = 4 + (i - 1) * 5
+  local base = 5 + (i - 1) * 5
   return KINDS[tonumber(ARGV[base + 1])], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
     tonumber(ARGV[base + 4]), ARGV[base + 5] == '1'
 end
