@@ -285,6 +285,19 @@ async fn two_instances_write_one_stream_and_each_event_is_delivered_once_in_all(
     assert_eq!(ids, want, "each event once, in the ledger's order");
     let batches = sink.seen().len();
     assert!(batches >= total / 7, "{batches} batches of at most 7");
+    // Every instance knows the sink is up to date.
+    for p in [&a, &b] {
+        let metrics = call("GET", &p.admin_url("/metrics"), None).await.body;
+        assert!(
+            metrics.contains("turnstile_ledger_backlog{sink=\"http\"} 0"),
+            "{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("ledger"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,6 +120,16 @@ pub(crate) fn of_account(
     rows.collect()
 }
 
+/// How many events come after position `after`.
+pub(crate) fn count_after(conn: &Connection, after: u64) -> rusqlite::Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM events WHERE seq > ?1",
+        [after as i64],
+        |r| r.get(0),
+    )?;
+    Ok(n as u64)
+}
+
 /// The `n` latest events, newest last.
 pub(crate) fn latest(conn: &Connection, n: usize) -> rusqlite::Result<Vec<String>> {
     let mut q = conn.prepare_cached("SELECT body FROM events ORDER BY seq DESC LIMIT ?1")?;

@@ -80,11 +80,12 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
     let mut written = ledger.inner.written.subscribe();
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let total = written.borrow().seq;
-        let backlog = total.saturating_sub(acked);
+        let mine = my_turn(&ledger, &reader, &sink.name, &mut acked).await;
+        let last = written.borrow().seq;
+        let backlog = backlog(&ledger, &reader, last, acked).await;
         metrics.ledger().backlog(&sink.name, backlog);
         ledger.sink_status(&sink.name, |s| s.backlog = backlog);
-        if !my_turn(&ledger, &reader, &sink.name, &mut acked).await {
+        if !mine {
             let _ = tokio::time::timeout(Duration::from_secs(1), written.changed()).await;
             continue;
         }
@@ -133,6 +134,19 @@ async fn deliver_forever(ledger: Ledger, sink: SinkSettings) {
             }
         }
     }
+}
+
+/// Events on disk after position `acked` (the last written is `last`).
+/// Positions are dense without Redis; with it they are the stream's ids,
+/// so the events are counted.
+async fn backlog(ledger: &Ledger, reader: &Reader, last: u64, acked: u64) -> u64 {
+    if ledger.redis().is_none() || last <= acked {
+        return last.saturating_sub(acked);
+    }
+    reader
+        .run(move |c| db::count_after(c, acked))
+        .await
+        .unwrap_or(0)
 }
 
 /// Whether this instance delivers `sink` now: always without Redis; with

@@ -36,11 +36,12 @@ return 0";
 
 /// Moves a sink's position forward while this instance holds its turn:
 /// KEYS[1] the lease, KEYS[2] the position, ARGV[1] the instance, ARGV[2]
-/// the position. 1 if moved.
+/// the position (decimal digits). 1 if this instance has the turn.
 const MOVE_ON: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local at = tonumber(redis.call('GET', KEYS[2])) or 0
-if tonumber(ARGV[2]) > at then redis.call('SET', KEYS[2], ARGV[2]) end
+-- Compared as digits: positions pass 2^53, beyond Lua's exact numbers.
+local at, to = redis.call('GET', KEYS[2]) or '0', ARGV[2]
+if #to > #at or (#to == #at and to > at) then redis.call('SET', KEYS[2], to) end
 return 1";
 
 /// Puts back what the ledger recorded: KEYS[1] the counter. ARGV[1]
