@@ -502,6 +502,10 @@ async fn what_the_local_fallback_did_during_an_outage_is_in_the_ledger_when_redi
     let balance = || balance_at(&url);
     let first = call("GET", &p.url("/flat"), Some("acme-1")).await;
     assert_eq!((first.status, balance().await), (200, Some(9990)));
+    for n in 1..=2 {
+        let job = call("POST", &p.url("/gen"), Some("acme-2")).await;
+        assert_eq!(job.json()["id"].as_str(), Some(format!("job-{n}").as_str()));
+    }
     // Redis stops answering: ten more, admitted locally, each settled at
     // 200 by the upstream, two of them refunded.
     signal(&redis, "-STOP");
@@ -514,6 +518,14 @@ async fn what_the_local_fallback_did_during_an_outage_is_in_the_ledger_when_redi
         let got = call("GET", &p.url(path), Some("acme-1")).await;
         assert!(got.status == 200 || got.status == 503, "{}", got.status);
     }
+    // job-1 finishes while Redis is paused: its status poll says so.
+    let poll = call(
+        "GET",
+        &p.url("/gen/status?id=job-1&state=completed"),
+        Some("acme-2"),
+    )
+    .await;
+    assert_eq!(poll.status, 200);
     signal(&redis, "-CONT");
     // Back: the balance is what the upstream charged, and the ledger's
     // events add up to it.
@@ -541,11 +553,38 @@ async fn what_the_local_fallback_did_during_an_outage_is_in_the_ledger_when_redi
     };
     let sum: i64 = events.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
     assert_eq!(sum, want - 10_000, "{events:#?}");
-    let last = events.last().unwrap();
+    let last = events
+        .iter()
+        .rev()
+        .find(|e| !e["balance"].is_null())
+        .unwrap();
     assert_eq!(last["balance"].as_i64(), Some(want));
     // The settlements and refunds made during the outage name their requests.
     let settled = of_type(&events, "credits.settled");
     assert_eq!(settled.len(), 8, "{events:#?}");
     assert!(settled.iter().all(|e| e["request_id"].as_str().is_some()));
     assert_eq!(of_type(&events, "credits.refunded").len(), 2);
+    // Redis holds the job really running, and the ledger says why.
+    let usage = admin(&base, "GET", "/v1/usage?account=acme", None)
+        .await
+        .json();
+    let jobs = usage["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "video-jobs")
+        .cloned()
+        .unwrap();
+    assert_eq!(jobs["in_progress"], 1, "{usage}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut events = history(&base, "acme").await;
+    while of_type(&events, "job.ended").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        events = history(&base, "acme").await;
+    }
+    let ended: Vec<(&str, &str)> = of_type(&events, "job.ended")
+        .iter()
+        .map(|e| (e["job_id"].as_str().unwrap(), e["how"].as_str().unwrap()))
+        .collect();
+    assert_eq!(ended, vec![("job-1", "done")]);
 }
