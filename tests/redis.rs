@@ -1522,3 +1522,52 @@ async fn a_redis_pool_refusal_says_how_many_wait() {
     up.release(1);
     assert_eq!(first.await.unwrap().status, 200);
 }
+
+/// `INFO commandstats`' call count of `command` (0 when never called).
+fn calls_of(redis: &Redis, command: &str) -> u64 {
+    let stats = redis_cli(redis, &["info", "commandstats"]);
+    stats
+        .lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{command}:")))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_are_one_function_call_reloaded_when_redis_forgets_it() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = EXACT.replace("{redis}", &redis.url());
+    let p = Proxy::start(&config, &up).await;
+    for _ in 0..5 {
+        assert_eq!(call("GET", &p.url("/fixed"), Some("k")).await.status, 200);
+    }
+    let library = redis_cli(&redis, &["function", "list"]);
+    assert!(library.contains("turnstile_decide_"), "{library}");
+    assert_eq!(calls_of(&redis, "fcall"), 5);
+    assert_eq!(calls_of(&redis, "evalsha"), 0);
+    // The library is gone (FUNCTION FLUSH, or a Redis restarted empty):
+    // it is loaded again and the decision made by it.
+    assert_eq!(redis_cli(&redis, &["function", "flush"]), "OK");
+    assert_eq!(call("GET", &p.url("/fixed"), Some("k")).await.status, 200);
+    // (The call that found no function counts too.)
+    assert_eq!(calls_of(&redis, "fcall"), 7);
+    assert_eq!(calls_of(&redis, "evalsha"), 0);
+    assert!(redis_cli(&redis, &["function", "list"]).contains("turnstile_decide_"));
+    // A Redis without Functions gets the script, with the same limits.
+    let old = Redis::on_port(
+        free_port(),
+        tempfile::tempdir().unwrap(),
+        &["--rename-command", "FUNCTION", ""],
+    )
+    .await;
+    let p = Proxy::start(&EXACT.replace("{redis}", &old.url()), &up).await;
+    let mut got = Vec::new();
+    for _ in 0..40 {
+        got.push(call("GET", &p.url("/fixed"), Some("k")).await.status);
+    }
+    assert_eq!(tally(got)[&200], 37);
+    assert_eq!(calls_of(&old, "fcall"), 0);
+    assert!(calls_of(&old, "evalsha") >= 40);
+}

@@ -32,6 +32,22 @@ impl Conn {
             Conn::Cluster(c) => inv.invoke_async(c).await,
         }
     }
+
+    async fn send<T: FromRedisValue>(&mut self, req: &Request<'_, '_>) -> redis::RedisResult<T> {
+        match req {
+            Request::Script(inv) => self.invoke(inv).await,
+            Request::Command(cmd) => match self {
+                Conn::Single(c) => cmd.query_async(c).await,
+                Conn::Cluster(c) => cmd.query_async(c).await,
+            },
+        }
+    }
+}
+
+/// A call through the breaker: a script, or a command (`FCALL`).
+pub(super) enum Request<'r, 'a> {
+    Script(&'r ScriptInvocation<'a>),
+    Command(&'r redis::Cmd),
 }
 
 /// Opens after a failure; lets one probe through every [`PROBE_EVERY`].
@@ -134,6 +150,16 @@ impl super::Inner {
         &self,
         inv: ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
+        self.request(Request::Script(&inv)).await
+    }
+
+    /// One call, bounded by the timeout; failures open the breaker, except
+    /// a function Redis does not have (it is loaded again: see
+    /// `functions.rs`).
+    pub(super) async fn request<T: FromRedisValue>(
+        &self,
+        req: Request<'_, '_>,
+    ) -> Result<T, StoreError> {
         if !self.breaker.allow() {
             return Err(StoreError::NotSent(
                 "redis unavailable (circuit open)".into(),
@@ -153,13 +179,16 @@ impl super::Inner {
             self.breaker.failure();
             return Err(StoreError::NotSent("cannot connect to redis".into()));
         };
-        match tokio::time::timeout(self.settings.timeout, conn.invoke::<T>(&inv)).await {
+        match tokio::time::timeout(self.settings.timeout, conn.send::<T>(&req)).await {
             Ok(Ok(v)) => {
                 if self.breaker.is_open() {
                     tracing::info!("redis is back");
                 }
                 self.breaker.success();
                 Ok(v)
+            }
+            Ok(Err(e)) if super::functions::not_loaded(&e) => {
+                Err(StoreError::NotSent(super::functions::NOT_LOADED.into()))
             }
             Ok(Err(e)) => {
                 if !self.breaker.is_open() {

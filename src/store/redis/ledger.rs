@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use redis::ScriptInvocation;
 
+use super::functions::Args;
 use super::{Inner, RedisStore};
 use crate::limits::Rule;
 use crate::store::journal::{Appended, Journal, Origin, RecordedState};
@@ -48,6 +49,7 @@ return 1";
 /// 'balance' (ARGV[2] grant, ARGV[3] refill as decide.lua's b, ARGV[4]
 /// balance, ARGV[5] when, us) or 'jobs' (ARGV[2..]: id, expiry ms pairs).
 const RESTORE: &str = r"
+begin()
 -- Kept a period longer, as the ledger's scripts keep balances.
 LEDGER = true
 if ARGV[1] == 'balance' then
@@ -109,7 +111,7 @@ impl Inner {
     /// grant and alert levels. Nothing without a ledger.
     pub(super) fn ledger_args<'a>(
         &self,
-        inv: &mut ScriptInvocation<'_>,
+        inv: &mut impl Args,
         origin: Option<&Origin>,
         checks: impl Iterator<Item = (&'a Subject, u64, &'a Rule)>,
     ) {

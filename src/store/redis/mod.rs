@@ -37,6 +37,7 @@ mod ledger;
 mod outage;
 
 use client::{Breaker, Conn};
+use functions::Args;
 
 /// A server-side script: the shared prelude, then one fragment per limit
 /// kind (each registers its functions under its kind number, the
@@ -56,6 +57,8 @@ macro_rules! with_kinds {
         )
     };
 }
+
+mod functions;
 
 /// How often waiting requests of a queued concurrency limit retry.
 const QUEUE_POLL: Duration = Duration::from_millis(20);
@@ -99,6 +102,8 @@ struct Inner {
     /// Redis's clock minus this instance's monotonic one (us), from the
     /// last decision (`i64::MIN`: none yet); see [`Inner::deadline_us`].
     skew_us: AtomicI64,
+    /// The decision as a Redis Function, when Redis has them.
+    library: functions::Library,
     /// The ledger, when one is kept (see `ledger.rs`).
     journal: JournalSlot,
     ledger: ledger::Scripts,
@@ -294,6 +299,7 @@ impl RedisStore {
             let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
             hex16(&Sha256::digest(seed.as_bytes()))
         };
+        let settings_cluster = settings.cluster;
         let inner = Arc::new(Inner {
             settings,
             conn: ArcSwapOption::empty(),
@@ -303,7 +309,7 @@ impl RedisStore {
                 open_until_ms: AtomicU64::new(0),
                 probing: AtomicBool::new(false),
             },
-            decide: Script::new(with_kinds!("lua/decide.lua")),
+            decide: Script::new(concat!(with_kinds!("lua/decide.lua"), "return decide()\n")),
             refund: Script::new(with_kinds!("lua/refund.lua")),
             settle: Script::new(with_kinds!("lua/settle.lua")),
             balance: Script::new(with_kinds!("lua/balance.lua")),
@@ -325,6 +331,7 @@ impl RedisStore {
             epoch: std::sync::Mutex::new(None),
             lost: AtomicBool::new(false),
             skew_us: AtomicI64::new(i64::MIN),
+            library: functions::Library::new(!settings_cluster),
             journal: JournalSlot::new(),
             ledger: ledger::Scripts::new(),
         });
@@ -381,7 +388,7 @@ impl RedisStore {
             inner.seq.fetch_add(1, Ordering::Relaxed)
         );
         let keys: Vec<String> = checks.iter().map(|c| inner.key(c)).collect();
-        let mut inv = inner.decide.prepare_invoke();
+        let mut inv = functions::Call::default();
         for key in &keys {
             inv.key(key);
         }
@@ -403,7 +410,7 @@ impl RedisStore {
             origin.map(|o| &**o),
             checks.iter().map(|c| (&c.subject, c.counter, c.rule)),
         );
-        let out: Vec<i64> = inner.call(inv).await?;
+        let out = inner.decide_call(&inv).await?;
         let (admitted, now, expired, written, verdicts) = parse_decision(&out, checks.len())?;
         inner.skew_us.store(
             (now / 1_000) as i64 - inner.breaker.now_us(),

@@ -2,6 +2,7 @@
 -- KEYS[1]: the counter key. ARGV: op ('read', 'add' or 'set'), n, a, b (as
 -- in decide.lua), then the ledger's arguments (prelude.lua). Returns the
 -- balance after the change.
+begin()
 local op, n, a, b = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 ledger_open(1, 5)
 CTX = LCTX[1]

@@ -11,15 +11,32 @@
 -- a and b are the kind's two numbers (LimitKind::redis_args); u is what the
 -- request counts (1, or its cost; slot kinds ignore it). A verdict is
 -- {admitted, limit, used, remaining, reset_at_us, retry_at_us}.
+--
+-- The same code is also a Redis Function library (library.lua): its
+-- top level then runs once, at FUNCTION LOAD, so the state of one call
+-- lives in the locals below, set by begin() at the start of every call.
 local SEC = 1000000
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * SEC + tonumber(t[2])
-local now_ms = math.floor(now / 1000)
+-- Redis's clock for this call (us, ms).
+local now, now_ms = 0, 0
 -- Set by decide.lua for the kinds that hold slots.
 local lease_id, lease_ms = '', 0
 -- Jobs whose max_duration passed, found while deciding (kinds/jobs.lua).
 local jobs_expired = 0
 local KINDS = {}
+-- The ledger's state for this call (see ledger_open below).
+local LEDGER, ORIGIN, LCTX, CTX, LAST = false, nil, {}, nil, {0, 0}
+-- The type of an event giving credits back (settle.lua: credits.settled).
+local GIVEN_BACK = 'credits.refunded'
+
+-- Starts a call: reads the clock, forgets the previous call's state.
+local function begin()
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * SEC + tonumber(t[2])
+  now_ms = math.floor(now / 1000)
+  lease_id, lease_ms, jobs_expired = '', 0, 0
+  LEDGER, ORIGIN, LCTX, CTX, LAST = false, nil, {}, nil, {0, 0}
+  GIVEN_BACK = 'credits.refunded'
+end
 
 -- A counting verdict for a request of `units` (default 1): room while
 -- used + units <= limit.
@@ -32,18 +49,13 @@ local function counted(limit, used, reset_at, retry_at, units)
 end
 
 -- The ledger (docs/ledger.md). When it is on, the script's last key is the
--- ledger's stream and every change of a credits balance, every job start
--- and end and the first refusal of a quota window is appended to it by the
--- script that makes the change (ledger_open reads its arguments).
-local LEDGER = false
--- The exchange: {request id, route, key fingerprint}; nil for none.
-local ORIGIN = nil
--- Per check: {key, subject, counter id, grant, alert levels}.
-local LCTX = {}
--- The check being changed (set before calling a kind's functions).
-local CTX = nil
--- The stream id of the last event appended: {ms, seq}.
-local LAST = {0, 0}
+-- ledger's stream (LEDGER) and every change of a credits balance, every
+-- job start and end and the first refusal of a quota window is appended to
+-- it by the script that makes the change (ledger_open reads its
+-- arguments). ORIGIN: the exchange, {request id, route, key fingerprint}
+-- or nil; LCTX: per check, {key, subject, counter id, grant, alert
+-- levels}; CTX: the check being changed (set before calling a kind's
+-- functions); LAST: the stream id of the last event appended, {ms, seq}.
 
 -- Reads the ledger's arguments: n checks, from ARGV[base]: request id
 -- ('' for none), route, key fingerprint, then per check: subject,

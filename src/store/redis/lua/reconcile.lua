@@ -5,6 +5,7 @@
 -- admission, by the instance's clock: Redis's own clock places it, whatever
 -- the skew), then the ledger's arguments (prelude.lua). Limits are not
 -- checked: the requests were admitted.
+begin()
 local kind = KINDS[tonumber(ARGV[1])]
 ledger_open(1, 6)
 CTX = LCTX[1]

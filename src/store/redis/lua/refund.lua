@@ -3,6 +3,7 @@
 -- units as in decide.lua; then the ledger's arguments (prelude.lua). Kinds
 -- without a refund (concurrency, jobs: their lease gives the slot back)
 -- are skipped.
+begin()
 local at, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 ledger_open(n, 3 + n * 4)
 for i = 1, n do

@@ -3,6 +3,7 @@
 -- estimate; ARGV[3] is how many units, ARGV[4] the number of checks. Then
 -- per check: kind number, a, b as in decide.lua; then the ledger's
 -- arguments (prelude.lua). Unchecked: the upstream already did the work.
+begin()
 local at, sign, units, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 GIVEN_BACK = 'credits.settled'
 ledger_open(n, 5 + n * 3)

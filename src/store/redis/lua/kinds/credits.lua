@@ -4,8 +4,6 @@
 -- a = grant, b = refill seconds (0: the calendar month; CREDITS_NEVER: no
 -- refill, the key never expires).
 local CREDITS_NEVER = 1000000000000
--- The type of an event giving credits back (settle.lua: credits.settled).
-local GIVEN_BACK = 'credits.refunded'
 
 -- Spent in the period containing `at`, that period's bounds, and the
 -- period and spending the hash held.

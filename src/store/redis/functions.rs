@@ -1,0 +1,158 @@
+//! The decision as a Redis Function (Redis 7): the library (the prelude,
+//! the kinds, `decide.lua`, `library.lua`) is loaded once with `FUNCTION
+//! LOAD` and each decision is one `FCALL`, so the kinds are not defined
+//! again on every call as an `EVALSHA` script's whole text is. The
+//! library's name carries a hash of its text, so instances of different
+//! versions sharing a Redis each call their own. A Redis without
+//! Functions (before 7, or `FUNCTION` not allowed) gets the script; a
+//! Redis that lost the library (restarted empty) gets it loaded again.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use redis::{ScriptInvocation, ToRedisArgs};
+use sha2::{Digest, Sha256};
+
+use super::client::Request;
+use super::Inner;
+use crate::store::StoreError;
+
+/// The error a call gets when Redis does not hold the library.
+pub(super) const NOT_LOADED: &str = "redis does not hold turnstile's function library";
+
+/// Whether `e` says Redis has no such function (it lost the library).
+pub(super) fn not_loaded(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
+}
+
+const UNTRIED: u8 = 0;
+const LOADED: u8 = 1;
+const UNAVAILABLE: u8 = 2;
+
+/// The library and where its loading stands.
+pub(super) struct Library {
+    text: String,
+    decide: String,
+    state: AtomicU8,
+}
+
+impl Library {
+    /// The library of this build; `enabled` false (a Redis Cluster)
+    /// keeps to the script.
+    pub(super) fn new(enabled: bool) -> Self {
+        let text = concat!(
+            include_str!("lua/library_head.lua"),
+            with_kinds!("lua/decide.lua"),
+            include_str!("lua/library.lua"),
+        );
+        let hash = hex::encode(&Sha256::digest(text.as_bytes())[..4]);
+        Self {
+            text: text
+                .replacen("name=turnstile", &format!("name=turnstile_{hash}"), 1)
+                .replacen(
+                    "'turnstile_decide'",
+                    &format!("'turnstile_decide_{hash}'"),
+                    1,
+                ),
+            decide: format!("turnstile_decide_{hash}"),
+            state: AtomicU8::new(if enabled { UNTRIED } else { UNAVAILABLE }),
+        }
+    }
+}
+
+/// A call's keys and arguments, for either a script or `FCALL`.
+#[derive(Debug, Default)]
+pub(super) struct Call {
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+/// What the ledger's arguments are added to: a script invocation or a
+/// [`Call`].
+pub(super) trait Args {
+    fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self;
+    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self;
+}
+
+impl Args for ScriptInvocation<'_> {
+    fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        ScriptInvocation::key(self, key)
+    }
+    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        ScriptInvocation::arg(self, arg)
+    }
+}
+
+impl Args for Call {
+    fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+}
+
+impl Inner {
+    /// Runs a decision: `FCALL` where Redis has the library (loaded on
+    /// first use, and again if Redis lost it), else the script.
+    pub(super) async fn decide_call(&self, call: &Call) -> Result<Vec<i64>, StoreError> {
+        for _ in 0..2 {
+            if !self.library_ready().await {
+                break;
+            }
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg(&self.library.decide)
+                .arg(call.keys.len())
+                .arg(&call.keys)
+                .arg(&call.args);
+            match self.request(Request::Command(&cmd)).await {
+                Err(StoreError::NotSent(m)) if m == NOT_LOADED => {
+                    self.library.state.store(UNTRIED, Ordering::Release);
+                }
+                done => return done,
+            }
+        }
+        let mut inv = self.decide.prepare_invoke();
+        for k in &call.keys {
+            inv.key(k);
+        }
+        for a in &call.args {
+            inv.arg(a);
+        }
+        self.call(inv).await
+    }
+
+    /// Whether decisions go by `FCALL`: loads the library if it was not
+    /// yet (a Redis without Functions is remembered and asked no more).
+    async fn library_ready(&self) -> bool {
+        match self.library.state.load(Ordering::Acquire) {
+            LOADED => return true,
+            UNAVAILABLE => return false,
+            _ => {}
+        }
+        let load = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.library.text)
+            .to_owned();
+        let Some(mut conn) = self.connection().await else {
+            return false;
+        };
+        let loaded = tokio::time::timeout(self.settings.timeout * 4, conn.query::<String>(&load));
+        match loaded.await {
+            Ok(Ok(_)) => {
+                self.library.state.store(LOADED, Ordering::Release);
+                true
+            }
+            // Not answering: tried again on the next decision.
+            Ok(Err(e)) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => false,
+            Err(_) => false,
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "redis has no Functions (before Redis 7, or FUNCTION not allowed): decisions use a script (EVALSHA), which costs redis-server more per decision");
+                self.library.state.store(UNAVAILABLE, Ordering::Release);
+                false
+            }
+        }
+    }
+}
