@@ -77,10 +77,16 @@ KINDS[6] = {
     end
     return {0, a, spent, balance, reset, fin}, s
   end,
+  -- The period's hash got its expiry when the period began: within it,
+  -- charging is one call.
   record = function(key, a, b, s, u)
     credits_refilled(a, s[1], s[4], s[5])
-    redis.call('HSET', key, 'w', s[1], 's', s[3] + u)
-    credits_expire(key, b, s[2])
+    if s[4] == s[1] then
+      redis.call('HSET', key, 's', s[3] + u)
+    else
+      redis.call('HSET', key, 'w', s[1], 's', s[3] + u)
+      credits_expire(key, b, s[2])
+    end
     if LEDGER and u ~= 0 then
       note('credits.charged', -u, a - s[3] - u)
       credits_alerts(key, s[1], a - s[3], a - s[3] - u)

@@ -69,13 +69,19 @@ KINDS[1] = {
   evaluate = function(key, a, b, u)
     local start, fin = window_bounds(b, now)
     local cur = redis.call('HMGET', key, 'w', 'c')
-    local used = 0
-    if tonumber(cur[1]) == start then used = tonumber(cur[2]) or 0 end
-    return counted(a, used, fin, fin, u), {start, fin, used}
+    local used, held = 0, tonumber(cur[1]) == start
+    if held then used = tonumber(cur[2]) or 0 end
+    return counted(a, used, fin, fin, u), {start, fin, used, held}
   end,
+  -- The window's hash got its expiry when the window began: within it,
+  -- counting is one call.
   record = function(key, a, b, s, u)
-    redis.call('HSET', key, 'w', s[1], 'c', s[3] + u)
-    redis.call('PEXPIREAT', key, math.ceil(s[2] / 1000))
+    if s[4] then
+      redis.call('HSET', key, 'c', s[3] + u)
+    else
+      redis.call('HSET', key, 'w', s[1], 'c', s[3] + u)
+      redis.call('PEXPIREAT', key, math.ceil(s[2] / 1000))
+    end
   end,
   -- Only while the window the request was counted in is still current.
   refund = function(key, a, b, at, u)
