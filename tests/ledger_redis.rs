@@ -462,8 +462,20 @@ async fn a_redis_restarted_empty_is_rebuilt_from_the_ledger() {
         call("POST", &p.url("/gen"), Some("acme-1")).await.status,
         429
     );
-    let logs_ok = admin(&p.admin_url(""), "GET", "/readyz", None).await;
-    assert_eq!(logs_ok.status, 200, "{}", logs_ok.body);
+    let ready = admin(&p.admin_url(""), "GET", "/readyz", None).await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    // The new stream goes on after the events the instance holds: the
+    // charge made after the rebuild is copied, and sorts last.
+    let events = history_of(&p, "acme", 6).await;
+    assert_eq!(events.len(), 6, "{events:#?}");
+    assert_eq!(
+        (events[5]["type"].as_str(), events[5]["balance"].as_i64()),
+        (Some("credits.charged"), Some(60))
+    );
+    let ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
 }
 
 fn signal(redis: &Redis, sig: &str) {

@@ -360,6 +360,10 @@ impl Journal for Inner {
         }
     }
 
+    fn last_position(&self) -> u64 {
+        self.written.borrow().seq
+    }
+
     fn write(&self, e: Entry<'_>) -> u64 {
         let limits = self.limits.load();
         let info = limits.get(&e.counter);

@@ -122,6 +122,11 @@ pub trait Journal: Send + Sync + 'static {
     fn recorded(&self) -> Vec<Recorded> {
         Vec::new()
     }
+
+    /// The position of the last event the ledger holds (0: none).
+    fn last_position(&self) -> u64 {
+        0
+    }
 }
 
 /// One Redis counter as the ledger last saw it.

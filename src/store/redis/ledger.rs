@@ -262,9 +262,11 @@ impl Inner {
         let Some(journal) = self.journal().cloned() else {
             return Ok(0);
         };
-        let recorded = tokio::task::spawn_blocking(move || journal.recorded())
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let (recorded, last) =
+            tokio::task::spawn_blocking(move || (journal.recorded(), journal.last_position()))
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        self.continue_stream(last).await?;
         let mut restored = 0;
         for r in recorded {
             let mut inv = self.ledger.restore.prepare_invoke();
@@ -292,6 +294,32 @@ impl Inner {
             restored += self.command_script(inv).await?;
         }
         Ok(restored)
+    }
+
+    /// Makes the stream's next ids follow position `last` (the ledger's
+    /// last event): a Redis that started empty, with a clock behind the
+    /// one before, would otherwise number new events below those every
+    /// instance already holds. An empty stream is left whose last id is
+    /// just after it; a stream already further on is left alone.
+    async fn continue_stream(&self, last: u64) -> Result<(), StoreError> {
+        if last == 0 {
+            return Ok(());
+        }
+        let (ms, seq) = crate::store::journal::stream_id(last);
+        let mark = redis::cmd("XADD")
+            .arg(self.stream())
+            .arg("MAXLEN")
+            .arg("0")
+            .arg(format!("{ms}-{}", seq + 1))
+            .arg("t")
+            .arg("mark")
+            .to_owned();
+        match self.command::<String>(mark).await {
+            Ok(_) => Ok(()),
+            // Redis's ids are already past it.
+            Err(StoreError::Unavailable(m)) if m.contains("equal or smaller") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// A script outside the breaker (the guard's calls).
