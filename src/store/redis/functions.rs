@@ -7,7 +7,7 @@
 //! Functions (before 7, or `FUNCTION` not allowed) gets the script; a
 //! Redis that lost the library (restarted empty) gets it loaded again.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use redis::{ScriptInvocation, ToRedisArgs};
 use sha2::{Digest, Sha256};
@@ -33,7 +33,13 @@ pub(super) struct Library {
     text: String,
     decide: String,
     state: AtomicU8,
+    /// After a load that got no answer, the next try waits until then
+    /// (the breaker's clock, ms): decisions meanwhile use the script.
+    next_try_ms: AtomicU64,
 }
+
+/// How long after a load that got no answer the next one is tried.
+const RETRY_LOAD_MS: u64 = 1_000;
 
 impl Library {
     /// The library of this build; `enabled` false (a Redis Cluster)
@@ -55,6 +61,7 @@ impl Library {
                 ),
             decide: format!("turnstile_decide_{hash}"),
             state: AtomicU8::new(if enabled { UNTRIED } else { UNAVAILABLE }),
+            next_try_ms: AtomicU64::new(0),
         }
     }
 }
@@ -131,13 +138,25 @@ impl Inner {
             UNAVAILABLE => return false,
             _ => {}
         }
+        // Redis is down, or a load just went unanswered: the script call
+        // answers (or fails) at once through the breaker meanwhile.
+        let now_ms = self.breaker.now_ms();
+        if self.breaker.is_open() || now_ms < self.library.next_try_ms.load(Ordering::Acquire) {
+            return false;
+        }
+        let later = || {
+            self.library
+                .next_try_ms
+                .store(now_ms + RETRY_LOAD_MS, Ordering::Release);
+            false
+        };
         let load = redis::cmd("FUNCTION")
             .arg("LOAD")
             .arg("REPLACE")
             .arg(&self.library.text)
             .to_owned();
         let Some(mut conn) = self.connection().await else {
-            return false;
+            return later();
         };
         let loaded = tokio::time::timeout(self.settings.timeout * 4, conn.query::<String>(&load));
         match loaded.await {
@@ -146,8 +165,8 @@ impl Inner {
                 true
             }
             // Not answering: tried again on the next decision.
-            Ok(Err(e)) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => false,
-            Err(_) => false,
+            Ok(Err(e)) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => later(),
+            Err(_) => later(),
             Ok(Err(e)) => {
                 tracing::info!(error = %e, "redis has no Functions (before Redis 7, or FUNCTION not allowed): decisions use a script (EVALSHA), which costs redis-server more per decision");
                 self.library.state.store(UNAVAILABLE, Ordering::Release);
