@@ -28,7 +28,8 @@ account = "acme"
 key = "solo"
 "#;
 
-const CONFIG: &str = r#"
+const CONFIG: &str = concat!(
+    r#"
 [upstream]
 url = "{upstream}"
 
@@ -47,39 +48,9 @@ durable = "sync"
 kind = "file"
 path = "state/events.jsonl"
 
-[[routes]]
-name = "flat"
-path = "/flat"
-cost = 10
-
-[[routes]]
-name = "billed"
-path = "/bill"
-cost = 10
-settle = "header:x-credits-used"
-
-[[routes]]
-name = "refunded"
-path = "/status/{code}"
-cost = 10
-refund_on = ["5xx"]
-
-[[routes]]
-name = "quota"
-path = "/quota"
-
-[[routes]]
-name = "txt2video"
-method = "POST"
-path = "/gen"
-job = { id = "json:/id" }
-
-[[routes]]
-name = "status"
-method = "GET"
-path = "/gen/status"
-job_status = { id = "query:id", state = "json:/status", done = ["completed", "failed"] }
-
+"#,
+    crate::ledger_routes!(),
+    r#"
 [plans.free]
 [[plans.free.limits]]
 name = "credits"
@@ -103,7 +74,8 @@ routes = ["txt2video"]
 per = "account"
 max = 2
 max_duration = "10m"
-"#;
+"#
+);
 
 async fn start(config: &str) -> (Upstream, Proxy) {
     let up = Upstream::start().await;
@@ -112,34 +84,12 @@ async fn start(config: &str) -> (Upstream, Proxy) {
 }
 
 async fn admin(p: &Proxy, method: &str, path: &str, body: Option<Value>) -> Got {
-    let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-    send(
-        req(method, &p.admin_url(path))
-            .body(Full::new(body))
-            .unwrap(),
-    )
-    .await
+    admin_at(&p.admin_url(""), method, path, body).await
 }
 
-/// Every event of `account`, paging 1000 at a time.
+/// Every event of `account`.
 async fn history(p: &Proxy, account: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut after = String::new();
-    loop {
-        let q = if after.is_empty() {
-            format!("/v1/ledger?account={account}&limit=1000")
-        } else {
-            format!("/v1/ledger?account={account}&limit=1000&after={after}")
-        };
-        let got = admin(p, "GET", &q, None).await;
-        assert_eq!(got.status, 200, "{}", got.body);
-        let page = got.json();
-        out.extend(page["events"].as_array().unwrap().iter().cloned());
-        match page["next"].as_str() {
-            Some(next) => after = next.to_owned(),
-            None => return out,
-        }
-    }
+    ledger_history(&p.admin_url(""), account).await
 }
 
 /// Waits until every event the server took is on disk and readable.
@@ -159,10 +109,6 @@ async fn balance(p: &Proxy, account: &str) -> i64 {
     let got = admin(p, "GET", &format!("/v1/credits?account={account}"), None).await;
     assert_eq!(got.status, 200, "{}", got.body);
     got.json()["balance"].as_i64().unwrap()
-}
-
-fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["type"] == kind).collect()
 }
 
 /// The ledger and the balance agree: each credits event's balance is the

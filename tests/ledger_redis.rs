@@ -11,12 +11,11 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
 use serde_json::{json, Value};
 use support::*;
 
-const CONFIG: &str = r#"
+const CONFIG: &str = concat!(
+    r#"
 [upstream]
 url = "{upstream}"
 
@@ -42,39 +41,9 @@ kind = "http"
 url = "{sink}/events"
 batch = 7
 
-[[routes]]
-name = "flat"
-path = "/flat"
-cost = 10
-
-[[routes]]
-name = "billed"
-path = "/bill"
-cost = 10
-settle = "header:x-credits-used"
-
-[[routes]]
-name = "refunded"
-path = "/status/{code}"
-cost = 10
-refund_on = ["5xx"]
-
-[[routes]]
-name = "quota"
-path = "/quota"
-
-[[routes]]
-name = "txt2video"
-method = "POST"
-path = "/gen"
-job = { id = "json:/id" }
-
-[[routes]]
-name = "status"
-method = "GET"
-path = "/gen/status"
-job_status = { id = "query:id", state = "json:/status", done = ["completed", "failed"] }
-
+"#,
+    crate::ledger_routes!(),
+    r#"
 [plans.free]
 [[plans.free.limits]]
 name = "credits"
@@ -99,7 +68,8 @@ routes = ["txt2video"]
 per = "account"
 max = 2
 max_duration = "10m"
-"#;
+"#
+);
 
 const KEYS: &str = r#"
 [[keys]]
@@ -126,51 +96,16 @@ async fn instance(config: &str, up: &Upstream) -> Proxy {
     Proxy::start_with(config, up, &[("keys.toml", KEYS)]).await
 }
 
-/// The admin API at `base` (`http://host:port`).
-async fn admin(base: &str, method: &str, path: &str, body: Option<Value>) -> Got {
-    let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-    send(
-        req(method, &format!("{base}{path}"))
-            .body(Full::new(body))
-            .unwrap(),
-    )
-    .await
-}
-
-/// Every event of `account` the instance with admin API `base` holds.
-async fn history(base: &str, account: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut after = String::new();
-    loop {
-        let q = match after.as_str() {
-            "" => format!("/v1/ledger?account={account}&limit=1000"),
-            a => format!("/v1/ledger?account={account}&limit=1000&after={a}"),
-        };
-        let got = admin(base, "GET", &q, None).await;
-        assert_eq!(got.status, 200, "{}", got.body);
-        let page = got.json();
-        out.extend(page["events"].as_array().unwrap().iter().cloned());
-        match page["next"].as_str() {
-            Some(next) => after = next.to_owned(),
-            None => return out,
-        }
-    }
-}
-
 /// `account`'s history once this instance holds at least `n` events.
 async fn history_of(p: &Proxy, account: &str, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let events = history(&p.admin_url(""), account).await;
+        let events = ledger_history(&p.admin_url(""), account).await;
         if events.len() >= n || Instant::now() > deadline {
             return events;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["type"] == kind).collect()
 }
 
 /// The events the sink received, in the order it received them (each
@@ -220,7 +155,10 @@ async fn two_instances_write_one_stream_and_each_event_is_delivered_once_in_all(
     // instances' ledgers together hold every forwarded request's charge.
     let mut held = HashSet::new();
     for p in [&a, &b] {
-        for e in of_type(&history(&p.admin_url(""), "acme").await, "credits.charged") {
+        for e in of_type(
+            &ledger_history(&p.admin_url(""), "acme").await,
+            "credits.charged",
+        ) {
             held.insert(e["request_id"].as_str().unwrap().to_owned());
         }
     }
@@ -241,7 +179,7 @@ async fn two_instances_write_one_stream_and_each_event_is_delivered_once_in_all(
     assert_eq!(ea.len(), total);
     assert_eq!(ea, eb, "the same events, ids and order on both instances");
     let sum: i64 = ea.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
-    let now = admin(&a.admin_url(""), "GET", "/v1/credits?account=acme", None)
+    let now = admin_at(&a.admin_url(""), "GET", "/v1/credits?account=acme", None)
         .await
         .json()["balance"]
         .as_i64()
@@ -330,7 +268,7 @@ async fn alerts_quotas_and_jobs_are_written_once_whichever_instance_sees_them() 
         .collect();
     assert_eq!(low, vec![(20, "20%"), (0, "5%"), (0, "0")]);
     // Topped up on one instance, spent on the other: nothing new.
-    let added = admin(
+    let added = admin_at(
         &a.admin_url(""),
         "POST",
         "/v1/credits?account=acme",
@@ -450,7 +388,7 @@ async fn a_redis_restarted_empty_is_rebuilt_from_the_ledger() {
         assert!(Instant::now() < deadline, "not rebuilt: {statuses:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let credits = admin(&p.admin_url(""), "GET", "/v1/credits?account=acme", None).await;
+    let credits = admin_at(&p.admin_url(""), "GET", "/v1/credits?account=acme", None).await;
     assert_eq!(
         credits.json()["balance"],
         60,
@@ -462,7 +400,7 @@ async fn a_redis_restarted_empty_is_rebuilt_from_the_ledger() {
         call("POST", &p.url("/gen"), Some("acme-1")).await.status,
         429
     );
-    let ready = admin(&p.admin_url(""), "GET", "/readyz", None).await;
+    let ready = admin_at(&p.admin_url(""), "GET", "/readyz", None).await;
     assert_eq!(ready.status, 200, "{}", ready.body);
     // The new stream goes on after the events the instance holds: the
     // charge made after the rebuild is copied, and sorts last.
@@ -548,14 +486,14 @@ async fn what_the_local_fallback_did_during_an_outage_is_in_the_ledger_when_redi
             Instant::now() < deadline,
             "redis holds {:?}, want {want}; {:#?}",
             balance().await,
-            history(&base, "acme").await
+            ledger_history(&base, "acme").await
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let events = {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let events = history(&base, "acme").await;
+            let events = ledger_history(&base, "acme").await;
             let sum: i64 = events.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
             if sum == want - 10_000 || Instant::now() > deadline {
                 break events;
@@ -577,7 +515,7 @@ async fn what_the_local_fallback_did_during_an_outage_is_in_the_ledger_when_redi
     assert!(settled.iter().all(|e| e["request_id"].as_str().is_some()));
     assert_eq!(of_type(&events, "credits.refunded").len(), 2);
     // Redis holds the job really running, and the ledger says why.
-    let usage = admin(&base, "GET", "/v1/usage?account=acme", None)
+    let usage = admin_at(&base, "GET", "/v1/usage?account=acme", None)
         .await
         .json();
     let jobs = usage["counters"]
@@ -589,10 +527,10 @@ async fn what_the_local_fallback_did_during_an_outage_is_in_the_ledger_when_redi
         .unwrap();
     assert_eq!(jobs["in_progress"], 1, "{usage}");
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut events = history(&base, "acme").await;
+    let mut events = ledger_history(&base, "acme").await;
     while of_type(&events, "job.ended").is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        events = history(&base, "acme").await;
+        events = ledger_history(&base, "acme").await;
     }
     let ended: Vec<(&str, &str)> = of_type(&events, "job.ended")
         .iter()

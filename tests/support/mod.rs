@@ -4,7 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod ledger;
 pub mod redis_server;
+#[allow(unused_imports)]
+pub use ledger::{admin_at, ledger_history, of_type};
 #[allow(unused_imports)]
 pub use redis_server::{redis_cli, require_redis, Redis};
 
