@@ -13,7 +13,9 @@
 #
 # Usage: bench/callgrind.sh [BIN]   (default target/release/turnstile;
 # BASELINE=/path/to/another/build adds its figures and the ratio;
-# EXTRA_TOML="..." is appended to both configs, e.g. a [telemetry] table)
+# EXTRA_TOML="..." is appended to both configs, e.g. a [telemetry] table;
+# STORE=redis counts in a redis-server started for the run: turnstile's
+# own instructions per request in Redis mode)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -25,6 +27,15 @@ BASELINE=${BASELINE:+$(realpath "$BASELINE")}
 up=$(free_port) port=$(free_port)
 "$BIN" example-api --listen "127.0.0.1:$up" >/dev/null 2>&1 & pids+=($!)
 wait_port "$up"
+STORE_TOML=
+if [ "${STORE:-memory}" = redis ]; then
+  need_tools redis-server:redis-server
+  redis=$(free_port)
+  redis-server --port "$redis" --bind 127.0.0.1 --save '' --appendonly no >/dev/null & pids+=($!)
+  wait_port "$redis"
+  # A timeout far above callgrind's slowdown: no call may fall back.
+  STORE_TOML=$(printf '[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:%s"\ntimeout = "10s"' "$redis")
+fi
 
 cat > "$work/client.py" <<'PY'
 import http.client, sys
@@ -59,6 +70,7 @@ window = "1d"
 name = "conc"
 kind = "concurrency"
 max = 64
+$STORE_TOML
 ${EXTRA_TOML:-}
 TOML
 }

@@ -4,6 +4,9 @@
 # policy (minute + daily limits, never reached, 10,000 keys), wrk with 64
 # keep-alive connections, runs interleaved and repeated. Loopback only;
 # every run is bounded in time; everything started is stopped on exit.
+#
+# BASELINE=/path/to/another/build adds that build in Redis mode ("baseline",
+# its own key prefix, the same redis-server), interleaved with the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
@@ -46,6 +49,18 @@ timeout = \"200ms\"" > "$work/redis.toml"
 RUST_LOG=warn ./target/release/turnstile --config "$work/memory.toml" 2>/dev/null & pids+=($!); mem_pid=$!
 RUST_LOG=warn ./target/release/turnstile --config "$work/redis.toml" 2>/dev/null & pids+=($!); red_pid=$!
 wait_port "$mem"; wait_port "$red"
+modes="memory redis"
+if [ -n "${BASELINE:-}" ]; then
+  base=$(free_port)
+  policy "$base" "[store]
+backend = \"redis\"
+url = \"redis://127.0.0.1:$redis\"
+prefix = \"baseline:\"
+timeout = \"200ms\"" > "$work/baseline.toml"
+  RUST_LOG=warn "$BASELINE" --config "$work/baseline.toml" 2>/dev/null & pids+=($!); base_pid=$!
+  wait_port "$base"
+  modes="memory redis baseline"
+fi
 
 hz=$(getconf CLK_TCK)
 ticks() { cpu_ticks "$1" | awk '{print $1 + $2}'; }
@@ -61,12 +76,14 @@ run() { # port turnstile-pid -> "req/s p50 p99 turnstile-CPU-us redis-CPU-us" (C
 printf '%-8s %-3s %12s %10s %10s %14s %12s\n' mode run req/s p50 p99 'turnstile CPU' 'redis CPU'
 declare -A total
 for r in $(seq "$REPEAT"); do
-  for mode in memory redis; do
+  for mode in $modes; do
     port=$mem pid=$mem_pid; [ "$mode" = redis ] && port=$red pid=$red_pid
+    [ "$mode" = baseline ] && port=$base pid=$base_pid
     read -r rps p50 p99 tcpu rcpu < <(run "$port" "$pid")
     printf '%-8s %-3s %12s %10s %10s %11s us %9s us\n' "$mode" "$r" "$rps" "$p50" "$p99" "$tcpu" "$rcpu"
     total[$mode]=$(python3 -c "print(${total[$mode]:-0} + $rps)")
   done
 done
 python3 -c "print('redis / memory req/s: %.2f' % (${total[redis]} / ${total[memory]}))"
+[ -n "${BASELINE:-}" ] && python3 -c "print('redis / baseline (redis) req/s: %.2f' % (${total[redis]} / ${total[baseline]}))"
 echo "(CPU per request: the turnstile process and redis-server; $(nproc) cores, every process sharing them)"

@@ -33,6 +33,7 @@ use crate::limits::{Job, Rule, Verdict};
 mod client;
 mod guard;
 mod jobs;
+mod keys;
 mod ledger;
 mod outage;
 
@@ -226,24 +227,14 @@ impl Inner {
     }
 }
 
-fn hex16(bytes: &[u8]) -> String {
-    hex::encode(&bytes[..8.min(bytes.len())])
-}
-
 impl Inner {
     /// `prefix{tag}:subject:counter`; `tag` groups the keys of one account.
     fn key(&self, check: &LimitCheck<'_>) -> String {
-        let tag = match &check.group {
-            Subject::Key(d) => hex16(d),
-            Subject::Account(a) => hex16(&Sha256::digest(a.as_bytes())),
-        };
-        let subject = match &check.subject {
-            Subject::Key(d) => format!("k{}", hex::encode(d)),
-            Subject::Account(a) => format!("a{}", hex::encode(Sha256::digest(a.as_bytes()))),
-        };
-        format!(
-            "{}{{{tag}}}:{subject}:{:016x}",
-            self.settings.prefix, check.counter
+        keys::counter_key(
+            &self.settings.prefix,
+            &check.group,
+            &check.subject,
+            check.counter,
         )
     }
 }
@@ -297,7 +288,7 @@ impl RedisStore {
     pub fn new(settings: RedisSettings, clock: Arc<dyn Clock>) -> Self {
         let instance = {
             let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
-            hex16(&Sha256::digest(seed.as_bytes()))
+            keys::hex16(&Sha256::digest(seed.as_bytes()))
         };
         let settings_cluster = settings.cluster;
         let inner = Arc::new(Inner {
