@@ -76,7 +76,17 @@ async fn storm(
     path: &str,
     key: &'static str,
 ) -> Vec<tokio::task::JoinHandle<u16>> {
-    (0..300)
+    spread(proxies, path, key, 300)
+}
+
+/// `n` parallel requests for one key, round-robin over the instances.
+fn spread(
+    proxies: &[Proxy],
+    path: &str,
+    key: &'static str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<u16>> {
+    (0..n)
         .map(|i| {
             let url = proxies[i % proxies.len()].url(path);
             tokio::spawn(async move { call("GET", &url, Some(key)).await.status })
@@ -163,6 +173,30 @@ name = "daily"
 requests = 5
 window = "1d"
 "#;
+
+/// A thousand requests at once for one key over two instances, with a
+/// daily limit of 400 (and a minute limit never reached): exactly 400 are
+/// admitted and reach the upstream, whichever instance each went to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_admit_exactly_n_of_a_thousand_at_once() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = format!(
+        "[upstream]\nurl = \"{{upstream}}\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"5s\"\n\
+         [[routes]]\nname = \"fixed\"\npath = \"/fixed\"\n[plans.p]\n\
+         [[plans.p.limits]]\nname = \"daily\"\nrequests = 400\nwindow = \"1d\"\n\
+         [[plans.p.limits]]\nname = \"minute\"\nrequests = 100000\nwindow = \"1m\"\n",
+        redis.url()
+    );
+    let proxies = instances(&config, &up, 2).await;
+    let counts = statuses(spread(&proxies, "/fixed", "shared-key", 1000)).await;
+    assert_eq!(
+        (counts.get(&200), counts.get(&429)),
+        (Some(&400), Some(&600)),
+        "{counts:?}"
+    );
+    assert_eq!(up.hits(), 400);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_follows_on_error_without_latency_pile_up_and_recovers() {
@@ -715,13 +749,7 @@ async fn a_credits_balance_is_never_overspent_across_two_instances() {
     let up = Upstream::start().await;
     let config = CREDITS.replace("{redis}", &redis.url());
     let nodes = instances(&config, &up, 2).await;
-    let tasks: Vec<_> = (0..30)
-        .map(|i| {
-            let url = nodes[i % 2].url("/flat");
-            tokio::spawn(async move { call("GET", &url, Some("k")).await.status })
-        })
-        .collect();
-    let got = statuses(tasks).await;
+    let got = statuses(spread(&nodes, "/flat", "k", 30)).await;
     assert_eq!(got.get(&200), Some(&10), "{got:?}");
     assert_eq!(got.get(&402), Some(&20), "{got:?}");
     assert_eq!(up.hits(), 10);
