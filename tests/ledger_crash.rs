@@ -17,20 +17,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use support::*;
 
-const KEYS: &str = r#"
-[[keys]]
-key = "acme-1"
-account = "acme"
-
-[[keys]]
-key = "acme-2"
-account = "acme"
-
-[[keys]]
-key = "beta-1"
-account = "beta"
-"#;
-
 const CONFIG: &str = r#"
 [server]
 listen = "127.0.0.1:{port}"
@@ -89,7 +75,7 @@ max_duration = "1h"
 "#;
 
 async fn start(dir: &std::path::Path, up: &Upstream, sinks: &str) -> Binary {
-    std::fs::write(dir.join("keys.toml"), KEYS).unwrap();
+    std::fs::write(dir.join("keys.toml"), ACCOUNT_KEYS).unwrap();
     let b = Binary::start(dir, &CONFIG.replace("{sinks}", sinks), up).await;
     b.wait_admin().await;
     b

@@ -71,20 +71,6 @@ max_duration = "10m"
 "#
 );
 
-const KEYS: &str = r#"
-[[keys]]
-key = "acme-1"
-account = "acme"
-
-[[keys]]
-key = "acme-2"
-account = "acme"
-
-[[keys]]
-key = "beta-1"
-account = "beta"
-"#;
-
 fn config(redis: &Redis, sink: &Upstream, grant: u32) -> String {
     CONFIG
         .replace("{redis}", &redis.url())
@@ -93,7 +79,7 @@ fn config(redis: &Redis, sink: &Upstream, grant: u32) -> String {
 }
 
 async fn instance(config: &str, up: &Upstream) -> Proxy {
-    Proxy::start_with(config, up, &[("keys.toml", KEYS)]).await
+    Proxy::start_with(config, up, &[("keys.toml", ACCOUNT_KEYS)]).await
 }
 
 /// `account`'s history once this instance holds at least `n` events.
@@ -444,7 +430,7 @@ async fn what_the_local_fallback_did_during_an_outage_is_in_the_ledger_when_redi
             "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]",
         );
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("keys.toml"), KEYS).unwrap();
+    std::fs::write(dir.path().join("keys.toml"), ACCOUNT_KEYS).unwrap();
     let p = Binary::start(dir.path(), &config, &up).await;
     p.wait_admin().await;
     let base = p.admin("");
@@ -518,13 +504,7 @@ async fn what_the_local_fallback_did_during_an_outage_is_in_the_ledger_when_redi
     let usage = admin_at(&base, "GET", "/v1/usage?account=acme", None)
         .await
         .json();
-    let jobs = usage["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "video-jobs")
-        .cloned()
-        .unwrap();
+    let jobs = counter_named(&usage, "video-jobs");
     assert_eq!(jobs["in_progress"], 1, "{usage}");
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut events = ledger_history(&base, "acme").await;

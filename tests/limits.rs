@@ -464,13 +464,7 @@ shadow = true
     let usage = call("GET", &p.admin_url("/v1/usage?key=k"), None)
         .await
         .json();
-    let trial = usage["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "trial-daily")
-        .cloned()
-        .unwrap();
+    let trial = counter_named(&usage, "trial-daily");
     assert_eq!(trial["used"], 5, "counted past its figure: {usage}");
     let metrics = call("GET", &p.admin_url("/metrics"), None).await.body;
     assert!(

@@ -283,12 +283,7 @@ async fn admin_usage_reset_metrics_and_token() {
         !r.body.contains("key-a"),
         "keys are shown only as fingerprints"
     );
-    let daily = u["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "daily")
-        .unwrap();
+    let daily = &counter_named(&u, "daily");
     assert_eq!(
         (
             daily["used"].as_u64(),
@@ -302,12 +297,7 @@ async fn admin_usage_reset_metrics_and_token() {
         (Some("fixed"), true)
     );
     assert!(daily["reset"].as_u64().unwrap() % 86_400 == 0);
-    let minute = u["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "minute")
-        .unwrap();
+    let minute = &counter_named(&u, "minute");
     assert_eq!(minute["used"].as_u64(), Some(2));
 
     let r = admin_call(&b, "GET", "/v1/usage?account=acme", Some("s3cret")).await;

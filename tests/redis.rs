@@ -788,21 +788,9 @@ async fn a_credits_balance_is_never_overspent_across_two_instances() {
     let usage = call("GET", &nodes[1].admin_url("/v1/usage?key=k"), None)
         .await
         .json();
-    let daily = usage["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "daily-spend")
-        .cloned()
-        .unwrap();
+    let daily = counter_named(&usage, "daily-spend");
     assert_eq!(daily["used"], 102, "{usage}");
-    let credits = usage["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "credits")
-        .cloned()
-        .unwrap();
+    let credits = counter_named(&usage, "credits");
     assert_eq!(credits["balance"], 48, "{usage}");
     // The balance key carries its refill period: it expires at the month's end.
     let keys = redis_cli(&redis, &["--scan", "--pattern", "*"]);

@@ -49,6 +49,22 @@ job_status = { id = "query:id", state = "json:/status", done = ["completed", "fa
     };
 }
 
+/// The keys file of the ledger tests: two keys of account `acme`, one of
+/// account `beta`.
+pub const ACCOUNT_KEYS: &str = r#"
+[[keys]]
+key = "acme-1"
+account = "acme"
+
+[[keys]]
+key = "acme-2"
+account = "acme"
+
+[[keys]]
+key = "beta-1"
+account = "beta"
+"#;
+
 /// A call to the admin API at `base` (`http://host:port`).
 pub async fn admin_at(base: &str, method: &str, path: &str, body: Option<Value>) -> Got {
     let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));

@@ -7,7 +7,7 @@
 pub mod ledger;
 pub mod redis_server;
 #[allow(unused_imports)]
-pub use ledger::{admin_at, ledger_history, of_type};
+pub use ledger::{admin_at, ledger_history, of_type, ACCOUNT_KEYS};
 #[allow(unused_imports)]
 pub use redis_server::{redis_cli, require_redis, Redis};
 
@@ -546,6 +546,15 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The counter named `name` in an admin usage answer (`counters`).
+pub fn counter_named(usage: &serde_json::Value, name: &str) -> serde_json::Value {
+    usage["counters"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("no counter {name} in {usage}"))
 }
 
 /// Map of counts per status.
